@@ -1,0 +1,31 @@
+"""Test set-up: 8 simulated CPU devices, set before jax is imported anywhere."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running test, skipped unless --runslow")
+    config.addinivalue_line("markers", "accelerator: needs a GPU/TPU, skipped on CPU")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    import jax
+
+    on_cpu = jax.default_backend() == "cpu"
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow")
+    skip_acc = pytest.mark.skip(reason="needs an accelerator")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "accelerator" in item.keywords and on_cpu:
+            item.add_marker(skip_acc)

@@ -1,0 +1,199 @@
+"""Stage `data`: the built-in task's preference pairs, sampled from the pretrained policy.
+
+For each prompt (a review opening from the built-in grammar) the policy samples two
+continuations (batched, jitted KV-cache sampler); the oracle scores prompt + continuation and
+labels the pair (argmax, or Bradley–Terry sampling at a temperature). Splits:
+
+* ``train``: a fraction of labels flipped by the writer (default 0.25), mask stored;
+* ``validation``: same distribution, clean labels;
+* ``ood``: a shifted distribution — a different sampling temperature (and optionally an earlier
+  pretraining checkpoint as the policy), and, when ``length_cue > 0``, the spurious length cue
+  reversed: in train/validation the preferred continuation is more often the longer one, in ood
+  more often the shorter one, so a reward model that learnt "longer is better" pays for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from warm_jax import oracle as oracle_lib
+from warm_jax import sharding
+from warm_jax.data import builders, builtin_text
+from warm_jax.data.tokenizers import Tokenizer
+from warm_jax.policy import sampler
+from warm_jax.stages import RunContext, register_stage
+
+log = logging.getLogger(__name__)
+
+SPLIT_SEED = {"train": 1, "validation": 2, "ood": 3}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class PairsConfig:
+    num_train: int = 3_000
+    num_validation: int = 2_000
+    num_ood: int = 2_000
+    max_prompt_len: int = 12
+    max_response_len: int = 24
+    temperature: float = 1.0
+    ood_temperature: float = 1.3
+    ood_policy_step: int | None = None  # an earlier pretrain checkpoint as the ood policy
+    label: str = "argmax"  # 'argmax' or 'bt' (sample from σ((s₁ − s₂)/label_temperature))
+    label_temperature: float = 0.1
+    min_score_gap: float = 1e-6  # drop pairs the oracle cannot tell apart
+    flip_fraction: float = 0.25
+    length_cue: float = 0.0  # 0 = none; c ∈ (0, 1): P(chosen is longer | lengths differ) = (1 + c) / 2 in-distribution
+    oracle: str = "vader"
+    sample_batch_size: int = 256
+
+    def __post_init__(self):
+        if self.label not in ("argmax", "bt"):
+            raise ValueError(f"PairsConfig.label must be 'argmax' or 'bt', got {self.label!r}")
+        if not 0.0 <= self.length_cue < 1.0:
+            raise ValueError(f"PairsConfig.length_cue must be in [0, 1), got {self.length_cue}")
+
+
+def encode_prompts(prompts, tok: Tokenizer, max_len: int):
+    """Left-padded prompt tokens and mask [N, max_len] (BOS when the tokenizer adds one)."""
+    tokens = np.full((len(prompts), max_len), tok.pad_id, np.int32)
+    mask = np.zeros((len(prompts), max_len), np.int32)
+    for i, ids in enumerate(tok.encode_batch(prompts)):
+        ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + list(ids)
+        ids = ids[-max_len:]
+        tokens[i, max_len - len(ids) :] = ids
+        mask[i, max_len - len(ids) :] = 1
+    return tokens, mask
+
+
+def sample_texts(sample_fn, params, prompt_tokens, prompt_mask, key, tok: Tokenizer, batch: int, mesh):
+    """Runs the compiled sampler over [N, P] prompts in batches; returns N decoded strings.
+
+    Batches are padded to a multiple of the mesh's batch shards; every process gets all texts.
+    """
+    n = len(prompt_tokens)
+    shard = sharding.batch_sharding(mesh, 2)
+    n_shards = int(np.prod([mesh.shape[a] for a in shard.spec[0]])) if shard.spec[0] else 1
+    batch = max(n_shards, batch // n_shards * n_shards)
+    texts = []
+    for start in range(0, n, batch):
+        t = prompt_tokens[start : start + batch]
+        m = prompt_mask[start : start + batch]
+        real = len(t)
+        if real < batch:
+            t = np.concatenate([t, np.repeat(t[-1:], batch - real, 0)])
+            m = np.concatenate([m, np.repeat(m[-1:], batch - real, 0)])
+        out = sample_fn(params, jax.device_put(t, shard), jax.device_put(m, shard), jax.random.fold_in(key, start))
+        toks = np.asarray(multihost_utils.process_allgather(out["tokens"], tiled=True))[:real]
+        texts.extend(tok.decode(row) for row in toks)
+    return texts
+
+
+def label_pairs(prompts, a, b, scorer: oracle_lib.Oracle, cfg: PairsConfig, rng: np.random.Generator):
+    """Oracle labels → records (chosen/rejected), dropping pairs the oracle cannot separate."""
+    sa = scorer.score([f"{p} {x}" for p, x in zip(prompts, a)])
+    sb = scorer.score([f"{p} {x}" for p, x in zip(prompts, b)])
+    if cfg.label == "argmax":
+        a_wins = sa > sb
+    else:
+        p_a = 1.0 / (1.0 + np.exp(-(sa - sb) / cfg.label_temperature))
+        a_wins = rng.random(len(sa)) < p_a
+    records = []
+    for i in range(len(prompts)):
+        if abs(sa[i] - sb[i]) < cfg.min_score_gap or a[i] == b[i] or not a[i] or not b[i]:
+            continue
+        win, lose, sw, sl = (a[i], b[i], sa[i], sb[i]) if a_wins[i] else (b[i], a[i], sb[i], sa[i])
+        records.append({"prompt": prompts[i], "chosen": win, "rejected": lose,
+                        "score_chosen": float(sw), "score_rejected": float(sl)})
+    return records
+
+
+def apply_length_cue(records, cue: float, reverse: bool, rng: np.random.Generator):
+    """Subsamples so that P(chosen longer | lengths differ) = (1 + cue)/2 (or (1 − cue)/2 if reverse).
+
+    Pairs against the cue are kept with probability (1 − cue)/(1 + cue); equal lengths always.
+    """
+    if cue <= 0:
+        return records
+    keep_against = (1.0 - cue) / (1.0 + cue)
+    out = []
+    for r in records:
+        lc, lr = len(r["chosen"].split()), len(r["rejected"].split())
+        if lc == lr:
+            out.append(r)
+            continue
+        with_cue = (lc > lr) != reverse
+        if with_cue or rng.random() < keep_against:
+            out.append(r)
+    return out
+
+
+def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, **overrides) -> dict[str, list[dict]]:
+    """Pairs for train/validation/ood from the pretrained model in workdir ``input_path``.
+
+    Also used by ``python -m warm_jax.data prepare --format=builtin --input=WORKDIR``.
+    """
+    from warm_jax import pretrain, runtime
+
+    if input_path is None:
+        raise ValueError("--format=builtin needs --input=WORKDIR of a finished `pretrain` stage")
+    cfg = dataclasses.replace(PairsConfig(), **overrides)
+    ctx = RunContext(workdir=input_path, mesh=mesh or runtime.make_mesh(), seed=seed)
+    model_cfg, graphdef, params, _, tok = pretrain.load_params(ctx)
+    scorer = oracle_lib.make_oracle(cfg.oracle)
+    text_cfg = builtin_text.TextConfig()
+    wanted = {"train": cfg.num_train, "validation": cfg.num_validation, "ood": cfg.num_ood}
+    splits: dict[str, list[dict]] = {}
+    for split, n in wanted.items():
+        is_ood = split == "ood"
+        policy = params
+        if is_ood and cfg.ood_policy_step is not None:
+            policy = pretrain.load_params(ctx, step=cfg.ood_policy_step)[2]
+        samp_cfg = sampler.SamplingConfig(
+            max_new_tokens=cfg.max_response_len - 1,  # room for EOS inside max_response_len
+            temperature=cfg.ood_temperature if is_ood else cfg.temperature,
+            eos_id=tok.eos_id, pad_id=tok.pad_id,
+        )
+        sample_fn = sampler.make_sampler(graphdef, model_cfg, samp_cfg)
+        rng = np.random.default_rng([seed, SPLIT_SEED[split]])
+        records: list[dict] = []
+        round_ = 0
+        while len(records) < n:
+            # Oversample: ties and the length cue drop some pairs.
+            m = int((n - len(records)) * (1.6 + cfg.length_cue * 2)) + 64
+            prompts = builtin_text.generate_prompts(m, seed=seed * 100_003 + SPLIT_SEED[split] * 1_009 + round_, cfg=text_cfg)
+            ptoks, pmask = encode_prompts(prompts, tok, cfg.max_prompt_len)
+            key = jax.random.key(seed * 7919 + SPLIT_SEED[split] * 31 + round_)
+            doubled_t, doubled_m = np.concatenate([ptoks, ptoks]), np.concatenate([pmask, pmask])
+            texts = sample_texts(sample_fn, policy, doubled_t, doubled_m, key, tok, cfg.sample_batch_size, ctx.mesh)
+            new = label_pairs(prompts, texts[:m], texts[m:], scorer, cfg, rng)
+            records.extend(apply_length_cue(new, cfg.length_cue, reverse=is_ood, rng=rng))
+            round_ += 1
+            if round_ > 20:
+                raise RuntimeError(f"could not generate {n} {split} pairs (got {len(records)}); is the policy degenerate?")
+        splits[split] = records[:n]
+        log.info("[data] %s: %d pairs (%d sampling rounds)", split, n, round_)
+    return splits
+
+
+@register_stage("data")
+def run(ctx: RunContext, cfg: PairsConfig | None = None) -> None:
+    cfg = cfg or PairsConfig()
+    splits = generate_splits(ctx.workdir, ctx.seed, mesh=ctx.mesh, **dataclasses.asdict(cfg))
+    if jax.process_index() == 0:
+        tok_dir = ctx.path("tokenizer")
+        from warm_jax.data.tokenizers import load_tokenizer
+
+        builders.write_preference_dataset(
+            ctx.path("data"), splits, tokenizer=load_tokenizer(tok_dir), max_prompt_len=cfg.max_prompt_len,
+            max_response_len=cfg.max_response_len, flip_fraction=cfg.flip_fraction, seed=ctx.seed,
+            source="builtin", extra_metadata={"pairs_config": dataclasses.asdict(cfg)}, overwrite=True,
+        )

@@ -1,0 +1,366 @@
+"""Stage `rm_ensemble`: M reward models trained by ONE jitted, vmapped, sharded step.
+
+Recipe (WARM §3 / LP-FT): every member starts from the same pretrained trunk (or, "Baklava",
+from a listed pretraining checkpoint) and the SAME linear-probed reward head; members differ
+only by seed (data order, dropout), learning rate and dropout rate. The stacked state has a
+leading [M] axis on every leaf, split over the mesh's 'ensemble' axis; within a member the
+rules table shards parameters over data/fsdp/tensor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from collections.abc import Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from warm_jax import checkpoints, io_utils, loop, pretrain, reward, sharding
+from warm_jax.data import pipeline
+from warm_jax.models import transformer as tr
+from warm_jax.stages import RunContext, register_stage
+from warm_jax.train_state import TrainState, all_finite, new_state, select, state_specs
+
+log = logging.getLogger(__name__)
+
+RM_FIELDS = ("chosen_tokens", "rejected_tokens", "chosen_length", "rejected_length")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class EnsembleConfig:
+    num_members: int = 4
+    # Per-member lists; a single value applies to every member.
+    learning_rates: tuple[float, ...] = (1e-3,)
+    dropout_rates: tuple[float, ...] = (0.1,)
+    seeds: tuple[int, ...] | None = None  # default: derived from the run's SEED
+    featurizer_steps: tuple[int | None, ...] | None = None  # Baklava: pretrain step per member
+    shared_data_order: bool = False
+    batch_size: int = 32  # pairs per member per step (global)
+    num_steps: int = 400
+    weight_decay: float = 0.0
+    margin: float = 0.0
+    center_coef: float = 0.0
+    lp_steps: int = 300
+    lp_learning_rate: float = 3e-2
+    dataset_dir: str | None = None  # default WORKDIR/data
+    debug_nan_step: int = -1  # tests: poison member losses at this step
+
+
+def per_member(values, m: int, binding: str) -> list:
+    values = list(values)
+    if len(values) == 1:
+        return values * m
+    if len(values) != m:
+        raise ValueError(f"gin binding EnsembleConfig.{binding} has {len(values)} values for {m} members")
+    return values
+
+
+def member_seeds(cfg: EnsembleConfig, run_seed: int) -> list[int]:
+    if cfg.seeds is not None:
+        return per_member(cfg.seeds, cfg.num_members, "seeds")
+    return [run_seed * 1000 + 17 * i + 1 for i in range(cfg.num_members)]
+
+
+def make_member_tx(cfg: EnsembleConfig, learning_rate) -> optax.GradientTransformation:
+    """AdamW whose learning rate lives in the optimizer state (so it can differ per member)."""
+
+    def build(learning_rate):
+        return optax.chain(
+            optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=cfg.weight_decay)
+        )
+
+    return optax.inject_hyperparams(build)(learning_rate=learning_rate)
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+def linear_probe(params, graphdef, source, cfg: EnsembleConfig, *, batch_size: int = 256):
+    """Fits the reward head on frozen features (BT loss); returns (head params, train accuracy).
+
+    Features are computed once; the fit is full-batch Adam on f⁺ − f⁻ (the head's bias
+    cancels in a difference, so it stays at its initial value).
+    """
+    feat = jax.jit(functools.partial(reward.features, graphdef=graphdef))
+    diffs = []
+    for batch in pipeline.eval_batches(source, batch_size, fields=RM_FIELDS):
+        fc = feat(params, tokens=batch["chosen_tokens"], lengths=batch["chosen_length"])
+        fr = feat(params, tokens=batch["rejected_tokens"], lengths=batch["rejected_length"])
+        diffs.append(np.asarray(fc - fr)[np.asarray(batch["valid"], bool)])
+    diff = jnp.asarray(np.concatenate(diffs))  # [N, d]
+    head = jax.device_get(params["reward_head"])
+    tx = optax.adam(cfg.lp_learning_rate)
+
+    def loss_fn(w):
+        return -jnp.mean(jax.nn.log_sigmoid(diff @ w[:, 0]))
+
+    @jax.jit
+    def fit(w):
+        def body(carry, _):
+            w, s = carry
+            g = jax.grad(loss_fn)(w)
+            u, s = tx.update(g, s, w)
+            return (optax.apply_updates(w, u), s), None
+
+        (w, _), _ = jax.lax.scan(body, (w, tx.init(w)), None, length=cfg.lp_steps)
+        return w
+
+    kernel = fit(jnp.asarray(head["kernel"], jnp.float32))
+    acc = float(jnp.mean((diff @ kernel[:, 0]) > 0))
+    return {"kernel": kernel.astype(head["kernel"].dtype), "bias": head["bias"]}, acc
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def member_step(state: TrainState, batch, dropout_rate, *, graphdef, tx, cfg: EnsembleConfig):
+    """One Bradley–Terry update of ONE member (vmapped over members by the caller).
+
+    batch: chosen/rejected tokens [B, T], lengths [B]. Returns (state, metrics of scalars).
+    """
+    key = state.step_key()
+
+    def loss_fn(params):
+        r_c, r_r = reward.pair_rewards(params, graphdef, batch, dropout_rate=dropout_rate, key=key)
+        loss, aux = reward.bradley_terry(r_c, r_r, margin=cfg.margin, center_coef=cfg.center_coef)
+        return loss, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    poison = jnp.where(state.step + 1 == cfg.debug_nan_step, jnp.nan, 1.0)
+    loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & all_finite(grads)
+    new = state.replace(
+        step=state.step + 1,
+        params=select(finite, params, state.params),
+        opt_state=select(finite, opt_state, state.opt_state),
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": state.opt_state.hyperparams["learning_rate"],
+        "finite": finite,
+        **aux,
+    }
+    return new, metrics
+
+
+def ensemble_step_fn(graphdef, tx, cfg: EnsembleConfig, state_sh, batch_sh, member_sh, replicated):
+    """ONE jit of the vmapped member step, with explicit shardings and the state donated."""
+    vstep = jax.vmap(
+        functools.partial(member_step, graphdef=graphdef, tx=tx, cfg=cfg),
+        in_axes=(0, None if cfg.shared_data_order else 0, 0),
+        spmd_axis_name=sharding.ENSEMBLE,
+    )
+
+    def step(state, batch, dropout_rates):
+        state, metrics = vstep(state, batch, dropout_rates)
+        metrics["finite"] = jnp.all(metrics["finite"])  # one verdict for the loop
+        return state, metrics
+
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, batch_sh, member_sh),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
+
+
+class StackedIterator:
+    """M per-member iterators → batches [M, B, ...]; state is the list of member states."""
+
+    def __init__(self, iterators: Sequence):
+        self.iterators = list(iterators)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batches = [next(it) for it in self.iterators]
+        return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+    def get_state(self) -> dict:
+        return {"members": [it.get_state() for it in self.iterators]}
+
+    def set_state(self, state: dict) -> None:
+        for it, s in zip(self.iterators, state["members"], strict=True):
+            it.set_state(s)
+
+
+# ----------------------------------------------------------------------------- building it
+
+
+@dataclasses.dataclass
+class Ensemble:
+    """What the stage builds: graphdef, optimizer, shardings, initial stacked state."""
+
+    model_cfg: tr.ModelConfig
+    graphdef: object
+    tx: optax.GradientTransformation
+    param_specs: object  # per-member specs (no ensemble axis)
+    state_shardings: TrainState
+    state: TrainState
+    abstract_state: TrainState
+    lp_accuracy: float
+
+
+def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
+    mesh = ctx.mesh
+    m = cfg.num_members
+    ens_size = mesh.shape.get(sharding.ENSEMBLE, 1)
+    if m % ens_size:
+        raise ValueError(
+            f"EnsembleConfig.num_members={m} must be a multiple of the mesh's ensemble axis ({ens_size})"
+        )
+    model_cfg, graphdef, base, param_specs, _ = pretrain.load_params(ctx)
+    head, lp_acc = linear_probe(base, graphdef, train_source, cfg)
+    log.info("[rm_ensemble] linear probe: train accuracy %.3f", lp_acc)
+
+    steps = per_member(cfg.featurizer_steps or (None,), m, "featurizer_steps")
+    trunks = {s: (base if s is None else pretrain.load_params(ctx, step=s)[2]) for s in set(steps)}
+    lrs = jnp.asarray(per_member(cfg.learning_rates, m, "learning_rates"), jnp.float32)
+    seeds = member_seeds(cfg, ctx.seed)
+    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
+
+    tx = make_member_tx(cfg, 0.0)  # the rate itself lives in each member's optimizer state
+    abstract_params = jax.eval_shape(lambda: base)
+    member_specs = state_specs(tx, abstract_params, param_specs)
+    stacked_specs = sharding.prefix_ensemble(member_specs)
+    state_sh = sharding.named(mesh, stacked_specs)
+    stacked_param_sh = sharding.named(mesh, sharding.prefix_ensemble(param_specs))
+
+    def with_head(p):
+        return {**p, "reward_head": head}
+
+    # Stack on device: [M, ...] per leaf, written straight into the ensemble sharding.
+    stack = jax.jit(
+        lambda *members: jax.tree.map(lambda *xs: jnp.stack(xs), *members), out_shardings=stacked_param_sh
+    )
+    params = stack(*[with_head(trunks[s]) for s in steps])
+
+    def init_member(p, lr, key):
+        return new_state(p, make_member_tx(cfg, lr), key)
+
+    state = jax.jit(jax.vmap(init_member), out_shardings=state_sh)(params, lrs, keys)
+    abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), state_sh)
+    return Ensemble(model_cfg, graphdef, tx, param_specs, state_sh, state, abstract_state, lp_acc)
+
+
+def member_iterators(cfg: EnsembleConfig, source, seeds: Sequence[int]):
+    nproc = jax.process_count()
+    make = lambda s: pipeline.PreferenceIterator(
+        source, batch_size=cfg.batch_size // nproc, seed=s, fields=RM_FIELDS,
+        process_index=jax.process_index(), process_count=nproc,
+    )
+    if cfg.shared_data_order:
+        return make(seeds[0])
+    return StackedIterator([make(s) for s in seeds])
+
+
+def dataset_dir(ctx: RunContext, cfg: EnsembleConfig) -> str:
+    return cfg.dataset_dir or ctx.path("data")
+
+
+def train_ensemble(ctx: RunContext, cfg: EnsembleConfig | None = None) -> tuple[Ensemble, TrainState]:
+    cfg = cfg or EnsembleConfig()
+    mesh = ctx.mesh
+    source = pipeline.load_split(dataset_dir(ctx, cfg), "train")
+    ens = build(ctx, cfg, source)
+    seeds = member_seeds(cfg, ctx.seed)
+    iterator = member_iterators(cfg, source, seeds)
+    batch_sh = sharding.batch_sharding(mesh, 3, leading_ensemble=not cfg.shared_data_order) if not cfg.shared_data_order else sharding.batch_sharding(mesh, 2)
+    len_sh = sharding.batch_sharding(mesh, 2, leading_ensemble=True) if not cfg.shared_data_order else sharding.batch_sharding(mesh, 1)
+    batch_shardings = {k: (len_sh if k.endswith("length") else batch_sh) for k in RM_FIELDS}
+    member_sh = NamedSharding(mesh, P(sharding.ENSEMBLE))
+    step = ensemble_step_fn(
+        ens.graphdef, ens.tx, cfg, ens.state_shardings, batch_shardings, member_sh, sharding.replicated(mesh)
+    )
+    dropout = jax.device_put(
+        jnp.asarray(per_member(cfg.dropout_rates, cfg.num_members, "dropout_rates"), jnp.float32), member_sh
+    )
+    to_device = lambda b: pipeline.to_global(
+        {k: b[k] for k in RM_FIELDS}, lambda k, _: batch_shardings[k], batch_axis=0 if cfg.shared_data_order else 1
+    )
+    state = loop.train(
+        stage="rm_ensemble", workdir=ctx.workdir, state=ens.state, abstract_state=ens.abstract_state,
+        step_fn=lambda s, b: step(s, b, dropout), iterator=iterator, to_device=to_device,
+        num_steps=cfg.num_steps, ckpt_dir=ctx.path("rm", "ckpt"), show=("loss", "accuracy"),
+    )
+    return ens, state
+
+
+# ----------------------------------------------------------------------------- member export
+
+
+def save_params(directory: str, params, *, model_cfg: tr.ModelConfig, meta: dict, tokenizer_dir: str | None):
+    """A standalone params checkpoint: Orbax + hash manifest, and model.json beside it.
+
+    Written to a temporary sibling and renamed, so ``directory`` only ever holds a finished one.
+    """
+    with io_utils.atomic_directory(directory, overwrite=True) as tmp:
+        ck = checkpoints.Checkpointer(os.path.join(tmp, "ckpt"), async_save=False)
+        ck.save(0, {"params": params}, meta=meta, force=True)
+        ck.close()
+        if jax.process_index() == 0:
+            io_utils.atomic_write_json(
+                os.path.join(tmp, "model.json"),
+                {"model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer_dir, **meta},
+            )
+
+
+def load_params_checkpoint(directory: str, mesh, *, rules=None):
+    """Restores a ``save_params`` checkpoint into the rules' sharding on ``mesh``.
+
+    Returns (model_cfg, graphdef, params, meta).
+    """
+    meta = io_utils.read_json(os.path.join(directory, "model.json"))
+    model_cfg = tr.ModelConfig(**meta["model"])
+    graphdef, abstract, axes = tr.abstract_model(model_cfg)
+    specs = sharding.tree_specs(axes, abstract, mesh, rules)
+    target = {"params": sharding.abstract_with_sharding(abstract, sharding.named(mesh, specs))}
+    ck = checkpoints.Checkpointer(os.path.join(directory, "ckpt"), async_save=False)
+    try:
+        state, _, _ = ck.restore(target)
+    finally:
+        ck.close()
+    return model_cfg, graphdef, state["params"], meta
+
+
+def member_slice(stacked_params, i: int, mesh, param_specs):
+    """Member i of a stacked tree, resharded to the single-member layout (on device)."""
+    return jax.jit(lambda p: jax.tree.map(lambda x: x[i], p), out_shardings=sharding.named(mesh, param_specs))(
+        stacked_params
+    )
+
+
+@register_stage("rm_ensemble")
+def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
+    cfg = cfg or EnsembleConfig()
+    ens, state = train_ensemble(ctx, cfg)
+    seeds = member_seeds(cfg, ctx.seed)
+    lrs = per_member(cfg.learning_rates, cfg.num_members, "learning_rates")
+    drops = per_member(cfg.dropout_rates, cfg.num_members, "dropout_rates")
+    feats = per_member(cfg.featurizer_steps or (None,), cfg.num_members, "featurizer_steps")
+    for i in range(cfg.num_members):
+        meta = {
+            "member": i, "seed": seeds[i], "learning_rate": lrs[i], "dropout_rate": drops[i],
+            "featurizer_step": feats[i], "num_steps": cfg.num_steps,
+        }
+        save_params(
+            ctx.path("rm", "members", str(i)), member_slice(state.params, i, ctx.mesh, ens.param_specs),
+            model_cfg=ens.model_cfg, meta=meta, tokenizer_dir=ctx.path("tokenizer"),
+        )
+    if jax.process_index() == 0:
+        io_utils.atomic_write_json(
+            ctx.path("rm", "ensemble.json"),
+            {"num_members": cfg.num_members, "lp_train_accuracy": ens.lp_accuracy, "seeds": seeds,
+             "learning_rates": lrs, "dropout_rates": drops, "featurizer_steps": feats},
+        )

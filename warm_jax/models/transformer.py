@@ -1,0 +1,341 @@
+"""Llama-style decoder (Flax NNX) shared by the policy (LM head) and the reward models.
+
+RMSNorm, rotary embeddings (half-rotation layout, as in HF Llama checkpoints), SwiGLU, grouped
+query attention, optional tied embeddings, residual dropout whose rate may be a traced value
+(so a vmapped ensemble can give each member its own rate). Three heads read the final hidden
+state: LM logits, a scalar reward at the last real token, and a per-token value.
+
+Every parameter carries its logical axes as ``axes`` metadata; ``warm_jax.sharding`` maps them
+to the mesh. The hot path is functional: ``graphdef, params = abstract_model(cfg)[:2]``, then
+``nnx.merge(graphdef, params)`` inside jitted pure functions.
+
+Shapes: B batch, T new tokens, S key slots (cache length), d model width, H query heads,
+K kv heads, G = H // K, D head dim, V vocabulary, L layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Cache = dict[str, Any]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # default d_model // n_heads
+    d_ff: int = 384
+    max_len: int = 128
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout_rate: float = 0.0
+    dtype: str = "float32"  # activations / matmul inputs
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+
+
+def _param(key, shape, axes, std, dtype):
+    return nnx.Param(std * jax.random.normal(key, shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding, half-rotation layout. x: [B, T, N, D]; positions: [B, T] int."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def dropout(x, rate, key):
+    """Inverted dropout whose ``rate`` may be traced (per-member rates under vmap)."""
+    if key is None:
+        return x
+    rate = jnp.asarray(rate, jnp.float32)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.maximum(1.0 - rate, 1e-6).astype(x.dtype), 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head
+        pd = jnp.dtype(cfg.param_dtype)
+        std = cfg.init_std
+        self.wq = _param(rngs.params(), (d, h, hd), ("embed", "heads", "head_dim"), std, pd)
+        self.wk = _param(rngs.params(), (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
+        self.wv = _param(rngs.params(), (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
+        # Output projection scaled down by depth (GPT-2 style) so deep stacks start stable.
+        self.wo = _param(
+            rngs.params(), (h, hd, d), ("heads", "head_dim", "embed"), std / (2 * cfg.n_layers) ** 0.5, pd
+        )
+        self.cfg = cfg
+
+    def __call__(self, x, positions, mask, layer_cache):
+        """x: [B, T, d]; positions: [B, T]; mask: [B, T, S] bool; layer_cache: None or
+        {'k','v': [B, S, K, D], 'index': int32 scalar (first slot to write)}."""
+        cfg = self.cfg
+        dt = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+        q = rope(q, positions, cfg.rope_theta)
+        k = rope(k, positions, cfg.rope_theta)
+        new_cache = None
+        if layer_cache is not None:
+            idx = layer_cache["index"]
+            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx, 1)
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(dt), v_all.astype(dt)
+        b, t, h, hd = q.shape
+        kv = k.shape[2]
+        q = q.reshape(b, t, kv, h // kv, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), new_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        pd = jnp.dtype(cfg.param_dtype)
+        std = cfg.init_std
+        self.w_gate = _param(rngs.params(), (d, f), ("embed", "mlp"), std, pd)
+        self.w_up = _param(rngs.params(), (d, f), ("embed", "mlp"), std, pd)
+        self.w_down = _param(rngs.params(), (f, d), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5, pd)
+
+    def __call__(self, x):
+        dt = x.dtype
+        g = x @ self.w_gate[...].astype(dt)
+        u = x @ self.w_up[...].astype(dt)
+        return (jax.nn.silu(g) * u) @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, mask, layer_cache, dropout_rate, key):
+        k1, k2 = jax.random.split(key) if key is not None else (None, None)
+        a, new_cache = self.attn(self.attn_norm(x), positions, mask, layer_cache)
+        x = x + dropout(a, dropout_rate, k1)
+        x = x + dropout(self.mlp(self.mlp_norm(x)), dropout_rate, k2)
+        return x, new_cache
+
+
+class Decoder(nnx.Module):
+    """The decoder trunk plus LM, reward and value heads."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = _param(rngs.params(), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
+        for i in range(cfg.n_layers):
+            # Named attributes (not a list) give checkpoint paths 'layer_3/attn/wq' with string keys.
+            setattr(self, f"layer_{i}", Block(cfg, rngs))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs.params(), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
+        self.reward_head = RewardHead(cfg, rngs)
+        self.value_head = RewardHead(cfg, rngs)
+
+    def layers(self):
+        return [getattr(self, f"layer_{i}") for i in range(self.cfg.n_layers)]
+
+    def hidden(
+        self,
+        tokens,
+        token_mask,
+        *,
+        cache: Cache | None = None,
+        dropout_rate=0.0,
+        key=None,
+    ):
+        """Final-norm hidden states.
+
+        Args:
+          tokens: [B, T] int32. token_mask: [B, T] (1 = real token; left or right padding).
+          cache: None for a full forward; else from ``init_cache`` (decoding: the T tokens go
+            into slots [index, index + T)).
+          dropout_rate: scalar, may be traced. key: dropout key or None (no dropout).
+        Returns:
+          hidden [B, T, d] in cfg.dtype, and the updated cache (None without one).
+        """
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        token_mask = token_mask.astype(jnp.int32)
+        x = self.embed[...].astype(dt)[tokens]
+        if cache is None:
+            positions = jnp.maximum(jnp.cumsum(token_mask, axis=1) - 1, 0)
+            t = tokens.shape[1]
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None] & (token_mask[:, None, :] > 0)
+        else:
+            idx = cache["index"]
+            positions = cache["positions"][:, None] + jnp.cumsum(token_mask, axis=1) - 1
+            positions = jnp.maximum(positions, 0)
+            key_mask = jax.lax.dynamic_update_slice_in_dim(cache["key_mask"], token_mask.astype(bool), idx, 1)
+            s = key_mask.shape[1]
+            q_slot = idx + jnp.arange(tokens.shape[1])
+            causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
+            mask = causal[None] & key_mask[:, None, :]
+        new_layers = []
+        for i, block in enumerate(self.layers()):
+            layer_key = jax.random.fold_in(key, i) if key is not None else None
+            layer_cache = None if cache is None else {**cache["layers"][i], "index": cache["index"]}
+            x, lc = block(x, positions, mask, layer_cache, dropout_rate, layer_key)
+            new_layers.append(lc)
+        new_cache = None
+        if cache is not None:
+            new_cache = {
+                "layers": new_layers,
+                "key_mask": key_mask,
+                "index": cache["index"] + tokens.shape[1],
+                "positions": cache["positions"] + jnp.sum(token_mask, axis=1),
+            }
+        return self.final_norm(x), new_cache
+
+    def logits(self, hidden):
+        """[B, T, d] → float32 [B, T, V]."""
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype)).astype(jnp.float32)
+
+    def reward(self, hidden, token_mask):
+        """Scalar reward at the last real token. hidden [B, T, d], token_mask [B, T] → [B] f32."""
+        return self.reward_head(pool_last(hidden, token_mask))
+
+    def value(self, hidden):
+        """Per-token value estimate, [B, T, d] → [B, T] f32."""
+        return self.value_head(hidden)
+
+    def __call__(self, tokens, token_mask):
+        h, _ = self.hidden(tokens, token_mask)
+        return self.logits(h)
+
+
+class RewardHead(nnx.Module):
+    """Linear map d → 1 (biases annotated too)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.kernel = _param(rngs.params(), (cfg.d_model, 1), ("embed", "out"), cfg.init_std, pd)
+        self.bias = nnx.Param(jnp.zeros((1,), pd), axes=("out",))
+
+    def __call__(self, h):
+        out = h.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return out[..., 0]
+
+
+def pool_last(hidden, token_mask):
+    """hidden [B, T, d] at each row's last real token (works for left and right padding)."""
+    t = token_mask.shape[1]
+    last = t - 1 - jnp.argmax(token_mask[:, ::-1] > 0, axis=1)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+    """Empty KV cache: per layer k, v [B, S, K, D]; key_mask [B, S]; index; positions [B]."""
+    dt = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, length, cfg.n_kv_heads, cfg.dim_head)
+    return {
+        "layers": [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.n_layers)],
+        "key_mask": jnp.zeros((batch, length), bool),
+        "index": jnp.zeros((), jnp.int32),
+        "positions": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def _axes_of(state):
+    return jax.tree.map(
+        lambda v: tuple(v.get_metadata()["axes"]), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def abstract_model(cfg: ModelConfig):
+    """Shapes without allocation.
+
+    Returns (graphdef, abstract params: pure dict of ShapeDtypeStruct, axes: same tree of
+    logical-axis tuples).
+    """
+    module = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(module)
+    return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(_axes_of(state))
+
+
+def init_params(cfg: ModelConfig, key):
+    """Pure-dict parameters (call under jit with out_shardings for a sharded init)."""
+    return nnx.to_pure_dict(nnx.split(Decoder(cfg, nnx.Rngs(params=key)))[1])
+
+
+def bind(graphdef, params) -> Decoder:
+    """A Decoder view over a pure dict of (possibly traced) parameter arrays."""
+    return nnx.merge(graphdef, params)
+
+
+def param_count(params, *, exclude_embeddings: bool = False) -> int:
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    total = 0
+    for path, x in flat:
+        if exclude_embeddings and jax.tree_util.keystr(path) in ("['embed']", "['lm_head']"):
+            continue
+        total += int(x.size)
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> float:
+    """Model FLOPs per token (matmuls only; the standard 6N + attention estimate).
+
+    Forward = 2 · (non-embedding matmul params + LM head) + 4 · L · T · d_attn (scores and
+    values); training = 3 × forward.
+    """
+    d, hd = cfg.d_model, cfg.dim_head
+    attn = d * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
+    mlp = 3 * d * cfg.d_ff
+    matmul_params = cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
+    forward = 2 * matmul_params + 4 * cfg.n_layers * seq_len * cfg.n_heads * hd
+    return float(3 * forward if training else forward)

@@ -1,0 +1,133 @@
+"""Functional KV-cache sampler: one prefill, then decoding inside ``lax.while_loop``.
+
+Prompts are left-padded to a fixed width so every row's last prompt token sits in the same
+column and all rows decode in lockstep. Per-sequence ``done`` flags stop rows at EOS; the loop
+stops when all rows are done or ``max_new_tokens`` is reached. Parameters are an argument of the
+compiled function, so new policy weights of the same shapes/shardings swap in without a
+recompile. The cache is created inside the compiled function (never crosses the boundary).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from warm_jax.models import transformer as tr
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    eos_id: int = 2
+    pad_id: int = 0
+
+
+def filter_logits(logits, *, temperature: float, top_k: int, top_p: float):
+    """Temperature, then top-k, then nucleus (top-p) filtering. logits [B, V] float32."""
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        cum = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(cum < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def sample(params, prompt_tokens, prompt_mask, key, *, graphdef, model_cfg: tr.ModelConfig, cfg: SamplingConfig):
+    """Samples continuations.
+
+    Args:
+      prompt_tokens, prompt_mask: [B, P] left-padded prompts (mask 1 = real token).
+      key: PRNG key.
+    Returns dict:
+      tokens [B, N] (pad after EOS), logprobs [B, N] (log π of each sampled token under the
+      *unfiltered* temperature-1 policy: the quantity REINFORCE and KL need; 0 after done),
+      mask [B, N] (1 = generated token, EOS included), length [B].
+    """
+    model = tr.bind(graphdef, params)
+    b, p = prompt_tokens.shape
+    n = cfg.max_new_tokens
+    cache = tr.init_cache(model_cfg, b, p + n)
+    h, cache = model.hidden(prompt_tokens, prompt_mask, cache=cache)
+    first_logits = model.logits(h[:, -1:])[:, 0]
+
+    def pick(logits, k):
+        filt = filter_logits(logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        if cfg.temperature == 0.0:
+            tok = jnp.argmax(logits, axis=-1)
+        else:
+            tok = jax.random.categorical(k, filt, axis=-1)
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        return tok.astype(jnp.int32), jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+
+    def cond(carry):
+        i, _, _, _, _, done, _ = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, logits, cache, toks, lps, done, key = carry
+        key, k = jax.random.split(key)
+        tok, lp = pick(logits, k)
+        live = ~done
+        tok = jnp.where(live, tok, cfg.pad_id)
+        toks = toks.at[:, i].set(tok)
+        lps = lps.at[:, i].set(jnp.where(live, lp, 0.0))
+        done = done | (tok == cfg.eos_id)
+        h, cache = model.hidden(tok[:, None], live[:, None].astype(jnp.int32), cache=cache)
+        return i + 1, model.logits(h)[:, 0], cache, toks, lps, done, key
+
+    init = (
+        jnp.zeros((), jnp.int32), first_logits, cache,
+        jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+        jnp.zeros((b,), bool), key,
+    )
+    _, _, _, toks, lps, _, _ = jax.lax.while_loop(cond, body, init)
+    # A generated token is real up to and including the first EOS.
+    is_eos = toks == cfg.eos_id
+    after_eos = jnp.cumsum(is_eos, axis=1) - is_eos.astype(jnp.int32) > 0
+    mask = ((toks != cfg.pad_id) | is_eos) & ~after_eos
+    return {"tokens": toks, "logprobs": lps, "mask": mask.astype(jnp.int32), "length": mask.sum(1).astype(jnp.int32)}
+
+
+def make_sampler(graphdef, model_cfg: tr.ModelConfig, cfg: SamplingConfig, *, in_shardings=None, out_shardings=None):
+    """Compiles ``sample`` once for a (graphdef, config); call with (params, tokens, mask, key)."""
+    fn = functools.partial(sample, graphdef=graphdef, model_cfg=model_cfg, cfg=cfg)
+    return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
+
+
+def sequence_logprobs(params, graphdef, tokens, mask, response_start: int):
+    """Per-token log π(token) for a full forward of [B, T] tokens (prompt left-padded + response).
+
+    Returns [B, T − response_start] log-probs of tokens[:, response_start:], each predicted
+    from its prefix (full forward; the reference the cached sampler is checked against, and
+    the REINFORCE loss's differentiable log-probs).
+    """
+    model = tr.bind(graphdef, params)
+    h, _ = model.hidden(tokens, mask)
+    logits = model.logits(h[:, response_start - 1 : -1])
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(lp, tokens[:, response_start:, None], axis=-1)[..., 0]
+
+
+def greedy_reference(params, graphdef, prompt_tokens, prompt_mask, n: int):
+    """Greedy decoding by full forward passes (no cache): the test oracle for ``sample``."""
+    model = tr.bind(graphdef, params)
+    toks, mask = prompt_tokens, prompt_mask
+    out = []
+    for _ in range(n):
+        logits = model(toks, mask)[:, -1]
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        out.append(nxt)
+        toks = jnp.concatenate([toks, nxt[:, None]], axis=1)
+        mask = jnp.concatenate([mask, jnp.ones_like(nxt[:, None])], axis=1)
+    return jnp.stack(out, axis=1)

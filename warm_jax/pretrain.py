@@ -1,0 +1,186 @@
+"""Stage `pretrain`: next-token training of the tiny decoder on the built-in text.
+
+Its checkpoints are the shared initialisation of every reward model and policy; steps listed
+in ``PretrainConfig.keep_steps`` are kept for "Baklava" initialisations (different featurizer
+checkpoints of one pretraining run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from warm_jax import checkpoints, loop, sharding
+from warm_jax.data import builtin_text
+from warm_jax.data import pipeline
+from warm_jax.data.tokenizers import Tokenizer, WordTokenizer, load_tokenizer
+from warm_jax.models import transformer as tr
+from warm_jax.stages import RunContext, register_stage
+from warm_jax.train_state import TrainState, all_finite, new_state, select, state_specs
+
+log = logging.getLogger(__name__)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    num_documents: int = 20_000
+    seq_len: int = 64
+    batch_size: int = 64  # global
+    num_steps: int = 1_500
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    keep_steps: tuple[int, ...] = ()  # extra checkpoints for Baklava featurizers
+    debug_nan_step: int = -1  # tests: poison the loss at this step
+
+
+def tokenize_documents(docs, tok: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+    """BOS + words + EOS, truncated and right-padded. Returns tokens, mask: [N, seq_len]."""
+    tokens = np.full((len(docs), seq_len), tok.pad_id, np.int32)
+    mask = np.zeros((len(docs), seq_len), np.int32)
+    for i, ids in enumerate(tok.encode_batch(docs)):
+        ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + list(ids) + [tok.eos_id]
+        ids = ids[:seq_len]
+        tokens[i, : len(ids)] = ids
+        mask[i, : len(ids)] = 1
+    return {"tokens": tokens, "mask": mask}
+
+
+def lm_loss(params, graphdef, tokens, mask, *, dropout_rate=0.0, key=None):
+    """Mean next-token cross-entropy over real target tokens. tokens, mask: [B, T]."""
+    model = tr.bind(graphdef, params)
+    h, _ = model.hidden(tokens[:, :-1], mask[:, :-1], dropout_rate=dropout_rate, key=key)
+    logits = model.logits(h)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    w = mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, cfg.warmup_steps, max(cfg.num_steps, cfg.warmup_steps + 1), cfg.learning_rate * 0.1
+    )
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def _train_step(state: TrainState, batch, *, graphdef, tx, model_cfg, debug_nan_step):
+    key = state.step_key()
+    loss, grads = jax.value_and_grad(lm_loss)(
+        state.params, graphdef, batch["tokens"], batch["mask"], dropout_rate=model_cfg.dropout_rate,
+        key=key if model_cfg.dropout_rate > 0 else None,
+    )
+    loss = jnp.where(state.step + 1 == debug_nan_step, jnp.nan, loss)
+    grads = jax.tree.map(lambda g: g * jnp.where(state.step + 1 == debug_nan_step, jnp.nan, 1.0), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & all_finite(grads)
+    new = state.replace(
+        step=state.step + 1,
+        params=select(finite, params, state.params),
+        opt_state=select(finite, opt_state, state.opt_state),
+    )
+    return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite}
+
+
+def build_tokenizer(ctx: RunContext, text_cfg: builtin_text.TextConfig) -> Tokenizer:
+    tok_dir = ctx.path("tokenizer")
+    if os.path.exists(tok_dir):
+        return load_tokenizer(tok_dir)
+    tok = WordTokenizer.from_words(builtin_text.vocabulary(text_cfg))
+    if jax.process_index() == 0:
+        tok.save(tok_dir)
+    return tok
+
+
+def model_config(tok: Tokenizer, base: tr.ModelConfig | None = None) -> tr.ModelConfig:
+    """The gin-configured model, with the vocabulary size the tokenizer needs."""
+    base = base or tr.ModelConfig()
+    return dataclasses.replace(base, vocab_size=tok.vocab_size)
+
+
+def sharded_init(model_cfg: tr.ModelConfig, mesh, key):
+    """Abstract-first init: shapes → specs → one jitted init that writes straight into place."""
+    graphdef, abstract, axes = tr.abstract_model(model_cfg)
+    specs = sharding.tree_specs(axes, abstract, mesh)
+    init = jax.jit(lambda k: tr.init_params(model_cfg, k), out_shardings=sharding.named(mesh, specs))
+    return graphdef, init(key), specs
+
+
+@register_stage("pretrain")
+def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_text.TextConfig | None = None):
+    cfg = cfg or PretrainConfig()
+    text_cfg = text_cfg or builtin_text.TextConfig()
+    tok = build_tokenizer(ctx, text_cfg)
+    model_cfg = model_config(tok)
+    mesh = ctx.mesh
+    docs = builtin_text.generate_documents(cfg.num_documents, seed=ctx.seed, cfg=text_cfg)
+    data = tokenize_documents(docs, tok, cfg.seq_len)
+    records = [{"tokens": t, "mask": m} for t, m in zip(data["tokens"], data["mask"])]
+    nproc = jax.process_count()
+    iterator = pipeline.PreferenceIterator(
+        records, batch_size=cfg.batch_size // nproc, seed=ctx.seed, fields=("tokens", "mask"),
+        process_index=jax.process_index(), process_count=nproc,
+    )
+
+    key = jax.random.key(ctx.seed)
+    graphdef, params, param_specs = sharded_init(model_cfg, mesh, key)
+    tx = make_optimizer(cfg)
+    specs = state_specs(tx, jax.eval_shape(lambda: params), param_specs)
+    shardings = sharding.named(mesh, specs)
+    state = jax.jit(lambda p: new_state(p, tx, jax.random.fold_in(key, 1)), out_shardings=shardings)(params)
+    abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), shardings)
+
+    batch_sh = sharding.batch_sharding(mesh, 2)
+    step = jax.jit(
+        functools.partial(_train_step, graphdef=graphdef, tx=tx, model_cfg=model_cfg, debug_nan_step=cfg.debug_nan_step),
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    to_device = lambda b: pipeline.to_global({k: b[k] for k in ("tokens", "mask")}, batch_sh, batch_axis=0)
+    log.info(
+        "[pretrain] %d params, %d documents, vocab %d", tr.param_count(params), len(docs), tok.vocab_size
+    )
+    loop.train(
+        stage="pretrain", workdir=ctx.workdir, state=state, abstract_state=abstract_state, step_fn=step,
+        iterator=iterator, to_device=to_device, num_steps=cfg.num_steps, ckpt_dir=ctx.path("pretrain", "ckpt"),
+        keep_steps=cfg.keep_steps,
+    )
+    if jax.process_index() == 0:
+        from warm_jax import io_utils
+
+        io_utils.atomic_write_json(
+            ctx.path("pretrain", "model.json"), {"model": dataclasses.asdict(model_cfg), "tokenizer": "tokenizer"}
+        )
+
+
+def load_params(ctx: RunContext, step: int | None = None):
+    """The pretrained parameters (sharded per the rules on ctx.mesh) and model pieces.
+
+    Returns (model_cfg, graphdef, params, param_specs, tokenizer).
+    """
+    from warm_jax.io_utils import read_json
+
+    meta = read_json(ctx.path("pretrain", "model.json"))
+    model_cfg = tr.ModelConfig(**meta["model"])
+    tok = load_tokenizer(ctx.path(meta["tokenizer"]))
+    graphdef, abstract, axes = tr.abstract_model(model_cfg)
+    specs = sharding.tree_specs(axes, abstract, ctx.mesh)
+    ckpt = checkpoints.Checkpointer(ctx.path("pretrain", "ckpt"), async_save=False)
+    try:
+        tx = make_optimizer(PretrainConfig())
+        st_specs = state_specs(tx, abstract, specs)
+        st_abstract = jax.eval_shape(lambda: new_state(abstract, tx, jax.random.key(0)))
+        target = sharding.abstract_with_sharding(st_abstract, sharding.named(ctx.mesh, st_specs))
+        state, _, _ = ckpt.restore(target, step=step)
+    finally:
+        ckpt.close()
+    return model_cfg, graphdef, state.params, specs, tok
