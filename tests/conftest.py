@@ -29,3 +29,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "accelerator" in item.keywords and on_cpu:
             item.add_marker(skip_acc)
+
+
+@pytest.fixture(scope="session")
+def base_workdir(tmp_path_factory):
+    """A tiny finished `pretrain` + `data` workdir, built once per session in this process.
+
+    Tests that train further copy it (``copy_workdir``) so they never write into it.
+    """
+    from tests import helpers
+
+    wd = str(tmp_path_factory.mktemp("base") / "wd")
+    helpers.run_in_process(wd, helpers.TINY + [helpers.MESH_8, helpers.stages("pretrain", "data")])
+    return wd
+
+
+@pytest.fixture
+def copy_workdir(base_workdir, tmp_path):
+    import shutil
+
+    def make(name="wd"):
+        dst = str(tmp_path / name)
+        shutil.copytree(base_workdir, dst)
+        return dst
+
+    return make

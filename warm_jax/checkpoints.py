@@ -21,6 +21,7 @@ notifier and `reached_preemption_sync_point` are used instead, so every process 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -243,8 +244,11 @@ def _all_finite_global(x: jax.Array) -> bool:
 # Manifest verification.
 
 
-def _verify_leaf(path: str, x: Any, entries: list[dict], step_dir: str) -> None:
-    """Raises CheckpointCorruptError if restored leaf `x` differs from any of its manifest entries."""
+def _verify_leaf(path: str, x: Any, entries: list[dict], step_dir: str, full: np.ndarray | None) -> None:
+    """Raises CheckpointCorruptError if restored leaf `x` differs from any of its manifest entries.
+
+    full: the global contents of `x` on host when this process does not hold it whole (else None).
+    """
 
     def fail(what: str) -> None:
         raise CheckpointCorruptError(f"{step_dir}: array '{path}' does not match the manifest ({what})")
@@ -256,9 +260,9 @@ def _verify_leaf(path: str, x: Any, entries: list[dict], step_dir: str) -> None:
             log.warning("%s: array '%s' restored as %s but saved as %s; its hash is not checked",
                         step_dir, path, x.dtype, entry["dtype"])
             continue
-        if _fully_addressable(x) or "sha256" in entry or not _indices_local(x, entry["shards"]):
-            # Compare against the global contents; gather when this process does not hold them.
-            full = _host(x if _fully_addressable(x) else multihost_utils.process_allgather(x, tiled=True))
+        if _fully_addressable(x):
+            full = _host(x)
+        if full is not None:
             if "sha256" in entry:
                 if _sha(full) != entry["sha256"]:
                     fail("sha256 of contents")
@@ -266,7 +270,7 @@ def _verify_leaf(path: str, x: Any, entries: list[dict], step_dir: str) -> None:
                 for key, sha in entry["shards"].items():
                     if _sha(full[_parse_index(key)]) != sha:
                         fail(f"sha256 of shard [{key}]")
-        else:
+        else:  # the same shards as at save time are local: compare them one by one
             local = {_index_key(s.index, x.shape): s.data for s in x.addressable_shards}
             for key, sha in entry["shards"].items():
                 if _sha(_host(local[key])) != sha:
@@ -290,18 +294,52 @@ def _read_manifests(step_dir: epath.Path) -> dict[int, dict]:
     return out
 
 
+def _any_process(flags: np.ndarray) -> np.ndarray:
+    """Element-wise OR of `flags` over all processes (identity with one process)."""
+    if jax.process_count() == 1:
+        return flags
+    return np.asarray(multihost_utils.process_allgather(flags)).any(axis=0)
+
+
 def _verify(state: PyTree, manifests: dict[int, dict], step_dir: str) -> None:
     """Checks restored `state` against the manifests: this process's one for leaves spread over processes,
-    every process's entries for leaves this process holds whole."""
+    every process's entries for leaves this process holds whole.
+
+    With several processes the gathers and the verdict are collective, so that all processes raise (and
+    fall back to the same older step) or none does.
+    """
     if not manifests:
         raise CheckpointCorruptError(f"{step_dir}: no manifest ({_MANIFEST}/{_MANIFEST_GLOB}) to verify against")
     me = jax.process_index()
-    for path, x in named_leaves(state):
+    leaves = named_leaves(state)
+    plans = []
+    for path, x in leaves:
         sources = [manifests[me]] if (not _fully_addressable(x) and me in manifests) else manifests.values()
         entries = [m["leaves"][path] for m in sources if path in m["leaves"]]
         if not entries:
             raise CheckpointCorruptError(f"{step_dir}: array '{path}' is missing from the manifest")
-        _verify_leaf(path, x, entries, step_dir)
+        # Gather a spread array when its saved shards are not all local here (it was resharded).
+        gather = not _fully_addressable(x) and any(
+            "sha256" in e or not _indices_local(x, e["shards"]) for e in entries)
+        plans.append((entries, gather))
+    gathers = _any_process(np.array([g for _, g in plans], dtype=bool))
+    first_bad, message = -1, ""
+    for i, ((path, x), (entries, _)) in enumerate(zip(leaves, plans)):
+        full = _host(multihost_utils.process_allgather(x, tiled=True)) if gathers[i] else None
+        if first_bad < 0:
+            try:
+                _verify_leaf(path, x, entries, step_dir, full)
+            except CheckpointCorruptError as e:
+                first_bad, message = i, str(e)
+    bad = np.zeros(len(leaves), dtype=bool)
+    if first_bad >= 0:
+        bad[first_bad] = True
+    bad = _any_process(bad)
+    if bad.any():
+        if first_bad < 0:
+            first_bad = int(np.argmax(bad))
+            message = f"{step_dir}: array '{leaves[first_bad][0]}' does not match the manifest of another process"
+        raise CheckpointCorruptError(message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,6 +406,8 @@ class Checkpointer:
         if keep_steps:
             preserve.append(ocp_policies.CustomSteps(steps=list(keep_steps)))
         options = ocp.CheckpointManagerOptions(
+            # save() decides itself (interval, force, preemption) and passes force=True; this policy only
+            # mirrors that decision for Orbax's own bookkeeping (its default also saves any first step).
             save_decision_policy=ocp_policies.AnySavePolicy([
                 ocp_policies.FixedIntervalPolicy(save_interval_steps),
                 ocp_policies.PreemptionCheckpointingPolicy()]),
@@ -524,7 +564,11 @@ class Checkpointer:
         try:
             restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types on corrupt bytes
-            raise CheckpointCorruptError(self._locate_read_failure(target, step, e)) from e
+            message = self._locate_read_failure(target, step, e)
+            # A failed Orbax read orphans the reads of the other arrays; collect them now, so that their
+            # "exception ignored" reports come here and not at some later, unrelated moment.
+            gc.collect()
+            raise CheckpointCorruptError(message) from e
         state = restored[_STATE]
         if self.verify:
             _verify(state, _read_manifests(step_dir), str(step_dir))

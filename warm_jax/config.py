@@ -31,13 +31,11 @@ def parse(
 ) -> None:
     """Parses gin files (found relative to cwd, the project's gin/ and ``search_paths``)."""
     register_all()
-    for p in [os.getcwd(), str(GIN_DIR), *search_paths]:
+    for p in _search_paths(search_paths):
         gin.add_config_file_search_path(p)
     for f in gin_files:
         if not _find(f, search_paths):
-            raise ConfigError(
-                f"gin file {f!r} not found in {[os.getcwd(), str(GIN_DIR), *search_paths]}"
-            )
+            raise ConfigError(f"gin file {f!r} not found in {_search_paths(search_paths)}")
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=False)
     except (ValueError, KeyError, NameError, TypeError, AttributeError, ImportError) as e:
@@ -46,8 +44,13 @@ def parse(
     gin.finalize()
 
 
+def _search_paths(extra: Sequence[str]) -> list[str]:
+    """cwd, the project's gin/ and its root (so both 'quickstart.gin' and 'gin/quickstart.gin' work)."""
+    return [os.getcwd(), str(GIN_DIR), str(GIN_DIR.parent), *extra]
+
+
 def _find(path: str, search_paths: Sequence[str]) -> str | None:
-    for base in ["", os.getcwd(), str(GIN_DIR), *search_paths]:
+    for base in ["", *_search_paths(search_paths)]:
         p = os.path.join(base, path) if base else path
         if os.path.exists(p):
             return p

@@ -20,7 +20,10 @@ flags.DEFINE_integer("init_timeout_s", 300, "multi-process: seconds to wait for 
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # Orbax and jax log every checkpoint operation at INFO through absl; keep the terminal readable.
+    for noisy in ("absl", "jax", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from warm_jax import config, runtime, stages
 
     runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.init_timeout_s)

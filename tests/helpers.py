@@ -1,0 +1,115 @@
+"""Shared test utilities: tiny gin bindings and ways to run the pipeline in or out of process."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A model and task small enough that each compile takes a second or two.
+TINY = [
+    "ModelConfig.d_model = 32",
+    "ModelConfig.n_layers = 1",
+    "ModelConfig.n_heads = 2",
+    "ModelConfig.n_kv_heads = 1",
+    "ModelConfig.d_ff = 64",
+    "ModelConfig.max_len = 40",
+    "PretrainConfig.num_documents = 600",
+    "PretrainConfig.num_steps = 30",
+    "PretrainConfig.batch_size = 16",
+    "PretrainConfig.seq_len = 40",
+    "PretrainConfig.warmup_steps = 5",
+    "PretrainConfig.keep_steps = (10,)",
+    "PairsConfig.num_train = 96",
+    "PairsConfig.num_validation = 48",
+    "PairsConfig.num_ood = 48",
+    "PairsConfig.max_prompt_len = 8",
+    "PairsConfig.max_response_len = 12",
+    "PairsConfig.sample_batch_size = 64",
+    "EnsembleConfig.num_members = 4",
+    "EnsembleConfig.batch_size = 8",
+    "EnsembleConfig.num_steps = 12",
+    "EnsembleConfig.lp_steps = 20",
+    "EnsembleConfig.learning_rates = (3e-3,)",
+    "EnsembleConfig.dropout_rates = (0.0, 0.1, 0.05, 0.1)",
+    "LoopConfig.log_every = 2",
+    "LoopConfig.save_interval_steps = 4",
+    "LoopConfig.async_save = False",
+]
+
+MESH_8 = "make_mesh.shape = {'ensemble': 1, 'data': -1, 'fsdp': 1, 'tensor': 1}"
+MESH_ENS = "make_mesh.shape = {'ensemble': 2, 'data': 2, 'fsdp': 1, 'tensor': 2}"
+
+
+def stages(*names: str) -> str:
+    return f"run_pipeline.stages = {list(names)!r}"
+
+
+def run_in_process(workdir: str, bindings: list[str]):
+    """Runs the pipeline in this process (the suite's 8 simulated devices)."""
+    from warm_jax import config, stages as stages_lib
+
+    gin.clear_config()
+    try:
+        config.parse([], bindings)
+        return stages_lib.run_pipeline(workdir=workdir)
+    finally:
+        gin.clear_config()
+
+
+def train_cmd(workdir: str, bindings: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "warm_jax.train", f"--workdir={workdir}"]
+    return cmd + [f"--gin_bindings={b}" for b in bindings]
+
+
+def subprocess_env(devices: int = 8) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_train(workdir: str, bindings: list[str], *, timeout: float = 600, check: bool = True):
+    proc = subprocess.run(
+        train_cmd(workdir, bindings), env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_until_then_signal(workdir: str, bindings: list[str], *, ckpt_dir: str, sig: int, min_step: int = 1,
+                          timeout: float = 300) -> subprocess.CompletedProcess:
+    """Starts training, waits until a checkpoint past ``min_step`` exists, then sends ``sig``."""
+    proc = subprocess.Popen(
+        train_cmd(workdir, bindings), env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            break
+        if os.path.isdir(ckpt_dir) and any(d.isdigit() and int(d) >= min_step for d in os.listdir(ckpt_dir)):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def final_state_hash(ckpt_dir: str) -> tuple[int, str]:
+    """(latest step, sha256 over every array) of a training checkpoint, read without a target."""
+    out = subprocess.run(
+        [sys.executable, "-m", "warm_jax.inspect", ckpt_dir], env=subprocess_env(1), cwd=REPO,
+        capture_output=True, text=True, check=True,
+    )
+    import json
+
+    info = json.loads(out.stdout)
+    return info["step"], info["sha256"]

@@ -1,0 +1,132 @@
+"""Decoder: sharding follows the rules table, KV-cache decoding, reward pooling, counts."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from warm_jax import pretrain, runtime, sharding
+from warm_jax.models import transformer as tr
+
+CFG = tr.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    mesh = runtime.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    graphdef, params, specs = pretrain.sharded_init(CFG, mesh, jax.random.key(0))
+    return mesh, graphdef, params, specs
+
+
+def test_every_parameter_is_annotated_and_sharded_by_the_rules(model):
+    mesh, _, params, _ = model
+    _, abstract, axes = tr.abstract_model(CFG)
+    flat_axes = dict(jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0])
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    assert len(flat_axes) == len(flat_params)
+    for path, x in flat_params:
+        ax = flat_axes[path]
+        assert len(ax) == x.ndim, f"{jax.tree_util.keystr(path)}: axes {ax} vs shape {x.shape}"
+        expected = NamedSharding(mesh, sharding.logical_to_spec(ax, x.shape, mesh))
+        assert x.sharding.is_equivalent_to(expected, x.ndim), jax.tree_util.keystr(path)
+    # Golden specs for the rules table (data=2, fsdp=2, tensor=2).
+    assert params["embed"].sharding.spec == P("tensor", "fsdp")
+    assert params["layer_0"]["attn"]["wq"].sharding.spec == P("fsdp", "tensor", None)
+    assert params["layer_0"]["attn"]["wk"].sharding.spec == P("fsdp", "tensor", None)
+    assert params["layer_0"]["mlp"]["w_down"].sharding.spec == P("tensor", "fsdp")
+    assert params["reward_head"]["bias"].sharding.spec in (P(None), P())
+    assert params["final_norm"]["scale"].sharding.spec in (P(None), P())
+
+
+def test_indivisible_dimension_is_replicated_not_an_error():
+    mesh = runtime.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    # 3 KV heads (SmolLM2) on a tensor axis of 2: that dimension stays replicated.
+    assert sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (576, 3, 64), mesh) == P("fsdp", None, None)
+
+
+def test_prefix_ensemble_marks_every_leaf_and_rejects_a_missing_one():
+    specs = {"a": P("fsdp", None), "b": {"c": P()}}
+    out = sharding.prefix_ensemble(specs)
+    assert out == {"a": P("ensemble", "fsdp", None), "b": {"c": P("ensemble")}}
+    with pytest.raises(ValueError, match=r"\['b'\]\['c'\]"):
+        sharding.assert_ensemble_leading({"a": P("ensemble"), "b": {"c": P(None)}})
+
+
+def test_mesh_sizes_and_errors():
+    mesh = runtime.make_mesh({"ensemble": 2, "data": -1, "tensor": 2})
+    assert dict(mesh.shape) == {"ensemble": 2, "data": 2, "fsdp": 1, "tensor": 2}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        runtime.make_mesh({"ensemble": 2, "data": 8})
+    with pytest.raises(ValueError, match="unknown axes"):
+        runtime.make_mesh({"model": 8})
+
+
+def _left_pad(rows, width, pad=0):
+    toks = np.full((len(rows), width), pad, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        toks[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return jnp.asarray(toks), jnp.asarray(mask)
+
+
+def test_kv_cache_decoding_matches_full_forward_with_left_padding(model):
+    _, graphdef, params, _ = model
+    m = tr.bind(graphdef, params)
+    rng = np.random.default_rng(0)
+    rows = [list(rng.integers(3, 64, n)) for n in (7, 4, 9)]
+    cont = rng.integers(3, 64, (3, 5)).astype(np.int32)
+    ptoks, pmask = _left_pad(rows, 9)
+    full_toks = jnp.concatenate([ptoks, cont], axis=1)
+    full_mask = jnp.concatenate([pmask, jnp.ones_like(cont)], axis=1)
+    full = m(full_toks, full_mask)
+    cache = tr.init_cache(CFG, 3, 16)
+    h, cache = m.hidden(ptoks, pmask, cache=cache)
+    steps = [m.logits(h)[:, -1]]
+    for t in range(cont.shape[1]):
+        h, cache = m.hidden(jnp.asarray(cont[:, t : t + 1]), jnp.ones((3, 1), jnp.int32), cache=cache)
+        steps.append(m.logits(h)[:, -1])
+    inc = jnp.stack(steps[:-1], axis=1)
+    np.testing.assert_allclose(inc, full[:, 8:-1], atol=2e-5)
+    # And the padded forward equals an unpadded forward of each row alone.
+    for i, r in enumerate(rows):
+        alone = m(jnp.asarray([r + list(cont[i])], jnp.int32), jnp.ones((1, len(r) + 5), jnp.int32))
+        np.testing.assert_allclose(alone[0, -1], full[i, -1], atol=2e-5)
+
+
+def test_reward_pooling_left_and_right_padding(model):
+    _, graphdef, params, _ = model
+    m = tr.bind(graphdef, params)
+    seqs = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    width = 7
+    right = np.zeros((2, width), np.int32)
+    rmask = np.zeros((2, width), np.int32)
+    for i, s in enumerate(seqs):
+        right[i, : len(s)] = s
+        rmask[i, : len(s)] = 1
+    left, lmask = _left_pad(seqs, width)
+    r_right = m.reward(m.hidden(jnp.asarray(right), jnp.asarray(rmask))[0], jnp.asarray(rmask))
+    r_left = m.reward(m.hidden(left, lmask)[0], lmask)
+    for i, s in enumerate(seqs):
+        ones = jnp.ones((1, len(s)), jnp.int32)
+        r_alone = m.reward(m.hidden(jnp.asarray([s]), ones)[0], ones)[0]
+        np.testing.assert_allclose(r_right[i], r_alone, atol=1e-5)
+        np.testing.assert_allclose(r_left[i], r_alone, atol=1e-5)
+    # Padding really is ignored: changing pad token ids changes nothing.
+    right2 = np.where(rmask > 0, right, 33)
+    r_right2 = m.reward(m.hidden(jnp.asarray(right2), jnp.asarray(rmask))[0], jnp.asarray(rmask))
+    np.testing.assert_allclose(r_right2, r_right, atol=1e-5)
+
+
+def test_value_head_shape_and_counts(model):
+    _, graphdef, params, _ = model
+    m = tr.bind(graphdef, params)
+    h, _ = m.hidden(jnp.ones((2, 5), jnp.int32), jnp.ones((2, 5), jnp.int32))
+    assert m.value(h).shape == (2, 5)
+    d, f, v = CFG.d_model, CFG.d_ff, CFG.vocab_size
+    hd = CFG.dim_head
+    per_layer = d * 4 * hd + 2 * d * 2 * hd + 4 * hd * d + 3 * d * f + 2 * d
+    expected = v * d + CFG.n_layers * per_layer + d + 2 * (d + 1)
+    assert tr.param_count(params) == expected
+    assert tr.flops_per_token(CFG, 16) > 6 * (expected - v * d)

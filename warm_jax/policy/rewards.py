@@ -1,0 +1,181 @@
+"""Rewards of policy samples: reward models by name, and re-packing policy sequences for them.
+
+A policy sequence is a left-padded prompt ``[B, P]`` followed by a response ``[B, N]`` (real
+tokens first, then padding). Reward models read right-padded sequences with lengths (see
+``warm_jax.reward``), so ``repack`` moves each row's real tokens to the front, on device.
+
+Reward names (``load_reward``):
+
+* ``warm``: the merged WARM model, ``WORKDIR/rm/warm/``;
+* ``member_best``: the single member with the best selection accuracy (``rm/eval.json``);
+* ``ens``: the mean prediction of all members, scored in one vmapped pass over a stacked
+  ``[M, ...]`` parameter tree (never a Python loop over members);
+* ``ens_conservative``: ENS mean − λ·std over members (uncertainty-penalised ENS).
+
+Rewards are normalised with the validation statistics that ``rm_eval`` wrote,
+``(r − mean) / std``, so that one KL coefficient means the same for every reward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from warm_jax import ensemble, io_utils, reward, sharding
+from warm_jax.stages import RunContext
+
+REWARD_NAMES = ("warm", "member_best", "ens", "ens_conservative")
+# Which eval.json reward_stats entry normalises each reward.
+_STATS_KEY = {"warm": "warm", "member_best": "member_best", "ens": "ens", "ens_conservative": "ens"}
+
+
+def repack(prompt_tokens, prompt_mask, response_tokens, response_mask, *, pad_id: int = 0):
+    """Left-padded prompt + response → right-padded sequence and its length (jit-friendly).
+
+    Args:
+      prompt_tokens, prompt_mask: [B, P] left-padded prompts (mask 1 = real).
+      response_tokens, response_mask: [B, N] responses, real tokens first (mask 1 = real).
+    Returns:
+      tokens [B, P + N] int32 (prompt then response, then ``pad_id``), lengths [B] int32.
+    """
+    b, p = prompt_tokens.shape
+    seq = jnp.concatenate([prompt_tokens, response_tokens], axis=1).astype(jnp.int32)
+    width = seq.shape[1]
+    prompt_len = prompt_mask.astype(jnp.int32).sum(1)
+    lengths = prompt_len + response_mask.astype(jnp.int32).sum(1)
+    # Output slot j of row i reads input slot j + (P − prompt_len[i]): skips the left padding.
+    src = jnp.arange(width)[None, :] + (p - prompt_len)[:, None]
+    gathered = jnp.take_along_axis(seq, jnp.minimum(src, width - 1), axis=1)
+    keep = jnp.arange(width)[None, :] < lengths[:, None]
+    return jnp.where(keep, gathered, pad_id).astype(jnp.int32), lengths.astype(jnp.int32)
+
+
+def ensemble_scores(stacked_params, graphdef, tokens, lengths):
+    """Every member's reward in one vmapped pass. stacked_params: [M, ...] leaves → [M, B]."""
+    return jax.vmap(lambda p: reward.score(p, graphdef, tokens, lengths))(stacked_params)
+
+
+def apply_reward(params, tokens, lengths, *, graphdef, ensemble_size: int | None, conservative_lambda: float,
+                 shift: float, scale: float):
+    """Pure reward of right-padded sequences: tokens [B, T], lengths [B] → (reward [B], std [B]).
+
+    ``ensemble_size`` None: one model (std is zeros). Otherwise ``params`` has a leading [M]
+    axis; the reward is the member mean minus ``conservative_lambda`` times the member std.
+    Normalisation ``(r − shift) / scale`` applies to the mean; the std is divided by ``scale``.
+    """
+    if ensemble_size is None:
+        r = reward.score(params, graphdef, tokens, lengths)
+        std = jnp.zeros_like(r)
+    else:
+        rs = ensemble_scores(params, graphdef, tokens, lengths)  # [M, B]
+        r, std = rs.mean(0), rs.std(0)
+    r, std = (r - shift) / scale, std / scale
+    return r - conservative_lambda * std, std
+
+
+@dataclasses.dataclass
+class RewardFn:
+    """A reward by name: parameters on device plus the pure function that applies them.
+
+    ``apply(params, tokens [B, T], lengths [B]) -> (reward [B], std [B])`` is traceable (use it
+    inside a jitted step, passing ``params`` as an argument so they are not baked in as
+    constants); calling the object runs it jitted on ``self.params``.
+    """
+
+    name: str
+    graphdef: Any
+    params: Any  # one tree, or [M, ...] stacked for ensembles
+    ensemble_size: int | None
+    conservative_lambda: float = 0.0
+    shift: float = 0.0
+    scale: float = 1.0
+
+    def __post_init__(self):
+        self.apply = functools.partial(
+            apply_reward, graphdef=self.graphdef, ensemble_size=self.ensemble_size,
+            conservative_lambda=self.conservative_lambda, shift=self.shift, scale=self.scale,
+        )
+        self._jitted = jax.jit(self.apply)
+
+    def __call__(self, tokens, lengths):
+        return self._jitted(self.params, tokens, lengths)
+
+    def score_policy_samples(self, prompt_tokens, prompt_mask, response_tokens, response_mask, *, pad_id: int = 0):
+        """Reward [B] of left-padded prompts [B, P] + responses [B, N] (repacked on device)."""
+        tokens, lengths = _repack_jit(prompt_tokens, prompt_mask, response_tokens, response_mask, pad_id=pad_id)
+        return self(tokens, lengths)[0]
+
+
+_repack_jit = jax.jit(repack, static_argnames=("pad_id",))
+
+
+def read_eval(ctx: RunContext) -> dict:
+    path = ctx.path("rm", "eval.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run the `rm_eval` stage before the policy stages")
+    data = io_utils.read_json(path)
+    for field in ("best_member", "members"):
+        if field not in data:
+            raise KeyError(f"{path} has no field {field!r}; it has {sorted(data)}")
+    return data
+
+
+def _member_dir(ctx: RunContext, member: int) -> str:
+    d = ctx.path("rm", "members", str(member))
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"reward-model member {member} (from rm/eval.json) has no checkpoint at {d}")
+    return d
+
+
+def load_stacked_members(ctx: RunContext, members):
+    """Members' checkpoints stacked on device: every leaf [M, ...], split over 'ensemble' when
+    the mesh's ensemble axis divides M (else replicated along M). Returns (graphdef, stacked)."""
+    loaded = [ensemble.load_params_checkpoint(_member_dir(ctx, m), ctx.mesh) for m in members]
+    model_cfg, graphdef = loaded[0][0], loaded[0][1]
+    for m, (cfg, _, _, _) in zip(members, loaded):
+        if cfg != model_cfg:
+            raise ValueError(f"reward-model member {m}'s model.json differs from member {members[0]}'s: "
+                             "an ensemble needs one architecture")
+    from warm_jax.models import transformer as tr
+
+    _, abstract, axes = tr.abstract_model(model_cfg)
+    specs = sharding.tree_specs(axes, abstract, ctx.mesh)
+    ens = ctx.mesh.shape.get(sharding.ENSEMBLE, 1)
+    lead = sharding.ENSEMBLE if len(members) % ens == 0 and ens > 1 else None
+    stacked_specs = jax.tree.map(lambda s: P(lead, *s), specs, is_leaf=lambda x: isinstance(x, P))
+    stack = jax.jit(
+        lambda *ms: jax.tree.map(lambda *xs: jnp.stack(xs), *ms), out_shardings=sharding.named(ctx.mesh, stacked_specs)
+    )
+    return graphdef, stack(*[p for _, _, p, _ in loaded])
+
+
+def load_reward(ctx: RunContext, name: str, *, conservative_lambda: float = 1.0, normalise: bool = True) -> RewardFn:
+    """The reward called ``name`` (one of REWARD_NAMES) from the reward-model stages' outputs."""
+    if name not in REWARD_NAMES:
+        raise ValueError(f"unknown reward {name!r}; choose from {REWARD_NAMES}")
+    info = read_eval(ctx)
+    shift, scale = 0.0, 1.0
+    if normalise:
+        stats = info.get("reward_stats", {}).get(_STATS_KEY[name])
+        if stats is None:
+            raise KeyError(f"{ctx.path('rm', 'eval.json')} has no reward_stats[{_STATS_KEY[name]!r}] to normalise "
+                           f"reward {name!r} (or set normalise_reward=False)")
+        shift, scale = float(stats["mean"]), max(float(stats["std"]), 1e-6)
+    if name == "warm":
+        warm_dir = ctx.path("rm", "warm")
+        if not os.path.isdir(warm_dir):
+            raise FileNotFoundError(f"merged WARM reward model not found at {warm_dir}")
+        _, graphdef, params, _ = ensemble.load_params_checkpoint(warm_dir, ctx.mesh)
+        return RewardFn(name, graphdef, params, None, shift=shift, scale=scale)
+    if name == "member_best":
+        _, graphdef, params, _ = ensemble.load_params_checkpoint(_member_dir(ctx, int(info["best_member"])), ctx.mesh)
+        return RewardFn(name, graphdef, params, None, shift=shift, scale=scale)
+    members = [int(m) for m in info["members"]]
+    graphdef, stacked = load_stacked_members(ctx, members)
+    lam = conservative_lambda if name == "ens_conservative" else 0.0
+    return RewardFn(name, graphdef, stacked, len(members), conservative_lambda=lam, shift=shift, scale=scale)
