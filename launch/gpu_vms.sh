@@ -185,9 +185,9 @@ signal_remote() {
     t=$(target "${hosts[i]}")
     # sshd starts the command as a session (and group) leader, so the group id is the pid
     # written at start: signalling the group also reaches data-loader workers.
-    "${ssh_cmd[@]}" -o ConnectTimeout=10 "$t" \
-      "cd $q_dir && p=\$(cat $PID_FILE) && { kill -s $sig -- -\$p || kill -s $sig \$p; } 2>/dev/null || true" \
-      </dev/null >&3 2>&1 &
+    local remote="cd $q_dir && p=\$(cat $PID_FILE)"
+    remote+=" && { kill -s $sig -- -\$p || kill -s $sig \$p; } 2>/dev/null || true"
+    "${ssh_cmd[@]}" -o ConnectTimeout=10 "$t" "$remote" </dev/null >&3 2>&1 &
     kills+=($!)
   done
   for i in "${kills[@]}"; do wait "$i" 2>/dev/null || true; done
@@ -226,7 +226,7 @@ on_signal() {
 }
 trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
-trap 'log "hosts still running ${kill_after}s after SIGTERM, killing them"; signal_running KILL' USR1
+trap 'log "hosts still running ${kill_after}s after the stop signal, killing them"; signal_running KILL' USR1
 
 # Runs one command per host in parallel; returns the first failing exit status (0 if none).
 run_phase() {

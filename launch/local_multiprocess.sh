@@ -86,16 +86,20 @@ train_args=("$@")
   die "--devices_per_process must be a positive integer, got '$devices'"
 is_uint "$kill_after" || die "--kill_after must be a whole number of seconds, got '$kill_after'"
 if [[ -z $port ]]; then
-  # A free port rather than a fixed one, so that concurrent local runs do not collide.
-  port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') ||
-    die "could not pick a free port with '$python'; pass --port"
+  # A random unused port rather than a fixed one, so that concurrent local runs do not
+  # collide: a port is taken when a connection to it succeeds.
+  for _ in {1..50}; do
+    port=$((20000 + RANDOM % 40000))
+    (: <"/dev/tcp/127.0.0.1/$port") 2>/dev/null || break
+  done
 fi
 { is_uint "$port" && ((port >= 1 && port <= 65535)); } || die "--port must be in 1..65535, got '$port'"
 
 xla_flags=""
 if [[ -n $devices ]]; then
   # Keep the user's other XLA flags, replace any device count they set.
-  for flag in ${XLA_FLAGS:-}; do
+  read -r -a user_flags <<<"${XLA_FLAGS:-}"
+  for flag in "${user_flags[@]}"; do
     [[ $flag == --xla_force_host_platform_device_count=* ]] || xla_flags+="$flag "
   done
   xla_flags+="--xla_force_host_platform_device_count=$devices"
@@ -182,8 +186,9 @@ on_signal() {
 
 trap 'on_signal INT' INT
 trap 'on_signal TERM' TERM
-trap 'log "processes still running ${kill_after}s after SIGTERM, killing them"; signal_running KILL' USR1
+trap 'log "processes still running ${kill_after}s after the stop signal, killing them"; signal_running KILL' USR1
 
+log "starting $num_procs processes, coordinator 127.0.0.1:$port"
 for i in "${!cmds[@]}"; do
   run_one "${labels[i]}" "${cmds[i]}" &
   pids[i]=$!

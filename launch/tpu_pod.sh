@@ -198,7 +198,8 @@ wait_until_active() {
     case $state in
       ACTIVE) return 0 ;;
       FAILED | SUSPENDED | SUSPENDING | DELETING)
-        die "queued resource '$name' is $state; see: $(quote_cmd "${qr[@]}" describe "$name" "${where[@]}")" ;;
+        die "queued resource '$name' is $state; see:" \
+          "$(quote_cmd "${qr[@]}" describe "$name" "${where[@]}")" ;;
     esac
     sleep "$poll_s"
   done

@@ -113,3 +113,29 @@ def final_state_hash(ckpt_dir: str) -> tuple[int, str]:
 
     info = json.loads(out.stdout)
     return info["step"], info["sha256"]
+
+
+class gin_config:
+    """Context manager: parse bindings for an in-process call, clear them afterwards."""
+
+    def __init__(self, bindings: list[str]):
+        self.bindings = bindings
+
+    def __enter__(self):
+        from warm_jax import config
+
+        gin.clear_config()
+        config.parse([], self.bindings)
+        return self
+
+    def __exit__(self, *exc):
+        gin.clear_config()
+        return False
+
+
+def context(workdir: str, seed: int = 0):
+    """A RunContext on the gin-configured mesh (call inside ``gin_config``)."""
+    from warm_jax import runtime
+    from warm_jax.stages import RunContext
+
+    return RunContext(workdir=workdir, mesh=runtime.make_mesh(), seed=seed)

@@ -3,6 +3,7 @@ corruption fallback, non-finite refusal, unfinished saves, preemption, and the i
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -26,6 +27,12 @@ AUTO2 = (jax.sharding.AxisType.Auto,) * 2
 # A failed Orbax restore orphans its other read coroutines; Python reports them as "exception ignored"
 # when they are collected (the corruption tests cause these on purpose).
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_orphaned_reads():
+    yield
+    gc.collect()  # report the orphaned reads (filtered above) here rather than at interpreter exit
 
 
 @pytest.fixture(scope="module")

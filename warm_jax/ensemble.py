@@ -145,7 +145,7 @@ def member_step(state: TrainState, batch, dropout_rate, *, graphdef, tx, cfg: En
     )
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": state.opt_state.hyperparams["learning_rate"],
         "finite": finite,
         **aux,
@@ -210,6 +210,7 @@ class Ensemble:
     state: TrainState
     abstract_state: TrainState
     lp_accuracy: float
+    shared_init: object  # the LP-FT init (pretrained trunk + probed head), unstacked
 
 
 def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
@@ -251,7 +252,7 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
 
     state = jax.jit(jax.vmap(init_member), out_shardings=state_sh)(params, lrs, keys)
     abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), state_sh)
-    return Ensemble(model_cfg, graphdef, tx, param_specs, state_sh, state, abstract_state, lp_acc)
+    return Ensemble(model_cfg, graphdef, tx, param_specs, state_sh, state, abstract_state, lp_acc, with_head(base))
 
 
 def member_iterators(cfg: EnsembleConfig, source, seeds: Sequence[int]):

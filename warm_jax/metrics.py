@@ -17,7 +17,7 @@ import numpy as np
 
 def _scalar(v):
     v = np.asarray(v)
-    return float(v) if v.size == 1 else [float(x) for x in v.reshape(-1)]
+    return float(v) if v.ndim == 0 else [float(x) for x in v.reshape(-1)]
 
 
 class MetricsWriter:

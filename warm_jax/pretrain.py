@@ -87,7 +87,7 @@ def _train_step(state: TrainState, batch, *, graphdef, tx, model_cfg, debug_nan_
         params=select(finite, params, state.params),
         opt_state=select(finite, opt_state, state.opt_state),
     )
-    return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "finite": finite}
+    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
 
 
 def build_tokenizer(ctx: RunContext, text_cfg: builtin_text.TextConfig) -> Tokenizer:

@@ -60,31 +60,38 @@ def ensemble_scores(stacked_params, graphdef, tokens, lengths):
     return jax.vmap(lambda p: reward.score(p, graphdef, tokens, lengths))(stacked_params)
 
 
-def apply_reward(params, tokens, lengths, *, graphdef, ensemble_size: int | None, conservative_lambda: float,
-                 shift: float, scale: float):
+def apply_reward(rm_state, tokens, lengths, *, graphdef, ensemble_size: int | None):
     """Pure reward of right-padded sequences: tokens [B, T], lengths [B] → (reward [B], std [B]).
 
-    ``ensemble_size`` None: one model (std is zeros). Otherwise ``params`` has a leading [M]
-    axis; the reward is the member mean minus ``conservative_lambda`` times the member std.
-    Normalisation ``(r − shift) / scale`` applies to the mean; the std is divided by ``scale``.
+    ``rm_state`` = {"params", "shift", "scale", "lam"} (see ``RewardFn.state``); the constants
+    are traced so rewards of one architecture share one compile. ``ensemble_size`` None: one
+    model (std is zeros); otherwise params have a leading [M] axis and the reward is the member
+    mean minus ``lam`` times the member std. ``(r − shift) / scale`` normalises the mean; the std
+    is divided by ``scale``.
     """
+    params = rm_state["params"]
     if ensemble_size is None:
         r = reward.score(params, graphdef, tokens, lengths)
         std = jnp.zeros_like(r)
     else:
         rs = ensemble_scores(params, graphdef, tokens, lengths)  # [M, B]
         r, std = rs.mean(0), rs.std(0)
-    r, std = (r - shift) / scale, std / scale
-    return r - conservative_lambda * std, std
+    r, std = (r - rm_state["shift"]) / rm_state["scale"], std / rm_state["scale"]
+    return r - rm_state["lam"] * std, std
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_apply(graphdef, ensemble_size: int | None):
+    return jax.jit(functools.partial(apply_reward, graphdef=graphdef, ensemble_size=ensemble_size))
 
 
 @dataclasses.dataclass
 class RewardFn:
     """A reward by name: parameters on device plus the pure function that applies them.
 
-    ``apply(params, tokens [B, T], lengths [B]) -> (reward [B], std [B])`` is traceable (use it
-    inside a jitted step, passing ``params`` as an argument so they are not baked in as
-    constants); calling the object runs it jitted on ``self.params``.
+    ``apply(self.state, tokens [B, T], lengths [B]) -> (reward [B], std [B])`` is traceable: use
+    it inside a jitted step with ``state`` passed as an argument (not baked in as constants).
+    Calling the object runs it jitted (one compile per architecture and ensemble size).
     """
 
     name: str
@@ -95,23 +102,31 @@ class RewardFn:
     shift: float = 0.0
     scale: float = 1.0
 
-    def __post_init__(self):
-        self.apply = functools.partial(
-            apply_reward, graphdef=self.graphdef, ensemble_size=self.ensemble_size,
-            conservative_lambda=self.conservative_lambda, shift=self.shift, scale=self.scale,
-        )
-        self._jitted = jax.jit(self.apply)
+    @property
+    def apply(self):
+        return functools.partial(apply_reward, graphdef=self.graphdef, ensemble_size=self.ensemble_size)
+
+    @property
+    def kind(self) -> tuple:
+        """Rewards with equal ``kind`` share compiled programs."""
+        return (self.graphdef, self.ensemble_size)
+
+    @property
+    def state(self) -> dict:
+        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        return {"params": self.params, "shift": f32(self.shift), "scale": f32(self.scale),
+                "lam": f32(self.conservative_lambda)}
 
     def __call__(self, tokens, lengths):
-        return self._jitted(self.params, tokens, lengths)
+        return _compiled_apply(self.graphdef, self.ensemble_size)(self.state, tokens, lengths)
 
     def score_policy_samples(self, prompt_tokens, prompt_mask, response_tokens, response_mask, *, pad_id: int = 0):
         """Reward [B] of left-padded prompts [B, P] + responses [B, N] (repacked on device)."""
-        tokens, lengths = _repack_jit(prompt_tokens, prompt_mask, response_tokens, response_mask, pad_id=pad_id)
+        tokens, lengths = repack_jit(prompt_tokens, prompt_mask, response_tokens, response_mask, pad_id=pad_id)
         return self(tokens, lengths)[0]
 
 
-_repack_jit = jax.jit(repack, static_argnames=("pad_id",))
+repack_jit = jax.jit(repack, static_argnames=("pad_id",))
 
 
 def read_eval(ctx: RunContext) -> dict:

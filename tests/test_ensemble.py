@@ -1,0 +1,138 @@
+"""Stage `rm_ensemble`: one vmapped, sharded step for M members; equivalence; resume; NaN policy."""
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from tests import helpers
+from warm_jax import ensemble, evaluation
+from warm_jax.metrics import read_metrics
+
+ENS = helpers.TINY + [helpers.MESH_ENS]
+
+
+@pytest.fixture(scope="module")
+def trained(base_workdir, tmp_path_factory):
+    """M=4 on a mesh ensemble=2 × data=2 × tensor=2, trained in this process."""
+    import shutil
+
+    wd = str(tmp_path_factory.mktemp("ens") / "wd")
+    shutil.copytree(base_workdir, wd)
+    with helpers.gin_config(ENS):
+        ctx = helpers.context(wd)
+        cfg = ensemble.EnsembleConfig()
+        ens, state = ensemble.train_ensemble(ctx, cfg)
+        seeds = ensemble.member_seeds(cfg, ctx.seed)
+    return wd, ctx, cfg, ens, state, seeds
+
+
+def test_every_leaf_is_sharded_with_ensemble_leading(trained):
+    _, ctx, cfg, ens, state, _ = trained
+    assert dict(ctx.mesh.shape) == {"ensemble": 2, "data": 2, "fsdp": 1, "tensor": 2}
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    assert any("count" in jax.tree_util.keystr(p) for p, _ in flat)  # optimizer counters are in the tree
+    for path, x in flat:
+        name = jax.tree_util.keystr(path)
+        assert x.shape[0] == cfg.num_members, name
+        assert x.sharding.spec[0] == "ensemble", f"{name}: {x.sharding.spec}"
+        # Within a member the rules table still applies (e.g. attention heads over 'tensor').
+    wq = state.params["layer_0"]["attn"]["wq"]
+    assert wq.sharding.spec == jax.sharding.PartitionSpec("ensemble", "fsdp", "tensor", None)
+    assert wq.sharding.shard_shape(wq.shape)[0] == cfg.num_members // 2
+
+
+def test_members_differ_and_each_members_loss_fell(trained):
+    wd, ctx, cfg, ens, state, _ = trained
+    params = state.params
+    flat0 = jax.tree.leaves(jax.tree.map(lambda x: np.asarray(x[0]), params))
+    for i in range(1, cfg.num_members):
+        flat_i = jax.tree.leaves(jax.tree.map(lambda x, i=i: np.asarray(x[i]), params))
+        assert any(not np.array_equal(a, b) for a, b in zip(flat0, flat_i)), f"member {i} equals member 0"
+    # Train loss over the whole train split: initial (shared LP-FT init) vs final, per member.
+    data = evaluation.load_eval_splits(os.path.join(wd, "data"))
+    train = {k: np.concatenate([data["train_clean"][k], data["train_corrupted"][k]]) for k in data["train_clean"]}
+    scorer = evaluation.Scorer(ens.graphdef, ctx.mesh, 64)
+    init_rc, init_rr = scorer.pairs(ens.shared_init, train)
+    rc, rr = scorer.stacked_pairs(params, train)
+    init_loss = evaluation.bt_loss(init_rc, init_rr)
+    for i in range(cfg.num_members):
+        assert evaluation.bt_loss(rc[i], rr[i]) < init_loss - 0.01, i
+    rows = read_metrics(wd, "rm_ensemble")
+    assert len(rows[-1]["loss"]) == cfg.num_members and len(rows[-1]["learning_rate"]) == cfg.num_members
+
+
+def test_member_alone_equals_member_inside_the_ensemble(trained):
+    wd, ctx, cfg, ens, state, seeds = trained
+    i = 2
+    alone_wd = wd + "-alone"
+    import shutil
+
+    shutil.copytree(wd, alone_wd, ignore=shutil.ignore_patterns("rm", "metrics", "tensorboard"))
+    with helpers.gin_config(helpers.TINY + [helpers.MESH_8]):
+        actx = helpers.context(alone_wd)
+        acfg = ensemble.EnsembleConfig(
+            num_members=1, seeds=(seeds[i],), learning_rates=(cfg.learning_rates[0],),
+            dropout_rates=(cfg.dropout_rates[i],),
+        )
+        _, alone = ensemble.train_ensemble(actx, acfg)
+    a = jax.tree.leaves(jax.tree.map(lambda x: np.asarray(x[0]), alone.params))
+    b = jax.tree.leaves(jax.tree.map(lambda x: np.asarray(x[i]), state.params))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+
+
+STAGE = ENS + [helpers.stages("rm_ensemble"), "EnsembleConfig.num_steps = 10"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(base_workdir, tmp_path_factory):
+    import shutil
+
+    wd = str(tmp_path_factory.mktemp("ref") / "wd")
+    shutil.copytree(base_workdir, wd)
+    helpers.run_train(wd, STAGE)
+    return helpers.final_state_hash(os.path.join(wd, "rm", "ckpt"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_interrupted_then_rerun_is_bitwise_equal(reference_run, copy_workdir, sig):
+    wd = copy_workdir()
+    ckpt = os.path.join(wd, "rm", "ckpt")
+    proc = helpers.run_until_then_signal(wd, STAGE, ckpt_dir=ckpt, sig=sig, min_step=4)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0, proc.stderr[-2000:]  # saved at that step and exited cleanly
+        assert "preempted" in proc.stderr
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(wd, "rm_ensemble", "DONE.json"))
+    helpers.run_train(wd, STAGE)
+    assert helpers.final_state_hash(ckpt) == reference_run
+    assert sorted(os.listdir(os.path.join(wd, "rm", "members"))) == ["0", "1", "2", "3"]
+
+
+def test_nan_skip_leaves_state_unchanged(base_workdir, tmp_path):
+    import shutil
+
+    results = {}
+    for name, extra in [("two", ["EnsembleConfig.num_steps = 2"]),
+                        ("nan", ["EnsembleConfig.num_steps = 3", "EnsembleConfig.debug_nan_step = 3"])]:
+        wd = str(tmp_path / name)
+        shutil.copytree(base_workdir, wd)
+        with helpers.gin_config(ENS + extra):
+            _, st = ensemble.train_ensemble(helpers.context(wd), ensemble.EnsembleConfig())
+        results[name] = jax.device_get((st.params, st.opt_state))
+    for x, y in zip(jax.tree.leaves(results["two"]), jax.tree.leaves(results["nan"])):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_nan_abort_exits_nonzero_and_keeps_last_good_checkpoint(copy_workdir):
+    wd = copy_workdir()
+    proc = helpers.run_train(
+        wd, STAGE + ["EnsembleConfig.debug_nan_step = 6", "LoopConfig.nan_policy = 'abort'"], check=False
+    )
+    assert proc.returncode != 0
+    assert "non-finite" in proc.stderr
+    step, _ = helpers.final_state_hash(os.path.join(wd, "rm", "ckpt"))  # verifies the manifest too
+    assert step == 4

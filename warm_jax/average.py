@@ -1,0 +1,191 @@
+"""Average reward-model checkpoints into one (WARM): `python -m warm_jax.average`.
+
+  python -m warm_jax.average --checkpoint=W/rm/members/0 --checkpoint=W/rm/members/3 \\
+      [--weights=0.5,0.5] --output=OUT
+  python -m warm_jax.average --checkpoint=W/rm/ckpt [--members=0,2,5] --output=OUT
+  python -m warm_jax.average --checkpoint=W/rm/ckpt --accuracies=W/rm/eval.json --top_m=6 --output=OUT
+
+Member directories (``model.json`` + ``ckpt/``) are streamed one at a time; a stacked ensemble
+training checkpoint (a directory of step directories, e.g. WORKDIR/rm/ckpt) is read once (its
+params only) and reduced over the member axis on device. ``--top_m`` keeps the M members with the
+best ``--select_split`` accuracy in ``--accuracies`` (an rm_eval ``eval.json`` or a JSON object
+member → accuracy or member → {split: accuracy}). The output is a ``save_params`` checkpoint,
+written to a temporary sibling and renamed when complete. Prints a JSON summary to stdout.
+Exit 1, with the reason on stderr and no output directory, when members cannot be averaged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from warm_jax import averaging, checkpoints, io_utils, runtime, sharding
+from warm_jax.models import transformer as tr
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _mesh_shape(text: str) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (p.split("=") for p in text.split(",") if p)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected axis=size,... (e.g. data=-1,tensor=2), got {text!r}") from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m warm_jax.average", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="member directory (repeat for each) or ONE stacked ensemble checkpoint directory")
+    p.add_argument("--members", type=_ints, default=None, help="stacked checkpoint: member indices, e.g. 0,2,5")
+    p.add_argument("--weights", type=_floats, default=None, help="one non-negative weight per member (normalised)")
+    p.add_argument("--accuracies", default=None, help="JSON of member accuracies (eval.json or member → acc)")
+    p.add_argument("--select_split", default="validation", help="split whose accuracy ranks members")
+    p.add_argument("--top_m", type=int, default=None, help="average the M best members by --select_split")
+    p.add_argument("--model_json", default=None,
+                   help="stacked checkpoint: model.json to build the model from (default: found beside it)")
+    p.add_argument("--mesh", type=_mesh_shape, default=None, help="mesh shape, e.g. data=-1 (default all on data)")
+    p.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def is_stacked(directory: str) -> bool:
+    """A Checkpointer directory (numbered step directories) without a model.json."""
+    if os.path.isfile(os.path.join(directory, "model.json")) or not os.path.isdir(directory):
+        return False
+    return any(d.isdigit() for d in os.listdir(directory))
+
+
+def find_model_json(ckpt_dir: str) -> str:
+    """model.json for a stacked WORKDIR/rm/ckpt: a member export beside it, else the pretrained model's."""
+    rm_dir = os.path.dirname(os.path.abspath(ckpt_dir))
+    members = os.path.join(rm_dir, "members")
+    if os.path.isdir(members):
+        for d in sorted(os.listdir(members)):
+            if os.path.isfile(os.path.join(members, d, "model.json")):
+                return os.path.join(members, d, "model.json")
+    pretrained = os.path.join(os.path.dirname(rm_dir), "pretrain", "model.json")
+    if os.path.isfile(pretrained):
+        return pretrained
+    raise averaging.MergeError(f"{ckpt_dir}: no model.json found in {members}/* or at {pretrained}; pass --model_json")
+
+
+def load_accuracies(path: str, split: str) -> dict[str, float]:
+    """member name → accuracy on ``split`` from an rm_eval eval.json or a plain JSON object."""
+    data = io_utils.read_json(path)
+    if isinstance(data, dict) and "rm" in data:  # rm_eval's eval.json
+        data = {str(m["id"]): m["acc"] for m in data["rm"]["members"]}
+    out = {}
+    for name, v in data.items():
+        if isinstance(v, dict):
+            if split not in v:
+                raise averaging.MergeError(f"{path}: member {name!r} has no accuracy for split {split!r} (has {sorted(v)})")
+            v = v[split]
+        out[str(name)] = float(v)
+    return out
+
+
+def _select(names: list[str], args) -> tuple[list[int], dict[str, float] | None]:
+    """Indices into ``names`` to average (all, or the --top_m best), and the accuracies used."""
+    if args.accuracies is None:
+        if args.top_m is not None:
+            raise averaging.MergeError("--top_m needs --accuracies")
+        return list(range(len(names))), None
+    acc = load_accuracies(args.accuracies, args.select_split)
+    missing = [n for n in names if n not in acc]
+    if missing:
+        raise averaging.MergeError(f"{args.accuracies}: no accuracy for member(s) {missing}")
+    if args.top_m is None:
+        return list(range(len(names))), {n: acc[n] for n in names}
+    if args.weights is not None:
+        raise averaging.MergeError("--weights and --top_m cannot be combined")
+    return averaging.select_top_m([acc[n] for n in names], args.top_m), {n: acc[n] for n in names}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def average(args) -> dict:
+    if os.path.exists(args.output) and not args.overwrite:
+        raise FileExistsError(f"output {args.output} already exists (pass --overwrite)")
+    mesh = runtime.make_mesh(args.mesh)
+    stacked = [d for d in args.checkpoint if is_stacked(d)]
+    t0 = time.perf_counter()
+    if stacked:
+        if len(args.checkpoint) != 1:
+            raise averaging.MergeError(f"a stacked checkpoint ({stacked[0]}) must be the only --checkpoint")
+        ckpt_dir = args.checkpoint[0]
+        model_json = args.model_json or find_model_json(ckpt_dir)
+        meta = io_utils.read_json(model_json)
+        model_cfg = tr.ModelConfig(**meta["model"])
+        params_m, step = averaging.restore_stacked_params(ckpt_dir, mesh, model_cfg)
+        m = jax.tree_util.tree_leaves(params_m)[0].shape[0]
+        ids = args.members if args.members is not None else list(range(m))
+        bad = [i for i in ids if not 0 <= i < m]
+        if bad or len(set(ids)) != len(ids):
+            raise averaging.MergeError(f"--members={ids}: indices must be distinct and in [0, {m}) for {ckpt_dir}")
+        names = [str(i) for i in ids]
+        chosen, accs = _select(names, args)
+        names = [names[i] for i in chosen]
+        w = averaging.normalize_weights(args.weights, len(names))
+        full = np.zeros(m, np.float32)
+        full[[int(n) for n in names]] = w
+        _, abstract, axes = tr.abstract_model(model_cfg)
+        single = sharding.named(mesh, sharding.tree_specs(axes, abstract, mesh))
+        params = averaging.mean_stacked(params_m, jnp.asarray(full), out_shardings=single)
+        hashes = {n: checkpoints.tree_sha256(jax.tree.map(lambda x, i=int(n): x[i], params_m)) for n in names}
+        del params_m
+        members, tokenizer = [f"{ckpt_dir}@{step}[{n}]" for n in names], meta.get("tokenizer")
+        hashes = {f"{ckpt_dir}@{step}[{n}]": h for n, h in hashes.items()}
+    else:
+        if args.members is not None:
+            raise averaging.MergeError("--members selects from a stacked checkpoint; list member directories instead")
+        dirs = list(args.checkpoint)
+        chosen, accs = _select([os.path.basename(os.path.normpath(d)) for d in dirs], args)
+        dirs = [dirs[i] for i in chosen]
+        model_cfg, _, params, info = averaging.average_checkpoints(dirs, mesh=mesh, weights=args.weights)
+        members, w, hashes = info["members"], info["weights"], info["hashes"]
+        tokenizer = info["meta"][dirs[0]].get("tokenizer")
+    t_avg = time.perf_counter() - t0
+    averaging.write_merged(args.output, params, model_cfg=model_cfg, members=members, weights=[float(x) for x in w],
+                           accuracies=accs, hashes=hashes, tokenizer_dir=tokenizer)
+    return {"output": os.path.abspath(args.output), "members": members, "weights": [float(x) for x in w],
+            "sha256": io_utils.read_json(os.path.join(args.output, "model.json"))["merge"]["sha256"], "average_s": round(t_avg, 3),
+            "total_s": round(time.perf_counter() - t0, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        out = average(args)
+    except (averaging.MergeError, checkpoints.CheckpointError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    json.dump(out, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Logits of a text under a pretrained model, for parity checks against other implementations.
+
+    python -m warm_jax.logits --model=smollm2-135m --text="The capital of France is" --output=/tmp/l.npy
+
+``--model`` is a name known to ``warm_jax.models.pretrained`` or a HF-format Llama directory. The text is
+tokenised by the model's own tokenizer (BOS in front only when the tokenizer config says so); the token
+ids are printed as JSON and the float32 logits ``[T, vocab]`` are written to ``--output``. With
+``--greedy=N`` the N-token greedy continuation is printed too.
+
+Every forward runs at one padded length (a multiple of ``PAD_MULTIPLE``), right-padded with a zero mask:
+the causal mask keeps padding from touching earlier positions, and greedy decoding by repeated full
+forwards then needs a single compile.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from warm_jax.models import transformer as tr
+
+PAD_MULTIPLE = 64
+
+Forward = Callable[[dict, jax.Array, jax.Array], jax.Array]
+
+
+def make_forward(graphdef) -> Forward:
+    """Jitted ``(params, tokens [B, L] int32, mask [B, L]) -> logits [B, L, V] float32``."""
+    return jax.jit(lambda params, tokens, mask: tr.bind(graphdef, params)(tokens, mask))
+
+
+def padded_length(n: int) -> int:
+    """The bucketed forward length for ``n`` tokens."""
+    return max(PAD_MULTIPLE, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def text_logits(forward: Forward, params, ids: Sequence[int], *, length: int | None = None) -> np.ndarray:
+    """float32 logits ``[T, V]`` of the token ids ``[T]`` (one forward at ``length`` columns)."""
+    ids = list(ids)
+    if not ids:
+        raise ValueError("text_logits: no tokens (empty text and no BOS)")
+    length = padded_length(len(ids)) if length is None else length
+    if len(ids) > length:
+        raise ValueError(f"text_logits: {len(ids)} tokens exceed the forward length {length}")
+    tokens = np.zeros((1, length), np.int32)
+    tokens[0, : len(ids)] = ids
+    mask = (np.arange(length) < len(ids)).astype(np.int32)[None]
+    logits = forward(params, jnp.asarray(tokens), jnp.asarray(mask))
+    return np.asarray(logits[0, : len(ids)], np.float32)
+
+
+def greedy_continuation(
+    forward: Forward, params, ids: Sequence[int], num_tokens: int, *, length: int | None = None
+) -> list[int]:
+    """``num_tokens`` greedy next-token ids after ``ids`` (no stop at EOS: fixed-length for parity)."""
+    ids = list(ids)
+    length = padded_length(len(ids) + num_tokens) if length is None else length
+    out: list[int] = []
+    for _ in range(num_tokens):
+        logits = text_logits(forward, params, ids + out, length=length)
+        out.append(int(np.argmax(logits[-1])))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m warm_jax.logits", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="'smollm2-135m' or a HF-format Llama directory")
+    parser.add_argument("--text", required=True, help="text to score")
+    parser.add_argument("--output", required=True, help="where to write the float32 logits [T, vocab] (.npy)")
+    parser.add_argument("--dtype", default="float32", help="parameter/activation dtype (default float32)")
+    parser.add_argument("--greedy", type=int, default=0, help="also print this many greedy continuation ids")
+    args = parser.parse_args(argv)
+
+    from warm_jax.models.pretrained import load_pretrained
+
+    try:
+        _, graphdef, params, tokenizer = load_pretrained(args.model, dtype=args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    ids = tokenizer.encode_prompt(args.text)
+    forward = make_forward(graphdef)
+    length = padded_length(len(ids) + args.greedy)
+    logits = text_logits(forward, params, ids, length=length)
+    out = args.output if args.output.endswith(".npy") else args.output + ".npy"
+    # np.save appends .npy itself; write beside the target and rename so no half-written file is left.
+    tmp = out[: -len(".npy")] + ".tmp.npy"
+    np.save(tmp, logits)
+    os.replace(tmp, out)
+    report = {"token_ids": ids, "shape": list(logits.shape), "output": out}
+    if args.greedy:
+        report["greedy_ids"] = greedy_continuation(forward, params, ids, args.greedy, length=length)
+        report["greedy_text"] = tokenizer.decode(report["greedy_ids"])
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Stage `bon`: Best-of-N selection by each reward, judged by the oracle.
+
+The largest N is sampled once per prompt; a smaller N is evaluated on the Nmax/N disjoint
+groups of N samples that the Nmax samples split into (the best sample of each group by the
+proxy reward is judged by the oracle, and the oracle scores are averaged over groups and
+prompts), which gives every N the same samples and a lower-variance estimate than taking only
+the first N. KL(BoN ‖ policy) = log N − (N − 1)/N.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import gin
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from warm_jax import io_utils, oracle as oracle_lib, pretrain, sharding
+from warm_jax.data import builtin_pairs, builtin_text
+from warm_jax.data.tokenizers import Tokenizer
+from warm_jax.policy import rewards as rewards_lib
+from warm_jax.policy import sampler
+from warm_jax.stages import RunContext, register_stage
+
+log = logging.getLogger(__name__)
+
+# Prompt-stream offsets, distinct from the `data` stage's, so policy prompts are fresh draws.
+PROMPT_STREAM = {"bon": 7_003, "rl_train": 7_001, "rl_eval": 7_002}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class BonConfig:
+    n_values: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    rewards: tuple[str, ...] = ("warm", "member_best", "ens", "ens_conservative")
+    conservative_lambda: float = 1.0
+    num_prompts: int = 64
+    temperature: float = 1.0
+    max_prompt_len: int = 12
+    max_new_tokens: int = 23
+    sample_batch_size: int = 512
+    score_batch_size: int = 1024
+    normalise_reward: bool = True
+    oracle: str = "vader"
+
+    def __post_init__(self):
+        if not self.n_values or min(self.n_values) < 1:
+            raise ValueError(f"BonConfig.n_values must be positive integers, got {self.n_values}")
+        bad = [r for r in self.rewards if r not in rewards_lib.REWARD_NAMES]
+        if bad:
+            raise ValueError(f"BonConfig.rewards has unknown {bad}; choose from {rewards_lib.REWARD_NAMES}")
+
+
+def bon_kl(n: int) -> float:
+    """KL between the Best-of-N distribution and the base policy: log N − (N − 1)/N."""
+    return math.log(n) - (n - 1) / n
+
+
+def make_prompts(tok: Tokenizer, n: int, seed: int, max_len: int, *, exclude=()):
+    """``n`` built-in prompts not in ``exclude``: (texts, tokens [n, max_len], mask [n, max_len])."""
+    excluded = set(exclude)
+    texts: list[str] = []
+    draw = 0
+    while len(texts) < n:
+        batch = builtin_text.generate_prompts(2 * (n - len(texts)) + 16, seed=seed * 1_000_003 + draw)
+        texts.extend(t for t in batch if t not in excluded)
+        draw += 1
+        if draw > 50:
+            raise RuntimeError(f"could not draw {n} prompts outside the {len(excluded)} excluded ones")
+    texts = texts[:n]
+    tokens, mask = builtin_pairs.encode_prompts(texts, tok, max_len)
+    return texts, tokens, mask
+
+
+def batch_shards(mesh) -> int:
+    spec = sharding.batch_sharding(mesh, 2).spec[0]
+    if not spec:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec)]))
+
+
+def sample_responses(sample_fn, params, prompt_tokens, prompt_mask, key, *, chunk: int, mesh) -> dict[str, np.ndarray]:
+    """Runs a compiled sampler over [R, P] prompts in chunks of exactly ``chunk`` rows (the last
+    padded, so one compile serves all); chunk c uses key fold_in(key, c).
+
+    Returns host arrays: tokens, mask [R, N]; length [R]. Every process gets all rows.
+    """
+    shard = sharding.batch_sharding(mesh, 2)
+    n = len(prompt_tokens)
+    outs = {"tokens": [], "mask": [], "length": []}
+    for c, start in enumerate(range(0, n, chunk)):
+        t, m = prompt_tokens[start : start + chunk], prompt_mask[start : start + chunk]
+        real = len(t)
+        if real < chunk:
+            t = np.concatenate([t, np.repeat(t[-1:], chunk - real, 0)])
+            m = np.concatenate([m, np.repeat(m[-1:], chunk - real, 0)])
+        out = sample_fn(params, jax.device_put(t, shard), jax.device_put(m, shard), jax.random.fold_in(key, c))
+        for k in outs:
+            outs[k].append(np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:real])
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def oracle_texts(tok: Tokenizer, prompts, responses) -> list[str]:
+    """"prompt response" strings, as the `data` stage labels them. responses: [R, N] token ids."""
+    return [f"{p} {tok.decode(r)}".strip() for p, r in zip(prompts, responses)]
+
+
+def score_rewards(reward_fn: rewards_lib.RewardFn, prompt_tokens, prompt_mask, samples, *, batch: int, pad_id: int,
+                  mesh):
+    """(reward [R], std [R]) host arrays of policy samples, scored in fixed-size batches."""
+    shard = sharding.batch_sharding(mesh, 2)
+    n = len(prompt_tokens)
+    r_all, s_all = [], []
+    for start in range(0, n, batch):
+        sl = slice(start, start + batch)
+        parts = [prompt_tokens[sl], prompt_mask[sl], samples["tokens"][sl], samples["mask"][sl]]
+        real = len(parts[0])
+        if real < batch:
+            parts = [np.concatenate([x, np.repeat(x[-1:], batch - real, 0)]) for x in parts]
+        parts = [jax.device_put(x, shard) for x in parts]
+        toks, lens = rewards_lib.repack_jit(*parts, pad_id=pad_id)
+        r, s = reward_fn(toks, lens)
+        r_all.append(np.asarray(multihost_utils.process_allgather(r, tiled=True))[:real])
+        s_all.append(np.asarray(multihost_utils.process_allgather(s, tiled=True))[:real])
+    return np.concatenate(r_all), np.concatenate(s_all)
+
+
+def best_of_n(proxy, gold, n: int) -> tuple[float, float]:
+    """Mean (oracle, proxy) of the proxy-best sample over disjoint groups of ``n``.
+
+    proxy, gold: [num_prompts, Nmax]. Groups: columns [g·n, (g+1)·n) for g < Nmax // n.
+    """
+    p, nmax = proxy.shape
+    groups = nmax // n
+    if groups == 0:
+        raise ValueError(f"N={n} exceeds the {nmax} samples drawn per prompt")
+    pr = proxy[:, : groups * n].reshape(p, groups, n)
+    go = gold[:, : groups * n].reshape(p, groups, n)
+    pick = np.argmax(pr, axis=-1)[..., None]
+    return float(np.take_along_axis(go, pick, -1).mean()), float(np.take_along_axis(pr, pick, -1).mean())
+
+
+def run_bon(ctx: RunContext, cfg: BonConfig) -> dict:
+    model_cfg, graphdef, params, _, tok = pretrain.load_params(ctx)
+    nmax = max(cfg.n_values)
+    texts, ptoks, pmask = make_prompts(tok, cfg.num_prompts, ctx.seed + PROMPT_STREAM["bon"], cfg.max_prompt_len)
+    rep_t, rep_m = np.repeat(ptoks, nmax, axis=0), np.repeat(pmask, nmax, axis=0)  # prompt-major rows
+    rep_texts = [t for t in texts for _ in range(nmax)]
+    samp_cfg = sampler.SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id
+    )
+    shards = batch_shards(ctx.mesh)
+    chunk = max(shards, min(cfg.sample_batch_size, len(rep_t)) // shards * shards)
+    samples = sample_responses(
+        sampler.make_sampler(graphdef, model_cfg, samp_cfg), params, rep_t, rep_m,
+        jax.random.key(ctx.seed * 7919 + PROMPT_STREAM["bon"]), chunk=chunk, mesh=ctx.mesh,
+    )
+    gold = oracle_lib.make_oracle(cfg.oracle).score(oracle_texts(tok, rep_texts, samples["tokens"]))
+    gold = gold.reshape(cfg.num_prompts, nmax)
+    log.info("[bon] %d prompts x %d samples; mean oracle %.4f, mean length %.1f",
+             cfg.num_prompts, nmax, gold.mean(), samples["length"].mean())
+
+    score_batch = max(shards, min(cfg.score_batch_size, len(rep_t)) // shards * shards)
+    proxies: dict[str, np.ndarray] = {}
+    ens_needed = any(r.startswith("ens") for r in cfg.rewards)
+    for name in [r for r in cfg.rewards if not r.startswith("ens")] + (["ens"] if ens_needed else []):
+        fn = rewards_lib.load_reward(ctx, name, normalise=cfg.normalise_reward)
+        r, std = score_rewards(fn, rep_t, rep_m, samples, batch=score_batch, pad_id=tok.pad_id, mesh=ctx.mesh)
+        if name == "ens":
+            # Conservative ENS from the same member scores: mean − λ·std (both normalised).
+            proxies["ens"] = r
+            proxies["ens_conservative"] = r - cfg.conservative_lambda * std
+        else:
+            proxies[name] = r
+    result = {"n": list(cfg.n_values), "kl": [bon_kl(n) for n in cfg.n_values], "oracle": {}, "proxy": {},
+              "num_prompts": cfg.num_prompts, "samples_per_prompt": nmax, "temperature": cfg.temperature,
+              "oracle_mean_all_samples": float(gold.mean())}
+    for name in cfg.rewards:
+        proxy = proxies[name].reshape(cfg.num_prompts, nmax)
+        pairs = [best_of_n(proxy, gold, n) for n in cfg.n_values]
+        result["oracle"][name] = [g for g, _ in pairs]
+        result["proxy"][name] = [p for _, p in pairs]
+        log.info("[bon] %s: oracle %s", name, [round(g, 4) for g, _ in pairs])
+    return result
+
+
+@register_stage("bon")
+def run(ctx: RunContext, cfg: BonConfig | None = None) -> None:
+    cfg = cfg or BonConfig()
+    result = run_bon(ctx, cfg)
+    if jax.process_index() == 0:
+        io_utils.atomic_write_json(ctx.path("bon", "results.json"), result)

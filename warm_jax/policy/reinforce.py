@@ -1,0 +1,431 @@
+"""Stage `reinforce`: KL-regularised REINFORCE against each configured reward, then win rates.
+
+Per step: k samples for each of B prompts from the compiled sampler (the policy's params swap in
+without a recompile), then ONE jitted pure update ``(state, ref, rm, batch) -> (state, metrics)``:
+
+    R_i   = r_RM(prompt_i + response_i) − β · KL_i,   KL_i = Σ_t (log π − log π_ref)(a_t)
+    A_i,t = R_i − baseline        (registry: value head / RLOO / batch mean, advantages.py)
+    loss  = −mean_i Σ_t A_i,t · log π(a_t)  (+ value_coef · MSE(V, R) for the value baseline)
+
+The reward is read at the final token (the RM's scalar head), the KL is a per-sequence sum of
+log-ratios against the frozen reference (the pretrained policy), log π is the temperature-1
+policy (sampling uses ``temperature``, 0.9 as in the paper). A non-finite update is skipped in
+the graph. ``loop.train`` owns resume (the key lives in the state, the prompt iterator is
+checkpointed), SIGTERM and metrics. Every ``eval_every`` steps the policy is sampled on
+held-out prompts with a fixed key (so runs against different rewards are comparable) and
+judged by the proxy reward, the oracle and the KL.
+
+Outputs: WORKDIR/rl/<reward>/ckpt/, metrics/rl_<reward>.jsonl, WORKDIR/rl/results.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import signal
+import time
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from warm_jax import io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, pretrain, sharding
+from warm_jax.data import pipeline
+from warm_jax.models import transformer as tr
+from warm_jax.policy import advantages, bon, sampler, winrate
+from warm_jax.policy import rewards as rewards_lib
+from warm_jax.stages import RunContext, register_stage
+from warm_jax.train_state import TrainState, all_finite, new_state, select, state_specs
+
+log = logging.getLogger(__name__)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ReinforceConfig:
+    rewards: tuple[str, ...] = ("warm", "member_best", "ens")
+    num_steps: int = 60
+    prompts_per_step: int = 16  # global batch of prompts
+    samples_per_prompt: int = 4  # k
+    beta: float = 0.01  # KL coefficient (paper: 0.003 clean labels, 0.01 corrupted)
+    baseline: str = "value"  # a key of advantages.ADVANTAGE_ESTIMATORS
+    value_coef: float = 0.5
+    learning_rate: float = 1e-4
+    max_grad_norm: float = 1.0
+    temperature: float = 0.9
+    max_prompt_len: int = 12
+    max_new_tokens: int = 23
+    num_train_prompts: int = 2_000
+    eval_every: int = 20
+    num_eval_prompts: int = 128
+    num_winrate_prompts: int = 256
+    normalise_reward: bool = True
+    conservative_lambda: float = 1.0  # for 'ens_conservative'
+    oracle: str = "vader"
+    debug_nan_step: int = -1  # tests: poison the loss at this step
+    debug_kill_step: int = -1  # tests: SIGKILL this process when this step starts
+
+    def __post_init__(self):
+        advantages.get_estimator(self.baseline)
+        bad = [r for r in self.rewards if r not in rewards_lib.REWARD_NAMES]
+        if bad:
+            raise ValueError(f"ReinforceConfig.rewards has unknown {bad}; choose from {rewards_lib.REWARD_NAMES}")
+        if self.baseline == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError("ReinforceConfig.baseline='rloo' needs samples_per_prompt >= 2")
+
+
+# ----------------------------------------------------------------------------- maths
+
+
+def policy_forward(params, graphdef, tokens, mask, response_start: int):
+    """One full forward over prompt + response.
+
+    tokens, mask: [B, P + N] (prompt left-padded, response after column P = response_start).
+    Returns log π(a_t) [B, N] (temperature 1), per-token values V(s_t) [B, N] (the state that
+    emits a_t) and per-token entropies [B, N].
+    """
+    model = tr.bind(graphdef, params)
+    h, _ = model.hidden(tokens, mask)
+    hs = h[:, response_start - 1 : -1]
+    logp_all = jax.nn.log_softmax(model.logits(hs), axis=-1)
+    logp = jnp.take_along_axis(logp_all, tokens[:, response_start:, None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logp, model.value(hs), entropy
+
+
+def sequence_kl(logp, ref_logp, mask):
+    """Per-sequence KL estimate Σ_t (log π − log π_ref) over real response tokens: [B, N] → [B]."""
+    return jnp.sum((logp - ref_logp) * mask.astype(jnp.float32), axis=1)
+
+
+def policy_gradient_loss(logp, mask, adv):
+    """−mean_i Σ_t A_i,t · log π(a_i,t) over real tokens. logp, mask, adv: [B, N] → scalar."""
+    return -jnp.mean(jnp.sum(adv * logp * mask.astype(jnp.float32), axis=1))
+
+
+def _sequences(batch):
+    tokens = jnp.concatenate([batch["prompt_tokens"], batch["response_tokens"]], axis=1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1)
+    return tokens, mask
+
+
+def reinforce_update(state: TrainState, ref_params, rm_state, batch, *, graphdef, rm_apply, tx,
+                     cfg: ReinforceConfig, pad_id: int):
+    """One REINFORCE update (pure). batch: prompt_tokens/prompt_mask [B, P] (k consecutive rows
+    per prompt), response_tokens/response_mask [B, N]. Returns (state, scalar metrics)."""
+    p = batch["prompt_tokens"].shape[1]
+    tokens, mask = _sequences(batch)
+    rmask = batch["response_mask"].astype(jnp.float32)
+    rm_tokens, rm_len = rewards_lib.repack(
+        batch["prompt_tokens"], batch["prompt_mask"], batch["response_tokens"], batch["response_mask"], pad_id=pad_id
+    )
+    proxy = jax.lax.stop_gradient(rm_apply(rm_state, rm_tokens, rm_len)[0])
+    ref_logp = jax.lax.stop_gradient(policy_forward(ref_params, graphdef, tokens, mask, p)[0])
+    estimator = advantages.get_estimator(cfg.baseline)
+    needs_value = cfg.baseline in advantages.NEEDS_VALUE
+
+    def loss_fn(params):
+        logp, values, entropy = policy_forward(params, graphdef, tokens, mask, p)
+        kl = sequence_kl(jax.lax.stop_gradient(logp), ref_logp, rmask)
+        returns = proxy - cfg.beta * kl
+        adv = estimator(returns, values, rmask, cfg.samples_per_prompt)
+        pg = policy_gradient_loss(logp, rmask, adv)
+        v_loss = advantages.value_loss(returns, values, rmask) if needs_value else jnp.zeros(())
+        n_tok = jnp.maximum(rmask.sum(), 1.0)
+        aux = {"pg_loss": pg, "value_loss": v_loss, "kl": kl.mean(), "return": returns.mean(),
+               "entropy": jnp.sum(entropy * rmask) / n_tok, "advantage_abs": jnp.sum(jnp.abs(adv)) / n_tok}
+        return pg + cfg.value_coef * v_loss, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    poison = jnp.where(state.step + 1 == cfg.debug_nan_step, jnp.nan, 1.0)
+    loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & all_finite(grads)
+    new = state.replace(
+        step=state.step + 1,
+        params=select(finite, params, state.params),
+        opt_state=select(finite, opt_state, state.opt_state),
+    )
+    metrics = {"loss": loss, "proxy": proxy.mean(), "response_length": rmask.sum(1).mean(),
+               "grad_norm": optax.global_norm(grads), "finite": finite, **aux}
+    return new, metrics
+
+
+def eval_scores(params, ref_params, rm_state, batch, *, graphdef, rm_apply, pad_id: int):
+    """Proxy reward [B] and KL [B] of sampled responses (batch as in ``reinforce_update``)."""
+    p = batch["prompt_tokens"].shape[1]
+    tokens, mask = _sequences(batch)
+    rmask = batch["response_mask"].astype(jnp.float32)
+    logp = policy_forward(params, graphdef, tokens, mask, p)[0]
+    ref_logp = policy_forward(ref_params, graphdef, tokens, mask, p)[0]
+    rm_tokens, rm_len = rewards_lib.repack(
+        batch["prompt_tokens"], batch["prompt_mask"], batch["response_tokens"], batch["response_mask"], pad_id=pad_id
+    )
+    return {"proxy": rm_apply(rm_state, rm_tokens, rm_len)[0], "kl": sequence_kl(logp, ref_logp, rmask)}
+
+
+def make_optimizer(cfg: ReinforceConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.learning_rate))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class PromptSet:
+    """Held prompts: texts [R], tokens and mask [R, P] (left-padded)."""
+
+    def __init__(self, texts, tokens, mask):
+        self.texts, self.tokens, self.mask = list(texts), tokens, mask
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything shared by the runs against different rewards (compiled once)."""
+
+    ctx: RunContext
+    cfg: ReinforceConfig
+    model_cfg: tr.ModelConfig
+    graphdef: object
+    ref_params: object
+    param_specs: object
+    tok: object
+    tx: optax.GradientTransformation
+    state_sh: TrainState
+    batch_sh: object
+    train_sampler: object
+    eval_sampler: object
+    eval_chunk: int
+    train_prompts: PromptSet
+    eval_prompts: PromptSet
+    winrate_prompts: PromptSet
+    oracle: oracle_lib.Oracle
+    compiled: dict  # reward kind → (update, eval_scores)
+
+
+def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
+    mesh = ctx.mesh
+    model_cfg, graphdef, ref_params, param_specs, tok = pretrain.load_params(ctx)
+    shards = bon.batch_shards(mesh)
+    rows = cfg.prompts_per_step * cfg.samples_per_prompt
+    if rows % shards:
+        raise ValueError(
+            f"ReinforceConfig.prompts_per_step × samples_per_prompt = {rows} must be a multiple of the mesh's "
+            f"{shards} batch shards"
+        )
+    if cfg.prompts_per_step % jax.process_count():
+        raise ValueError(f"ReinforceConfig.prompts_per_step={cfg.prompts_per_step} must divide over "
+                         f"{jax.process_count()} processes")
+    seed = ctx.seed
+    ev = bon.make_prompts(tok, cfg.num_eval_prompts, seed + bon.PROMPT_STREAM["rl_eval"], cfg.max_prompt_len)
+    wr = bon.make_prompts(tok, cfg.num_winrate_prompts, seed + bon.PROMPT_STREAM["rl_eval"] + 1, cfg.max_prompt_len)
+    held_out = set(ev[0]) | set(wr[0])
+    tr_ = bon.make_prompts(tok, cfg.num_train_prompts, seed + bon.PROMPT_STREAM["rl_train"], cfg.max_prompt_len,
+                           exclude=held_out)
+    tx = make_optimizer(cfg)
+    state_sh = sharding.named(mesh, state_specs(tx, jax.eval_shape(lambda: ref_params), param_specs))
+    batch_sh = sharding.batch_sharding(mesh, 2)
+    param_sh = sharding.named(mesh, param_specs)
+    repl = sharding.replicated(mesh)
+    samp = functools.partial(
+        sampler.SamplingConfig, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        eos_id=tok.eos_id, pad_id=tok.pad_id,
+    )
+    # Explicit shardings: new params (same shapes, same shardings) never trigger a recompile.
+    train_sampler = sampler.make_sampler(graphdef, model_cfg, samp(), in_shardings=(param_sh, batch_sh, batch_sh, repl))
+    eval_sampler = sampler.make_sampler(graphdef, model_cfg, samp(), in_shardings=(param_sh, batch_sh, batch_sh, repl))
+    eval_chunk = max(shards, min(256, max(cfg.num_eval_prompts, shards)) // shards * shards)
+    return Setup(
+        ctx, cfg, model_cfg, graphdef, ref_params, param_specs, tok, tx, state_sh, batch_sh, train_sampler,
+        eval_sampler, eval_chunk, PromptSet(*tr_), PromptSet(*ev), PromptSet(*wr),
+        oracle_lib.make_oracle(cfg.oracle), {},
+    )
+
+
+def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn):
+    """(update, eval) jitted for this reward's kind; rewards of one kind share them."""
+    if reward_fn.kind not in setup.compiled:
+        mesh, cfg = setup.ctx.mesh, setup.cfg
+        repl = sharding.replicated(mesh)
+        param_sh = sharding.named(mesh, setup.param_specs)
+        rm_sh = jax.tree.map(lambda x: x.sharding, reward_fn.state)
+        update = jax.jit(
+            functools.partial(reinforce_update, graphdef=setup.graphdef, rm_apply=reward_fn.apply, tx=setup.tx,
+                              cfg=cfg, pad_id=setup.tok.pad_id),
+            in_shardings=(setup.state_sh, param_sh, rm_sh, setup.batch_sh),
+            out_shardings=(setup.state_sh, repl),
+            donate_argnums=0,
+        )
+        evaluate = jax.jit(
+            functools.partial(eval_scores, graphdef=setup.graphdef, rm_apply=reward_fn.apply, pad_id=setup.tok.pad_id),
+            in_shardings=(param_sh, param_sh, rm_sh, setup.batch_sh),
+        )
+        setup.compiled[reward_fn.kind] = (update, evaluate)
+    return setup.compiled[reward_fn.kind]
+
+
+def evaluate_policy(setup: Setup, params, reward_fn, prompts: PromptSet, key) -> dict[str, np.ndarray]:
+    """Samples ``prompts`` with a fixed key; per-prompt oracle, proxy, KL and length (host arrays)."""
+    mesh = setup.ctx.mesh
+    chunk = setup.eval_chunk
+    samples = bon.sample_responses(setup.eval_sampler, params, prompts.tokens, prompts.mask, key, chunk=chunk, mesh=mesh)
+    _, evaluate = compiled_for(setup, reward_fn)
+    proxy, kl = [], []
+    for start in range(0, len(prompts.tokens), chunk):
+        sl = slice(start, start + chunk)
+        parts = {"prompt_tokens": prompts.tokens[sl], "prompt_mask": prompts.mask[sl],
+                 "response_tokens": samples["tokens"][sl], "response_mask": samples["mask"][sl]}
+        real = len(parts["prompt_tokens"])
+        parts = {k: np.concatenate([v, np.repeat(v[-1:], chunk - real, 0)]) for k, v in parts.items()}
+        out = evaluate(params, setup.ref_params, reward_fn.state, jax.device_put(parts, setup.batch_sh))
+        out = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
+        proxy.append(out["proxy"][:real])
+        kl.append(out["kl"][:real])
+    gold = setup.oracle.score(bon.oracle_texts(setup.tok, prompts.texts, samples["tokens"]))
+    return {"oracle": gold, "proxy": np.concatenate(proxy), "kl": np.concatenate(kl),
+            "length": samples["length"].astype(np.float32)}
+
+
+def _summary(ev: dict[str, np.ndarray], prefix: str = "eval_") -> dict[str, float]:
+    return {f"{prefix}{k}": float(np.mean(v)) for k, v in ev.items()}
+
+
+def eval_key(setup: Setup):
+    return jax.random.key(setup.ctx.seed * 7919 + bon.PROMPT_STREAM["rl_eval"])
+
+
+class StepRunner:
+    """The step ``loop.train`` calls: sample (timed), then the jitted update (timed).
+
+    The state's key drives sampling (fold_in of the step), so the step is deterministic given
+    the state and batch; the host timings only feed the metrics.
+    """
+
+    def __init__(self, setup: Setup, reward_fn: rewards_lib.RewardFn):
+        self.setup, self.reward_fn = setup, reward_fn
+        self.update = compiled_for(setup, reward_fn)[0]
+        self.rm_state = reward_fn.state
+        self.last = None  # (prompt indices [B], response tokens [B, N]) of the latest step, for the oracle
+        self.params = None  # the latest params (valid until the next step donates them)
+
+    def __call__(self, state: TrainState, batch):
+        cfg = self.setup.cfg
+        if cfg.debug_kill_step >= 0 and loop.scalar_step(state) == cfg.debug_kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        t0 = time.perf_counter()
+        key = jax.random.fold_in(state.step_key(), 0)
+        gen = self.setup.train_sampler(state.params, batch["tokens"], batch["mask"], key)
+        jax.block_until_ready(gen)
+        t1 = time.perf_counter()
+        full = {"prompt_tokens": batch["tokens"], "prompt_mask": batch["mask"],
+                "response_tokens": gen["tokens"], "response_mask": gen["mask"]}
+        state, metrics = self.update(state, self.setup.ref_params, self.rm_state, full)
+        jax.block_until_ready(metrics)
+        t2 = time.perf_counter()
+        self.last = (batch["texts_index"], gen["tokens"])
+        self.params = state.params
+        metrics = {**metrics, "gen_time_share": (t1 - t0) / max(t2 - t0, 1e-9), "step_time": t2 - t0}
+        return state, metrics
+
+
+def train_one(setup: Setup, name: str) -> TrainState:
+    """Trains the policy against reward ``name``; returns the final state (resumes if it can)."""
+    ctx, cfg = setup.ctx, setup.cfg
+    reward_fn = rewards_lib.load_reward(ctx, name, conservative_lambda=cfg.conservative_lambda,
+                                        normalise=cfg.normalise_reward)
+    key = jax.random.fold_in(jax.random.key(ctx.seed), 1 + rewards_lib.REWARD_NAMES.index(name))
+    # The policy starts as a copy of the reference (the state is donated; the reference is not).
+    state = jax.jit(lambda p: new_state(jax.tree.map(lambda x: x + 0, p), setup.tx, key),
+                    out_shardings=setup.state_sh)(setup.ref_params)
+    abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), setup.state_sh)
+
+    nproc, k = jax.process_count(), cfg.samples_per_prompt
+    records = [{"tokens": t, "mask": m, "index": np.int32(i)}
+               for i, (t, m) in enumerate(zip(setup.train_prompts.tokens, setup.train_prompts.mask))]
+    iterator = pipeline.PreferenceIterator(
+        records, batch_size=cfg.prompts_per_step // nproc, seed=ctx.seed, fields=("tokens", "mask", "index"),
+        process_index=jax.process_index(), process_count=nproc,
+    )
+
+    def to_device(b):
+        # k consecutive rows per prompt (the layout RLOO's baseline expects).
+        local = {f: np.repeat(b[f], k, axis=0) for f in ("tokens", "mask")}
+        out = pipeline.to_global(local, setup.batch_sh, batch_axis=0)
+        out["texts_index"] = np.repeat(b["index"], k)  # host-side, for the oracle
+        return out
+
+    run_dir = ctx.path("rl", name)
+    initial = os.path.join(run_dir, "initial_eval.json")
+    if not os.path.exists(initial):
+        ev = evaluate_policy(setup, setup.ref_params, reward_fn, setup.eval_prompts, eval_key(setup))
+        if jax.process_index() == 0:
+            io_utils.atomic_write_json(initial, {"step": 0, **_summary(ev)})
+
+    runner = StepRunner(setup, reward_fn)
+
+    def on_log(step: int, host: dict) -> dict:
+        extra = {}
+        if runner.last is not None:
+            idx, toks = runner.last
+            texts = [setup.train_prompts.texts[i] for i in np.asarray(idx)]
+            toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))
+            extra["oracle"] = float(np.mean(setup.oracle.score(bon.oracle_texts(setup.tok, texts, toks))))
+        if step % cfg.eval_every == 0 or step == cfg.num_steps:
+            extra.update(_summary(evaluate_policy(setup, runner.params, reward_fn, setup.eval_prompts, eval_key(setup))))
+        return extra
+
+    base = loop.LoopConfig()
+    loop_cfg = dataclasses.replace(base, log_every=math.gcd(base.log_every, cfg.eval_every))
+    final = loop.train(
+        stage=f"rl_{name}", workdir=ctx.workdir, state=state, abstract_state=abstract_state, step_fn=runner,
+        iterator=iterator, to_device=to_device, num_steps=cfg.num_steps, ckpt_dir=os.path.join(run_dir, "ckpt"),
+        cfg=loop_cfg, show=("proxy", "kl", "oracle"), on_log=on_log,
+    )
+    scores_path = os.path.join(run_dir, "winrate_scores.json")
+    wr = evaluate_policy(setup, final.params, reward_fn, setup.winrate_prompts,
+                         jax.random.fold_in(eval_key(setup), 1))
+    if jax.process_index() == 0:
+        io_utils.atomic_write_json(scores_path, {"oracle": wr["oracle"].tolist(), "step": loop.scalar_step(final)})
+    return final
+
+
+def run_curve(workdir: str, name: str) -> dict[str, list]:
+    """Held-out eval curve of one run: step 0 (the reference policy) then every eval step."""
+    rows = [io_utils.read_json(os.path.join(workdir, "rl", name, "initial_eval.json"))]
+    rows += [r for r in metrics_lib.read_metrics(workdir, f"rl_{name}") if "eval_oracle" in r]
+    return {
+        "step": [int(r["step"]) for r in rows],
+        "kl": [r["eval_kl"] for r in rows],
+        "oracle": [r["eval_oracle"] for r in rows],
+        "proxy": [r["eval_proxy"] for r in rows],
+        "length": [r["eval_length"] for r in rows],
+    }
+
+
+def win_rates(workdir: str, names) -> dict:
+    scores = {n: io_utils.read_json(os.path.join(workdir, "rl", n, "winrate_scores.json"))["oracle"] for n in names}
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            out[f"{a}_vs_{b}"] = winrate.win_rate(scores[a], scores[b])
+    return out
+
+
+@register_stage("reinforce")
+def run(ctx: RunContext, cfg: ReinforceConfig | None = None) -> None:
+    cfg = cfg or ReinforceConfig()
+    setup = build(ctx, cfg)
+    for name in cfg.rewards:
+        t0 = time.time()
+        train_one(setup, name)
+        log.info("[reinforce] %s: %.1fs", name, time.time() - t0)
+    if jax.process_index() == 0:
+        result = {"runs": {n: run_curve(ctx.workdir, n) for n in cfg.rewards},
+                  "win_rate": win_rates(ctx.workdir, list(cfg.rewards)),
+                  "config": dataclasses.asdict(cfg)}
+        io_utils.atomic_write_json(ctx.path("rl", "results.json"), result)
