@@ -61,9 +61,14 @@ def make_tiny_workdir(workdir: str, mesh, num_members: int = 3, seed: int = 0) -
 def model():
     cfg = tr.ModelConfig(vocab_size=50, **TINY)
     graphdef, _, _ = tr.abstract_model(cfg)
-    params = tr.init_params(cfg, jax.random.key(0))
-    params = jax.tree.map(lambda x: x * 20.0 if x.ndim >= 2 else x, params)  # peaked logits
-    return cfg, graphdef, params
+    # Larger weights give peaked, varied logits (jitted: eager init is slow on a busy CPU).
+    init = jax.jit(lambda k: jax.tree.map(lambda x: x * 20.0 if x.ndim >= 2 else x, tr.init_params(cfg, k)))
+    return cfg, graphdef, init(jax.random.key(0))
+
+
+# Jitted once per shape: the eager loops are op-by-op and slow.
+greedy_reference = jax.jit(sampler.greedy_reference, static_argnums=(1, 4))
+sample = jax.jit(sampler.sample, static_argnames=("graphdef", "model_cfg", "cfg"))
 
 
 def _left_pad(rows, width, pad=0):
@@ -82,9 +87,9 @@ def test_cached_greedy_decoding_equals_full_forward_and_logprobs_match(model):
     cfg, graphdef, params = model
     toks, mask = _left_pad(PROMPTS, 6)
     n = 8
-    ref = np.asarray(sampler.greedy_reference(params, graphdef, toks, mask, n))
+    ref = np.asarray(greedy_reference(params, graphdef, toks, mask, n))
     eos = -1  # never produced: compare all n tokens
-    out = sampler.sample(params, toks, mask, jax.random.key(0), graphdef=graphdef, model_cfg=cfg,
+    out = sample(params, toks, mask, jax.random.key(0), graphdef=graphdef, model_cfg=cfg,
                          cfg=sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos, pad_id=0))
     np.testing.assert_array_equal(np.asarray(out["tokens"]), ref)
     # Log-probs of the sampled tokens equal a full forward over prompt + response.
@@ -99,17 +104,18 @@ def test_eos_stops_a_row_and_pads_after_it(model):
     cfg, graphdef, params = model
     toks, mask = _left_pad(PROMPTS, 6)
     n = 8
-    ref = np.asarray(sampler.greedy_reference(params, graphdef, toks, mask, n))
+    ref = np.asarray(greedy_reference(params, graphdef, toks, mask, n))
     eos = int(ref[0, 2])  # row 0 emits this at step 2: call it EOS
-    out = jax.device_get(sampler.sample(params, toks, mask, jax.random.key(0), graphdef=graphdef, model_cfg=cfg,
-                                        cfg=sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos,
-                                                                   pad_id=0)))
+    # A pad id the model never emits (the sampler treats an emitted pad id as not generated).
+    pad = int(np.setdiff1d(np.arange(4, 50), np.concatenate([ref.ravel(), *PROMPTS]))[0])
+    out = jax.device_get(sample(params, toks, mask, jax.random.key(0), graphdef=graphdef, model_cfg=cfg,
+                                cfg=sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos, pad_id=pad)))
     for i in range(len(PROMPTS)):
         hits = np.flatnonzero(ref[i] == eos)
         length = int(hits[0]) + 1 if hits.size else n
         assert out["length"][i] == length
         np.testing.assert_array_equal(out["tokens"][i, :length], ref[i, :length])
-        assert (out["tokens"][i, length:] == 0).all() and (out["logprobs"][i, length:] == 0).all()
+        assert (out["tokens"][i, length:] == pad).all() and (out["logprobs"][i, length:] == 0).all()
         np.testing.assert_array_equal(out["mask"][i], (np.arange(n) < length).astype(np.int32))
     assert out["length"][0] == 3
 
@@ -125,7 +131,7 @@ def test_top_k_and_top_p_keep_only_allowed_tokens(model):
     # In the sampler: top-k = 2 at temperature 1 only ever picks one of the two most likely tokens.
     cfg, graphdef, params = model
     toks, mask = _left_pad(PROMPTS * 4, 6)
-    out = sampler.sample(params, toks, mask, jax.random.key(3), graphdef=graphdef, model_cfg=cfg,
+    out = sample(params, toks, mask, jax.random.key(3), graphdef=graphdef, model_cfg=cfg,
                          cfg=sampler.SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=2, eos_id=-1))
     full_t = jnp.concatenate([toks, out["tokens"]], 1)
     full_m = jnp.concatenate([mask, jnp.ones_like(out["tokens"])], 1)
@@ -133,8 +139,8 @@ def test_top_k_and_top_p_keep_only_allowed_tokens(model):
     rank = jnp.sum(logits > jnp.take_along_axis(logits, out["tokens"][..., None], -1), -1)
     assert int(rank.max()) <= 1
     # top-p tiny = greedy
-    greedy = sampler.greedy_reference(params, graphdef, toks, mask, 6)
-    tp = sampler.sample(params, toks, mask, jax.random.key(4), graphdef=graphdef, model_cfg=cfg,
+    greedy = greedy_reference(params, graphdef, toks, mask, 6)
+    tp = sample(params, toks, mask, jax.random.key(4), graphdef=graphdef, model_cfg=cfg,
                         cfg=sampler.SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=1e-6, eos_id=-1))
     np.testing.assert_array_equal(np.asarray(tp["tokens"]), np.asarray(greedy))
 
@@ -191,7 +197,7 @@ def test_best_of_n_maths():
     proxy = np.asarray([[0.1, 0.9, 0.5, 0.2]])
     gold = np.asarray([[1.0, 2.0, 3.0, 4.0]])
     assert bon.best_of_n(proxy, gold, 1) == (2.5, pytest.approx(0.425))
-    assert bon.best_of_n(proxy, gold, 2) == (3.0, pytest.approx(0.7))  # groups {0.1,0.9}→2.0, {0.5,0.2}→3.0
+    assert bon.best_of_n(proxy, gold, 2) == (2.5, pytest.approx(0.7))  # groups {0.1,0.9}→2.0, {0.5,0.2}→3.0
     assert bon.best_of_n(proxy, gold, 4) == (2.0, 0.9)
 
 

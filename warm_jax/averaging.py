@@ -10,11 +10,9 @@ Two ways to average, both on device and both accumulating in float32:
   update, and dropped before member k+1 is read, so peak memory is one accumulator plus one
   member whatever K is.
 
-Both are anchored so that averaging K identical members returns them bit for bit: the stacked
-mean is ``anchor + Σ_k w_k (θ_k − anchor)`` (the anchor is the heaviest member; identical
-members give exact zeros), the streamed one is the running mean
-``m_k = m_{k−1} + (w_k / W_k)(θ_k − m_{k−1})`` (W_k = w_1 + … + w_k). Summing members
-directly and dividing would not be exact (3·x/3 ≠ x in floating point).
+Both compute the running mean ``m_k = m_{k−1} + (w_k / W_k)(θ_k − m_{k−1})`` (W_k = w_1 + … +
+w_k), so averaging K identical members returns them bit for bit (every difference is an exact
+zero); summing the members and dividing would not be exact (3·x/3 ≠ x in floating point).
 
 Selection (WARM §4: "WARM M" = the M best of 10 by accuracy) and greedy soups (Wortsman et
 al., 2022: add members best-first, keep one only if the average does not get worse) work on
@@ -106,23 +104,29 @@ def _drop_leading(s) -> NamedSharding | None:
     return None
 
 
-def _weighted_mean_leaf(w, x):
-    """w [M] float32 summing to 1; x [M, ...] → [...] in x.dtype, float32 arithmetic."""
+def _weighted_mean_leaf(coef, x):
+    """coef [M] float32 running-mean coefficients w_k / (w_1 + … + w_k); x [M, ...] → [...] in x.dtype.
+
+    The same running mean as the streamed average, unrolled over the (static) member axis into
+    one elementwise fusion: each member slice is read once, no [M, ...] temporary and no
+    reduction over the leading axis (which XLA:CPU lowers very slowly for large leaves).
+    """
     if not jnp.issubdtype(x.dtype, jnp.inexact):
-        return x[jnp.argmax(w)]  # integer leaves are not averaged: the heaviest member's value
-    anchor = jax.lax.dynamic_index_in_dim(x, jnp.argmax(w), 0, keepdims=False).astype(jnp.float32)
-    wb = w.reshape((-1,) + (1,) * (x.ndim - 1))
-    # Elementwise producer fused into the reduction: no [M, ...] float32 temporary is materialised.
-    delta = jnp.sum(wb * (x.astype(jnp.float32) - anchor[None]), axis=0)
-    return (anchor + delta).astype(x.dtype)
+        return x[jnp.argmax(coef)]  # integer leaves are not averaged: one member's value
+    m = x[0].astype(jnp.float32)
+    for k in range(1, x.shape[0]):
+        xk = x[k].astype(jnp.float32)
+        # coef == 1: the first member with weight (all before it weigh 0): take it exactly.
+        m = jnp.where(coef[k] == 1.0, xk, m + coef[k] * (xk - m))
+    return m.astype(x.dtype)
 
 
 @functools.lru_cache(maxsize=32)
 def _stacked_mean_fn(treedef, out_shardings: tuple):
     def fn(stacked, w):
-        w = w.astype(jnp.float32)
-        w = w / jnp.sum(w)
-        return jax.tree.map(functools.partial(_weighted_mean_leaf, w), stacked)
+        cum = jnp.cumsum(w.astype(jnp.float32))
+        coef = jnp.where(cum > 0, w / jnp.where(cum > 0, cum, 1.0), 0.0)
+        return jax.tree.map(functools.partial(_weighted_mean_leaf, coef), stacked)
 
     out = None if all(s is None for s in out_shardings) else jax.tree_util.tree_unflatten(treedef, out_shardings)
     return jax.jit(fn, out_shardings=out)

@@ -133,6 +133,10 @@ def member_step(state: TrainState, batch, dropout_rate, *, graphdef, tx, cfg: En
         return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if not cfg.center_coef:
+        # The BT loss only sees r⁺ − r⁻, so the head's bias is unidentifiable: its gradient is
+        # rounding noise that Adam would normalise into lr-sized steps. Keep it fixed.
+        grads = {**grads, "reward_head": {**grads["reward_head"], "bias": jnp.zeros_like(grads["reward_head"]["bias"])}}
     poison = jnp.where(state.step + 1 == cfg.debug_nan_step, jnp.nan, 1.0)
     loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -40,32 +40,46 @@ def padded_length(n: int) -> int:
     return max(PAD_MULTIPLE, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
+def batch_logits(
+    forward: Forward, params, rows: Sequence[Sequence[int]], *, length: int | None = None
+) -> list[np.ndarray]:
+    """float32 logits ``[T_i, V]`` of each row of token ids (one batched forward at ``length`` columns)."""
+    rows = [list(r) for r in rows]
+    if not rows or not all(rows):
+        raise ValueError("batch_logits: every row needs at least one token (empty text and no BOS?)")
+    longest = max(len(r) for r in rows)
+    length = padded_length(longest) if length is None else length
+    if longest > length:
+        raise ValueError(f"batch_logits: {longest} tokens exceed the forward length {length}")
+    tokens = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    logits = np.asarray(forward(params, jnp.asarray(tokens), jnp.asarray(mask)), np.float32)
+    return [logits[i, : len(r)] for i, r in enumerate(rows)]
+
+
 def text_logits(forward: Forward, params, ids: Sequence[int], *, length: int | None = None) -> np.ndarray:
-    """float32 logits ``[T, V]`` of the token ids ``[T]`` (one forward at ``length`` columns)."""
-    ids = list(ids)
-    if not ids:
-        raise ValueError("text_logits: no tokens (empty text and no BOS)")
-    length = padded_length(len(ids)) if length is None else length
-    if len(ids) > length:
-        raise ValueError(f"text_logits: {len(ids)} tokens exceed the forward length {length}")
-    tokens = np.zeros((1, length), np.int32)
-    tokens[0, : len(ids)] = ids
-    mask = (np.arange(length) < len(ids)).astype(np.int32)[None]
-    logits = forward(params, jnp.asarray(tokens), jnp.asarray(mask))
-    return np.asarray(logits[0, : len(ids)], np.float32)
+    """float32 logits ``[T, V]`` of the token ids ``[T]``."""
+    return batch_logits(forward, params, [ids], length=length)[0]
 
 
-def greedy_continuation(
-    forward: Forward, params, ids: Sequence[int], num_tokens: int, *, length: int | None = None
-) -> list[int]:
-    """``num_tokens`` greedy next-token ids after ``ids`` (no stop at EOS: fixed-length for parity)."""
-    ids = list(ids)
-    length = padded_length(len(ids) + num_tokens) if length is None else length
-    out: list[int] = []
+def greedy_continuations(
+    forward: Forward, params, rows: Sequence[Sequence[int]], num_tokens: int, *, length: int | None = None
+) -> list[list[int]]:
+    """``num_tokens`` greedy next-token ids after each row (no stop at EOS: fixed length, for parity).
+
+    Rows advance together, one batched forward per token, all at one compiled length.
+    """
+    rows = [list(r) for r in rows]
+    length = padded_length(max(len(r) for r in rows) + num_tokens) if length is None else length
+    outs: list[list[int]] = [[] for _ in rows]
     for _ in range(num_tokens):
-        logits = text_logits(forward, params, ids + out, length=length)
-        out.append(int(np.argmax(logits[-1])))
-    return out
+        logits = batch_logits(forward, params, [r + o for r, o in zip(rows, outs)], length=length)
+        for o, lg in zip(outs, logits):
+            o.append(int(np.argmax(lg[-1])))
+    return outs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, out)
     report = {"token_ids": ids, "shape": list(logits.shape), "output": out}
     if args.greedy:
-        report["greedy_ids"] = greedy_continuation(forward, params, ids, args.greedy, length=length)
+        report["greedy_ids"] = greedy_continuations(forward, params, [ids], args.greedy, length=length)[0]
         report["greedy_text"] = tokenizer.decode(report["greedy_ids"])
     print(json.dumps(report))
     return 0

@@ -253,7 +253,7 @@ def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn):
         mesh, cfg = setup.ctx.mesh, setup.cfg
         repl = sharding.replicated(mesh)
         param_sh = sharding.named(mesh, setup.param_specs)
-        rm_sh = jax.tree.map(lambda x: x.sharding, reward_fn.state)
+        rm_sh = rm_shardings(reward_fn, mesh)
         update = jax.jit(
             functools.partial(reinforce_update, graphdef=setup.graphdef, rm_apply=reward_fn.apply, tx=setup.tx,
                               cfg=cfg, pad_id=setup.tok.pad_id),
@@ -269,12 +269,23 @@ def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn):
     return setup.compiled[reward_fn.kind]
 
 
+def rm_shardings(reward_fn: rewards_lib.RewardFn, mesh) -> dict:
+    """The reward state's shardings: parameters where they were loaded, constants replicated."""
+    repl = sharding.replicated(mesh)
+    return {"params": jax.tree.map(lambda x: x.sharding, reward_fn.params), "shift": repl, "scale": repl, "lam": repl}
+
+
+def rm_state_on_mesh(reward_fn: rewards_lib.RewardFn, mesh) -> dict:
+    return jax.device_put(reward_fn.state, rm_shardings(reward_fn, mesh))
+
+
 def evaluate_policy(setup: Setup, params, reward_fn, prompts: PromptSet, key) -> dict[str, np.ndarray]:
     """Samples ``prompts`` with a fixed key; per-prompt oracle, proxy, KL and length (host arrays)."""
     mesh = setup.ctx.mesh
     chunk = setup.eval_chunk
     samples = bon.sample_responses(setup.eval_sampler, params, prompts.tokens, prompts.mask, key, chunk=chunk, mesh=mesh)
     _, evaluate = compiled_for(setup, reward_fn)
+    rm_state = rm_state_on_mesh(reward_fn, mesh)
     proxy, kl = [], []
     for start in range(0, len(prompts.tokens), chunk):
         sl = slice(start, start + chunk)
@@ -282,7 +293,7 @@ def evaluate_policy(setup: Setup, params, reward_fn, prompts: PromptSet, key) ->
                  "response_tokens": samples["tokens"][sl], "response_mask": samples["mask"][sl]}
         real = len(parts["prompt_tokens"])
         parts = {k: np.concatenate([v, np.repeat(v[-1:], chunk - real, 0)]) for k, v in parts.items()}
-        out = evaluate(params, setup.ref_params, reward_fn.state, jax.device_put(parts, setup.batch_sh))
+        out = evaluate(params, setup.ref_params, rm_state, jax.device_put(parts, setup.batch_sh))
         out = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
         proxy.append(out["proxy"][:real])
         kl.append(out["kl"][:real])
@@ -309,7 +320,7 @@ class StepRunner:
     def __init__(self, setup: Setup, reward_fn: rewards_lib.RewardFn):
         self.setup, self.reward_fn = setup, reward_fn
         self.update = compiled_for(setup, reward_fn)[0]
-        self.rm_state = reward_fn.state
+        self.rm_state = rm_state_on_mesh(reward_fn, setup.ctx.mesh)
         self.last = None  # (prompt indices [B], response tokens [B, N]) of the latest step, for the oracle
         self.params = None  # the latest params (valid until the next step donates them)
 
