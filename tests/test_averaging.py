@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from warm_jax import average, averaging, checkpoints, ensemble, io_utils, runtime, sharding
 from warm_jax.models import transformer as tr

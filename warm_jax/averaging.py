@@ -285,7 +285,10 @@ def average_checkpoints(dirs: Sequence[str], *, mesh, weights: Sequence[float] |
         hashes[d] = _manifest_params_hash(step_dir) or checkpoints.tree_sha256(member)
         seen += wk
         acc = start(member) if acc is None else update(acc, member, jnp.float32(wk / seen))
-        del member, state  # free before the next restore: peak = accumulator + one member
+        # Wait for the update (dispatch is asynchronous) so the member's buffers are freed before
+        # the next restore allocates: peak = accumulator + one member, whatever K is.
+        acc = jax.block_until_ready(acc)
+        del member, state
     params = _cast_fn(treedef, tuple(flat_sh), dtypes)(acc)
     info = {"members": dirs, "weights": [float(x) for x in w], "hashes": hashes, "meta": metas}
     return model_cfg, graphdef, params, info

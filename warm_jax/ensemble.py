@@ -50,6 +50,8 @@ class EnsembleConfig:
     lp_steps: int = 300
     lp_learning_rate: float = 3e-2
     dataset_dir: str | None = None  # default WORKDIR/data
+    # Negative control (not WARM): each member from its own random init, no pretraining, no probe.
+    random_init: bool = False
     debug_nan_step: int = -1  # tests: poison member losses at this step
 
 
@@ -226,13 +228,17 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
             f"EnsembleConfig.num_members={m} must be a multiple of the mesh's ensemble axis ({ens_size})"
         )
     model_cfg, graphdef, base, param_specs, _ = pretrain.load_params(ctx)
-    head, lp_acc = linear_probe(base, graphdef, train_source, cfg)
-    log.info("[rm_ensemble] linear probe: train accuracy %.3f", lp_acc)
-
-    steps = per_member(cfg.featurizer_steps or (None,), m, "featurizer_steps")
-    trunks = {s: (base if s is None else pretrain.load_params(ctx, step=s)[2]) for s in set(steps)}
-    lrs = jnp.asarray(per_member(cfg.learning_rates, m, "learning_rates"), jnp.float32)
     seeds = member_seeds(cfg, ctx.seed)
+    if cfg.random_init:
+        head, lp_acc = base["reward_head"], float("nan")
+        inits = [pretrain.sharded_init(model_cfg, mesh, jax.random.key(10_007 + s))[1] for s in seeds]
+    else:
+        head, lp_acc = linear_probe(base, graphdef, train_source, cfg)
+        log.info("[rm_ensemble] linear probe: train accuracy %.3f", lp_acc)
+        steps = per_member(cfg.featurizer_steps or (None,), m, "featurizer_steps")
+        trunks = {s: (base if s is None else pretrain.load_params(ctx, step=s)[2]) for s in set(steps)}
+        inits = [trunks[s] for s in steps]
+    lrs = jnp.asarray(per_member(cfg.learning_rates, m, "learning_rates"), jnp.float32)
     keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
 
     tx = make_member_tx(cfg, 0.0)  # the rate itself lives in each member's optimizer state
@@ -243,13 +249,13 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
     stacked_param_sh = sharding.named(mesh, sharding.prefix_ensemble(param_specs))
 
     def with_head(p):
-        return {**p, "reward_head": head}
+        return p if cfg.random_init else {**p, "reward_head": head}
 
     # Stack on device: [M, ...] per leaf, written straight into the ensemble sharding.
     stack = jax.jit(
         lambda *members: jax.tree.map(lambda *xs: jnp.stack(xs), *members), out_shardings=stacked_param_sh
     )
-    params = stack(*[with_head(trunks[s]) for s in steps])
+    params = stack(*[with_head(p) for p in inits])
 
     def init_member(p, lr, key):
         return new_state(p, make_member_tx(cfg, lr), key)
@@ -274,7 +280,9 @@ def dataset_dir(ctx: RunContext, cfg: EnsembleConfig) -> str:
     return cfg.dataset_dir or ctx.path("data")
 
 
-def train_ensemble(ctx: RunContext, cfg: EnsembleConfig | None = None) -> tuple[Ensemble, TrainState]:
+def train_ensemble(
+    ctx: RunContext, cfg: EnsembleConfig | None = None, *, stage: str = "rm_ensemble", ckpt_dir: str | None = None
+) -> tuple[Ensemble, TrainState]:
     cfg = cfg or EnsembleConfig()
     mesh = ctx.mesh
     source = pipeline.load_split(dataset_dir(ctx, cfg), "train")
@@ -295,9 +303,9 @@ def train_ensemble(ctx: RunContext, cfg: EnsembleConfig | None = None) -> tuple[
         {k: b[k] for k in RM_FIELDS}, lambda k, _: batch_shardings[k], batch_axis=0 if cfg.shared_data_order else 1
     )
     state = loop.train(
-        stage="rm_ensemble", workdir=ctx.workdir, state=ens.state, abstract_state=ens.abstract_state,
+        stage=stage, workdir=ctx.workdir, state=ens.state, abstract_state=ens.abstract_state,
         step_fn=lambda s, b: step(s, b, dropout), iterator=iterator, to_device=to_device,
-        num_steps=cfg.num_steps, ckpt_dir=ctx.path("rm", "ckpt"), show=("loss", "accuracy"),
+        num_steps=cfg.num_steps, ckpt_dir=ckpt_dir or ctx.path("rm", "ckpt"), show=("loss", "accuracy"),
     )
     return ens, state
 
@@ -369,3 +377,23 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
             {"num_members": cfg.num_members, "lp_train_accuracy": ens.lp_accuracy, "seeds": seeds,
              "learning_rates": lrs, "dropout_rates": drops, "featurizer_steps": feats},
         )
+
+
+@register_stage("rm_control")
+def run_control(ctx: RunContext) -> None:
+    """Negative control for linear mode connectivity: two RMs from different random inits.
+
+    Same data, learning rate, dropout and training length as the ensemble, but no pretraining
+    and no shared probe; WARM predicts their weight average falls off a barrier.
+    """
+    from warm_jax import evaluation
+
+    base = EnsembleConfig()
+    cfg = dataclasses.replace(
+        base, num_members=2, random_init=True, featurizer_steps=None, seeds=None,
+        learning_rates=base.learning_rates[:1], dropout_rates=base.dropout_rates[:1],
+    )
+    ens, state = train_ensemble(ctx, cfg, stage="rm_control", ckpt_dir=ctx.path("rm_control", "ckpt"))
+    curves = evaluation.pair_interpolation(ctx, ens.graphdef, state.params, ens.param_specs, dataset_dir(ctx, cfg))
+    if jax.process_index() == 0:
+        io_utils.atomic_write_json(ctx.path("rm_control", "lmc.json"), curves)

@@ -317,3 +317,14 @@ def run(ctx: RunContext, cfg: EvalConfig | None = None) -> None:
         io_utils.atomic_write_json(ctx.path("rm", "eval.json"), result)
     w, e = result["rm"]["warm"]["acc"], result["rm"]["ens"]["acc"]
     log.info("[rm_eval] WARM %s | ENS %s", {k: round(v, 3) for k, v in w.items()}, {k: round(v, 3) for k, v in e.items()})
+
+
+def pair_interpolation(ctx: RunContext, graphdef, stacked, specs, data_dir: str, cfg: EvalConfig | None = None) -> dict:
+    """LMC curves between members 0 and 1 of a stacked [2, ...] tree (the negative control)."""
+    cfg = cfg or EvalConfig()
+    splits = load_eval_splits(data_dir, cfg.max_examples)
+    scorer = Scorer(graphdef, ctx.mesh, cfg.batch_size)
+    member_r = {s: scorer.stacked_pairs(stacked, d) for s, d in splits.items()}
+    single = sharding.named(ctx.mesh, specs)
+    pa, pb = (jax.jit(lambda p, i=i: jax.tree.map(lambda x: x[i], p), out_shardings=single)(stacked) for i in (0, 1))
+    return lmc_curves(scorer, pa, pb, splits, np.linspace(0.0, 1.0, cfg.lmc_lambdas), member_r, 0, 1)

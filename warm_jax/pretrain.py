@@ -162,6 +162,35 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
         )
 
 
+@gin.configurable
+def base_model(name: str = "smollm2-135m") -> str:
+    """Which pretrained model `import_model` brings in: 'smollm2-135m' or a local HF Llama directory."""
+    return name
+
+
+@register_stage("import_model")
+def run_import(ctx: RunContext) -> None:
+    """Stage `import_model`: a real pretrained model as the shared init (instead of `pretrain`).
+
+    Writes the same layout `pretrain` does (WORKDIR/pretrain/model.json, WORKDIR/tokenizer), with
+    the weights as a standalone params checkpoint in WORKDIR/pretrain/imported.
+    """
+    from warm_jax import ensemble, io_utils
+    from warm_jax.models import pretrained
+
+    name = base_model()
+    model_cfg, _, params, tok = pretrained.load_pretrained(name, mesh=ctx.mesh)
+    ensemble.save_params(
+        ctx.path("pretrain", "imported"), params, model_cfg=model_cfg, meta={"source": name}, tokenizer_dir=None
+    )
+    if jax.process_index() == 0:
+        tok.save(ctx.path("tokenizer"))
+        io_utils.atomic_write_json(
+            ctx.path("pretrain", "model.json"),
+            {"model": dataclasses.asdict(model_cfg), "tokenizer": "tokenizer", "imported": name},
+        )
+
+
 def load_params(ctx: RunContext, step: int | None = None):
     """The pretrained parameters (sharded per the rules on ctx.mesh) and model pieces.
 
@@ -172,6 +201,14 @@ def load_params(ctx: RunContext, step: int | None = None):
     meta = read_json(ctx.path("pretrain", "model.json"))
     model_cfg = tr.ModelConfig(**meta["model"])
     tok = load_tokenizer(ctx.path(meta["tokenizer"]))
+    if meta.get("imported"):
+        from warm_jax import ensemble
+
+        if step is not None:
+            raise ValueError(f"an imported model ({meta['imported']}) has no pretraining step {step}")
+        model_cfg, graphdef, params, _ = ensemble.load_params_checkpoint(ctx.path("pretrain", "imported"), ctx.mesh)
+        _, abstract, axes = tr.abstract_model(model_cfg)
+        return model_cfg, graphdef, params, sharding.tree_specs(axes, abstract, ctx.mesh), tok
     graphdef, abstract, axes = tr.abstract_model(model_cfg)
     specs = sharding.tree_specs(axes, abstract, ctx.mesh)
     ckpt = checkpoints.Checkpointer(ctx.path("pretrain", "ckpt"), async_save=False)

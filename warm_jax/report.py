@@ -1,0 +1,196 @@
+"""Stage `report`: report/summary.json, report/report.md and PNG figures from the stages' outputs.
+
+Each section comes from the file its stage wrote (rm/eval.json, bon/results.json,
+rl/results.json); a section whose stage did not run is left out. The ``claims`` section checks
+the paper's findings against this run's own numbers (see ``claims.py``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from warm_jax import claims as claims_lib  # noqa: E402
+from warm_jax import io_utils  # noqa: E402
+from warm_jax.stages import RunContext, register_stage  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train_clean", "train_corrupted", "validation", "ood")
+
+
+def _load(path):
+    return io_utils.read_json(path) if os.path.exists(path) else None
+
+
+def build_summary(workdir: str) -> dict:
+    summary: dict = {"workdir": os.path.abspath(workdir)}
+    ev = _load(os.path.join(workdir, "rm", "eval.json"))
+    if ev:
+        summary["rm"] = ev["rm"]
+        summary["lmc"] = ev["lmc"]
+        summary["reward_stats"] = ev["reward_stats"]
+    control = _load(os.path.join(workdir, "rm_control", "lmc.json"))
+    if control:
+        summary["negative_control"] = control
+    bon = _load(os.path.join(workdir, "bon", "results.json"))
+    if bon:
+        summary["bon"] = bon
+    rl = _load(os.path.join(workdir, "rl", "results.json"))
+    if rl:
+        summary["rl"] = rl
+    summary["claims"] = claims_lib.check_all(summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _fig(path):
+    plt.tight_layout()
+    plt.savefig(path, dpi=110)
+    plt.close()
+    return os.path.basename(path)
+
+
+def figures(summary: dict, out: str) -> list[str]:
+    made = []
+    if "lmc" in summary:
+        lmc = summary["lmc"]
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), sharex=True)
+        for ax, s in zip(axes, SPLITS):
+            ax.plot(lmc["lambdas"], lmc["weight_interp"][s], "o-", label="weights (WA)")
+            ax.plot(lmc["lambdas"], lmc["pred_interp"][s], "s--", label="predictions (ENS)")
+            ax.set_title(s + (" (vs flipped labels)" if s == "train_corrupted" else ""), fontsize=9)
+            ax.set_xlabel("λ")
+        axes[0].set_ylabel("accuracy")
+        axes[0].legend(fontsize=8)
+        made.append(_fig(os.path.join(out, "interpolation.png")))
+    if "rm" in summary:
+        rm = summary["rm"]
+        ms = [r["M"] for r in rm["warm_by_m"]]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+        for ax, s in zip(axes, ("validation", "ood")):
+            ax.plot(ms, [r["acc"][s] for r in rm["warm_by_m"]], "o-", label="WARM (weight average)")
+            ax.plot(ms, [r["acc"][s] for r in rm["ens_by_m"]], "s--", label="ENS (prediction average)")
+            best = max(mb["acc"][s] for mb in rm["members"])
+            mean = sum(mb["acc"][s] for mb in rm["members"]) / len(rm["members"])
+            ax.axhline(best, color="gray", ls=":", label="best member")
+            ax.axhline(mean, color="gray", ls="-.", label="mean member")
+            ax.set_title(f"{s} accuracy vs M (best-first)")
+            ax.set_xlabel("M")
+        axes[0].legend(fontsize=8)
+        made.append(_fig(os.path.join(out, "accuracy_vs_m.png")))
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        names = [f"m{m['id']}" for m in rm["members"]] + ["WARM", "ENS"]
+        vals = [m["acc"]["train_corrupted"] for m in rm["members"]] + [
+            rm["warm"]["acc"]["train_corrupted"], rm["ens"]["acc"]["train_corrupted"]]
+        ax.bar(names, vals, color=["#999"] * len(rm["members"]) + ["C0", "C1"])
+        ax.set_ylabel("accuracy vs flipped labels")
+        ax.set_title("memorisation of corrupted labels (lower = more robust)")
+        made.append(_fig(os.path.join(out, "memorisation.png")))
+    if "bon" in summary:
+        bon = summary["bon"]
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for name, ys in bon["oracle"].items():
+            ax.plot(bon["n"], ys, "o-", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (KL = log N − (N−1)/N)")
+        ax.set_ylabel("oracle reward of the choice")
+        ax.set_title("Best-of-N")
+        ax.legend(fontsize=8)
+        made.append(_fig(os.path.join(out, "bon.png")))
+    if "rl" in summary:
+        runs = summary["rl"]["runs"]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+        for name, r in runs.items():
+            axes[0].plot(r["kl"], r["oracle"], "o-", label=name)
+            axes[1].plot(r["kl"], r["proxy"], "o-", label=name)
+        axes[0].set_title("oracle (control) reward vs KL")
+        axes[1].set_title("proxy reward vs KL")
+        for ax in axes:
+            ax.set_xlabel("KL(π ‖ π_ref)")
+        axes[0].legend(fontsize=8)
+        made.append(_fig(os.path.join(out, "rl.png")))
+    return made
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _row(cells):
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def markdown(summary: dict, figs: list[str]) -> str:
+    lines = ["# warm_jax report", ""]
+    if "rm" in summary:
+        rm = summary["rm"]
+        lines += [
+            "## Reward models",
+            "",
+            "Accuracy per split. **train_corrupted is measured against the flipped (training) labels: higher means the",
+            "model memorised more label noise.**",
+            "",
+            _row(["model", *SPLITS]),
+            _row(["---"] * (len(SPLITS) + 1)),
+        ]
+        for m in rm["members"]:
+            lines.append(_row([f"member {m['id']}", *(f"{m['acc'][s]:.3f}" for s in SPLITS)]))
+        lines.append(_row([f"**WARM** (M={rm['warm']['M']})", *(f"**{rm['warm']['acc'][s]:.3f}**" for s in SPLITS)]))
+        lines.append(_row([f"ENS (M={rm['ens']['M']})", *(f"{rm['ens']['acc'][s]:.3f}" for s in SPLITS)]))
+        lines += ["", f"Calibration (ECE, validation): WARM {rm['warm']['ece']['validation']:.3f}, "
+                  f"ENS {rm['ens']['ece']['validation']:.3f}.", ""]
+    if "negative_control" in summary:
+        b = summary["negative_control"]["barrier"]
+        lines_ctrl = ", ".join(f"{s} {100 * v:.2f}" for s, v in b.items())
+    if "lmc" in summary:
+        b = summary["lmc"]["barrier"]
+        lines += ["## Linear mode connectivity", "",
+                  f"Members {summary['lmc']['members']}: barrier height (accuracy points below the straight line) "
+                  + ", ".join(f"{s} {100 * v:.2f}" for s, v in b.items()), ""]
+        if "negative_control" in summary:
+            lines += [f"Negative control (two RMs from different random inits, no pretraining): barrier {lines_ctrl}.", ""]
+    if "bon" in summary:
+        bon = summary["bon"]
+        lines += ["## Best-of-N (oracle reward of the choice)", "", _row(["N", "KL", *bon["oracle"].keys()]),
+                  _row(["---"] * (2 + len(bon["oracle"])))]
+        for i, n in enumerate(bon["n"]):
+            lines.append(_row([n, f"{bon['kl'][i]:.2f}", *(f"{v[i]:.3f}" for v in bon["oracle"].values())]))
+        lines.append("")
+    if "rl" in summary:
+        lines += ["## REINFORCE", ""]
+        for name, w in summary["rl"].get("win_rate", {}).items():
+            lines.append(f"- win rate {name}: {w['value']:.3f} (95% CI {w['ci95'][0]:.3f}–{w['ci95'][1]:.3f}, "
+                         f"{w['n_prompts']} prompts)")
+        lines.append("")
+    if summary.get("claims"):
+        lines += ["## The paper's claims, checked on this run", "", _row(["claim", "holds", "numbers"]),
+                  _row(["---", "---", "---"])]
+        for c in summary["claims"]:
+            nums = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c["numbers"].items())
+            lines.append(_row([f"`{c['id']}`: {c['statement']}", "yes" if c["holds"] else "**no**", nums]))
+        lines.append("")
+    for f in figs:
+        lines += [f"![{f}]({f})", ""]
+    return "\n".join(lines)
+
+
+@register_stage("report")
+def run(ctx: RunContext) -> None:
+    if jax.process_index() != 0:
+        return
+    summary = build_summary(ctx.workdir)
+    out = ctx.path("report")
+    os.makedirs(out, exist_ok=True)
+    figs = figures(summary, out)
+    io_utils.atomic_write_json(os.path.join(out, "summary.json"), summary)
+    io_utils.atomic_write_text(os.path.join(out, "report.md"), markdown(summary, figs))
+    log.info("[report] %s", os.path.join(out, "report.md"))
+    print(json.dumps({c["id"]: c["holds"] for c in summary["claims"]}))
