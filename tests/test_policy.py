@@ -67,7 +67,7 @@ def model():
 
 
 # Jitted once per shape: the eager loops are op-by-op and slow.
-greedy_reference = jax.jit(sampler.greedy_reference, static_argnums=(1, 4))
+greedy_reference = sampler.greedy_reference
 sample = jax.jit(sampler.sample, static_argnames=("graphdef", "model_cfg", "cfg"))
 
 

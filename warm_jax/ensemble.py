@@ -219,6 +219,35 @@ class Ensemble:
     shared_init: object  # the LP-FT init (pretrained trunk + probed head), unstacked
 
 
+def stack_state(mesh, cfg: EnsembleConfig, inits: Sequence, param_specs, seeds: Sequence[int]):
+    """The stacked training state [M, ...] from M per-member initial params (pure dicts).
+
+    Every leaf (params, Adam moments, counters, the per-member learning rate, step, key) gets a
+    leading member axis split over the mesh's 'ensemble' axis. Returns
+    (tx, state shardings, state, abstract state with shardings).
+    """
+    m = len(inits)
+    lrs = jnp.asarray(per_member(cfg.learning_rates, m, "learning_rates"), jnp.float32)
+    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
+    tx = make_member_tx(cfg, 0.0)  # the rate itself lives in each member's optimizer state
+    abstract_params = jax.eval_shape(lambda: inits[0])
+    member_specs = state_specs(tx, abstract_params, param_specs)
+    state_sh = sharding.named(mesh, sharding.prefix_ensemble(member_specs))
+    stacked_param_sh = sharding.named(mesh, sharding.prefix_ensemble(param_specs))
+    # Stack on device: [M, ...] per leaf, written straight into the ensemble sharding.
+    stack = jax.jit(
+        lambda *members: jax.tree.map(lambda *xs: jnp.stack(xs), *members), out_shardings=stacked_param_sh
+    )
+    params = stack(*inits)
+
+    def init_member(p, lr, key):
+        return new_state(p, make_member_tx(cfg, lr), key)
+
+    state = jax.jit(jax.vmap(init_member), out_shardings=state_sh)(params, lrs, keys)
+    abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), state_sh)
+    return tx, state_sh, state, abstract_state
+
+
 def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
     mesh = ctx.mesh
     m = cfg.num_members
@@ -238,30 +267,11 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
         steps = per_member(cfg.featurizer_steps or (None,), m, "featurizer_steps")
         trunks = {s: (base if s is None else pretrain.load_params(ctx, step=s)[2]) for s in set(steps)}
         inits = [trunks[s] for s in steps]
-    lrs = jnp.asarray(per_member(cfg.learning_rates, m, "learning_rates"), jnp.float32)
-    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
-
-    tx = make_member_tx(cfg, 0.0)  # the rate itself lives in each member's optimizer state
-    abstract_params = jax.eval_shape(lambda: base)
-    member_specs = state_specs(tx, abstract_params, param_specs)
-    stacked_specs = sharding.prefix_ensemble(member_specs)
-    state_sh = sharding.named(mesh, stacked_specs)
-    stacked_param_sh = sharding.named(mesh, sharding.prefix_ensemble(param_specs))
 
     def with_head(p):
         return p if cfg.random_init else {**p, "reward_head": head}
 
-    # Stack on device: [M, ...] per leaf, written straight into the ensemble sharding.
-    stack = jax.jit(
-        lambda *members: jax.tree.map(lambda *xs: jnp.stack(xs), *members), out_shardings=stacked_param_sh
-    )
-    params = stack(*[with_head(p) for p in inits])
-
-    def init_member(p, lr, key):
-        return new_state(p, make_member_tx(cfg, lr), key)
-
-    state = jax.jit(jax.vmap(init_member), out_shardings=state_sh)(params, lrs, keys)
-    abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), state_sh)
+    tx, state_sh, state, abstract_state = stack_state(mesh, cfg, [with_head(p) for p in inits], param_specs, seeds)
     return Ensemble(model_cfg, graphdef, tx, param_specs, state_sh, state, abstract_state, lp_acc, with_head(base))
 
 

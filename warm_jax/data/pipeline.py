@@ -20,9 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
-from warm_jax.data import builders
 from warm_jax.data import preference as pref
 
 DEFAULT_FIELDS = ("chosen_tokens", "rejected_tokens", "chosen_length", "rejected_length", "prompt_length",
@@ -37,6 +35,8 @@ def load_split(dataset_dir: str | os.PathLike, split: str) -> Sequence[dict[str,
 
   Examples are dicts of numpy values; text fields come back as UTF-8 bytes.
   """
+  import tensorflow_datasets as tfds  # lazy: slow to import, and only readers need it
+
   builder = tfds.builder_from_directory(os.fspath(dataset_dir))
   if split not in builder.info.splits:
     raise KeyError(f"{dataset_dir} has no split '{split}'; it has {sorted(builder.info.splits)}")
@@ -44,6 +44,8 @@ def load_split(dataset_dir: str | os.PathLike, split: str) -> Sequence[dict[str,
 
 
 def load_metadata(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+  from warm_jax.data import builders
+
   path = Path(dataset_dir) / builders.METADATA_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: {dataset_dir} is not a dataset written by warm_jax.data")

@@ -43,6 +43,7 @@ class ModelConfig:
     dtype: str = "float32"  # activations / matmul inputs
     param_dtype: str = "float32"
     init_std: float = 0.02
+    attention: str = "xla"  # 'xla' (any backend), 'cudnn' (fused, GPU only) or 'auto' (jax picks)
 
     @property
     def dim_head(self) -> int:
@@ -92,6 +93,27 @@ def dropout(x, rate, key):
     return jnp.where(keep, x / jnp.maximum(1.0 - rate, 1e-6).astype(x.dtype), 0).astype(x.dtype)
 
 
+def attend(q, k, v, mask, implementation: str = "xla"):
+    """Grouped-query attention. q [B, T, H, D], k/v [B, S, K, D], mask [B, T, S] bool → [B, T, H, D].
+
+    'xla' is a plain einsum softmax (float32 scores); 'cudnn'/'auto' use jax.nn.dot_product_attention
+    (its fused kernel on GPU; 'auto' lets jax choose). A fully masked row (a pad query) attends uniformly instead of NaN.
+    """
+    if implementation in ("cudnn", "auto"):
+        # An explicit [B, H, T, S] mask: a broadcast head dim does not survive vmap's batching rule.
+        full = jnp.broadcast_to(mask[:, None], (q.shape[0], q.shape[2], mask.shape[1], mask.shape[2]))
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=full, implementation="cudnn" if implementation == "cudnn" else None
+        )
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head
@@ -123,13 +145,7 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx, 1)
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(dt), v_all.astype(dt)
-        b, t, h, hd = q.shape
-        kv = k.shape[2]
-        q = q.reshape(b, t, kv, h // kv, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+        out = attend(q, k, v, mask, cfg.attention)
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), new_cache
 
 

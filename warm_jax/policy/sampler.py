@@ -92,10 +92,11 @@ def sample(params, prompt_tokens, prompt_mask, key, *, graphdef, model_cfg: tr.M
         jnp.zeros((b,), bool), key,
     )
     _, _, _, toks, lps, _, _ = jax.lax.while_loop(cond, body, init)
-    # A generated token is real up to and including the first EOS.
+    # A generated token is real up to and including the first EOS (decided by position, not by
+    # value: a sampled token may equal pad_id).
     is_eos = toks == cfg.eos_id
-    after_eos = jnp.cumsum(is_eos, axis=1) - is_eos.astype(jnp.int32) > 0
-    mask = ((toks != cfg.pad_id) | is_eos) & ~after_eos
+    first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), n)
+    mask = jnp.arange(n)[None, :] <= first_eos[:, None]
     return {"tokens": toks, "logprobs": lps, "mask": mask.astype(jnp.int32), "length": mask.sum(1).astype(jnp.int32)}
 
 
@@ -119,6 +120,7 @@ def sequence_logprobs(params, graphdef, tokens, mask, response_start: int):
     return jnp.take_along_axis(lp, tokens[:, response_start:, None], axis=-1)[..., 0]
 
 
+@functools.partial(jax.jit, static_argnums=(1, 4))
 def greedy_reference(params, graphdef, prompt_tokens, prompt_mask, n: int):
     """Greedy decoding by full forward passes (no cache): the test oracle for ``sample``."""
     model = tr.bind(graphdef, params)
