@@ -3,7 +3,7 @@
   python benchmarks/averaging.py [--ks=2,4,8] [--reps=3] [--workdir=/tmp/warm_avg_bench]
 
 Writes 8 member checkpoints of one model (default ~134 MB of float32 params) once with
-``ensemble.save_params``, then per repetition and per K:
+``params_io.save_params``, then per repetition and per K:
 
 * floor: read every file under the K member directories once untimed (to warm the page cache;
   dropping the cache needs root), then read them all again, timed, into a reused buffer;
@@ -39,7 +39,7 @@ def setup(workdir: str) -> dict:
     """Writes the 8 members (each its own random init) unless they exist with this config."""
     import jax
 
-    from warm_jax import ensemble, io_utils
+    from warm_jax import io_utils, params_io
     from warm_jax.models import transformer as tr
 
     cfg = tr.ModelConfig(**BENCH_CFG)
@@ -51,7 +51,7 @@ def setup(workdir: str) -> dict:
     n_params = tr.param_count(jax.eval_shape(init, jax.random.key(0)))
     if not ok:
         for i, d in enumerate(dirs):
-            ensemble.save_params(d, init(jax.random.key(i)), model_cfg=cfg, meta={"member": i}, tokenizer_dir=None)
+            params_io.save_params(d, init(jax.random.key(i)), model_cfg=cfg, meta={"member": i}, tokenizer_dir=None)
     return {"params": n_params, "mb": n_params * 4 / 1e6, "disk_mb_per_member": dir_bytes(dirs[0]) / 1e6}
 
 
@@ -78,7 +78,7 @@ def child(mode: str, k: int, workdir: str) -> dict:
     """One measurement in this (fresh) process."""
     import psutil
 
-    from warm_jax import averaging, ensemble, runtime, sharding
+    from warm_jax import averaging, params_io, runtime, sharding
     from warm_jax.models import transformer as tr
 
     import jax
@@ -92,7 +92,7 @@ def child(mode: str, k: int, workdir: str) -> dict:
         cfg, _, params, info = averaging.average_checkpoints(dirs, mesh=mesh)
         hashes = info["hashes"]
     else:
-        loaded = [ensemble.load_params_checkpoint(d, mesh) for d in dirs]
+        loaded = [params_io.load_params_checkpoint(d, mesh) for d in dirs]
         cfg = loaded[0][0]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[p for _, _, p, _ in loaded])
         del loaded

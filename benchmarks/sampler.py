@@ -11,7 +11,6 @@ excluded (one warm-up call each). Prints a markdown table: median and [min, max]
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import jax

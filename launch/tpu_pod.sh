@@ -5,6 +5,8 @@
 set -euo pipefail
 
 readonly PROG=${0##*/}
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly ROOT
 readonly REMOTE_DIR=warm_jax # relative to the login home on every worker
@@ -52,28 +54,6 @@ Example:
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
-
-log() { echo "$PROG: $*" >&2; }
-
-# Joins words shell-quoted (POSIX single quotes where needed, readable and safe for the
-# workers' shell too), so that the printed line runs the same command when pasted.
-quote_cmd() {
-  local word out=() sq="'\\''"
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_./=:,@%+-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/$sq}'")
-    fi
-  done
-  printf '%s\n' "${out[*]}"
-}
-
 default_version() {
   case $1 in
     v5litepod-* | v5e-*) echo v2-alpha-tpuv5-lite ;;
@@ -93,37 +73,13 @@ project=""
 delete=0
 poll_s=30
 dry_run=0
-need_value() { (($1 >= 2)) || die "$2 needs a value"; }
-while (($#)); do
-  case $1 in
-    -h | --help) usage; exit 0 ;;
-    --name) need_value $# "$1"; name=$2; shift 2 ;;
-    --name=*) name=${1#*=}; shift ;;
-    --zone) need_value $# "$1"; zone=$2; shift 2 ;;
-    --zone=*) zone=${1#*=}; shift ;;
-    --accelerator_type) need_value $# "$1"; accelerator_type=$2; shift 2 ;;
-    --accelerator_type=*) accelerator_type=${1#*=}; shift ;;
-    --version) need_value $# "$1"; version=$2; shift 2 ;;
-    --version=*) version=${1#*=}; shift ;;
-    --project) need_value $# "$1"; project=$2; shift 2 ;;
-    --project=*) project=${1#*=}; shift ;;
-    --poll_s) need_value $# "$1"; poll_s=$2; shift 2 ;;
-    --poll_s=*) poll_s=${1#*=}; shift ;;
-    --queued) queued=1; shift ;;
-    --spot) spot=1; shift ;;
-    --delete) delete=1; shift ;;
-    --dry_run) dry_run=1; shift ;;
-    --) shift; break ;;
-    *) die "unknown argument '$1' (arguments for warm_jax.train go after '--')" ;;
-  esac
-done
-train_args=("$@")
+parse_args "name zone accelerator_type version project poll_s" "queued spot delete dry_run" "" "$@"
 
 [[ -n $name ]] || die "--name is required"
 [[ $name =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
   die "--name '$name': use lower-case letters, digits and '-', starting with a letter"
 [[ -n $zone ]] || die "--zone is required"
-[[ $poll_s =~ ^[0-9]+$ ]] || die "--poll_s must be a whole number of seconds, got '$poll_s'"
+check_seconds poll_s "$poll_s"
 train=1
 if ((${#train_args[@]} == 0)); then
   ((delete)) || die "nothing to do: give ARGS for warm_jax.train after '--', or --delete"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -41,6 +40,26 @@ TINY = [
     "LoopConfig.save_interval_steps = 4",
     "LoopConfig.async_save = False",
 ]
+
+# Best-of-N and REINFORCE at test size (used by the whole-pipeline tests).
+TINY_POLICY = [
+    "BonConfig.n_values = (1, 2, 4)",
+    "BonConfig.num_prompts = 8",
+    "BonConfig.max_prompt_len = 8",
+    "BonConfig.max_new_tokens = 6",
+    "ReinforceConfig.rewards = ('warm', 'member_best')",
+    "ReinforceConfig.num_steps = 2",
+    "ReinforceConfig.prompts_per_step = 4",
+    "ReinforceConfig.samples_per_prompt = 2",
+    "ReinforceConfig.max_prompt_len = 8",
+    "ReinforceConfig.max_new_tokens = 6",
+    "ReinforceConfig.num_train_prompts = 32",
+    "ReinforceConfig.eval_every = 2",
+    "ReinforceConfig.num_eval_prompts = 8",
+    "ReinforceConfig.num_winrate_prompts = 8",
+    "EvalConfig.lmc_lambdas = 3",
+]
+ALL_STAGES = ("pretrain", "data", "rm_ensemble", "rm_control", "rm_eval", "bon", "reinforce", "report")
 
 MESH_8 = "make_mesh.shape = {'ensemble': 1, 'data': -1, 'fsdp': 1, 'tensor': 1}"
 MESH_ENS = "make_mesh.shape = {'ensemble': 2, 'data': 2, 'fsdp': 1, 'tensor': 2}"
@@ -139,3 +158,43 @@ def context(workdir: str, seed: int = 0):
     from warm_jax.stages import RunContext
 
     return RunContext(workdir=workdir, mesh=runtime.make_mesh(), seed=seed)
+
+
+def start_processes(workdir: str, bindings: list[str], *, num: int = 2, devices: int = 4, present=None,
+                    port: int | None = None, extra_flags=()):
+    """Starts ``num`` jax processes of one run on 127.0.0.1 (``present``: ids actually started)."""
+    from warm_jax import runtime
+
+    port = port or runtime.free_port()
+    procs = {}
+    for i in (range(num) if present is None else present):
+        env = subprocess_env(devices)
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num), JAX_PROCESS_ID=str(i))
+        procs[i] = subprocess.Popen(
+            train_cmd(workdir, bindings) + list(extra_flags), env=env, cwd=REPO, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )
+    return procs
+
+
+def wait_all(procs, timeout: float = 900) -> dict:
+    out = {}
+    for i, p in procs.items():
+        o, e = p.communicate(timeout=timeout)
+        out[i] = subprocess.CompletedProcess(p.args, p.returncode, o, e)
+    return out
+
+
+def restore_tree(ckpt_dir: str):
+    """(step, numpy tree) of the latest step of a Checkpointer directory, read without a target."""
+    from warm_jax.checkpoints import Checkpointer
+
+    ck = Checkpointer(ckpt_dir, read_only=True)
+    try:
+        state, _, step = ck.restore(None)
+    finally:
+        ck.close()
+    import jax
+    import numpy as np
+
+    return step, jax.tree.map(np.asarray, state)

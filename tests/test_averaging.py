@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from warm_jax import average, averaging, checkpoints, ensemble, io_utils, runtime, sharding
+from warm_jax import average, averaging, checkpoints, io_utils, params_io, runtime, sharding
 from warm_jax.models import transformer as tr
 from warm_jax.train_state import TrainState
 
@@ -27,7 +27,7 @@ def _host(tree):
 
 
 def _save(directory, params, cfg=CFG):
-    ensemble.save_params(str(directory), params, model_cfg=cfg, meta={"member": os.path.basename(str(directory))},
+    params_io.save_params(str(directory), params, model_cfg=cfg, meta={"member": os.path.basename(str(directory))},
                          tokenizer_dir=None)
     return str(directory)
 
@@ -100,7 +100,7 @@ def test_streaming_average_equals_numpy_mean(members, mesh8):
 def test_member_hash_from_manifest_equals_tree_sha256(members, mesh8):
     dirs, _, _ = members
     _, _, _, info = averaging.average_checkpoints(dirs[:1], mesh=mesh8)
-    _, _, p, _ = ensemble.load_params_checkpoint(dirs[0], mesh8)
+    _, _, p, _ = params_io.load_params_checkpoint(dirs[0], mesh8)
     assert info["hashes"][dirs[0]] == checkpoints.tree_sha256(p)
 
 
@@ -173,7 +173,7 @@ def test_cli_writes_merged_checkpoint_with_metadata(members, tmp_path, mesh8, ca
     out = tmp_path / "merged"
     assert average.main([*(f"--checkpoint={d}" for d in dirs[:2]), "--weights=1,3", f"--output={out}"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    cfg, _, params, meta = ensemble.load_params_checkpoint(str(out), mesh8)
+    cfg, _, params, meta = params_io.load_params_checkpoint(str(out), mesh8)
     assert cfg == CFG
     merge = meta["merge"]
     assert merge["members"] == dirs[:2] and merge["weights"] == [0.25, 0.75]
@@ -201,7 +201,7 @@ def test_cli_stacked_checkpoint_members(members, tmp_path, mesh8, capsys):
     dirs, _, host = members
     # A stacked training state as the rm_ensemble stage saves it: [M] on every leaf.
     mesh = runtime.make_mesh({"ensemble": 1, "data": -1})
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[ensemble.load_params_checkpoint(d, mesh)[2] for d in dirs])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params_io.load_params_checkpoint(d, mesh)[2] for d in dirs])
     state = TrainState(step=jnp.zeros((3,), jnp.int32), params=stacked,
                        opt_state={"mu": jax.tree.map(jnp.zeros_like, stacked)}, key=jnp.zeros((3, 2), jnp.uint32))
     rm = tmp_path / "w" / "rm"
@@ -211,7 +211,7 @@ def test_cli_stacked_checkpoint_members(members, tmp_path, mesh8, capsys):
     io_utils.atomic_write_json(str(rm / "members" / "0" / "model.json"), io_utils.read_json(f"{dirs[0]}/model.json"))
     out = tmp_path / "merged"
     assert average.main([f"--checkpoint={rm / 'ckpt'}", "--members=0,2", f"--output={out}"]) == 0
-    _, _, params, meta = ensemble.load_params_checkpoint(str(out), mesh8)
+    _, _, params, meta = params_io.load_params_checkpoint(str(out), mesh8)
     assert meta["merge"]["members"] == [f"{rm / 'ckpt'}@5[0]", f"{rm / 'ckpt'}@5[2]"]
     for path, x in _host(params).items():
         np.testing.assert_allclose(x, (host[0][path] + host[2][path].astype(np.float64)) / 2, rtol=1e-6, atol=1e-7)

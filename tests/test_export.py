@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from warm_jax import export, logits as logits_lib
 from warm_jax.data.tokenizers import HFTokenizer
-from warm_jax.ensemble import save_params
+from warm_jax.params_io import save_params
 from warm_jax.models import pretrained as pt
 from warm_jax.models import transformer as tr
 

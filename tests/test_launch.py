@@ -22,6 +22,7 @@ from warm_jax import runtime
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = ["local_multiprocess.sh", "tpu_pod.sh", "gpu_vms.sh", "slurm.sbatch"]
+LIBRARY = LAUNCH / "lib" / "common.sh"  # sourced by the .sh scripts
 # Arguments for warm_jax.train with spaces and quotes, to check they pass through intact.
 TRAIN_ARGS = ["--gin_file=gin/quickstart.gin", "--gin_bindings=SEED = 'a b'", "--workdir=/tmp/w j"]
 TRAIN_CMD = ["-m", "warm_jax.train", *TRAIN_ARGS]
@@ -100,6 +101,17 @@ def test_local_dry_run_picks_a_port_and_honours_python():
         envs.append(env)
     assert len(ports) == 1 and 1024 <= ports.pop() <= 65535
     _check_cluster(envs, envs[0]["JAX_COORDINATOR_ADDRESS"], "env")
+
+
+def _fake_tools(tmp_path: Path, **bodies: str) -> str:
+    """Writes tmp_path/bin/NAME, a bash script with the body ``bodies[NAME]``, for each NAME, and
+    returns a PATH that finds these stand-ins before the real tools."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in bodies.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
 
 
 def _fake_python(tmp_path: Path) -> Path:
@@ -201,24 +213,18 @@ def test_gpu_vms_coordinator_host_override_and_no_install():
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="the fake ssh needs setsid")
 def test_gpu_vms_stops_other_hosts_when_one_fails(tmp_path):
     """Runs the whole script against a fake ssh/rsync that 'log in' to local folders."""
-    bin_dir, hosts_dir = tmp_path / "bin", tmp_path / "hosts"
-    bin_dir.mkdir()
-    # Like sshd, start the remote command as a session leader (its own process group).
-    (bin_dir / "ssh").write_text(
-        "#!/usr/bin/env bash\n"
-        'while [[ $1 == -* ]]; do shift 2; done\n'
-        'host=${1#*@}; shift\n'
-        'mkdir -p "$FAKE_HOSTS/$host" && cd "$FAKE_HOSTS/$host" && '
-        'FAKE_HOST=$host exec setsid bash -c "$*"\n'
+    hosts_dir = tmp_path / "hosts"
+    path = _fake_tools(
+        tmp_path,
+        # Like sshd, start the remote command as a session leader (its own process group).
+        ssh='while [[ $1 == -* ]]; do shift 2; done\n'
+            'host=${1#*@}; shift\n'
+            'mkdir -p "$FAKE_HOSTS/$host" && cd "$FAKE_HOSTS/$host" && '
+            'FAKE_HOST=$host exec setsid bash -c "$*"\n',
+        rsync='dest=${!#}; host=${dest%%:*}; mkdir -p "$FAKE_HOSTS/${host#*@}/${dest#*:}"; echo synced\n',
     )
-    (bin_dir / "rsync").write_text(
-        "#!/usr/bin/env bash\n"
-        'dest=${!#}; host=${dest%%:*}; mkdir -p "$FAKE_HOSTS/${host#*@}/${dest#*:}"; echo synced\n'
-    )
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
     stub = _fake_python(tmp_path)
-    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_HOSTS=str(hosts_dir), FAIL_ID="2", WAIT="1")
+    env = _env(PATH=path, FAKE_HOSTS=str(hosts_dir), FAIL_ID="2", WAIT="1")
     start = time.monotonic()
     res = _run("gpu_vms.sh", "--hosts", "a,b,c", "--python", str(stub), "--", *TRAIN_ARGS, env=env)
     assert time.monotonic() - start < 10
@@ -339,9 +345,97 @@ def test_bad_usage_exits_2_with_a_message(script, args, message):
 def test_shellcheck_passes():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    res = subprocess.run(["shellcheck", "--shell=bash", *(str(LAUNCH / s) for s in SCRIPTS)],
-                         capture_output=True, text=True, timeout=60)
+    # -x follows `source lib/common.sh` (launch/.shellcheckrc resolves it next to each script), so
+    # the scripts are checked against the library's definitions; the library is checked itself too.
+    files = [*(str(LAUNCH / s) for s in SCRIPTS), str(LIBRARY)]
+    res = subprocess.run(["shellcheck", "--shell=bash", "-x", *files], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout
+
+
+# ------------------------------------------------------------------ lib/common.sh
+def _bash(snippet: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Runs ``snippet`` in a strict bash that has sourced the library (PROG=t, a usage())."""
+    prologue = f"set -euo pipefail; PROG=t; usage() {{ echo USAGE; }}; source {shlex.quote(str(LIBRARY))}; "
+    return subprocess.run(["bash", "-c", prologue + snippet, "bash", *args], capture_output=True, text=True,
+                          env=_env(), timeout=10)
+
+
+def test_library_only_defines_functions():
+    """Sourcing sets no variable, trap or option and prints nothing (scripts keep their own state)."""
+    snippet = (
+        'state() { compgen -v | grep -Ev "^(BASH_.*|FUNCNAME|_|before|PIPESTATUS|LINENO|RANDOM|SECONDS|SRANDOM|EPOCH.*)$"; '
+        'trap -p; echo "$-"; shopt -p; }; '
+        f"before=$(state); source {shlex.quote(str(LIBRARY))}; after=$(state); "
+        '[[ $before == "$after" ]] && declare -F | wc -l'
+    )
+    res = subprocess.run(["bash", "-c", "set -euo pipefail; " + snippet], capture_output=True, text=True,
+                         env=_env(), timeout=10)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert int(res.stdout) >= 10  # the functions are there
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["3", "--port", "7", "--dry_run", "--", "a b", "--port"], "n=3 port=7 dry_run=1 train=[a b][--port]"),
+        (["--port=", "--dry_run", "2"], "n=2 port= dry_run=1 train="),
+        (["--port", "--", "4"], "n=4 port=-- dry_run=0 train="),  # a value may look like an option
+        (["--help", "--bogus"], "USAGE"),
+    ],
+)
+def test_parse_args_sets_the_callers_variables(args, expected):
+    res = _bash('n="" port=1 dry_run=0; parse_args port dry_run n "$@"; '
+                'printf "n=%s port=%s dry_run=%s train=" "$n" "$port" "$dry_run"; for a in "${train_args[@]}"; do printf "[%s]" "$a"; done',
+                *args)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == expected
+
+
+HINT = " (arguments for warm_jax.train go after '--')"
+
+
+@pytest.mark.parametrize(
+    "positional, args, message",
+    [
+        ("n", ["--port"], "--port needs a value"),
+        ("n", ["--dry_run=1"], "unknown option '--dry_run=1'" + HINT),
+        ("n", ["1", "2"], "unexpected argument '2'" + HINT),
+        ("", ["1"], "unknown argument '1'" + HINT),
+        # Not an option name, so neither the word lookup nor printf -v may take it for '--port'.
+        ("", ["--port dry_run=1"], "unknown argument '--port dry_run=1'" + HINT),
+    ],
+)
+def test_parse_args_rejects_bad_arguments(positional, args, message):
+    res = _bash(f'n="" port=1 dry_run=0; parse_args port dry_run "{positional}" "$@"; echo parsed', *args)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.splitlines() == [f"t: error: {message}", "Run 't --help' for usage."]
+
+
+@pytest.mark.parametrize(
+    "check, value, message",
+    [
+        ("check_port", "0", "--port must be in 1..65535, got '0'"),
+        ("check_port", "65536", "--port must be in 1..65535, got '65536'"),
+        ("check_seconds kill_after", "1.5", "--kill_after must be a whole number of seconds, got '1.5'"),
+        ("check_positive N", "0", "N must be a positive integer, got '0'"),
+        ("check_positive N", "x", "N must be a positive integer, got 'x'"),
+    ],
+)
+def test_value_checks(check, value, message):
+    assert _bash(f'{check} "$1"; echo ok', "1").stdout == "ok\n"
+    res = _bash(f'{check} "$1"; echo ok', value)
+    assert res.returncode == 2 and res.stderr.splitlines()[0] == f"t: error: {message}"
+
+
+def test_slurm_sbatch_runs_from_a_spool_copy(tmp_path):
+    """sbatch runs a copy of the script from its spool directory: it must not need launch/lib."""
+    spool = tmp_path / "slurmd" / "job42" / "slurm_script"
+    spool.parent.mkdir(parents=True)
+    shutil.copy(LAUNCH / "slurm.sbatch", spool)
+    res = subprocess.run(["bash", str(spool), "--dry_run", "--", "--workdir=w"], capture_output=True, text=True,
+                         env=_env(), timeout=10)
+    assert res.returncode == 0, res.stderr
+    assert shlex.split(_lines(res.stdout)[0])[-4:] == ["python", "-m", "warm_jax.train", "--workdir=w"]
 
 
 # ------------------------------------------------------------------ gin/mesh/*.gin
@@ -368,21 +462,19 @@ def test_mesh_gin_files_build_the_mesh_on_8_devices(name, shape):
 
 def test_tpu_pod_runs_the_steps_in_order_and_deletes_after_a_failure(tmp_path):
     """Runs the script (not --dry_run) against a fake gcloud that logs its calls."""
-    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
-    bin_dir.mkdir()
-    (bin_dir / "gcloud").write_text(
-        "#!/usr/bin/env bash\n"
-        'echo "$*" >> "$CALLS"\n'
-        'case "$3 $4" in\n'
-        '  "tpu-vm describe") exit 1 ;;\n'  # no VM yet: it gets created
-        '  "queued-resources describe") echo ACTIVE ;;\n'
-        '  "tpu-vm scp") tar -tzf "$5" | grep -qx launch/tpu_pod.sh || exit 9 ;;\n'
-        '  "tpu-vm ssh") [[ $* == *warm_jax.train* ]] && exit 5 ;;\n'  # the training run fails
-        "esac\n"
-        "exit 0\n"
+    calls = tmp_path / "calls.txt"
+    path = _fake_tools(
+        tmp_path,
+        gcloud='echo "$*" >> "$CALLS"\n'
+               'case "$3 $4" in\n'
+               '  "tpu-vm describe") exit 1 ;;\n'  # no VM yet: it gets created
+               '  "queued-resources describe") echo ACTIVE ;;\n'
+               '  "tpu-vm scp") tar -tzf "$5" > "$CALLS.files" || exit 9 ;;\n'  # what was shipped
+               '  "tpu-vm ssh") [[ $* == *warm_jax.train* ]] && exit 5 ;;\n'  # the training run fails
+               "esac\n"
+               "exit 0\n",
     )
-    (bin_dir / "gcloud").chmod(0o755)
-    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), TMPDIR=str(tmp_path))
+    env = _env(PATH=path, CALLS=str(calls), TMPDIR=str(tmp_path))
     res = _run("tpu_pod.sh", "--name", "wj", "--zone", "z", "--accelerator_type", "v5litepod-8", "--queued",
                "--delete", "--poll_s", "0", "--", "--workdir=w", env=env)
     assert res.returncode == 5, res.stderr
@@ -390,3 +482,5 @@ def test_tpu_pod_runs_the_steps_in_order_and_deletes_after_a_failure(tmp_path):
     assert steps == ["tpu-vm describe", "queued-resources create", "queued-resources describe", "tpu-vm scp",
                      "tpu-vm ssh", "tpu-vm ssh", "queued-resources delete"]
     assert not (tmp_path / "warm_jax_src_wj.tgz").exists()  # the local tarball is cleaned up
+    shipped = set(Path(f"{calls}.files").read_text().splitlines())
+    assert {"launch/tpu_pod.sh", "launch/lib/common.sh", "warm_jax/train.py"} <= shipped

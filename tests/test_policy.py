@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from warm_jax import ensemble, io_utils, pretrain, reward, runtime
+from warm_jax import io_utils, params_io, pretrain, reward, runtime
 from warm_jax.checkpoints import Checkpointer
 from warm_jax.data import builtin_text
 from warm_jax.data.tokenizers import WordTokenizer
@@ -45,10 +45,10 @@ def make_tiny_workdir(workdir: str, mesh, num_members: int = 3, seed: int = 0) -
         p = pretrain.sharded_init(cfg, mesh, jax.random.key(100 + i))[1]
         p = {**p, "reward_head": jax.tree.map(lambda x: x * 50.0, p["reward_head"])}
         members.append(p)
-        ensemble.save_params(ctx.path("rm", "members", str(i)), p, model_cfg=cfg, meta={"member": i},
+        params_io.save_params(ctx.path("rm", "members", str(i)), p, model_cfg=cfg, meta={"member": i},
                              tokenizer_dir=ctx.path("tokenizer"))
     warm = jax.tree.map(lambda *xs: sum(xs) / len(xs), *members)
-    ensemble.save_params(ctx.path("rm", "warm"), warm, model_cfg=cfg, meta={}, tokenizer_dir=ctx.path("tokenizer"))
+    params_io.save_params(ctx.path("rm", "warm"), warm, model_cfg=cfg, meta={}, tokenizer_dir=ctx.path("tokenizer"))
     stats = {"mean": 0.1, "std": 0.5}
     io_utils.atomic_write_json(ctx.path("rm", "eval.json"), {
         "best_member": 1, "members": list(range(num_members)),
@@ -176,7 +176,7 @@ def test_rewards_by_name_ensemble_is_vmapped_mean_and_conservative_subtracts_std
     rng = np.random.default_rng(0)
     toks = jnp.asarray(rng.integers(4, 300, size=(8, 10)), jnp.int32)
     lens = jnp.asarray([10, 3, 5, 7, 10, 1, 4, 9], jnp.int32)
-    members = [ensemble.load_params_checkpoint(ctx.path("rm", "members", str(i)), ctx.mesh) for i in range(3)]
+    members = [params_io.load_params_checkpoint(ctx.path("rm", "members", str(i)), ctx.mesh) for i in range(3)]
     per = np.stack([np.asarray(reward.score(p, g, toks, lens)) for _, g, p, _ in members])  # [M, B]
     ens = rewards.load_reward(ctx, "ens")
     r, std = ens(toks, lens)

@@ -1,5 +1,4 @@
 """Stage `pretrain`: the loss falls, and a SIGKILLed run resumes to a bitwise-identical state."""
-import json
 import os
 import signal
 

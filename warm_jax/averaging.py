@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import checkpoints, ensemble, io_utils, sharding
+from warm_jax import checkpoints, io_utils, params_io, sharding
 from warm_jax.models import transformer as tr
 
 log = logging.getLogger(__name__)
@@ -425,7 +425,7 @@ def write_merged(
         }
     }
     json.dumps(meta)  # fail before writing anything if the metadata is not JSON
-    ensemble.save_params(output_dir, params, model_cfg=model_cfg, meta=meta, tokenizer_dir=tokenizer_dir)
+    params_io.save_params(output_dir, params, model_cfg=model_cfg, meta=meta, tokenizer_dir=tokenizer_dir)
 
 
 # ----------------------------------------------------------------------------- interpolation / LMC

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from collections.abc import Sequence
 
 import gin
@@ -21,11 +20,11 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import checkpoints, io_utils, loop, pretrain, reward, sharding
+from warm_jax import io_utils, loop, params_io, pretrain, reward, sharding
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
-from warm_jax.train_state import TrainState, all_finite, new_state, select, state_specs
+from warm_jax.train_state import TrainState, guarded_update, new_state, state_specs
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +89,11 @@ def linear_probe(params, graphdef, source, cfg: EnsembleConfig, *, batch_size: i
     Features are computed once; the fit is full-batch Adam on f⁺ − f⁻ (the head's bias
     cancels in a difference, so it stays at its initial value).
     """
-    feat = jax.jit(functools.partial(reward.features, graphdef=graphdef))
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    # Every process computes every feature (replicated output), so the fit below is identical on all.
+    feat = jax.jit(functools.partial(reward.features, graphdef=graphdef), out_shardings=sharding.replicated(mesh))
     diffs = []
-    for batch in pipeline.eval_batches(source, batch_size, fields=RM_FIELDS):
+    for batch in pipeline.eval_batches(source, batch_size, fields=RM_FIELDS, process_index=0, process_count=1):
         fc = feat(params, tokens=batch["chosen_tokens"], lengths=batch["chosen_length"])
         fr = feat(params, tokens=batch["rejected_tokens"], lengths=batch["rejected_length"])
         diffs.append(np.asarray(fc - fr)[np.asarray(batch["valid"], bool)])
@@ -139,16 +140,7 @@ def member_step(state: TrainState, batch, dropout_rate, *, graphdef, tx, cfg: En
         # The BT loss only sees r⁺ − r⁻, so the head's bias is unidentifiable: its gradient is
         # rounding noise that Adam would normalise into lr-sized steps. Keep it fixed.
         grads = {**grads, "reward_head": {**grads["reward_head"], "bias": jnp.zeros_like(grads["reward_head"]["bias"])}}
-    poison = jnp.where(state.step + 1 == cfg.debug_nan_step, jnp.nan, 1.0)
-    loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & all_finite(grads)
-    new = state.replace(
-        step=state.step + 1,
-        params=select(finite, params, state.params),
-        opt_state=select(finite, opt_state, state.opt_state),
-    )
+    new, loss, finite = guarded_update(state, loss, grads, tx, debug_nan_step=cfg.debug_nan_step)
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
@@ -323,40 +315,6 @@ def train_ensemble(
 # ----------------------------------------------------------------------------- member export
 
 
-def save_params(directory: str, params, *, model_cfg: tr.ModelConfig, meta: dict, tokenizer_dir: str | None):
-    """A standalone params checkpoint: Orbax + hash manifest, and model.json beside it.
-
-    Written to a temporary sibling and renamed, so ``directory`` only ever holds a finished one.
-    """
-    with io_utils.atomic_directory(directory, overwrite=True) as tmp:
-        ck = checkpoints.Checkpointer(os.path.join(tmp, "ckpt"), async_save=False)
-        ck.save(0, {"params": params}, meta=meta, force=True)
-        ck.close()
-        if jax.process_index() == 0:
-            io_utils.atomic_write_json(
-                os.path.join(tmp, "model.json"),
-                {"model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer_dir, **meta},
-            )
-
-
-def load_params_checkpoint(directory: str, mesh, *, rules=None):
-    """Restores a ``save_params`` checkpoint into the rules' sharding on ``mesh``.
-
-    Returns (model_cfg, graphdef, params, meta).
-    """
-    meta = io_utils.read_json(os.path.join(directory, "model.json"))
-    model_cfg = tr.ModelConfig(**meta["model"])
-    graphdef, abstract, axes = tr.abstract_model(model_cfg)
-    specs = sharding.tree_specs(axes, abstract, mesh, rules)
-    target = {"params": sharding.abstract_with_sharding(abstract, sharding.named(mesh, specs))}
-    ck = checkpoints.Checkpointer(os.path.join(directory, "ckpt"), async_save=False)
-    try:
-        state, _, _ = ck.restore(target)
-    finally:
-        ck.close()
-    return model_cfg, graphdef, state["params"], meta
-
-
 def member_slice(stacked_params, i: int, mesh, param_specs):
     """Member i of a stacked tree, resharded to the single-member layout (on device)."""
     return jax.jit(lambda p: jax.tree.map(lambda x: x[i], p), out_shardings=sharding.named(mesh, param_specs))(
@@ -377,7 +335,7 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
             "member": i, "seed": seeds[i], "learning_rate": lrs[i], "dropout_rate": drops[i],
             "featurizer_step": feats[i], "num_steps": cfg.num_steps,
         }
-        save_params(
+        params_io.save_params(
             ctx.path("rm", "members", str(i)), member_slice(state.params, i, ctx.mesh, ens.param_specs),
             model_cfg=ens.model_cfg, meta=meta, tokenizer_dir=ctx.path("tokenizer"),
         )

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from warm_jax import averaging, checkpoints, ensemble, io_utils, reward, sharding
+from warm_jax import averaging, checkpoints, ensemble, io_utils, params_io, reward, sharding
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
@@ -89,8 +89,12 @@ class Scorer:
         n_shards = int(np.prod([mesh.shape[a] for a in shards])) if shards else 1
         self.batch_size = max(n_shards, batch_size // n_shards * n_shards)
         score = functools.partial(reward.score, graphdef=graphdef)
-        self._one = jax.jit(lambda p, t, l: score(p, tokens=t, lengths=l))
-        self._stack = jax.jit(jax.vmap(lambda p, t, l: score(p, tokens=t, lengths=l), in_axes=(0, None, None)))
+        # Replicated outputs: every process reads every reward (multi-host safe).
+        rep = sharding.replicated(mesh)
+        self._one = jax.jit(lambda p, t, l: score(p, tokens=t, lengths=l), out_shardings=rep)
+        self._stack = jax.jit(
+            jax.vmap(lambda p, t, l: score(p, tokens=t, lengths=l), in_axes=(0, None, None)), out_shardings=rep
+        )
 
     def _run(self, fn, params, tokens, lengths):
         n = len(tokens)
@@ -164,7 +168,7 @@ def load_members(ctx: RunContext):
     member_dirs = sorted(
         (d for d in os.listdir(ctx.path("rm", "members")) if d.isdigit()), key=int
     )
-    loaded = [ensemble.load_params_checkpoint(ctx.path("rm", "members", d), ctx.mesh) for d in member_dirs]
+    loaded = [params_io.load_params_checkpoint(ctx.path("rm", "members", d), ctx.mesh) for d in member_dirs]
     model_cfg, graphdef = loaded[0][0], loaded[0][1]
     members = [p for _, _, p, _ in loaded]
     _, abstract, axes = tr.abstract_model(model_cfg)
@@ -249,7 +253,7 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> dict:
     lmc = lmc_curves(scorer, pa, pb, splits, lambdas, member_r, a, b)
 
     accuracies = {ids[i]: members[i]["acc"] for i in range(m)}
-    hashes = {ids[i]: checkpoints.tree_sha256(jax.tree.map(lambda x, i=i: x[i], stacked)) for i in range(m)}
+    hashes = {ids[i]: checkpoints.tree_sha256(host_copy(jax.tree.map(lambda x, i=i: x[i], stacked))) for i in range(m)}
     averaging.write_merged(
         ctx.path("rm", "warm"), warm_p, model_cfg=model_cfg, members=[ids[i] for i in chosen],
         weights=[1.0 / len(chosen)] * len(chosen), accuracies=accuracies, hashes=hashes,
@@ -272,6 +276,13 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> dict:
         "reward_stats": reward_stats,
     }
     return result
+
+
+def host_copy(tree):
+    """A tree of (possibly multi-host sharded) arrays as numpy on every process."""
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
 def _acc_view(metrics: dict) -> dict:

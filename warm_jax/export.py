@@ -2,7 +2,7 @@
 
     python -m warm_jax.export --checkpoint=WORKDIR/rm/warm --format=hf --output=/tmp/warm_rm --kind=reward
 
-``--checkpoint`` is a directory written by ``warm_jax.ensemble.save_params`` (``model.json`` + Orbax
+``--checkpoint`` is a directory written by ``warm_jax.params_io.save_params`` (``model.json`` + Orbax
 ``ckpt/``). The output directory holds ``model.safetensors``, ``config.json`` and, when model.json names an
 HF-format tokenizer directory, ``tokenizer.json`` + ``tokenizer_config.json``; ``transformers`` loads it as
 
@@ -127,7 +127,7 @@ def export_hf(checkpoint: str, output: str, *, kind: str = "causal_lm", overwrit
     from safetensors.numpy import save_file
 
     from warm_jax import runtime
-    from warm_jax.ensemble import load_params_checkpoint
+    from warm_jax.params_io import load_params_checkpoint
 
     if kind not in KINDS:
         raise ValueError(f"--kind={kind!r}; known: {list(KINDS)}")

@@ -27,23 +27,38 @@ def atomic_directory(path: str, *, overwrite: bool = False):
     """Yields a temporary sibling directory that is renamed to ``path`` on success.
 
     On an exception (or a crash) ``path`` is untouched and the temporary is removed (a
-    crash leaves only a ``.tmp-*`` sibling, never a partial ``path``).
+    crash leaves only a ``.tmp`` sibling, never a partial ``path``). With several jax
+    processes every process writes into the same temporary (its name is deterministic) and
+    process 0 alone prepares and renames it, between barriers.
     """
+    import jax
+
+    from warm_jax import runtime
+
     path = os.path.abspath(path)
+    main = jax.process_index() == 0
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"output {path} already exists")
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    multi = jax.process_count() > 1
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp" + ("" if multi else f"-{uuid.uuid4().hex[:8]}"))
+    if main:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a stale one from a crashed run
+        os.makedirs(tmp)
+    runtime.sync(f"atomic-dir-open:{path}")
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    runtime.sync(f"atomic-dir-written:{path}")
+    if main:
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    runtime.sync(f"atomic-dir-done:{path}")
 
 
 def read_json(path: str):

@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warm_jax import checkpoints, loop, sharding
+from warm_jax import checkpoints, loop, params_io, sharding
 from warm_jax.data import builtin_text
 from warm_jax.data import pipeline
 from warm_jax.data.tokenizers import Tokenizer, WordTokenizer, load_tokenizer
 from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
-from warm_jax.train_state import TrainState, all_finite, new_state, select, state_specs
+from warm_jax.train_state import TrainState, guarded_update, new_state, state_specs
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +77,7 @@ def _train_step(state: TrainState, batch, *, graphdef, tx, model_cfg, debug_nan_
         state.params, graphdef, batch["tokens"], batch["mask"], dropout_rate=model_cfg.dropout_rate,
         key=key if model_cfg.dropout_rate > 0 else None,
     )
-    loss = jnp.where(state.step + 1 == debug_nan_step, jnp.nan, loss)
-    grads = jax.tree.map(lambda g: g * jnp.where(state.step + 1 == debug_nan_step, jnp.nan, 1.0), grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & all_finite(grads)
-    new = state.replace(
-        step=state.step + 1,
-        params=select(finite, params, state.params),
-        opt_state=select(finite, opt_state, state.opt_state),
-    )
+    new, loss, finite = guarded_update(state, loss, grads, tx, debug_nan_step=debug_nan_step)
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
 
 
@@ -175,12 +166,12 @@ def run_import(ctx: RunContext) -> None:
     Writes the same layout `pretrain` does (WORKDIR/pretrain/model.json, WORKDIR/tokenizer), with
     the weights as a standalone params checkpoint in WORKDIR/pretrain/imported.
     """
-    from warm_jax import ensemble, io_utils
+    from warm_jax import io_utils
     from warm_jax.models import pretrained
 
     name = base_model()
     model_cfg, _, params, tok = pretrained.load_pretrained(name, mesh=ctx.mesh)
-    ensemble.save_params(
+    params_io.save_params(
         ctx.path("pretrain", "imported"), params, model_cfg=model_cfg, meta={"source": name}, tokenizer_dir=None
     )
     if jax.process_index() == 0:
@@ -202,11 +193,9 @@ def load_params(ctx: RunContext, step: int | None = None):
     model_cfg = tr.ModelConfig(**meta["model"])
     tok = load_tokenizer(ctx.path(meta["tokenizer"]))
     if meta.get("imported"):
-        from warm_jax import ensemble
-
         if step is not None:
             raise ValueError(f"an imported model ({meta['imported']}) has no pretraining step {step}")
-        model_cfg, graphdef, params, _ = ensemble.load_params_checkpoint(ctx.path("pretrain", "imported"), ctx.mesh)
+        model_cfg, graphdef, params, _ = params_io.load_params_checkpoint(ctx.path("pretrain", "imported"), ctx.mesh)
         _, abstract, axes = tr.abstract_model(model_cfg)
         return model_cfg, graphdef, params, sharding.tree_specs(axes, abstract, ctx.mesh), tok
     graphdef, abstract, axes = tr.abstract_model(model_cfg)

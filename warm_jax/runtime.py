@@ -6,11 +6,12 @@ auto-detection. A single process with none of these needs nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import socket
-import threading
+import time
 from collections.abc import Mapping
 
 import gin
@@ -101,6 +102,10 @@ def initialize(
     if spec.source == "tpu":
         jax.distributed.initialize(initialization_timeout=init_timeout_s)
         return spec
+    rendezvous(spec, init_timeout_s)
+    if _cpu_only():
+        # CPU processes need a collectives backend to talk to each other (tests, local runs).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info(
         "jax.distributed: process %d/%d, coordinator %s (%s)",
         spec.process_id, spec.num_processes, spec.coordinator_address, spec.source,
@@ -124,6 +129,66 @@ def initialize(
             f"missing processes never connected. Underlying error: {str(e).splitlines()[0][:300]}"
         ) from e
     return spec
+
+
+def rendezvous(spec: ClusterSpec, timeout_s: float) -> None:
+    """Checks that every process is up before jax.distributed starts, naming any that is not.
+
+    jax's own start-up aborts the whole process (a C++ fatal error) when a peer never registers,
+    without saying which. Here process 0 listens on the coordinator's port + 1 and collects each
+    process's id; the others connect and wait for its go-ahead. On timeout both sides raise an
+    error that names the missing process ids (or the unreachable coordinator).
+    """
+    host, port = spec.coordinator_address.rsplit(":", 1)
+    addr = (host, int(port) + 1)
+    deadline = time.monotonic() + timeout_s
+    if spec.process_id == 0:
+        joined: dict[int, socket.socket] = {}
+        with socket.create_server(("", addr[1]), reuse_port=False) as srv:
+            srv.settimeout(0.5)
+            while len(joined) < spec.num_processes - 1 and time.monotonic() < deadline:
+                try:
+                    conn, _ = srv.accept()
+                except socket.timeout:
+                    continue
+                conn.settimeout(max(deadline - time.monotonic(), 0.1))
+                try:
+                    joined[int(conn.makefile().readline().strip())] = conn
+                except (ValueError, OSError):
+                    conn.close()
+            missing = sorted(set(range(1, spec.num_processes)) - set(joined))
+            for conn in joined.values():
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"ok\n" if not missing else b"missing " + str(missing).encode() + b"\n")
+                conn.close()
+        if missing:
+            raise RuntimeError(
+                f"start-up failed: process 0 waited {timeout_s}s for {spec.num_processes} processes; "
+                f"missing process id(s) {missing} never connected to {spec.coordinator_address}"
+            )
+        return
+    while True:
+        try:
+            with socket.create_connection(addr, timeout=max(deadline - time.monotonic(), 0.1)) as conn:
+                conn.sendall(f"{spec.process_id}\n".encode())
+                conn.settimeout(max(deadline - time.monotonic(), 0.1) + 5)
+                reply = conn.makefile().readline().strip()
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"start-up failed: process {spec.process_id} could not reach the coordinator (process 0) "
+                    f"at {host}:{addr[1]} within {timeout_s}s; expected {spec.num_processes} processes"
+                ) from None
+            time.sleep(0.2)
+    if reply != "ok":
+        raise RuntimeError(f"start-up failed: the coordinator reports {reply or 'no answer'}; "
+                           f"expected {spec.num_processes} processes")
+
+
+def _cpu_only() -> bool:
+    platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
+    return platforms.strip().lower() == "cpu"
 
 
 def is_main_process() -> bool:
@@ -176,13 +241,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-_barrier_lock = threading.Lock()
-
-
 def sync(name: str) -> None:
     """Barrier across processes (no-op for one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        with _barrier_lock:
-            multihost_utils.sync_global_devices(name)
+        multihost_utils.sync_global_devices(name)

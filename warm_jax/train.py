@@ -26,7 +26,11 @@ def main(argv):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from warm_jax import config, runtime, stages
 
-    runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.init_timeout_s)
+    try:
+        runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.init_timeout_s)
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     try:
         config.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     except config.ConfigError as e:

@@ -59,3 +59,23 @@ def all_finite(tree) -> jax.Array:
 def select(pred, new, old):
     """``new`` where pred else ``old``, leafwise (used to skip a non-finite update in-graph)."""
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def guarded_update(state: TrainState, loss, grads, tx: optax.GradientTransformation, *, debug_nan_step: int = -1):
+    """One optimizer update that is skipped in-graph when the loss or a gradient is non-finite.
+
+    The step counter still advances (so the data iterator and the step key move on), but params
+    and optimizer state keep their old values. ``debug_nan_step`` (tests) poisons the loss and
+    gradients at that step. Returns (new state, loss, finite flag).
+    """
+    poison = jnp.where(state.step + 1 == debug_nan_step, jnp.nan, 1.0)
+    loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & all_finite(grads)
+    new = state.replace(
+        step=state.step + 1,
+        params=select(finite, params, state.params),
+        opt_state=select(finite, opt_state, state.opt_state),
+    )
+    return new, loss, finite

@@ -11,6 +11,8 @@ complete, so a failure never leaves a partial dataset where a finished one is ex
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -202,7 +204,9 @@ def write_preference_dataset(
     builder = PreferencePairs(pairs=pairs, flips=flips, tokenizer=tokenizer, max_prompt_len=max_prompt_len,
                               max_response_len=max_response_len, description=f"Preference pairs from {source}.",
                               data_dir=os.fspath(tmp), file_format="array_record")
-    builder.download_and_prepare()
+    tfds.disable_progress_bar()  # our stages report their own progress
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints a 'Downloading and preparing' banner
+      builder.download_and_prepare()
     built = Path(os.fspath(builder.data_dir))
     metadata: dict[str, Any] = {
         "format_version": FORMAT_VERSION, "source": source, "source_files": [os.fspath(f) for f in source_files],

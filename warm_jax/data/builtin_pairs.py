@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from typing import Any
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 

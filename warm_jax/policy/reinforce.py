@@ -40,7 +40,7 @@ from warm_jax.models import transformer as tr
 from warm_jax.policy import advantages, bon, sampler, winrate
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
-from warm_jax.train_state import TrainState, all_finite, new_state, select, state_specs
+from warm_jax.train_state import TrainState, guarded_update, new_state, state_specs
 
 log = logging.getLogger(__name__)
 
@@ -142,18 +142,9 @@ def reinforce_update(state: TrainState, ref_params, rm_state, batch, *, graphdef
         return pg + cfg.value_coef * v_loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    poison = jnp.where(state.step + 1 == cfg.debug_nan_step, jnp.nan, 1.0)
-    loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & all_finite(grads)
-    new = state.replace(
-        step=state.step + 1,
-        params=select(finite, params, state.params),
-        opt_state=select(finite, opt_state, state.opt_state),
-    )
+    new, loss, finite = guarded_update(state, loss, grads, tx, debug_nan_step=cfg.debug_nan_step)
     metrics = {"loss": loss, "proxy": proxy.mean(), "response_length": rmask.sum(1).mean(),
-               "grad_norm": optax.global_norm(grads), "finite": finite, **aux}
+               "grad_norm": optax.tree.norm(grads), "finite": finite, **aux}
     return new, metrics
 
 

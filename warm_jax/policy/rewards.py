@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from warm_jax import ensemble, io_utils, reward, sharding
+from warm_jax import io_utils, params_io, reward, sharding
 from warm_jax.stages import RunContext
 
 REWARD_NAMES = ("warm", "member_best", "ens", "ens_conservative")
@@ -150,7 +150,7 @@ def _member_dir(ctx: RunContext, member: int) -> str:
 def load_stacked_members(ctx: RunContext, members):
     """Members' checkpoints stacked on device: every leaf [M, ...], split over 'ensemble' when
     the mesh's ensemble axis divides M (else replicated along M). Returns (graphdef, stacked)."""
-    loaded = [ensemble.load_params_checkpoint(_member_dir(ctx, m), ctx.mesh) for m in members]
+    loaded = [params_io.load_params_checkpoint(_member_dir(ctx, m), ctx.mesh) for m in members]
     model_cfg, graphdef = loaded[0][0], loaded[0][1]
     for m, (cfg, _, _, _) in zip(members, loaded):
         if cfg != model_cfg:
@@ -185,10 +185,10 @@ def load_reward(ctx: RunContext, name: str, *, conservative_lambda: float = 1.0,
         warm_dir = ctx.path("rm", "warm")
         if not os.path.isdir(warm_dir):
             raise FileNotFoundError(f"merged WARM reward model not found at {warm_dir}")
-        _, graphdef, params, _ = ensemble.load_params_checkpoint(warm_dir, ctx.mesh)
+        _, graphdef, params, _ = params_io.load_params_checkpoint(warm_dir, ctx.mesh)
         return RewardFn(name, graphdef, params, None, shift=shift, scale=scale)
     if name == "member_best":
-        _, graphdef, params, _ = ensemble.load_params_checkpoint(_member_dir(ctx, int(info["best_member"])), ctx.mesh)
+        _, graphdef, params, _ = params_io.load_params_checkpoint(_member_dir(ctx, int(info["best_member"])), ctx.mesh)
         return RewardFn(name, graphdef, params, None, shift=shift, scale=scale)
     members = [int(m) for m in info["members"]]
     graphdef, stacked = load_stacked_members(ctx, members)

@@ -1,0 +1,245 @@
+"""Shared helpers for the peer benchmarks: interleaved timing, summaries, peaks, machine info, JSON.
+
+Every figure in BENCHMARKS.md is a median with its [min–max] range over ≥ 3 repetitions, and ours
+and the peer's repetitions are interleaved (ours, peer, ours, peer, ...) so that load from other
+processes on a shared machine falls on both sides alike.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl", "mergekit", "safetensors")
+
+
+def summary(xs: Sequence[float]) -> dict:
+    """{'median', 'min', 'max', 'n', 'values'} of a list of repetitions."""
+    xs = [float(x) for x in xs]
+    if not xs:
+        raise ValueError("summary() of an empty list of repetitions")
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "values": xs}
+
+
+def fmt(s: dict, digits: int = 2, scale: float = 1.0) -> str:
+    """'median [min–max]' of a summary (values multiplied by ``scale``)."""
+    d = f".{digits}f"
+    return f"{s['median'] * scale:,{d}} [{s['min'] * scale:,{d}}–{s['max'] * scale:,{d}}]"
+
+
+def ratio(ours: Sequence[float], peer: Sequence[float], *, higher_is_better: bool = True) -> dict:
+    """Ours over the peer as a speed ratio (> 1 = we are faster / better).
+
+    For throughputs (higher is better) it is ours / peer; for times it is peer / ours. The range
+    pairs repetition i of ours with repetition i of the peer (they ran back to back).
+    """
+    pairs = list(zip(ours, peer))
+    rs = [(a / b if higher_is_better else b / a) for a, b in pairs]
+    med = statistics.median(ours) / statistics.median(peer)
+    out = summary(rs)
+    out["median"] = med if higher_is_better else 1.0 / med
+    return out
+
+
+def interleaved(fns: dict[str, Callable[[], float | None]], reps: int, *, warmup: int = 1) -> dict[str, list[float]]:
+    """Runs each fn ``warmup`` times untimed, then ``reps`` rounds of all fns in turn.
+
+    A fn may return its own measured seconds (when only part of the call should count); if it
+    returns None, the wall time of the call is used. Returns name -> list of seconds.
+    """
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _progress(f"warm-up {name}: {time.perf_counter() - t0:.2f} s")
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            own = fn()
+            times[name].append(own if own is not None else time.perf_counter() - t0)
+            _progress(f"rep {rep} {name}: {times[name][-1]:.3f} s")
+    return times
+
+
+def _progress(msg: str) -> None:
+    """Progress on stderr (stdout carries the results)."""
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def jax_matmul_peak_tflops(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    """Best-of-``reps`` TFLOP/s of one jitted [n, n] @ [n, n] on the default JAX device."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def torch_matmul_peak_tflops(n: int = 2048, reps: int = 5) -> float:
+    """Best-of-``reps`` TFLOP/s of one float32 [n, n] @ [n, n] in PyTorch (CPU)."""
+    import torch
+
+    a = torch.ones((n, n), dtype=torch.float32)
+    a @ a
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    """CPU model, cores, Python and package versions, UTC date: the header of every result."""
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            versions[p] = None
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    """Writes ``payload`` (plus machine info) atomically to ``path``; no-op when path is None."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"machine": machine_info(), **payload}, f, indent=2)
+    os.replace(tmp, path)
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def met(value: float, goal: float) -> str:
+    return "yes" if value >= goal else "**no**"
+
+
+# ----------------------------------------------------------------------------- BENCHMARKS.md generation
+
+
+def extract_table(text: str) -> str:
+    """The report block of a benchmark's stdout: its Markdown table plus the text lines just above it.
+
+    JSON lines, '#'-progress lines and blank lines before the block are dropped.
+    """
+    lines = text.splitlines()
+    first = next((i for i, l in enumerate(lines) if l.startswith("|")), None)
+    if first is None:
+        raise ValueError("no Markdown table in the benchmark output")
+    is_text = lambda l: bool(l.strip()) and not l.startswith(("#", "{", " ", "Filtering"))
+    start = first
+    while start > 0:
+        if is_text(lines[start - 1]):
+            start -= 1
+        elif start > 1 and not lines[start - 1].strip() and is_text(lines[start - 2]):
+            start -= 2  # one blank line between a caption and its table
+        else:
+            break
+    last = max(i for i, l in enumerate(lines) if l.startswith("|"))
+    return "\n".join(lines[start : last + 1])
+
+
+def ensemble_step_table(path: str) -> str:
+    """A table from ``benchmarks/ensemble_step.py --output`` JSON (that script prints JSON lines only)."""
+    with open(path) as f:
+        data = json.load(f)
+    rows = []
+    for r in data["results"]:
+        if "error" in r:
+            rows.append([r["case"], r.get("attention", ""), "error: " + r["error"][:80], "", "", ""])
+            continue
+        rows.append([r["case"], r["members"], f"{r['ratio_median']:.2f} [{r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f}]",
+                     f"{r['tokens_per_s_vmapped']:,.0f}", f"{r['mfu_vmapped']:.1%}" if r.get("mfu_vmapped") else "",
+                     f"{r['vmapped_s']}"])
+    head = f"{data['device']}, matmul peak {data['peak_tflops']:.3f} TFLOP/s\n\n"
+    return head + md_table(["case", "M", "t(vmapped M) / (M · t(single))", "tokens/s (vmapped)", "MFU",
+                            "vmapped step times (s)"], rows)
+
+
+def splice(markdown_path: str, name: str, block: str) -> None:
+    """Replaces the text between ``<!-- BEGIN generated:name -->`` and ``<!-- END generated:name -->``."""
+    begin, end = f"<!-- BEGIN generated:{name} -->", f"<!-- END generated:{name} -->"
+    with open(markdown_path) as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        raise ValueError(f"{markdown_path}: markers for {name!r} not found ({begin} … {end})")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    tmp = markdown_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{head}{begin}\n{block.strip()}\n{end}{tail}")
+    os.replace(tmp, markdown_path)
+
+
+def _cli(argv: list[str]) -> None:
+    """``common.py splice MD NAME STDOUT_FILE`` | ``common.py splice-ensemble MD NAME JSON`` | ``common.py machine MD``."""
+    cmd = argv[0] if argv else ""
+    if cmd == "splice":
+        md, name, src = argv[1:4]
+        with open(src) as f:
+            splice(md, name, extract_table(f.read()))
+    elif cmd == "splice-ensemble":
+        md, name, src = argv[1:4]
+        splice(md, name, ensemble_step_table(src))
+    elif cmd == "machine":
+        info = machine_info()
+        v = info["versions"]
+        block = (f"- machine: {info['cpu']}, {info['cores']} cores (shared with other work while measured)\n"
+                 f"- date (UTC): {info['date_utc']}; Python {info['python']}\n"
+                 f"- versions: " + ", ".join(f"{k} {v[k]}" for k in PACKAGES if v.get(k)))
+        splice(argv[1], "machine", block)
+    else:
+        raise SystemExit(_cli.__doc__)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _cli(sys.argv[1:])

@@ -1,0 +1,79 @@
+"""Multi-host: 2 local processes × 4 CPU devices run the whole pipeline and agree with 1 × 8;
+SIGTERM to one process saves both at the same step; a missing process fails fast and clearly."""
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests import helpers
+
+PIPELINE = helpers.TINY + helpers.TINY_POLICY + [helpers.stages(*helpers.ALL_STAGES)]
+MESH_2x4 = "make_mesh.shape = {'ensemble': 2, 'data': -1, 'fsdp': 1, 'tensor': 1}"
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("single") / "wd")
+    helpers.run_train(wd, PIPELINE + [MESH_2x4], timeout=1200)
+    return wd
+
+
+def test_two_processes_run_every_stage_and_match_one_process(single_process_run, tmp_path):
+    wd = str(tmp_path / "multi")
+    results = helpers.wait_all(helpers.start_processes(wd, PIPELINE + [MESH_2x4]), timeout=1200)
+    for i, r in results.items():
+        assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
+    for stage in helpers.ALL_STAGES:
+        assert os.path.exists(os.path.join(wd, stage, "DONE.json")), stage
+    assert os.path.exists(os.path.join(wd, "report", "summary.json"))
+    # Only process 0 reports progress and writes metrics.
+    assert "[rm_ensemble] step" in results[0].stderr and "[rm_ensemble] step" not in results[1].stderr
+    _, merged_multi = helpers.restore_tree(os.path.join(wd, "rm", "warm", "ckpt"))
+    _, merged_single = helpers.restore_tree(os.path.join(single_process_run, "rm", "warm", "ckpt"))
+    a, b = jax.tree.leaves(merged_multi), jax.tree.leaves(merged_single)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+STAGE = helpers.TINY + [MESH_2x4, helpers.stages("pretrain", "data", "rm_ensemble"), "EnsembleConfig.num_steps = 40",
+                        "LoopConfig.save_interval_steps = 100"]
+
+
+def test_sigterm_to_one_process_saves_both_at_the_same_step_and_resumes(tmp_path):
+    ref = str(tmp_path / "ref")
+    for i, r in helpers.wait_all(helpers.start_processes(ref, STAGE)).items():
+        assert r.returncode == 0, r.stderr[-3000:]
+    _, ref_state = helpers.restore_tree(os.path.join(ref, "rm", "ckpt"))
+
+    wd = str(tmp_path / "term")
+    procs = helpers.start_processes(wd, STAGE)
+    metrics = os.path.join(wd, "metrics", "rm_ensemble.jsonl")
+    t0 = time.time()
+    while not os.path.exists(metrics) and time.time() - t0 < 600:
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    results = helpers.wait_all(procs)
+    assert all(r.returncode == 0 for r in results.values()), [r.stderr[-2000:] for r in results.values()]
+    assert not os.path.exists(os.path.join(wd, "rm_ensemble", "DONE.json"))
+    steps = sorted(int(d) for d in os.listdir(os.path.join(wd, "rm", "ckpt")) if d.isdigit())
+    assert steps and steps[-1] < 40  # the preemption save, before the end
+    for i, r in helpers.wait_all(helpers.start_processes(wd, STAGE)).items():
+        assert r.returncode == 0, r.stderr[-3000:]
+    step, state = helpers.restore_tree(os.path.join(wd, "rm", "ckpt"))
+    assert step == 40
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_missing_process_fails_within_the_timeout_with_a_clear_message(tmp_path):
+    t0 = time.time()
+    procs = helpers.start_processes(str(tmp_path / "wd"), [helpers.stages("pretrain")], present=[0],
+                                    extra_flags=["--init_timeout_s=10"])
+    r = helpers.wait_all(procs, timeout=120)[0]
+    assert r.returncode != 0
+    assert time.time() - t0 < 90
+    assert "start-up failed" in r.stderr and "missing process id(s) [1]" in r.stderr
