@@ -54,8 +54,8 @@ def make_step(model_cfg, m: int, pairs: int, seq: int, mesh):
     cfg = ensemble.EnsembleConfig(num_members=m, learning_rates=(1e-4,), dropout_rates=(0.1,), batch_size=pairs)
     graphdef, params, specs = pretrain.sharded_init(model_cfg, mesh, jax.random.key(0))
     tx, state_sh, state, _ = ensemble.stack_state(mesh, cfg, [params] * m, specs, list(range(m)))
-    batch_sh = sharding.batch_sharding(mesh, 3, leading_ensemble=True)
-    len_sh = sharding.batch_sharding(mesh, 2, leading_ensemble=True)
+    batch_sh = sharding.batch_sharding(mesh, 3, members="stacked")
+    len_sh = sharding.batch_sharding(mesh, 2, members="stacked")
     shardings = {k: (len_sh if k.endswith("length") else batch_sh) for k in ensemble.RM_FIELDS}
     member_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.ENSEMBLE))
     step = ensemble.ensemble_step_fn(graphdef, tx, cfg, state_sh, shardings, member_sh, sharding.replicated(mesh))

@@ -7,7 +7,8 @@ Like for like: the same Llama shape (random weights; nothing downloaded), float3
 AdamW behind a global-norm clip at 1.0, learning rate 1e-5, no dropout.
 
 * ours: ``ensemble.ensemble_step_fn`` with one member (the product path: vmap + jit + donation),
-  the batch copied host → device every step as the training loop does;
+  the batch copied host → device every step as the training loop does (the same token ids every
+  step — the work does not depend on them; TRL's dataloader serves fresh ones);
 * peer: TRL's ``RewardTrainer`` (its collator, ``compute_loss``, HF ``Trainer.training_step``,
   the Trainer's own AdamW and scheduler), driven one step at a time so that repetitions can be
   interleaved with ours: fetch a batch from the Trainer's dataloader, ``training_step``, clip,
@@ -77,8 +78,8 @@ def make_ours(model_kwargs: dict, pairs: int, seq: int):
                                   batch_size=pairs)
     graphdef, params, specs = pretrain.sharded_init(model_cfg, mesh, jax.random.key(0))
     tx, state_sh, state, _ = ensemble.stack_state(mesh, cfg, [params], specs, [0])
-    batch_sh = sharding.batch_sharding(mesh, 3, leading_ensemble=True)
-    len_sh = sharding.batch_sharding(mesh, 2, leading_ensemble=True)
+    batch_sh = sharding.batch_sharding(mesh, 3, members="stacked")
+    len_sh = sharding.batch_sharding(mesh, 2, members="stacked")
     shardings = {k: (len_sh if k.endswith("length") else batch_sh) for k in ensemble.RM_FIELDS}
     member_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.ENSEMBLE))
     step = ensemble.ensemble_step_fn(graphdef, tx, cfg, state_sh, shardings, member_sh, sharding.replicated(mesh))

@@ -32,12 +32,13 @@ run() {  # run NAME ARGS... : time one script, keep its output, splice its table
   local t0=$SECONDS
   echo "== $name" >&2
   python "benchmarks/$name.py" "$@" --output="$OUT/$name.json" >"$OUT/$name.txt" 2>"$OUT/$name.log" || {
-    echo "!! $name failed; see $OUT/$name.log" >&2; tail -5 "$OUT/$name.log" >&2; return 1; }
+    echo "!! $name failed; see $OUT/$name.log" >&2; tail -5 "$OUT/$name.log" >&2; FAILED+=("$name"); return 0; }
   python benchmarks/common.py splice "$MD" "$name" "$OUT/$name.txt"
   echo "   $name: $((SECONDS - t0)) s" >&2
 }
 
 T0=$SECONDS
+FAILED=()
 python benchmarks/common.py machine "$MD"
 run rm_throughput --reps="$REPS"
 run sampler_vs_hf --reps="$REPS"
@@ -58,3 +59,4 @@ if want averaging; then
     && python benchmarks/common.py splice "$MD" averaging "$OUT/averaging.txt"
 fi
 echo "all figures: $((SECONDS - T0)) s; results in $OUT, tables in $MD" >&2
+if ((${#FAILED[@]})); then echo "failed: ${FAILED[*]}" >&2; exit 1; fi

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from test_data_formats import TinyTokenizer
+from tests.test_data_formats import TinyTokenizer
 from warm_jax.data import builders, pipeline
 
 N = 36
@@ -157,7 +157,7 @@ def test_to_global_builds_sharded_arrays(dataset):
   batch = next(pipeline.PreferenceIterator(src, batch_size=8, seed=0, num_members=2, process_count=1,
                                            process_index=0))
   sharding = lambda name, x: NamedSharding(mesh, P("ensemble", "data", *([None] * (x.ndim - 2))))
-  out = pipeline.to_global(batch, sharding, batch_axis=1)
+  out = pipeline.to_global(batch, sharding)
   assert out["chosen_tokens"].shape == (2, 8, 9)
   assert out["chosen_tokens"].sharding.is_equivalent_to(NamedSharding(mesh, P("ensemble", "data", None)), 3)
   np.testing.assert_array_equal(np.asarray(out["index"]), batch["index"])

@@ -1,6 +1,7 @@
 """gin plumbing, kept in one place: search paths, parsing with clear errors, operative config."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,13 @@ from warm_jax import io_utils
 
 # The project's gin/ folder (a source checkout or an editable install).
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+
+
+class _QuietSearchPathLogs(logging.Filter):
+    """gin logs every search-path miss (at ERROR) while it looks for an included file."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith(("system_path_file_exists", "Path not found"))
 
 
 class ConfigError(ValueError):
@@ -36,11 +44,15 @@ def parse(
     for f in gin_files:
         if not _find(f, search_paths):
             raise ConfigError(f"gin file {f!r} not found in {_search_paths(search_paths)}")
+    quiet = _QuietSearchPathLogs()
+    logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=False)
     except (ValueError, KeyError, NameError, TypeError, AttributeError, ImportError) as e:
         # gin's message already names the binding and file:line; keep it, say where it came from.
         raise ConfigError(f"invalid gin configuration: {e}") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
     gin.finalize()
 
 

@@ -268,10 +268,9 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
 
 
 def member_iterators(cfg: EnsembleConfig, source, seeds: Sequence[int]):
-    nproc = jax.process_count()
+    # Every process reads the whole global batch; put_global hands each device its slice.
     make = lambda s: pipeline.PreferenceIterator(
-        source, batch_size=cfg.batch_size // nproc, seed=s, fields=RM_FIELDS,
-        process_index=jax.process_index(), process_count=nproc,
+        source, batch_size=cfg.batch_size, seed=s, fields=RM_FIELDS, process_index=0, process_count=1
     )
     if cfg.shared_data_order:
         return make(seeds[0])
@@ -291,19 +290,19 @@ def train_ensemble(
     ens = build(ctx, cfg, source)
     seeds = member_seeds(cfg, ctx.seed)
     iterator = member_iterators(cfg, source, seeds)
-    batch_sh = sharding.batch_sharding(mesh, 3, leading_ensemble=not cfg.shared_data_order) if not cfg.shared_data_order else sharding.batch_sharding(mesh, 2)
-    len_sh = sharding.batch_sharding(mesh, 2, leading_ensemble=True) if not cfg.shared_data_order else sharding.batch_sharding(mesh, 1)
-    batch_shardings = {k: (len_sh if k.endswith("length") else batch_sh) for k in RM_FIELDS}
+    members = "shared" if cfg.shared_data_order else "stacked"
+    lead = 0 if cfg.shared_data_order else 1  # [B, ...] or [M, B, ...]
+    batch_shardings = {
+        k: sharding.batch_sharding(mesh, lead + (1 if k.endswith("length") else 2), members=members) for k in RM_FIELDS
+    }
     member_sh = NamedSharding(mesh, P(sharding.ENSEMBLE))
     step = ensemble_step_fn(
         ens.graphdef, ens.tx, cfg, ens.state_shardings, batch_shardings, member_sh, sharding.replicated(mesh)
     )
-    dropout = jax.device_put(
-        jnp.asarray(per_member(cfg.dropout_rates, cfg.num_members, "dropout_rates"), jnp.float32), member_sh
+    dropout = sharding.put_global(
+        np.asarray(per_member(cfg.dropout_rates, cfg.num_members, "dropout_rates"), np.float32), member_sh
     )
-    to_device = lambda b: pipeline.to_global(
-        {k: b[k] for k in RM_FIELDS}, lambda k, _: batch_shardings[k], batch_axis=0 if cfg.shared_data_order else 1
-    )
+    to_device = lambda b: pipeline.to_global({k: b[k] for k in RM_FIELDS}, lambda k, _: batch_shardings[k])
     state = loop.train(
         stage=stage, workdir=ctx.workdir, state=ens.state, abstract_state=ens.abstract_state,
         step_fn=lambda s, b: step(s, b, dropout), iterator=iterator, to_device=to_device,

@@ -54,7 +54,8 @@ def load_eval_splits(dataset_dir: str, max_examples: int | None = None) -> dict[
 
     def read(split):
         src = pipeline.load_split(dataset_dir, split)
-        batches = list(pipeline.eval_batches(src, 512, fields=fields))
+        # Every process holds every pair (Scorer shards them onto the devices itself).
+        batches = list(pipeline.eval_batches(src, 512, fields=fields, process_index=0, process_count=1))
         out = {k: np.concatenate([b[k][b["valid"]] for b in batches]) for k in fields}
         return out
 
@@ -85,8 +86,7 @@ class Scorer:
         self.mesh = mesh
         self.batch_sh = sharding.batch_sharding(mesh, 2)
         self.len_sh = sharding.batch_sharding(mesh, 1)
-        shards = self.batch_sh.spec[0]
-        n_shards = int(np.prod([mesh.shape[a] for a in shards])) if shards else 1
+        n_shards = sharding.batch_shards(self.batch_sh)
         self.batch_size = max(n_shards, batch_size // n_shards * n_shards)
         score = functools.partial(reward.score, graphdef=graphdef)
         # Replicated outputs: every process reads every reward (multi-host safe).
@@ -106,7 +106,7 @@ class Scorer:
                 pad = self.batch_size - real
                 t = np.concatenate([t, np.repeat(t[-1:], pad, 0)])
                 l = np.concatenate([l, np.repeat(l[-1:], pad, 0)])
-            r = fn(params, jax.device_put(t, self.batch_sh), jax.device_put(l, self.len_sh))
+            r = fn(params, sharding.put_global(t, self.batch_sh), sharding.put_global(l, self.len_sh))
             outs.append(np.asarray(jax.device_get(r))[..., :real])
         return np.concatenate(outs, axis=-1)
 
@@ -249,11 +249,11 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> dict:
     # Linear mode connectivity between two members (default: the two best).
     a, b = cfg.lmc_members or (order[0], order[1] if m > 1 else order[0])
     lambdas = np.linspace(0.0, 1.0, cfg.lmc_lambdas)
-    pa, pb = (jax.tree.map(lambda x, i=i: x[i], stacked) for i in (a, b))
-    lmc = lmc_curves(scorer, pa, pb, splits, lambdas, member_r, a, b)
+    pa, pb = (ensemble.member_slice(stacked, i, ctx.mesh, specs) for i in (a, b))
+    lmc = lmc_curves(scorer, pa, pb, splits, lambdas, (ids[a], ids[b]))
 
     accuracies = {ids[i]: members[i]["acc"] for i in range(m)}
-    hashes = {ids[i]: checkpoints.tree_sha256(host_copy(jax.tree.map(lambda x, i=i: x[i], stacked))) for i in range(m)}
+    hashes = {ids[i]: checkpoints.tree_sha256(host_copy(ensemble.member_slice(stacked, i, ctx.mesh, specs))) for i in range(m)}
     averaging.write_merged(
         ctx.path("rm", "warm"), warm_p, model_cfg=model_cfg, members=[ids[i] for i in chosen],
         weights=[1.0 / len(chosen)] * len(chosen), accuracies=accuracies, hashes=hashes,
@@ -297,26 +297,28 @@ def _stats(x) -> dict:
     return {"mean": float(np.mean(x)), "std": float(np.std(x) + 1e-6)}
 
 
-def lmc_curves(scorer, pa, pb, splits, lambdas, member_r, a, b) -> dict:
-    """Accuracy/loss of θ(λ) = (1−λ)θ_a + λθ_b and of the prediction mix (1−λ)r_a + λr_b."""
-    weight = {s: [] for s in splits}
-    weight_loss = {s: [] for s in splits}
-    pred = {s: [] for s in splits}
-    for lam in lambdas:
-        p = averaging.interpolate(pa, pb, float(lam))
-        for s, d in splits.items():
-            rc, rr = scorer.pairs(p, d)
-            weight[s].append(accuracy(rc, rr))
-            weight_loss[s].append(bt_loss(rc, rr))
-            mc, mr = member_r[s]
-            pred[s].append(accuracy((1 - lam) * mc[a] + lam * mc[b], (1 - lam) * mr[a] + lam * mr[b]))
+def lmc_curves(scorer: Scorer, pa, pb, splits, lambdas, members=(0, 1)) -> dict:
+    """Accuracy/loss of θ(λ) = (1−λ)θ_a + λθ_b and of the prediction mix (1−λ)r_a + λr_b, per split."""
+
+    def acc_loss(r_c, r_r):
+        return {"accuracy": accuracy(r_c, r_r), "loss": bt_loss(r_c, r_r)}
+
+    def rewards(p):
+        return {s: scorer.pairs(p, d) for s, d in splits.items()}
+
+    curve = averaging.interpolation_curve(
+        pa, pb, lambda p: {s: acc_loss(*r) for s, r in rewards(p).items()}, lambdas,
+        rewards_fn=rewards, eval_pred_fn=acc_loss,
+    )
     return {
-        "members": [int(a), int(b)],
-        "lambdas": [float(x) for x in lambdas],
-        "weight_interp": weight,
-        "weight_interp_loss": weight_loss,
-        "pred_interp": pred,
-        "barrier": {s: averaging.barrier_height(lambdas, weight[s]) for s in splits},
+        "members": [int(m) for m in members],
+        "lambdas": curve["lambdas"],
+        "weight_interp": {s: v["accuracy"] for s, v in curve["weight"].items()},
+        "weight_interp_loss": {s: v["loss"] for s, v in curve["weight"].items()},
+        "pred_interp": {s: v["accuracy"] for s, v in curve["pred"].items()},
+        "pred_interp_loss": {s: v["loss"] for s, v in curve["pred"].items()},
+        "barrier": curve["barrier"],
+        "loss_barrier": curve["loss_barrier"],
     }
 
 
@@ -335,7 +337,5 @@ def pair_interpolation(ctx: RunContext, graphdef, stacked, specs, data_dir: str,
     cfg = cfg or EvalConfig()
     splits = load_eval_splits(data_dir, cfg.max_examples)
     scorer = Scorer(graphdef, ctx.mesh, cfg.batch_size)
-    member_r = {s: scorer.stacked_pairs(stacked, d) for s, d in splits.items()}
-    single = sharding.named(ctx.mesh, specs)
-    pa, pb = (jax.jit(lambda p, i=i: jax.tree.map(lambda x: x[i], p), out_shardings=single)(stacked) for i in (0, 1))
-    return lmc_curves(scorer, pa, pb, splits, np.linspace(0.0, 1.0, cfg.lmc_lambdas), member_r, 0, 1)
+    pa, pb = (ensemble.member_slice(stacked, i, ctx.mesh, specs) for i in (0, 1))
+    return lmc_curves(scorer, pa, pb, splits, np.linspace(0.0, 1.0, cfg.lmc_lambdas))

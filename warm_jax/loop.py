@@ -50,7 +50,8 @@ class LoopConfig:
 
 def scalar_step(state) -> int:
     """The step counter (a stacked state has one per member; they move together)."""
-    return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+    # Read from a local shard: a stacked [M] counter can span processes.
+    return int(np.asarray(state.step.addressable_shards[0].data).reshape(-1)[0])
 
 
 def train(

@@ -115,10 +115,9 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
     docs = builtin_text.generate_documents(cfg.num_documents, seed=ctx.seed, cfg=text_cfg)
     data = tokenize_documents(docs, tok, cfg.seq_len)
     records = [{"tokens": t, "mask": m} for t, m in zip(data["tokens"], data["mask"])]
-    nproc = jax.process_count()
+    # Every process reads the whole global batch; put_global hands each device its slice.
     iterator = pipeline.PreferenceIterator(
-        records, batch_size=cfg.batch_size // nproc, seed=ctx.seed, fields=("tokens", "mask"),
-        process_index=jax.process_index(), process_count=nproc,
+        records, batch_size=cfg.batch_size, seed=ctx.seed, fields=("tokens", "mask"), process_index=0, process_count=1
     )
 
     key = jax.random.key(ctx.seed)
@@ -136,7 +135,7 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    to_device = lambda b: pipeline.to_global({k: b[k] for k in ("tokens", "mask")}, batch_sh, batch_axis=0)
+    to_device = lambda b: pipeline.to_global({k: b[k] for k in ("tokens", "mask")}, batch_sh)
     log.info(
         "[pretrain] %d params, %d documents, vocab %d", tr.param_count(params), len(docs), tok.vocab_size
     )

@@ -138,13 +138,45 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int, *, leading_ensemble: bool = False) -> NamedSharding:
-    """Sharding for a batch array [B, ...] (or [M, B, ...] with ``leading_ensemble``)."""
+def batch_sharding(mesh: Mesh, ndim: int, *, members: str = "none") -> NamedSharding:
+    """Sharding of a batch array.
+
+    members:
+      'none'    a single model's batch [B, ...]: B over every data-parallel axis, 'ensemble' included
+                (outside the ensemble stage that axis is plain data parallelism);
+      'stacked' per-member batches [M, B, ...]: M over 'ensemble', B over the rules' batch axes;
+      'shared'  one batch [B, ...] every member sees: B over the batch axes, replicated over 'ensemble'.
+    """
     batch_axes = _present(mesh, axis_rules()["batch"])
-    rest = (None,) * (ndim - 1 - int(leading_ensemble))
-    if leading_ensemble:
-        return NamedSharding(mesh, P(ENSEMBLE if ENSEMBLE in mesh.shape else None, batch_axes, *rest))
-    return NamedSharding(mesh, P(batch_axes, *rest))
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    if members == "none":
+        axes = tuple(a for a in (ENSEMBLE, *batch_axes) if a in mesh.shape)
+        return NamedSharding(mesh, P(axes or None, *(None,) * (ndim - 1)))
+    if members == "shared":
+        return NamedSharding(mesh, P(batch_axes or None, *(None,) * (ndim - 1)))
+    if members == "stacked":
+        ens = ENSEMBLE if ENSEMBLE in mesh.shape else None
+        return NamedSharding(mesh, P(ens, batch_axes or None, *(None,) * (ndim - 2)))
+    raise ValueError(f"batch_sharding: members must be 'none', 'shared' or 'stacked', got {members!r}")
+
+
+def batch_shards(sharding_: NamedSharding) -> int:
+    """How many ways the leading (batch) dimension of ``sharding_`` is split."""
+    axes = sharding_.spec[0] if len(sharding_.spec) else None
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([sharding_.mesh.shape[a] for a in axes]))
+
+
+def put_global(x: np.ndarray, sharding_: NamedSharding) -> jax.Array:
+    """A host array that every process holds in full → a global array with ``sharding_``.
+
+    Each process copies only the slices its own devices address, so this is right for any mesh
+    layout (e.g. an ensemble axis that spans processes), not only process-major batch splits.
+    """
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding_, lambda idx: x[idx])
 
 
 def abstract_with_sharding(shapes_tree, shardings_tree):

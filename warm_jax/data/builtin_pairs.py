@@ -78,7 +78,7 @@ def sample_texts(sample_fn, params, prompt_tokens, prompt_mask, key, tok: Tokeni
     """
     n = len(prompt_tokens)
     shard = sharding.batch_sharding(mesh, 2)
-    n_shards = int(np.prod([mesh.shape[a] for a in shard.spec[0]])) if shard.spec[0] else 1
+    n_shards = sharding.batch_shards(shard)
     batch = max(n_shards, batch // n_shards * n_shards)
     texts = []
     for start in range(0, n, batch):
@@ -88,7 +88,7 @@ def sample_texts(sample_fn, params, prompt_tokens, prompt_mask, key, tok: Tokeni
         if real < batch:
             t = np.concatenate([t, np.repeat(t[-1:], batch - real, 0)])
             m = np.concatenate([m, np.repeat(m[-1:], batch - real, 0)])
-        out = sample_fn(params, jax.device_put(t, shard), jax.device_put(m, shard), jax.random.fold_in(key, start))
+        out = sample_fn(params, sharding.put_global(t, shard), sharding.put_global(m, shard), jax.random.fold_in(key, start))
         toks = np.asarray(multihost_utils.process_allgather(out["tokens"], tiled=True))[:real]
         texts.extend(tok.decode(row) for row in toks)
     return texts

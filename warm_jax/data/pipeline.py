@@ -185,22 +185,15 @@ def eval_batches(source: Sequence[Mapping[str, Any]], batch_size: int, *, fields
 
 
 def to_global(batch: Mapping[str, np.ndarray],
-              sharding_for: Callable[[str, np.ndarray], jax.sharding.Sharding] | jax.sharding.Sharding, *,
-              batch_axis: int | None = None, process_count: int | None = None) -> dict[str, jax.Array]:
-  """Process-local batch -> global `jax.Array`s with `jax.make_array_from_process_local_data`.
+              sharding_for: Callable[[str, np.ndarray], jax.sharding.Sharding] | jax.sharding.Sharding
+              ) -> dict[str, jax.Array]:
+  """A global batch that every process holds in full -> global `jax.Array`s.
 
-  `sharding_for` is one sharding for every field or a function (field name, local array) -> sharding.
-  By default JAX infers the global shape (each process holds its own slice of every sharded dimension). Pass
-  `batch_axis` (0 for ``[B, ...]``, 1 for ``[M, B, ...]``) to state it instead: that axis is `process_count`
-  (default `jax.process_count()`) times larger globally and every other axis is global already — needed when the
-  ensemble axis spans processes but every process holds all M members of its examples.
+  `sharding_for` is one sharding for every field or a function (field name, array) -> sharding. Each process copies
+  only the slices its devices address (`jax.make_array_from_callback`), so any mesh layout works, including an
+  ensemble axis that spans processes while every member needs its whole batch.
   """
-  out = {}
-  count = jax.process_count() if process_count is None else process_count
-  for name, local in batch.items():
-    sharding = sharding_for(name, local) if callable(sharding_for) else sharding_for
-    global_shape = None
-    if batch_axis is not None:
-      global_shape = tuple(d * count if a == batch_axis else d for a, d in enumerate(local.shape))
-    out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
-  return out
+  from warm_jax.sharding import put_global
+
+  return {name: put_global(x, sharding_for(name, x) if callable(sharding_for) else sharding_for)
+          for name, x in batch.items()}

@@ -75,10 +75,7 @@ def make_prompts(tok: Tokenizer, n: int, seed: int, max_len: int, *, exclude=())
 
 
 def batch_shards(mesh) -> int:
-    spec = sharding.batch_sharding(mesh, 2).spec[0]
-    if not spec:
-        return 1
-    return int(np.prod([mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec)]))
+    return sharding.batch_shards(sharding.batch_sharding(mesh, 2))
 
 
 def sample_responses(sample_fn, params, prompt_tokens, prompt_mask, key, *, chunk: int, mesh) -> dict[str, np.ndarray]:
@@ -96,7 +93,7 @@ def sample_responses(sample_fn, params, prompt_tokens, prompt_mask, key, *, chun
         if real < chunk:
             t = np.concatenate([t, np.repeat(t[-1:], chunk - real, 0)])
             m = np.concatenate([m, np.repeat(m[-1:], chunk - real, 0)])
-        out = sample_fn(params, jax.device_put(t, shard), jax.device_put(m, shard), jax.random.fold_in(key, c))
+        out = sample_fn(params, sharding.put_global(t, shard), sharding.put_global(m, shard), jax.random.fold_in(key, c))
         for k in outs:
             outs[k].append(np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:real])
     return {k: np.concatenate(v) for k, v in outs.items()}
@@ -119,7 +116,7 @@ def score_rewards(reward_fn: rewards_lib.RewardFn, prompt_tokens, prompt_mask, s
         real = len(parts[0])
         if real < batch:
             parts = [np.concatenate([x, np.repeat(x[-1:], batch - real, 0)]) for x in parts]
-        parts = [jax.device_put(x, shard) for x in parts]
+        parts = [sharding.put_global(x, shard) for x in parts]
         toks, lens = rewards_lib.repack_jit(*parts, pad_id=pad_id)
         r, s = reward_fn(toks, lens)
         r_all.append(np.asarray(multihost_utils.process_allgather(r, tiled=True))[:real])

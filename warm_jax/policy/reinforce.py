@@ -209,9 +209,6 @@ def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
             f"ReinforceConfig.prompts_per_step × samples_per_prompt = {rows} must be a multiple of the mesh's "
             f"{shards} batch shards"
         )
-    if cfg.prompts_per_step % jax.process_count():
-        raise ValueError(f"ReinforceConfig.prompts_per_step={cfg.prompts_per_step} must divide over "
-                         f"{jax.process_count()} processes")
     seed = ctx.seed
     ev = bon.make_prompts(tok, cfg.num_eval_prompts, seed + bon.PROMPT_STREAM["rl_eval"], cfg.max_prompt_len)
     wr = bon.make_prompts(tok, cfg.num_winrate_prompts, seed + bon.PROMPT_STREAM["rl_eval"] + 1, cfg.max_prompt_len)
@@ -284,7 +281,7 @@ def evaluate_policy(setup: Setup, params, reward_fn, prompts: PromptSet, key) ->
                  "response_tokens": samples["tokens"][sl], "response_mask": samples["mask"][sl]}
         real = len(parts["prompt_tokens"])
         parts = {k: np.concatenate([v, np.repeat(v[-1:], chunk - real, 0)]) for k, v in parts.items()}
-        out = evaluate(params, setup.ref_params, rm_state, jax.device_put(parts, setup.batch_sh))
+        out = evaluate(params, setup.ref_params, rm_state, jax.tree.map(lambda x: sharding.put_global(x, setup.batch_sh), parts))
         out = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
         proxy.append(out["proxy"][:real])
         kl.append(out["kl"][:real])
@@ -346,18 +343,18 @@ def train_one(setup: Setup, name: str) -> TrainState:
                     out_shardings=setup.state_sh)(setup.ref_params)
     abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), setup.state_sh)
 
-    nproc, k = jax.process_count(), cfg.samples_per_prompt
+    k = cfg.samples_per_prompt
     records = [{"tokens": t, "mask": m, "index": np.int32(i)}
                for i, (t, m) in enumerate(zip(setup.train_prompts.tokens, setup.train_prompts.mask))]
     iterator = pipeline.PreferenceIterator(
-        records, batch_size=cfg.prompts_per_step // nproc, seed=ctx.seed, fields=("tokens", "mask", "index"),
-        process_index=jax.process_index(), process_count=nproc,
+        records, batch_size=cfg.prompts_per_step, seed=ctx.seed, fields=("tokens", "mask", "index"),
+        process_index=0, process_count=1,  # every process reads the global batch (see sharding.put_global)
     )
 
     def to_device(b):
         # k consecutive rows per prompt (the layout RLOO's baseline expects).
         local = {f: np.repeat(b[f], k, axis=0) for f in ("tokens", "mask")}
-        out = pipeline.to_global(local, setup.batch_sh, batch_axis=0)
+        out = pipeline.to_global(local, setup.batch_sh)
         out["texts_index"] = np.repeat(b["index"], k)  # host-side, for the oracle
         return out
 
