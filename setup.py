@@ -23,8 +23,14 @@ EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3.5"],
     # Reading real checkpoints: the SmolLM2 GGUF and HF safetensors directories.
     "real": ["gguf>=0.10", "safetensors>=0.4"],
+    # Reference implementations for the slow parity tests (tests/ --runslow): install torch first with
+    # `pip install torch==2.13.0` (a CPU build) so pip does not fetch a CUDA one.
+    "parity": ["gguf>=0.10", "safetensors>=0.4", "torch>=2.4", "transformers>=4.46", "accelerate>=1.0"],
     # Peers that benchmarks compare against; never needed by the tests.
-    "bench": ["gguf>=0.10", "safetensors>=0.4", "psutil>=5.9"],
+    "bench": [
+        "gguf>=0.10", "safetensors>=0.4", "psutil>=5.9", "torch>=2.4", "transformers>=4.46", "accelerate>=1.0",
+        "trl>=1.16", "mergekit>=0.1.5",
+    ],
 }
 
 setuptools.setup(
@@ -32,7 +38,6 @@ setuptools.setup(
     version="0.1.0",
     description="WARM: Weight Averaged Reward Models, trained as one sharded vmapped ensemble in JAX",
     packages=setuptools.find_packages(include=["warm_jax", "warm_jax.*"]),
-    package_data={"warm_jax": ["gin/**/*.gin"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
