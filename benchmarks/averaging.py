@@ -14,6 +14,7 @@ Writes 8 member checkpoints of one model (default ~134 MB of float32 params) onc
 
 Prints one JSON line per measurement and a table (median and range over repetitions).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,19 +103,38 @@ def child(mode: str, k: int, workdir: str) -> dict:
         hashes = {d: "" for d in dirs}
     jax.block_until_ready(params)
     t_avg = time.perf_counter() - t0
-    averaging.write_merged(os.path.join(workdir, f"merged_{mode}"), params, model_cfg=cfg, members=dirs,
-                           weights=[1 / k] * k, accuracies=None, hashes=hashes, tokenizer_dir=None)
+    averaging.write_merged(
+        os.path.join(workdir, f"merged_{mode}"),
+        params,
+        model_cfg=cfg,
+        members=dirs,
+        weights=[1 / k] * k,
+        accuracies=None,
+        hashes=hashes,
+        tokenizer_dir=None,
+    )
     t_total = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"mode": mode, "k": k, "average_s": t_avg, "total_s": t_total, "peak_rss_mb": peak / 1e6,
-            "rss_before_mb": rss0 / 1e6}
+    return {
+        "mode": mode,
+        "k": k,
+        "average_s": t_avg,
+        "total_s": t_total,
+        "peak_rss_mb": peak / 1e6,
+        "rss_before_mb": rss0 / 1e6,
+    }
 
 
 def run_child(mode: str, k: int, workdir: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's merge would run
-    out = subprocess.run([sys.executable, __file__, f"--child={mode}", f"--k={k}", f"--workdir={workdir}"],
-                         env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, __file__, f"--child={mode}", f"--k={k}", f"--workdir={workdir}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode:
         raise RuntimeError(f"child {mode} k={k} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -155,18 +175,24 @@ def main() -> None:
                 r.update(rep=rep, floor_s=floor, read_mb=nbytes / 1e6)
                 print(json.dumps(r), flush=True)
                 rows.setdefault((mode, k), []).append(r)
-    print(f"\nmodel: {model['params'] / 1e6:.1f}M float32 params = {model['mb']:.0f} MB per member "
-          f"({model['disk_mb_per_member']:.0f} MB on disk); median [min–max] of {args.reps} repetitions; "
-          f"{os.cpu_count()} CPU cores, 1 JAX CPU device")
-    print("| mode | K | files read (MB) | warm read floor (s) | average (s) | average / floor | "
-          "average + write (s) | peak RSS (MB) | peak − RSS before reading (MB) |")
+    print(
+        f"\nmodel: {model['params'] / 1e6:.1f}M float32 params = {model['mb']:.0f} MB per member "
+        f"({model['disk_mb_per_member']:.0f} MB on disk); median [min–max] of {args.reps} repetitions; "
+        f"{os.cpu_count()} CPU cores, 1 JAX CPU device"
+    )
+    print(
+        "| mode | K | files read (MB) | warm read floor (s) | average (s) | average / floor | "
+        "average + write (s) | peak RSS (MB) | peak − RSS before reading (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for (mode, k), rs in sorted(rows.items(), key=lambda kv: (kv[0][0] != "stream", kv[0][0], kv[0][1])):
         get = lambda key: [r[key] for r in rs]
         ratio = [r["average_s"] / r["floor_s"] for r in rs]
         grow = [r["peak_rss_mb"] - r["rss_before_mb"] for r in rs]
-        print(f"| {mode} | {k} | {rs[0]['read_mb']:.0f} | {fmt(get('floor_s'), 3)} | {fmt(get('average_s'))} | "
-              f"{fmt(ratio, 1)} | {fmt(get('total_s'))} | {fmt(get('peak_rss_mb'), 0)} | {fmt(grow, 0)} |")
+        print(
+            f"| {mode} | {k} | {rs[0]['read_mb']:.0f} | {fmt(get('floor_s'), 3)} | {fmt(get('average_s'))} | "
+            f"{fmt(ratio, 1)} | {fmt(get('total_s'))} | {fmt(get('peak_rss_mb'), 0)} | {fmt(grow, 0)} |"
+        )
 
 
 if __name__ == "__main__":

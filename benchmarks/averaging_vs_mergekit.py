@@ -19,6 +19,7 @@ Per repetition and per K, each in a FRESH subprocess (its peak RSS is its own), 
 Times are merge + write of the merged model; "/ floor" is each tool's time over the time to only
 read its K inputs: the distance to the physical floor of a merge that must read every byte.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOLLM2 = dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536,
-               max_len=2048, rope_theta=1e5)
+SMOLLM2 = dict(
+    vocab_size=49152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    d_ff=1536,
+    max_len=2048,
+    rope_theta=1e5,
+)
 N_MEMBERS = 8
 
 
@@ -82,10 +92,14 @@ def setup(workdir: str, n: int) -> dict:
         d = hf_dir(workdir, i)
         os.makedirs(d, exist_ok=True)
         tensors = export.params_to_hf(params, cfg, kind="causal_lm")
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-                  os.path.join(d, export.WEIGHTS_FILE), metadata={"format": "pt"})
-        io_utils.atomic_write_json(os.path.join(d, "config.json"),
-                                   export.hf_config(cfg, kind="causal_lm", tokenizer=None))
+        save_file(
+            {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+            os.path.join(d, export.WEIGHTS_FILE),
+            metadata={"format": "pt"},
+        )
+        io_utils.atomic_write_json(
+            os.path.join(d, "config.json"), export.hf_config(cfg, kind="causal_lm", tokenizer=None)
+        )
         del params, tensors
     io_utils.atomic_write_json(stamp, want)
     return want
@@ -105,8 +119,16 @@ def child_ours(k: int, workdir: str) -> dict:
     cfg, _, params, info = averaging.average_checkpoints(dirs, mesh=mesh)
     jax.block_until_ready(params)
     t_avg = time.perf_counter() - t0
-    averaging.write_merged(os.path.join(workdir, "out_warm_jax"), params, model_cfg=cfg, members=dirs,
-                           weights=info["weights"], accuracies=None, hashes=info["hashes"], tokenizer_dir=None)
+    averaging.write_merged(
+        os.path.join(workdir, "out_warm_jax"),
+        params,
+        model_cfg=cfg,
+        members=dirs,
+        weights=info["weights"],
+        accuracies=None,
+        hashes=info["hashes"],
+        tokenizer_dir=None,
+    )
     return {"average_s": t_avg, "total_s": time.perf_counter() - t0}
 
 
@@ -114,11 +136,13 @@ def child_mergekit(k: int, workdir: str) -> dict:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
-    config = MergeConfiguration.model_validate({
-        "merge_method": "linear",
-        "dtype": "float32",
-        "models": [{"model": hf_dir(workdir, i), "parameters": {"weight": 1.0}} for i in range(k)],
-    })
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [{"model": hf_dir(workdir, i), "parameters": {"weight": 1.0}} for i in range(k)],
+        }
+    )
     options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, device="cpu")
     t0 = time.perf_counter()
     run_merge(config, os.path.join(workdir, "out_mergekit"), options)
@@ -128,8 +152,13 @@ def child_mergekit(k: int, workdir: str) -> dict:
 def run_child(tool: str, k: int, workdir: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's merge would run
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={tool}", f"--k={k}",
-                          f"--workdir={workdir}"], env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), f"--child={tool}", f"--k={k}", f"--workdir={workdir}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode:
         raise RuntimeError(f"{tool} k={k} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -174,36 +203,64 @@ def main() -> None:
     results = []
     for k in ks:
         ours, peer = rows[("warm_jax", k)], rows[("mergekit", k)]
-        results.append({
-            "k": k,
-            "read_mb": {"warm_jax": ours[0]["read_mb"], "mergekit": peer[0]["read_mb"]},
-            "total_s": {"warm_jax": common.summary([r["total_s"] for r in ours]),
-                        "mergekit": common.summary([r["total_s"] for r in peer])},
-            "average_only_s": common.summary([r["average_s"] for r in ours]),
-            "floor_s": {"warm_jax": common.summary([r["floor_s"] for r in ours]),
-                        "mergekit": common.summary([r["floor_s"] for r in peer])},
-            "over_floor": {"warm_jax": common.summary([r["total_s"] / r["floor_s"] for r in ours]),
-                           "mergekit": common.summary([r["total_s"] / r["floor_s"] for r in peer])},
-            "peak_rss_mb": {"warm_jax": common.summary([r["peak_rss_mb"] for r in ours]),
-                            "mergekit": common.summary([r["peak_rss_mb"] for r in peer])},
-            "speedup": common.ratio([r["total_s"] for r in ours], [r["total_s"] for r in peer],
-                                    higher_is_better=False),
-        })
+        results.append(
+            {
+                "k": k,
+                "read_mb": {"warm_jax": ours[0]["read_mb"], "mergekit": peer[0]["read_mb"]},
+                "total_s": {
+                    "warm_jax": common.summary([r["total_s"] for r in ours]),
+                    "mergekit": common.summary([r["total_s"] for r in peer]),
+                },
+                "average_only_s": common.summary([r["average_s"] for r in ours]),
+                "floor_s": {
+                    "warm_jax": common.summary([r["floor_s"] for r in ours]),
+                    "mergekit": common.summary([r["floor_s"] for r in peer]),
+                },
+                "over_floor": {
+                    "warm_jax": common.summary([r["total_s"] / r["floor_s"] for r in ours]),
+                    "mergekit": common.summary([r["total_s"] / r["floor_s"] for r in peer]),
+                },
+                "peak_rss_mb": {
+                    "warm_jax": common.summary([r["peak_rss_mb"] for r in ours]),
+                    "mergekit": common.summary([r["peak_rss_mb"] for r in peer]),
+                },
+                "speedup": common.ratio(
+                    [r["total_s"] for r in ours], [r["total_s"] for r in peer], higher_is_better=False
+                ),
+            }
+        )
     common.write_json(args.output, {"benchmark": "averaging_vs_mergekit", "model": model["model"], "results": results})
     rows_md = []
     for r in results:
-        rows_md.append([
-            r["k"], f"{r['read_mb']['warm_jax']:.0f} / {r['read_mb']['mergekit']:.0f}",
-            common.fmt(r["total_s"]["warm_jax"]), common.fmt(r["total_s"]["mergekit"]),
-            common.fmt(r["speedup"]) + "×", common.met(r["speedup"]["median"], 2.0),
-            f"{common.fmt(r['floor_s']['warm_jax'], 2)} / {common.fmt(r['floor_s']['mergekit'], 2)}",
-            f"{r['over_floor']['warm_jax']['median']:.1f}× / {r['over_floor']['mergekit']['median']:.1f}×",
-            f"{common.fmt(r['peak_rss_mb']['warm_jax'], 0)} / {common.fmt(r['peak_rss_mb']['mergekit'], 0)}",
-        ])
-    print(common.md_table(
-        ["K", "MB read (ours / mergekit)", "warm_jax merge+write (s)", "mergekit merge+write (s)", "speed-up",
-         "≥ 2×?", "read floor (s) ours / mergekit", "time / floor ours / mergekit", "peak RSS MB ours / mergekit"],
-        rows_md))
+        rows_md.append(
+            [
+                r["k"],
+                f"{r['read_mb']['warm_jax']:.0f} / {r['read_mb']['mergekit']:.0f}",
+                common.fmt(r["total_s"]["warm_jax"]),
+                common.fmt(r["total_s"]["mergekit"]),
+                common.fmt(r["speedup"]) + "×",
+                common.met(r["speedup"]["median"], 2.0),
+                f"{common.fmt(r['floor_s']['warm_jax'], 2)} / {common.fmt(r['floor_s']['mergekit'], 2)}",
+                f"{r['over_floor']['warm_jax']['median']:.1f}× / {r['over_floor']['mergekit']['median']:.1f}×",
+                f"{common.fmt(r['peak_rss_mb']['warm_jax'], 0)} / {common.fmt(r['peak_rss_mb']['mergekit'], 0)}",
+            ]
+        )
+    print(
+        common.md_table(
+            [
+                "K",
+                "MB read (ours / mergekit)",
+                "warm_jax merge+write (s)",
+                "mergekit merge+write (s)",
+                "speed-up",
+                "≥ 2×?",
+                "read floor (s) ours / mergekit",
+                "time / floor ours / mergekit",
+                "peak RSS MB ours / mergekit",
+            ],
+            rows_md,
+        )
+    )
 
 
 if __name__ == "__main__":

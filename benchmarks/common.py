@@ -4,6 +4,7 @@ Every figure in BENCHMARKS.md is a median with its [min–max] range over ≥ 3 
 and the peer's repetitions are interleaved (ours, peer, ours, peer, ...) so that load from other
 processes on a shared machine falls on both sides alike.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -195,12 +196,20 @@ def ensemble_step_table(path: str) -> str:
         if "error" in r:
             rows.append([r["case"], r.get("attention", ""), "error: " + r["error"][:80], "", "", ""])
             continue
-        rows.append([r["case"], r["members"], f"{r['ratio_median']:.2f} [{r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f}]",
-                     f"{r['tokens_per_s_vmapped']:,.0f}", f"{r['mfu_vmapped']:.1%}" if r.get("mfu_vmapped") else "",
-                     f"{r['vmapped_s']}"])
+        rows.append(
+            [
+                r["case"],
+                r["members"],
+                f"{r['ratio_median']:.2f} [{r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f}]",
+                f"{r['tokens_per_s_vmapped']:,.0f}",
+                f"{r['mfu_vmapped']:.1%}" if r.get("mfu_vmapped") else "",
+                f"{r['vmapped_s']}",
+            ]
+        )
     head = f"{data['device']}, matmul peak {data['peak_tflops']:.3f} TFLOP/s\n\n"
-    return head + md_table(["case", "M", "t(vmapped M) / (M · t(single))", "tokens/s (vmapped)", "MFU",
-                            "vmapped step times (s)"], rows)
+    return head + md_table(
+        ["case", "M", "t(vmapped M) / (M · t(single))", "tokens/s (vmapped)", "MFU", "vmapped step times (s)"], rows
+    )
 
 
 def splice(markdown_path: str, name: str, block: str) -> None:
@@ -231,9 +240,11 @@ def _cli(argv: list[str]) -> None:
     elif cmd == "machine":
         info = machine_info()
         v = info["versions"]
-        block = (f"- machine: {info['cpu']}, {info['cores']} cores (shared with other work while measured)\n"
-                 f"- date (UTC): {info['date_utc']}; Python {info['python']}\n"
-                 f"- versions: " + ", ".join(f"{k} {v[k]}" for k in PACKAGES if v.get(k)))
+        block = (
+            f"- machine: {info['cpu']}, {info['cores']} cores (shared with other work while measured)\n"
+            f"- date (UTC): {info['date_utc']}; Python {info['python']}\n"
+            f"- versions: " + ", ".join(f"{k} {v[k]}" for k in PACKAGES if v.get(k))
+        )
         splice(argv[1], "machine", block)
     else:
         raise SystemExit(_cli.__doc__)

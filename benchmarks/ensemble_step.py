@@ -8,6 +8,7 @@ same dtype (or --peak_tflops).
   python benchmarks/ensemble_step.py                      # CPU: quickstart size and d_model=512
   python benchmarks/ensemble_step.py --preset=gpu_mfu     # one GPU: bf16, SmolLM2-135M and 1B shapes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,39 @@ from warm_jax.models import transformer as tr
 PRESETS = {
     # (name, model kwargs, members, pairs per member, seq len)
     "cpu": [
-        ("quickstart d128x2", dict(vocab_size=409, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384), 4, 32, 36),
+        (
+            "quickstart d128x2",
+            dict(vocab_size=409, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384),
+            4,
+            32,
+            36,
+        ),
         ("d512x4", dict(vocab_size=409, d_model=512, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=1536), 4, 8, 36),
     ],
     "gpu_mfu": [
-        ("smollm2-135m shape", dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                                    head_dim=64, d_ff=1536, rope_theta=1e5), 4, 16, 512),
-        ("1B llama shape", dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8,
-                                d_ff=8192), 2, 8, 1024),
+        (
+            "smollm2-135m shape",
+            dict(
+                vocab_size=49152,
+                d_model=576,
+                n_layers=30,
+                n_heads=9,
+                n_kv_heads=3,
+                head_dim=64,
+                d_ff=1536,
+                rope_theta=1e5,
+            ),
+            4,
+            16,
+            512,
+        ),
+        (
+            "1B llama shape",
+            dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, d_ff=8192),
+            2,
+            8,
+            1024,
+        ),
     ],
 }
 
@@ -98,9 +124,17 @@ def run_case(name, model_kwargs, m, pairs, seq, dtype, steps, peak, attention="x
     flops = tr.flops_per_token(model_cfg, seq, training=True) * tokens
     med_v, med_s = statistics.median(t_vmapped), statistics.median(t_seq)
     return {
-        "case": name, "dtype": dtype, "attention": attention, "members": m, "pairs_per_member": pairs, "seq_len": seq,
-        "params_per_member_M": round(tr.param_count(jax.eval_shape(lambda: tr.init_params(model_cfg, jax.random.key(0)))) / 1e6, 1),
-        "vmapped_s": [round(t, 4) for t in t_vmapped], "sequential_s": [round(t, 4) for t in t_seq],
+        "case": name,
+        "dtype": dtype,
+        "attention": attention,
+        "members": m,
+        "pairs_per_member": pairs,
+        "seq_len": seq,
+        "params_per_member_M": round(
+            tr.param_count(jax.eval_shape(lambda: tr.init_params(model_cfg, jax.random.key(0)))) / 1e6, 1
+        ),
+        "vmapped_s": [round(t, 4) for t in t_vmapped],
+        "sequential_s": [round(t, 4) for t in t_seq],
         "ratio_median": round(med_v / med_s, 3),
         "ratio_range": [round(min(t_vmapped) / max(t_seq), 3), round(max(t_vmapped) / min(t_seq), 3)],
         "tokens_per_s_vmapped": round(tokens / med_v, 1),
@@ -122,8 +156,11 @@ def main():
     args = ap.parse_args()
     dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     peak = args.peak_tflops or measure_peak_tflops(jnp.dtype(dtype), 8192 if jax.default_backend() == "gpu" else 1024)
-    print(f"# backend={jax.default_backend()} devices={jax.device_count()} {jax.devices()[0].device_kind} "
-          f"dtype={dtype} matmul peak={peak:.2f} TFLOP/s", flush=True)
+    print(
+        f"# backend={jax.default_backend()} devices={jax.device_count()} {jax.devices()[0].device_kind} "
+        f"dtype={dtype} matmul peak={peak:.2f} TFLOP/s",
+        flush=True,
+    )
     results = []
     for name, kw, m, pairs, seq in PRESETS[args.preset]:
         if args.only and args.only not in name:
@@ -137,8 +174,16 @@ def main():
             print(json.dumps(r), flush=True)
             if args.output:
                 with open(args.output, "w") as f:
-                    json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-                               "peak_tflops": peak, "results": results}, f, indent=2)
+                    json.dump(
+                        {
+                            "backend": jax.default_backend(),
+                            "device": jax.devices()[0].device_kind,
+                            "peak_tflops": peak,
+                            "results": results,
+                        },
+                        f,
+                        indent=2,
+                    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ depend on them); compile excluded; median and range over repetitions.
 
 There is no peer in this figure: it shows where a step's time goes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,15 @@ import common  # noqa: E402
 CASES = {
     # name: (model kwargs, prompts per step, samples per prompt, prompt len, new tokens)
     "quickstart": (dict(vocab_size=409, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384), 16, 4, 12, 23),
-    "smollm2_135m": (dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-                          d_ff=1536, rope_theta=1e5), 4, 2, 32, 32),
+    "smollm2_135m": (
+        dict(
+            vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, rope_theta=1e5
+        ),
+        4,
+        2,
+        32,
+        32,
+    ),
 }
 
 
@@ -42,8 +50,9 @@ def run_case(name: str, reps: int) -> dict:
     from warm_jax.policy import reinforce, rewards, sampler
 
     kw, prompts, k, p_len, new = CASES[name]
-    cfg = reinforce.ReinforceConfig(prompts_per_step=prompts, samples_per_prompt=k, max_prompt_len=p_len,
-                                    max_new_tokens=new)
+    cfg = reinforce.ReinforceConfig(
+        prompts_per_step=prompts, samples_per_prompt=k, max_prompt_len=p_len, max_new_tokens=new
+    )
     model_cfg = tr.ModelConfig(max_len=p_len + new, **kw)
     graphdef, _, _ = tr.abstract_model(model_cfg)
     init = jax.jit(lambda key: tr.init_params(model_cfg, key))
@@ -53,8 +62,10 @@ def run_case(name: str, reps: int) -> dict:
     rm = rewards.RewardFn("warm", graphdef, rm_params, None)
     scfg = sampler.SamplingConfig(max_new_tokens=new, temperature=cfg.temperature, eos_id=-1, pad_id=0)
     sample = sampler.make_sampler(graphdef, model_cfg, scfg)
-    update = jax.jit(functools.partial(reinforce.reinforce_update, graphdef=graphdef, rm_apply=rm.apply, tx=tx,
-                                       cfg=cfg, pad_id=0), donate_argnums=0)
+    update = jax.jit(
+        functools.partial(reinforce.reinforce_update, graphdef=graphdef, rm_apply=rm.apply, tx=tx, cfg=cfg, pad_id=0),
+        donate_argnums=0,
+    )
     rows = prompts * k
     rng = np.random.default_rng(0)
     one = rng.integers(3, model_cfg.vocab_size, (prompts, p_len)).astype(np.int32)
@@ -68,8 +79,12 @@ def run_case(name: str, reps: int) -> dict:
         gen = sample(s.params, toks, mask, jax.random.fold_in(s.step_key(), 0))
         jax.block_until_ready(gen)
         t1 = time.perf_counter()
-        batch = {"prompt_tokens": toks, "prompt_mask": mask, "response_tokens": gen["tokens"],
-                 "response_mask": gen["mask"]}
+        batch = {
+            "prompt_tokens": toks,
+            "prompt_mask": mask,
+            "response_tokens": gen["tokens"],
+            "response_mask": gen["mask"],
+        }
         box["state"], metrics = update(s, ref_params, rm.state, batch)
         jax.block_until_ready(metrics)
         t2 = time.perf_counter()
@@ -83,8 +98,14 @@ def run_case(name: str, reps: int) -> dict:
     if box["generated"] != rows * new:
         raise RuntimeError(f"{name}: {box['generated']} tokens generated, expected {rows * new}")
     return {
-        "case": name, "model": dataclasses.asdict(model_cfg), "rows": rows, "prompt_len": p_len, "new_tokens": new,
-        "step_s": common.summary(times), "generate_s": common.summary(gen_t), "update_s": common.summary(upd_t),
+        "case": name,
+        "model": dataclasses.asdict(model_cfg),
+        "rows": rows,
+        "prompt_len": p_len,
+        "new_tokens": new,
+        "step_s": common.summary(times),
+        "generate_s": common.summary(gen_t),
+        "update_s": common.summary(upd_t),
         "generated_tokens_per_s": common.summary([rows * new / g for g in gen_t]),
         "step_tokens_per_s": common.summary([rows * new / t for t in times]),
         "generate_share": common.summary([g / t for g, t in zip(gen_t, times)]),
@@ -102,12 +123,33 @@ def main() -> None:
         r = run_case(name, args.reps)
         results.append(r)
         common.write_json(args.output, {"benchmark": "reinforce_step", "results": results})
-    print(common.md_table(
-        ["case", "rows × (prompt + new)", "step (s)", "generate (s)", "update (s)", "generated tok/s (sampling)",
-         "generated tok/s (whole step)", "share generating"],
-        [[r["case"], f"{r['rows']} × ({r['prompt_len']} + {r['new_tokens']})", common.fmt(r["step_s"], 3),
-          common.fmt(r["generate_s"], 3), common.fmt(r["update_s"], 3), common.fmt(r["generated_tokens_per_s"], 0),
-          common.fmt(r["step_tokens_per_s"], 0), common.fmt(r["generate_share"], 2, 100) + " %"] for r in results]))
+    print(
+        common.md_table(
+            [
+                "case",
+                "rows × (prompt + new)",
+                "step (s)",
+                "generate (s)",
+                "update (s)",
+                "generated tok/s (sampling)",
+                "generated tok/s (whole step)",
+                "share generating",
+            ],
+            [
+                [
+                    r["case"],
+                    f"{r['rows']} × ({r['prompt_len']} + {r['new_tokens']})",
+                    common.fmt(r["step_s"], 3),
+                    common.fmt(r["generate_s"], 3),
+                    common.fmt(r["update_s"], 3),
+                    common.fmt(r["generated_tokens_per_s"], 0),
+                    common.fmt(r["step_tokens_per_s"], 0),
+                    common.fmt(r["generate_share"], 2, 100) + " %",
+                ]
+                for r in results
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Model FLOPs per token count the matmuls of the trunk and of attention (the rewar
 d → 1 dot; no LM head is evaluated by either side), ×3 for training. MFU divides by the larger of
 the float32 matmul peaks that JAX and PyTorch reach on this machine, measured in this script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,13 @@ import common  # noqa: E402
 
 CASES = {
     # name: (model kwargs, pairs, seq)
-    "smollm2_135m": (dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-                          d_ff=1536, rope_theta=1e5), 8, 128),
+    "smollm2_135m": (
+        dict(
+            vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, rope_theta=1e5
+        ),
+        8,
+        128,
+    ),
     # The quickstart model's shape: framework overhead, not matmuls, sets the pace.
     "tiny": (dict(vocab_size=409, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384), 8, 128),
 }
@@ -74,8 +80,9 @@ def make_ours(model_kwargs: dict, pairs: int, seq: int):
 
     mesh = runtime.make_mesh({"ensemble": 1, "data": -1}, devices=jax.devices()[:1])
     model_cfg = tr.ModelConfig(max_len=seq, dtype="float32", **model_kwargs)
-    cfg = ensemble.EnsembleConfig(num_members=1, learning_rates=(LEARNING_RATE,), dropout_rates=(0.0,),
-                                  batch_size=pairs)
+    cfg = ensemble.EnsembleConfig(
+        num_members=1, learning_rates=(LEARNING_RATE,), dropout_rates=(0.0,), batch_size=pairs
+    )
     graphdef, params, specs = pretrain.sharded_init(model_cfg, mesh, jax.random.key(0))
     tx, state_sh, state, _ = ensemble.stack_state(mesh, cfg, [params], specs, [0])
     batch_sh = sharding.batch_sharding(mesh, 3, members="stacked")
@@ -119,21 +126,46 @@ def make_trl(model_kwargs: dict, pairs: int, seq: int, steps: int, workdir: str)
     kw = model_kwargs
     hd = kw.get("head_dim") or kw["d_model"] // kw["n_heads"]
     config = LlamaConfig(
-        vocab_size=kw["vocab_size"], hidden_size=kw["d_model"], intermediate_size=kw["d_ff"],
-        num_hidden_layers=kw["n_layers"], num_attention_heads=kw["n_heads"], num_key_value_heads=kw["n_kv_heads"],
-        head_dim=hd, max_position_embeddings=max(seq, 128), rope_theta=kw.get("rope_theta", 1e4),
-        rms_norm_eps=1e-5, tie_word_embeddings=True, num_labels=1, pad_token_id=0, attention_dropout=0.0,
+        vocab_size=kw["vocab_size"],
+        hidden_size=kw["d_model"],
+        intermediate_size=kw["d_ff"],
+        num_hidden_layers=kw["n_layers"],
+        num_attention_heads=kw["n_heads"],
+        num_key_value_heads=kw["n_kv_heads"],
+        head_dim=hd,
+        max_position_embeddings=max(seq, 128),
+        rope_theta=kw.get("rope_theta", 1e4),
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        num_labels=1,
+        pad_token_id=0,
+        attention_dropout=0.0,
     )
     model = LlamaForSequenceClassification(config).float()
     # RewardTrainer keeps pre-tokenised pairs as they are ('chosen_ids'/'rejected_ids').
     n = pairs * (steps + 2)
     b = random_batch(kw["vocab_size"], n, seq, seed=1)
-    ds = datasets.Dataset.from_dict({"chosen_ids": b["chosen_tokens"].tolist(), "rejected_ids": b["rejected_tokens"].tolist()})
+    ds = datasets.Dataset.from_dict(
+        {"chosen_ids": b["chosen_tokens"].tolist(), "rejected_ids": b["rejected_tokens"].tolist()}
+    )
     args = RewardConfig(
-        output_dir=workdir, per_device_train_batch_size=pairs, learning_rate=LEARNING_RATE, max_grad_norm=1.0,
-        weight_decay=0.0, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, max_length=seq,
-        report_to=[], save_strategy="no", logging_steps=10_000, dataloader_num_workers=0, disable_tqdm=True,
-        max_steps=steps + 2, seed=0,
+        output_dir=workdir,
+        per_device_train_batch_size=pairs,
+        learning_rate=LEARNING_RATE,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        max_length=seq,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        max_steps=steps + 2,
+        seed=0,
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=_tokenizer())
     trainer.create_optimizer_and_scheduler(num_training_steps=steps + 2)
@@ -176,8 +208,14 @@ def run_case(name: str, reps: int, peak: float) -> dict:
     flops = rm_flops_per_token(model_cfg, seq) * tokens
     tps = {k: [tokens / t for t in v] for k, v in times.items()}
     return {
-        "case": name, "model": dataclasses.asdict(model_cfg), "pairs": pairs, "seq_len": seq, "tokens_per_step": tokens,
-        "params_warm_jax_M": n_ours / 1e6, "params_trl_M": n_peer / 1e6, "torch_threads": torch.get_num_threads(),
+        "case": name,
+        "model": dataclasses.asdict(model_cfg),
+        "pairs": pairs,
+        "seq_len": seq,
+        "tokens_per_step": tokens,
+        "params_warm_jax_M": n_ours / 1e6,
+        "params_trl_M": n_peer / 1e6,
+        "torch_threads": torch.get_num_threads(),
         "step_s": {k: common.summary(v) for k, v in times.items()},
         "tokens_per_s": {k: common.summary(v) for k, v in tps.items()},
         "mfu": {k: common.summary([flops / t / 1e12 / peak for t in v]) for k, v in times.items()},
@@ -200,17 +238,35 @@ def table(results: list[dict], peaks: dict) -> str:
     rows = []
     for r in results:
         g = GOALS.get(r["case"], 1.0)
-        rows.append([
-            r["case"], f"{r['tokens_per_step']}", common.fmt(r["tokens_per_s"]["warm_jax"], 0),
-            common.fmt(r["tokens_per_s"]["trl"], 0), common.fmt(r["ratio"], 2) + "×",
-            f"{r['mfu']['warm_jax']['median']:.1%} / {r['mfu']['trl']['median']:.1%}", f"≥ {g:g}×",
-            common.met(r["ratio"]["median"], g),
-        ])
-    head = (f"float32 matmul peak (best of 5, 2048²): JAX {peaks['jax']:.3f} TFLOP/s, PyTorch {peaks['torch']:.3f} "
-            f"TFLOP/s; MFU against {peaks['used']:.3f}\n\n")
+        rows.append(
+            [
+                r["case"],
+                f"{r['tokens_per_step']}",
+                common.fmt(r["tokens_per_s"]["warm_jax"], 0),
+                common.fmt(r["tokens_per_s"]["trl"], 0),
+                common.fmt(r["ratio"], 2) + "×",
+                f"{r['mfu']['warm_jax']['median']:.1%} / {r['mfu']['trl']['median']:.1%}",
+                f"≥ {g:g}×",
+                common.met(r["ratio"]["median"], g),
+            ]
+        )
+    head = (
+        f"float32 matmul peak (best of 5, 2048²): JAX {peaks['jax']:.3f} TFLOP/s, PyTorch {peaks['torch']:.3f} "
+        f"TFLOP/s; MFU against {peaks['used']:.3f}\n\n"
+    )
     return head + common.md_table(
-        ["case", "tokens/step", "warm_jax tokens/s", "TRL RewardTrainer tokens/s", "ratio", "MFU ours / TRL", "goal",
-         "met?"], rows)
+        [
+            "case",
+            "tokens/step",
+            "warm_jax tokens/s",
+            "TRL RewardTrainer tokens/s",
+            "ratio",
+            "MFU ours / TRL",
+            "goal",
+            "met?",
+        ],
+        rows,
+    )
 
 
 def main() -> None:
@@ -218,8 +274,12 @@ def main() -> None:
     ap.add_argument("--cases", default="tiny,smollm2_135m")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--output", default=None)
-    ap.add_argument("--prng", default=None, choices=("threefry2x32", "rbg", "unsafe_rbg"),
-                    help="JAX PRNG implementation (an experiment: the step draws dropout masks even at rate 0)")
+    ap.add_argument(
+        "--prng",
+        default=None,
+        choices=("threefry2x32", "rbg", "unsafe_rbg"),
+        help="JAX PRNG implementation (an experiment: the step draws dropout masks even at rate 0)",
+    )
     args = ap.parse_args()
     if args.prng:
         import jax
@@ -232,10 +292,14 @@ def main() -> None:
     for name in args.cases.split(","):
         r = run_case(name, args.reps, peaks["used"])
         results.append(r)
-        print(f"# {name}: ours {common.fmt(r['tokens_per_s']['warm_jax'], 0)} tok/s, TRL "
-              f"{common.fmt(r['tokens_per_s']['trl'], 0)} tok/s, ratio {common.fmt(r['ratio'])}", flush=True)
-        common.write_json(args.output, {"benchmark": "rm_throughput", "peaks_tflops": peaks, "prng": args.prng,
-                                        "results": results})
+        print(
+            f"# {name}: ours {common.fmt(r['tokens_per_s']['warm_jax'], 0)} tok/s, TRL "
+            f"{common.fmt(r['tokens_per_s']['trl'], 0)} tok/s, ratio {common.fmt(r['ratio'])}",
+            flush=True,
+        )
+        common.write_json(
+            args.output, {"benchmark": "rm_throughput", "peaks_tflops": peaks, "prng": args.prng, "results": results}
+        )
     print(table(results, peaks))
 
 

@@ -8,6 +8,7 @@ cache inside one compiled ``lax.while_loop``. Both decode greedily with EOS disa
 produce exactly N tokens per row (and the same tokens: checked). Random weights; compile time
 excluded (one warm-up call each). Prints a markdown table: median and [min, max] over reps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,12 @@ from warm_jax.models import transformer as tr
 from warm_jax.policy import sampler
 
 MODELS = {
-    "quickstart": tr.ModelConfig(vocab_size=409, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384,
-                                 max_len=128),
-    "smollm2_135m": tr.ModelConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-                                   d_ff=1536, max_len=128),
+    "quickstart": tr.ModelConfig(
+        vocab_size=409, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384, max_len=128
+    ),
+    "smollm2_135m": tr.ModelConfig(
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, max_len=128
+    ),
 }
 
 
@@ -80,8 +83,14 @@ def bench(name: str, batch: int, reps: int, prompt_len: int, new: int) -> dict:
     t_base = timed(lambda: baseline(params), reps)
     tps = lambda ts: sorted(batch * new / t for t in ts)
     c, n_ = tps(t_cache), tps(t_base)
-    return {"model": name, "batch": batch, "cached": c, "no_cache": n_, "agree": agree,
-            "ratio": float(np.median(c) / np.median(n_))}
+    return {
+        "model": name,
+        "batch": batch,
+        "cached": c,
+        "no_cache": n_,
+        "agree": agree,
+        "ratio": float(np.median(c) / np.median(n_)),
+    }
 
 
 def main():
@@ -92,16 +101,23 @@ def main():
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--new_tokens", type=int, default=64)
     args = ap.parse_args()
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, {args.reps} reps")
-    print("| model | batch | KV-cache sampler tok/s (median [min, max]) | no-cache loop tok/s | speed-up | same tokens |")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, {args.reps} reps"
+    )
+    print(
+        "| model | batch | KV-cache sampler tok/s (median [min, max]) | no-cache loop tok/s | speed-up | same tokens |"
+    )
     print("|---|---|---|---|---|---|")
     fmt = lambda v: f"{np.median(v):,.0f} [{v[0]:,.0f}, {v[-1]:,.0f}]"
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             r = bench(name, batch, args.reps, args.prompt_len, args.new_tokens)
-            print(f"| {name} | {batch} | {fmt(r['cached'])} | {fmt(r['no_cache'])} | {r['ratio']:.1f}x | "
-                  f"{r['agree']:.0%} |", flush=True)
+            print(
+                f"| {name} | {batch} | {fmt(r['cached'])} | {fmt(r['no_cache'])} | {r['ratio']:.1f}x | "
+                f"{r['agree']:.0%} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

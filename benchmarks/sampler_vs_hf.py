@@ -16,6 +16,7 @@ excluded (one warm-up call each); repetitions are interleaved. The table also gi
 of generated tokens on which the two greedy decodes agree (float32 round-off can flip a near-tie,
 after which the continuations differ).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def load_both():
     cfg, graphdef, params, _ = pretrained.load_pretrained("smollm2-135m")
     hf_cfg = export.hf_config(cfg, kind="causal_lm", tokenizer=None)
     model = LlamaForCausalLM(LlamaConfig(**hf_cfg)).float().eval()
-    tensors = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in export.params_to_hf(params, cfg,
-                                                                                           kind="causal_lm").items()}
+    tensors = {
+        k: torch.from_numpy(np.array(v, np.float32))
+        for k, v in export.params_to_hf(params, cfg, kind="causal_lm").items()
+    }
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     # A tied model has no lm_head.weight of its own; anything else missing is an export bug.
     missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
@@ -72,19 +75,31 @@ def bench(batch: int, reps: int, prompt_len: int, new: int, loaded) -> dict:
 
     def peer():
         with torch.inference_mode():
-            g = model.generate(input_ids=p_t, attention_mask=m_t, max_new_tokens=new, min_new_tokens=new,
-                               do_sample=False, eos_token_id=None, pad_token_id=0, use_cache=True)
+            g = model.generate(
+                input_ids=p_t,
+                attention_mask=m_t,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                use_cache=True,
+            )
         out["peer"] = g[:, prompt_len:].numpy()
 
     times = common.interleaved({"warm_jax": ours, "hf": peer}, reps)
     if out["ours"].shape != out["peer"].shape:
         raise RuntimeError(f"batch {batch}: ours {out['ours'].shape} vs HF {out['peer'].shape} generated tokens")
     tps = {k: [batch * new / t for t in v] for k, v in times.items()}
-    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new,
-            "tokens_per_s": {k: common.summary(v) for k, v in tps.items()},
-            "ratio": common.ratio(tps["warm_jax"], tps["hf"]),
-            "agree": float((out["ours"] == out["peer"]).mean()),
-            "first_token_agree": float((out["ours"][:, 0] == out["peer"][:, 0]).mean())}
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new,
+        "tokens_per_s": {k: common.summary(v) for k, v in tps.items()},
+        "ratio": common.ratio(tps["warm_jax"], tps["hf"]),
+        "agree": float((out["ours"] == out["peer"]).mean()),
+        "first_token_agree": float((out["ours"][:, 0] == out["peer"][:, 0]).mean()),
+    }
 
 
 def main() -> None:
@@ -102,15 +117,39 @@ def main() -> None:
     for b in (int(x) for x in args.batches.split(",")):
         r = bench(b, args.reps, args.prompt_len, args.new_tokens, loaded)
         results.append(r)
-        print(f"# batch {b}: ours {common.fmt(r['tokens_per_s']['warm_jax'], 1)}, HF "
-              f"{common.fmt(r['tokens_per_s']['hf'], 1)} new tok/s", flush=True)
-        common.write_json(args.output, {"benchmark": "sampler_vs_hf", "torch_threads": torch.get_num_threads(),
-                                        "results": results})
-    print(common.md_table(
-        ["batch", "warm_jax new tok/s", "HF generate new tok/s", "ratio", "goal", "met?", "same tokens (first / all)"],
-        [[r["batch"], common.fmt(r["tokens_per_s"]["warm_jax"], 1), common.fmt(r["tokens_per_s"]["hf"], 1),
-          common.fmt(r["ratio"]) + "×", "≥ 1.5×", common.met(r["ratio"]["median"], 1.5),
-          f"{r['first_token_agree']:.0%} / {r['agree']:.0%}"] for r in results]))
+        print(
+            f"# batch {b}: ours {common.fmt(r['tokens_per_s']['warm_jax'], 1)}, HF "
+            f"{common.fmt(r['tokens_per_s']['hf'], 1)} new tok/s",
+            flush=True,
+        )
+        common.write_json(
+            args.output, {"benchmark": "sampler_vs_hf", "torch_threads": torch.get_num_threads(), "results": results}
+        )
+    print(
+        common.md_table(
+            [
+                "batch",
+                "warm_jax new tok/s",
+                "HF generate new tok/s",
+                "ratio",
+                "goal",
+                "met?",
+                "same tokens (first / all)",
+            ],
+            [
+                [
+                    r["batch"],
+                    common.fmt(r["tokens_per_s"]["warm_jax"], 1),
+                    common.fmt(r["tokens_per_s"]["hf"], 1),
+                    common.fmt(r["ratio"]) + "×",
+                    "≥ 1.5×",
+                    common.met(r["ratio"]["median"], 1.5),
+                    f"{r['first_token_agree']:.0%} / {r['agree']:.0%}",
+                ]
+                for r in results
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

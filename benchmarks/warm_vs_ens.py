@@ -9,6 +9,7 @@ calls would be slower still). Members are M random inits of one shape (throughpu
 on the values). The figure is pairs/s(WARM) / pairs/s(ENS); a merge that costs one model's
 inference should reach M, the goal is ≥ 0.9·M. Repetitions interleaved, compile excluded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,14 @@ import common  # noqa: E402
 CASES = {
     # name: (model kwargs, pairs scored per repetition, seq len, scorer batch)
     "quickstart": (dict(vocab_size=409, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384), 1024, 36, 256),
-    "smollm2_135m": (dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-                          d_ff=1536, rope_theta=1e5), 16, 64, 16),
+    "smollm2_135m": (
+        dict(
+            vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, rope_theta=1e5
+        ),
+        16,
+        64,
+        16,
+    ),
 }
 
 
@@ -40,8 +47,9 @@ def run_case(name: str, m: int, reps: int) -> dict:
     mesh = runtime.make_mesh({"data": 1}, devices=jax.devices()[:1])
     graphdef, _, _ = tr.abstract_model(cfg)
     init = jax.jit(lambda k: tr.init_params(cfg, k))
-    stacked = jax.jit(lambda *ps: jax.tree.map(lambda *xs: jnp.stack(xs), *ps))(*[init(jax.random.key(i))
-                                                                                  for i in range(m)])
+    stacked = jax.jit(lambda *ps: jax.tree.map(lambda *xs: jnp.stack(xs), *ps))(
+        *[init(jax.random.key(i)) for i in range(m)]
+    )
     merged = averaging.mean_stacked(stacked)
     rng = np.random.default_rng(0)
     data = {
@@ -63,9 +71,16 @@ def run_case(name: str, m: int, reps: int) -> dict:
     if out["ens"][0].shape != (m, n) or out["warm"][0].shape != (n,):
         raise RuntimeError(f"{name}: unexpected score shapes {out['ens'][0].shape}, {out['warm'][0].shape}")
     pps = {k: [n / t for t in v] for k, v in times.items()}
-    return {"case": name, "members": m, "pairs": n, "seq_len": seq, "batch": batch,
-            "pairs_per_s": {k: common.summary(v) for k, v in pps.items()},
-            "ratio": common.ratio(pps["warm"], pps["ens"]), "goal": 0.9 * m}
+    return {
+        "case": name,
+        "members": m,
+        "pairs": n,
+        "seq_len": seq,
+        "batch": batch,
+        "pairs_per_s": {k: common.summary(v) for k, v in pps.items()},
+        "ratio": common.ratio(pps["warm"], pps["ens"]),
+        "goal": 0.9 * m,
+    }
 
 
 def main() -> None:
@@ -79,14 +94,30 @@ def main() -> None:
     for name in args.cases.split(","):
         r = run_case(name, args.members, args.reps)
         results.append(r)
-        print(f"# {name}: WARM {common.fmt(r['pairs_per_s']['warm'], 1)} pairs/s, ENS "
-              f"{common.fmt(r['pairs_per_s']['ens'], 1)}", flush=True)
+        print(
+            f"# {name}: WARM {common.fmt(r['pairs_per_s']['warm'], 1)} pairs/s, ENS "
+            f"{common.fmt(r['pairs_per_s']['ens'], 1)}",
+            flush=True,
+        )
         common.write_json(args.output, {"benchmark": "warm_vs_ens", "results": results})
-    print(common.md_table(
-        ["case", "M", "pairs × tokens", "WARM pairs/s", "ENS pairs/s", "ratio", "goal", "met?"],
-        [[r["case"], r["members"], f"{r['pairs']} × {r['seq_len']}", common.fmt(r["pairs_per_s"]["warm"], 1),
-          common.fmt(r["pairs_per_s"]["ens"], 1), common.fmt(r["ratio"]) + "×", f"≥ {r['goal']:.1f}×",
-          common.met(r["ratio"]["median"], r["goal"])] for r in results]))
+    print(
+        common.md_table(
+            ["case", "M", "pairs × tokens", "WARM pairs/s", "ENS pairs/s", "ratio", "goal", "met?"],
+            [
+                [
+                    r["case"],
+                    r["members"],
+                    f"{r['pairs']} × {r['seq_len']}",
+                    common.fmt(r["pairs_per_s"]["warm"], 1),
+                    common.fmt(r["pairs_per_s"]["ens"], 1),
+                    common.fmt(r["ratio"]) + "×",
+                    f"≥ {r['goal']:.1f}×",
+                    common.met(r["ratio"]["median"], r["goal"]),
+                ]
+                for r in results
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

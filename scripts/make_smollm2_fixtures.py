@@ -13,6 +13,7 @@ Writes (small enough to commit, ~100 KB):
   smollm2_reference.npz   per text i: ``logits_{i}`` [T, C] at the kept columns, ``argmax_{i}`` [T] and
                           ``max_{i}`` [T] over the whole vocabulary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,7 @@ def main() -> None:
         arrays[f"logits_{i}"] = logits[:, columns].astype(np.float32)
         arrays[f"argmax_{i}"] = logits.argmax(-1).astype(np.int32)
         arrays[f"max_{i}"] = logits.max(-1).astype(np.float32)
-        print(f"text {i}: {len(ids)} tokens; greedy: {tok.decode(seq[len(ids):])!r}")
+        print(f"text {i}: {len(ids)} tokens; greedy: {tok.decode(seq[len(ids) :])!r}")
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """Shared test utilities: tiny gin bindings and ways to run the pipeline in or out of process."""
+
 from __future__ import annotations
 
 import os
@@ -103,12 +104,17 @@ def run_train(workdir: str, bindings: list[str], *, timeout: float = 600, check:
     return proc
 
 
-def run_until_then_signal(workdir: str, bindings: list[str], *, ckpt_dir: str, sig: int, min_step: int = 1,
-                          timeout: float = 300) -> subprocess.CompletedProcess:
+def run_until_then_signal(
+    workdir: str, bindings: list[str], *, ckpt_dir: str, sig: int, min_step: int = 1, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Starts training, waits until a checkpoint past ``min_step`` exists, then sends ``sig``."""
     proc = subprocess.Popen(
-        train_cmd(workdir, bindings), env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        train_cmd(workdir, bindings),
+        env=subprocess_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -125,8 +131,12 @@ def run_until_then_signal(workdir: str, bindings: list[str], *, ckpt_dir: str, s
 def final_state_hash(ckpt_dir: str) -> tuple[int, str]:
     """(latest step, sha256 over every array) of a training checkpoint, read without a target."""
     out = subprocess.run(
-        [sys.executable, "-m", "warm_jax.inspect", ckpt_dir], env=subprocess_env(1), cwd=REPO,
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-m", "warm_jax.inspect", ckpt_dir],
+        env=subprocess_env(1),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     import json
 
@@ -160,19 +170,31 @@ def context(workdir: str, seed: int = 0):
     return RunContext(workdir=workdir, mesh=runtime.make_mesh(), seed=seed)
 
 
-def start_processes(workdir: str, bindings: list[str], *, num: int = 2, devices: int = 4, present=None,
-                    port: int | None = None, extra_flags=()):
+def start_processes(
+    workdir: str,
+    bindings: list[str],
+    *,
+    num: int = 2,
+    devices: int = 4,
+    present=None,
+    port: int | None = None,
+    extra_flags=(),
+):
     """Starts ``num`` jax processes of one run on 127.0.0.1 (``present``: ids actually started)."""
     from warm_jax import runtime
 
     port = port or runtime.free_port()
     procs = {}
-    for i in (range(num) if present is None else present):
+    for i in range(num) if present is None else present:
         env = subprocess_env(devices)
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num), JAX_PROCESS_ID=str(i))
         procs[i] = subprocess.Popen(
-            train_cmd(workdir, bindings) + list(extra_flags), env=env, cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
+            train_cmd(workdir, bindings) + list(extra_flags),
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
     return procs
 

@@ -1,4 +1,5 @@
 """Weight averaging: exactness, equality with numpy, mesh independence, mismatches, atomic output."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,9 @@ def _host(tree):
 
 
 def _save(directory, params, cfg=CFG):
-    params_io.save_params(str(directory), params, model_cfg=cfg, meta={"member": os.path.basename(str(directory))},
-                         tokenizer_dir=None)
+    params_io.save_params(
+        str(directory), params, model_cfg=cfg, meta={"member": os.path.basename(str(directory))}, tokenizer_dir=None
+    )
     return str(directory)
 
 
@@ -122,7 +124,8 @@ def test_mean_stacked_numpy_ensemble_sharding_and_bf16():
     out_bf = averaging.mean_stacked(bf)
     for (p, x), (_, xs) in zip(checkpoints.named_leaves(out_bf), checkpoints.named_leaves(bf)):
         assert x.dtype == jnp.bfloat16 and x.sharding.is_equivalent_to(
-            dict(checkpoints.named_leaves(single))[p], x.ndim), p
+            dict(checkpoints.named_leaves(single))[p], x.ndim
+        ), p
         want = np.mean(np.asarray(xs, np.float32), axis=0)
         np.testing.assert_allclose(np.asarray(x, np.float32), want, rtol=2**-8, atol=1e-6, err_msg=p)
 
@@ -150,10 +153,13 @@ def test_check_compatible_names_first_mismatching_leaf():
         averaging.check_compatible({"a": a, "b": {**a, "y": jax.ShapeDtypeStruct((1,), jnp.float32)}})
 
 
-@pytest.mark.parametrize("change,leaf", [
-    ({"d_ff": 48}, r"layer_0/mlp/w_down' differs: .* float32\[64, 32\], .* float32\[48, 32\]"),
-    ({"param_dtype": "bfloat16"}, r"leaf 'embed' differs: .* float32\[64, 32\], .* bfloat16\[64, 32\]"),
-])
+@pytest.mark.parametrize(
+    "change,leaf",
+    [
+        ({"d_ff": 48}, r"layer_0/mlp/w_down' differs: .* float32\[64, 32\], .* float32\[48, 32\]"),
+        ({"param_dtype": "bfloat16"}, r"leaf 'embed' differs: .* float32\[64, 32\], .* bfloat16\[64, 32\]"),
+    ],
+)
 def test_cli_mismatch_fails_without_output(members, tmp_path, capsys, change, leaf):
     dirs, _, _ = members
     cfg = dataclasses.replace(CFG, **change)
@@ -202,8 +208,12 @@ def test_cli_stacked_checkpoint_members(members, tmp_path, mesh8, capsys):
     # A stacked training state as the rm_ensemble stage saves it: [M] on every leaf.
     mesh = runtime.make_mesh({"ensemble": 1, "data": -1})
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params_io.load_params_checkpoint(d, mesh)[2] for d in dirs])
-    state = TrainState(step=jnp.zeros((3,), jnp.int32), params=stacked,
-                       opt_state={"mu": jax.tree.map(jnp.zeros_like, stacked)}, key=jnp.zeros((3, 2), jnp.uint32))
+    state = TrainState(
+        step=jnp.zeros((3,), jnp.int32),
+        params=stacked,
+        opt_state={"mu": jax.tree.map(jnp.zeros_like, stacked)},
+        key=jnp.zeros((3, 2), jnp.uint32),
+    )
     rm = tmp_path / "w" / "rm"
     with checkpoints.Checkpointer(str(rm / "ckpt"), async_save=False) as ck:
         ck.save(5, state, force=True)
@@ -228,8 +238,16 @@ def test_failed_write_leaves_no_output(members, tmp_path, mesh8, monkeypatch):
 
     monkeypatch.setattr(io_utils, "atomic_write_json", boom)  # after Orbax wrote ckpt/, before model.json
     with pytest.raises(OSError, match="disk full"):
-        averaging.write_merged(str(tmp_path / "out"), params, model_cfg=CFG, members=dirs[:2], weights=[0.5, 0.5],
-                               accuracies=None, hashes=info["hashes"], tokenizer_dir=None)
+        averaging.write_merged(
+            str(tmp_path / "out"),
+            params,
+            model_cfg=CFG,
+            members=dirs[:2],
+            weights=[0.5, 0.5],
+            accuracies=None,
+            hashes=info["hashes"],
+            tokenizer_dir=None,
+        )
     assert os.listdir(tmp_path) == []
 
 
@@ -244,8 +262,13 @@ average.main(sys.argv[1:])
 def test_process_killed_during_write_leaves_no_output(members, tmp_path):
     dirs, _, _ = members
     out = tmp_path / "merged"
-    proc = subprocess.run([sys.executable, "-c", CRASH, f"--checkpoint={dirs[0]}", f"--checkpoint={dirs[1]}",
-                           f"--output={out}"], env=subprocess_env(1), cwd=REPO, capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH, f"--checkpoint={dirs[0]}", f"--checkpoint={dirs[1]}", f"--output={out}"],
+        env=subprocess_env(1),
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+    )
     assert proc.returncode == 9, proc.stderr.decode()[-2000:]
     assert not out.exists()
     assert all(p.name.startswith(".merged.tmp-") for p in tmp_path.iterdir())  # only the temporary remains

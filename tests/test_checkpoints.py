@@ -19,8 +19,14 @@ import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from warm_jax import checkpoints
-from warm_jax.checkpoints import (CheckpointCorruptError, CheckpointError, Checkpointer, NonFiniteStateError,
-                                  leaf_hashes, tree_sha256)
+from warm_jax.checkpoints import (
+    CheckpointCorruptError,
+    CheckpointError,
+    Checkpointer,
+    NonFiniteStateError,
+    leaf_hashes,
+    tree_sha256,
+)
 
 AUTO2 = (jax.sharding.AxisType.Auto,) * 2
 
@@ -105,8 +111,11 @@ def test_restore_onto_other_meshes(tmp_path, state):
     one = SingleDeviceSharding(jax.devices()[3])
     targets = {
         "mesh81": jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-                mesh81, P(None, "data") if x.ndim == 3 else P())), state),
+            lambda x: jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=NamedSharding(mesh81, P(None, "data") if x.ndim == 3 else P())
+            ),
+            state,
+        ),
         "one_device": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), state),
     }
     with Checkpointer(tmp_path) as ckpt:
@@ -243,8 +252,9 @@ def test_sigterm_triggers_a_finished_preemption_save(tmp_path, state, sigterm_ha
 
 def _run_inspect(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, unlike the writer
-    return subprocess.run([sys.executable, "-m", "warm_jax.inspect", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "warm_jax.inspect", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_inspect_cli(tmp_path, state):
@@ -255,8 +265,9 @@ def test_inspect_cli(tmp_path, state):
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)
     assert got["directory"] == str(tmp_path) and got["steps"] == [4, 5] and got["step"] == 4
-    assert got["leaves"] == [{"path": p, "shape": list(x.shape), "dtype": str(x.dtype)}
-                             for p, x in checkpoints.named_leaves(state)]
+    assert got["leaves"] == [
+        {"path": p, "shape": list(x.shape), "dtype": str(x.dtype)} for p, x in checkpoints.named_leaves(state)
+    ]
     assert got["param_count"] == 2 * 8 * 16 + 2 * 16
     assert got["sha256"] == tree_sha256(state) and got["verified"] is True
     assert got["meta"] == {"stage": "pretrain"}
@@ -268,7 +279,7 @@ def test_inspect_cli(tmp_path, state):
     assert "no finished checkpoint" in _run_inspect(str(empty)).stderr
 
 
-_WORKER = r'''
+_WORKER = r"""
 import json, os, signal, sys, time
 process_id, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 import jax
@@ -306,7 +317,7 @@ for step in range(10, 2000):
     time.sleep(0.01)
 ckpt.close()
 print("RESULT " + json.dumps(out), flush=True)
-'''
+"""
 
 
 def test_two_processes_save_verify_and_agree_on_preemption(tmp_path):
@@ -318,8 +329,16 @@ def test_two_processes_save_verify_and_agree_on_preemption(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(_WORKER)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, str(worker), str(i), port, str(tmp_path / "ckpt")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(i), port, str(tmp_path / "ckpt")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     results = []
     for p, (stdout, stderr) in zip(procs, outs):

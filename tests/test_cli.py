@@ -1,4 +1,5 @@
 """CLI and configuration: every gin file parses, bad bindings are named, README and CI agree."""
+
 import glob
 import os
 import re
@@ -12,7 +13,8 @@ from tests import helpers
 from warm_jax import config
 
 GIN_FILES = sorted(
-    os.path.relpath(p, helpers.REPO) for p in glob.glob(os.path.join(helpers.REPO, "gin", "**", "*.gin"), recursive=True)
+    os.path.relpath(p, helpers.REPO)
+    for p in glob.glob(os.path.join(helpers.REPO, "gin", "**", "*.gin"), recursive=True)
 )
 
 
@@ -43,7 +45,11 @@ def test_unknown_stage_is_named(tmp_path):
 def test_missing_gin_file_is_named(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "warm_jax.train", "--gin_file=nope.gin", f"--workdir={tmp_path}"],
-        env=helpers.subprocess_env(), cwd=helpers.REPO, capture_output=True, text=True, timeout=120,
+        env=helpers.subprocess_env(),
+        cwd=helpers.REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0 and "nope.gin" in proc.stderr
 

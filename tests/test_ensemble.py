@@ -1,4 +1,5 @@
 """Stage `rm_ensemble`: one vmapped, sharded step for M members; equivalence; resume; NaN policy."""
+
 import os
 import signal
 
@@ -73,7 +74,9 @@ def test_member_alone_equals_member_inside_the_ensemble(trained):
     with helpers.gin_config(helpers.TINY + [helpers.MESH_8]):
         actx = helpers.context(alone_wd)
         acfg = ensemble.EnsembleConfig(
-            num_members=1, seeds=(seeds[i],), learning_rates=(cfg.learning_rates[0],),
+            num_members=1,
+            seeds=(seeds[i],),
+            learning_rates=(cfg.learning_rates[0],),
             dropout_rates=(cfg.dropout_rates[i],),
         )
         _, alone = ensemble.train_ensemble(actx, acfg)
@@ -116,8 +119,10 @@ def test_nan_skip_leaves_state_unchanged(base_workdir, tmp_path):
     import shutil
 
     results = {}
-    for name, extra in [("two", ["EnsembleConfig.num_steps = 2"]),
-                        ("nan", ["EnsembleConfig.num_steps = 3", "EnsembleConfig.debug_nan_step = 3"])]:
+    for name, extra in [
+        ("two", ["EnsembleConfig.num_steps = 2"]),
+        ("nan", ["EnsembleConfig.num_steps = 3", "EnsembleConfig.debug_nan_step = 3"]),
+    ]:
         wd = str(tmp_path / name)
         shutil.copytree(base_workdir, wd)
         with helpers.gin_config(ENS + extra):

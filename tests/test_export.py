@@ -1,4 +1,5 @@
 """HF export of save_params checkpoints, round-tripped through our importer (and transformers, slow)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,8 +18,18 @@ from warm_jax.params_io import save_params
 from warm_jax.models import pretrained as pt
 from warm_jax.models import transformer as tr
 
-TINY = tr.ModelConfig(vocab_size=16, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, d_ff=24,
-                      max_len=64, rope_theta=500.0, tie_embeddings=False)
+TINY = tr.ModelConfig(
+    vocab_size=16,
+    d_model=16,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=4,
+    d_ff=24,
+    max_len=64,
+    rope_theta=500.0,
+    tie_embeddings=False,
+)
 WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(12)]
 BIAS = 0.75
 TOKENS = np.array([[1, 5, 6, 7, 8, 0], [1, 9, 10, 0, 0, 0]], np.int32)  # right-padded with pad id 0
@@ -79,8 +90,11 @@ def test_reward_export_round_trip(checkpoint):
 
     cfg, graphdef, loaded, tok = pt.load_pretrained(str(out))
     assert cfg == TINY and tok.pad_id == 0 and tok.add_bos
-    jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in loaded.items() if k != "value_head"},
-                 {k: v for k, v in params.items() if k != "value_head"})
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        {k: v for k, v in loaded.items() if k != "value_head"},
+        {k: v for k, v in params.items() if k != "value_head"},
+    )
     graphdef0 = tr.abstract_model(TINY)[0]
     ours, back = _outputs(TINY, graphdef0, params), _outputs(cfg, graphdef, loaded)
     np.testing.assert_array_equal(back[0], ours[0])
@@ -152,6 +166,6 @@ def test_smollm2_hf_export_matches_transformers(tmp_path):
         for _ in range(32):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     diff = float(np.abs(ours - ref).max())
-    print(f"SmolLM2 HF export vs ours: max abs logit diff {diff:.3g}, greedy equal {seq[len(ids):] == ours_greedy}")
+    print(f"SmolLM2 HF export vs ours: max abs logit diff {diff:.3g}, greedy equal {seq[len(ids) :] == ours_greedy}")
     assert diff <= 1e-3
-    assert seq[len(ids):] == ours_greedy
+    assert seq[len(ids) :] == ours_greedy

@@ -4,6 +4,7 @@ supervisors run against stand-ins for python and ssh. Nothing here starts traini
 The environment each script gives a process is fed to ``runtime.detect_cluster``, so these
 tests also pin the contract between the launchers and the runtime.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,10 @@ def _env(**extra: str) -> dict[str, str]:
 def _run(script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 20):
     return subprocess.run(
         ["bash", str(LAUNCH / script), *args],
-        capture_output=True, text=True, env=_env() if env is None else env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=_env() if env is None else env,
+        timeout=timeout,
     )
 
 
@@ -72,8 +76,18 @@ def _check_cluster(envs: list[dict[str, str]], coordinator: str, source: str) ->
 
 # ------------------------------------------------------------------ local_multiprocess.sh
 def test_local_dry_run_prints_one_command_per_process():
-    res = _run("local_multiprocess.sh", "3", "--port", "23456", "--devices_per_process", "2", "--dry_run",
-               "--", *TRAIN_ARGS, env=_env(XLA_FLAGS="--xla_foo=1 --xla_force_host_platform_device_count=8"))
+    res = _run(
+        "local_multiprocess.sh",
+        "3",
+        "--port",
+        "23456",
+        "--devices_per_process",
+        "2",
+        "--dry_run",
+        "--",
+        *TRAIN_ARGS,
+        env=_env(XLA_FLAGS="--xla_foo=1 --xla_force_host_platform_device_count=8"),
+    )
     assert res.returncode == 0, res.stderr
     lines = _lines(res.stdout)
     assert len(lines) == 3
@@ -89,8 +103,7 @@ def test_local_dry_run_prints_one_command_per_process():
 
 
 def test_local_dry_run_picks_a_port_and_honours_python():
-    res = _run("local_multiprocess.sh", "2", "--dry_run", "--", "--workdir=w",
-               env=_env(PYTHON="python3"))
+    res = _run("local_multiprocess.sh", "2", "--dry_run", "--", "--workdir=w", env=_env(PYTHON="python3"))
     assert res.returncode == 0, res.stderr
     envs, ports = [], set()
     for line in _lines(res.stdout):
@@ -121,8 +134,8 @@ def _fake_python(tmp_path: Path) -> Path:
         "#!/usr/bin/env bash\n"
         'echo "id=$JAX_PROCESS_ID of $JAX_NUM_PROCESSES at $JAX_COORDINATOR_ADDRESS argv=$*"\n'
         'if [[ $JAX_PROCESS_ID == "${FAIL_ID:-}" ]]; then sleep 0.3; echo "boom" >&2; exit 3; fi\n'
-        'trap \'echo "stopping $JAX_PROCESS_ID"; exit 15\' TERM\n'
-        'if [[ -n ${WAIT:-} ]]; then sleep 30 & wait; fi\n'
+        "trap 'echo \"stopping $JAX_PROCESS_ID\"; exit 15' TERM\n"
+        "if [[ -n ${WAIT:-} ]]; then sleep 30 & wait; fi\n"
         "printf 'last line without newline'\n"
     )
     stub.chmod(0o755)
@@ -143,8 +156,15 @@ def test_local_runs_all_processes_with_prefixed_output(tmp_path):
 def test_local_failure_stops_the_others_and_names_the_process(tmp_path):
     stub = _fake_python(tmp_path)
     start = time.monotonic()
-    res = _run("local_multiprocess.sh", "3", "--port", "23458", "--", "--workdir=w",
-               env=_env(PYTHON=str(stub), FAIL_ID="1", WAIT="1"))
+    res = _run(
+        "local_multiprocess.sh",
+        "3",
+        "--port",
+        "23458",
+        "--",
+        "--workdir=w",
+        env=_env(PYTHON=str(stub), FAIL_ID="1", WAIT="1"),
+    )
     assert time.monotonic() - start < 10  # the waiting processes were stopped, not waited out
     assert res.returncode == 3, res.stderr  # the failing process's status
     assert "[p1] boom" in res.stdout
@@ -157,7 +177,10 @@ def test_local_forwards_sigterm(tmp_path):
     stub = _fake_python(tmp_path)
     proc = subprocess.Popen(
         ["bash", str(LAUNCH / "local_multiprocess.sh"), "2", "--port", "23459", "--", "--workdir=w"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(PYTHON=str(stub), WAIT="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(PYTHON=str(stub), WAIT="1"),
     )
     try:
         # Wait until both processes have started (and set their traps).
@@ -178,8 +201,21 @@ def test_local_forwards_sigterm(tmp_path):
 
 # ------------------------------------------------------------------ gpu_vms.sh
 def test_gpu_vms_dry_run():
-    res = _run("gpu_vms.sh", "--hosts", "h1,h2,h3", "--port", "4321", "--user", "me",
-               "--workdir_remote", "code/wj", "--install", "--dry_run", "--", *TRAIN_ARGS)
+    res = _run(
+        "gpu_vms.sh",
+        "--hosts",
+        "h1,h2,h3",
+        "--port",
+        "4321",
+        "--user",
+        "me",
+        "--workdir_remote",
+        "code/wj",
+        "--install",
+        "--dry_run",
+        "--",
+        *TRAIN_ARGS,
+    )
     assert res.returncode == 0, res.stderr
     lines = [shlex.split(line) for line in _lines(res.stdout)]
     syncs = [w for w in lines if w[0] == "rsync"]
@@ -194,15 +230,14 @@ def test_gpu_vms_dry_run():
         assert words[-2] == f"me@{host}"
         remote = shlex.split(words[-1])
         assert remote[:2] == ["cd", "code/wj"]
-        env, cmd = _split_env(remote[remote.index("exec") + 1:])
+        env, cmd = _split_env(remote[remote.index("exec") + 1 :])
         assert cmd == ["python3", *TRAIN_CMD]
         envs.append(env)
     _check_cluster(envs, "h1:4321", "env")
 
 
 def test_gpu_vms_coordinator_host_override_and_no_install():
-    res = _run("gpu_vms.sh", "--hosts", "a,b", "--coordinator_host", "10.0.0.2", "--dry_run", "--",
-               "--workdir=w")
+    res = _run("gpu_vms.sh", "--hosts", "a,b", "--coordinator_host", "10.0.0.2", "--dry_run", "--", "--workdir=w")
     assert res.returncode == 0, res.stderr
     runs = [shlex.split(line) for line in _lines(res.stdout) if "warm_jax.train" in line]
     assert len(_lines(res.stdout)) == 4  # 2 rsync + 2 run, no install
@@ -217,10 +252,10 @@ def test_gpu_vms_stops_other_hosts_when_one_fails(tmp_path):
     path = _fake_tools(
         tmp_path,
         # Like sshd, start the remote command as a session leader (its own process group).
-        ssh='while [[ $1 == -* ]]; do shift 2; done\n'
-            'host=${1#*@}; shift\n'
-            'mkdir -p "$FAKE_HOSTS/$host" && cd "$FAKE_HOSTS/$host" && '
-            'FAKE_HOST=$host exec setsid bash -c "$*"\n',
+        ssh="while [[ $1 == -* ]]; do shift 2; done\n"
+        "host=${1#*@}; shift\n"
+        'mkdir -p "$FAKE_HOSTS/$host" && cd "$FAKE_HOSTS/$host" && '
+        'FAKE_HOST=$host exec setsid bash -c "$*"\n',
         rsync='dest=${!#}; host=${dest%%:*}; mkdir -p "$FAKE_HOSTS/${host#*@}/${dest#*:}"; echo synced\n',
     )
     stub = _fake_python(tmp_path)
@@ -241,19 +276,52 @@ def test_gpu_vms_stops_other_hosts_when_one_fails(tmp_path):
 
 # ------------------------------------------------------------------ tpu_pod.sh
 def test_tpu_pod_queued_dry_run():
-    res = _run("tpu_pod.sh", "--name", "wj", "--zone", "us-west4-a", "--accelerator_type", "v5litepod-16",
-               "--queued", "--project", "proj", "--delete", "--dry_run", "--", *TRAIN_ARGS)
+    res = _run(
+        "tpu_pod.sh",
+        "--name",
+        "wj",
+        "--zone",
+        "us-west4-a",
+        "--accelerator_type",
+        "v5litepod-16",
+        "--queued",
+        "--project",
+        "proj",
+        "--delete",
+        "--dry_run",
+        "--",
+        *TRAIN_ARGS,
+    )
     assert res.returncode == 0, res.stderr
     lines = _lines(res.stdout)
     words = [shlex.split(line) for line in lines]
     where = ["--zone=us-west4-a", "--project=proj"]
-    assert words[0] == ["gcloud", "compute", "tpus", "queued-resources", "create", "wj", "--node-id=wj",
-                        "--accelerator-type=v5litepod-16", "--runtime-version=v2-alpha-tpuv5-lite", *where]
+    assert words[0] == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "queued-resources",
+        "create",
+        "wj",
+        "--node-id=wj",
+        "--accelerator-type=v5litepod-16",
+        "--runtime-version=v2-alpha-tpuv5-lite",
+        *where,
+    ]
     assert words[1][:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "wj"]
     assert "git" in words[2] and "ls-files" in words[2] and "tar" in words[2]
     tarball = words[2][words[2].index("-czf") + 1]
-    assert words[3] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, "wj:warm_jax_src.tgz",
-                        "--worker=all", *where]
+    assert words[3] == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "scp",
+        tarball,
+        "wj:warm_jax_src.tgz",
+        "--worker=all",
+        *where,
+    ]
     install, run = words[4], words[5]
     for w in (install, run):
         assert w[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "wj"] and "--worker=all" in w
@@ -261,20 +329,27 @@ def test_tpu_pod_queued_dry_run():
     assert "pip install -q -e . 'jax[tpu]" in install_remote
     remote = shlex.split(run[-1].removeprefix("--command="))
     start = remote.index("python3")
-    assert remote[start + 1:start + 1 + len(TRAIN_CMD)] == TRAIN_CMD
+    assert remote[start + 1 : start + 1 + len(TRAIN_CMD)] == TRAIN_CMD
     assert remote[start + 1 + len(TRAIN_CMD)] == "2>&1"  # nothing else reaches warm_jax.train
-    assert words[6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "wj", *where,
-                        "--force", "--quiet"]
+    assert words[6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "wj", *where, "--force", "--quiet"]
     assert len(words) == 7
 
 
 def test_tpu_pod_direct_and_delete_only():
-    res = _run("tpu_pod.sh", "--name", "wj", "--zone", "z", "--accelerator_type", "v4-32", "--dry_run",
-               "--", "--x")
+    res = _run("tpu_pod.sh", "--name", "wj", "--zone", "z", "--accelerator_type", "v4-32", "--dry_run", "--", "--x")
     assert res.returncode == 0, res.stderr
     words = [shlex.split(line) for line in _lines(res.stdout)]
-    assert words[0] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "wj", "--accelerator-type=v4-32",
-                        "--version=tpu-ubuntu2204-base", "--zone=z"]
+    assert words[0] == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "create",
+        "wj",
+        "--accelerator-type=v4-32",
+        "--version=tpu-ubuntu2204-base",
+        "--zone=z",
+    ]
     assert not any("delete" in w for w in words)
     res = _run("tpu_pod.sh", "--name", "wj", "--zone", "z", "--delete", "--dry_run")
     assert res.returncode == 0, res.stderr
@@ -286,8 +361,12 @@ def test_tpu_pod_direct_and_delete_only():
     "how, extra_env, nodelist, hosts",
     [
         ("flag", {}, "node[1-2]", ["node1", "node2"]),  # outside an allocation: the headers
-        ("env", {"SLURM_JOB_NODELIST": "gpu[008-010]", "SLURM_NTASKS": "3", "WARM_COORDINATOR_PORT": "999"},
-         "gpu[008-010]", ["gpu008", "gpu009", "gpu010"]),
+        (
+            "env",
+            {"SLURM_JOB_NODELIST": "gpu[008-010]", "SLURM_NTASKS": "3", "WARM_COORDINATOR_PORT": "999"},
+            "gpu[008-010]",
+            ["gpu008", "gpu009", "gpu010"],
+        ),
     ],
 )
 def test_slurm_dry_run(how, extra_env, nodelist, hosts):
@@ -297,7 +376,7 @@ def test_slurm_dry_run(how, extra_env, nodelist, hosts):
     assert res.returncode == 0, res.stderr
     srun = shlex.split(_lines(res.stdout)[0])
     assert srun[0] == "srun" and "--ntasks-per-node=1" in srun
-    assert srun[srun.index("python"):] == ["python", *TRAIN_CMD]
+    assert srun[srun.index("python") :] == ["python", *TRAIN_CMD]
     tasks = [line for line in res.stdout.splitlines() if line.startswith("# task")]
     assert len(tasks) == len(hosts)
     port = extra_env.get("WARM_COORDINATOR_PORT", "12355")
@@ -331,8 +410,7 @@ def test_help(script):
         ("gpu_vms.sh", ["--dry_run"], "--hosts is required"),
         ("gpu_vms.sh", ["--hosts", "a,a", "--dry_run"], "'a' appears twice"),
         ("gpu_vms.sh", ["--hosts", "a", "--port", "70000", "--dry_run"], "--port must be in 1..65535"),
-        ("tpu_pod.sh", ["--name", "x", "--zone", "z", "--dry_run", "--", "--w"],
-         "--accelerator_type is required"),
+        ("tpu_pod.sh", ["--name", "x", "--zone", "z", "--dry_run", "--", "--w"], "--accelerator_type is required"),
         ("tpu_pod.sh", ["--name", "x", "--zone", "z", "--dry_run"], "nothing to do"),
         ("tpu_pod.sh", ["--name", "Bad_Name", "--zone", "z", "--delete"], "--name 'Bad_Name'"),
     ],
@@ -356,8 +434,9 @@ def test_shellcheck_passes():
 def _bash(snippet: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Runs ``snippet`` in a strict bash that has sourced the library (PROG=t, a usage())."""
     prologue = f"set -euo pipefail; PROG=t; usage() {{ echo USAGE; }}; source {shlex.quote(str(LIBRARY))}; "
-    return subprocess.run(["bash", "-c", prologue + snippet, "bash", *args], capture_output=True, text=True,
-                          env=_env(), timeout=10)
+    return subprocess.run(
+        ["bash", "-c", prologue + snippet, "bash", *args], capture_output=True, text=True, env=_env(), timeout=10
+    )
 
 
 def test_library_only_defines_functions():
@@ -368,8 +447,9 @@ def test_library_only_defines_functions():
         f"before=$(state); source {shlex.quote(str(LIBRARY))}; after=$(state); "
         '[[ $before == "$after" ]] && declare -F | wc -l'
     )
-    res = subprocess.run(["bash", "-c", "set -euo pipefail; " + snippet], capture_output=True, text=True,
-                         env=_env(), timeout=10)
+    res = subprocess.run(
+        ["bash", "-c", "set -euo pipefail; " + snippet], capture_output=True, text=True, env=_env(), timeout=10
+    )
     assert res.returncode == 0 and res.stderr == "", res.stderr
     assert int(res.stdout) >= 10  # the functions are there
 
@@ -384,9 +464,11 @@ def test_library_only_defines_functions():
     ],
 )
 def test_parse_args_sets_the_callers_variables(args, expected):
-    res = _bash('n="" port=1 dry_run=0; parse_args port dry_run n "$@"; '
-                'printf "n=%s port=%s dry_run=%s train=" "$n" "$port" "$dry_run"; for a in "${train_args[@]}"; do printf "[%s]" "$a"; done',
-                *args)
+    res = _bash(
+        'n="" port=1 dry_run=0; parse_args port dry_run n "$@"; '
+        'printf "n=%s port=%s dry_run=%s train=" "$n" "$port" "$dry_run"; for a in "${train_args[@]}"; do printf "[%s]" "$a"; done',
+        *args,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == expected
 
@@ -432,8 +514,9 @@ def test_slurm_sbatch_runs_from_a_spool_copy(tmp_path):
     spool = tmp_path / "slurmd" / "job42" / "slurm_script"
     spool.parent.mkdir(parents=True)
     shutil.copy(LAUNCH / "slurm.sbatch", spool)
-    res = subprocess.run(["bash", str(spool), "--dry_run", "--", "--workdir=w"], capture_output=True, text=True,
-                         env=_env(), timeout=10)
+    res = subprocess.run(
+        ["bash", str(spool), "--dry_run", "--", "--workdir=w"], capture_output=True, text=True, env=_env(), timeout=10
+    )
     assert res.returncode == 0, res.stderr
     assert shlex.split(_lines(res.stdout)[0])[-4:] == ["python", "-m", "warm_jax.train", "--workdir=w"]
 
@@ -466,21 +549,42 @@ def test_tpu_pod_runs_the_steps_in_order_and_deletes_after_a_failure(tmp_path):
     path = _fake_tools(
         tmp_path,
         gcloud='echo "$*" >> "$CALLS"\n'
-               'case "$3 $4" in\n'
-               '  "tpu-vm describe") exit 1 ;;\n'  # no VM yet: it gets created
-               '  "queued-resources describe") echo ACTIVE ;;\n'
-               '  "tpu-vm scp") tar -tzf "$5" > "$CALLS.files" || exit 9 ;;\n'  # what was shipped
-               '  "tpu-vm ssh") [[ $* == *warm_jax.train* ]] && exit 5 ;;\n'  # the training run fails
-               "esac\n"
-               "exit 0\n",
+        'case "$3 $4" in\n'
+        '  "tpu-vm describe") exit 1 ;;\n'  # no VM yet: it gets created
+        '  "queued-resources describe") echo ACTIVE ;;\n'
+        '  "tpu-vm scp") tar -tzf "$5" > "$CALLS.files" || exit 9 ;;\n'  # what was shipped
+        '  "tpu-vm ssh") [[ $* == *warm_jax.train* ]] && exit 5 ;;\n'  # the training run fails
+        "esac\n"
+        "exit 0\n",
     )
     env = _env(PATH=path, CALLS=str(calls), TMPDIR=str(tmp_path))
-    res = _run("tpu_pod.sh", "--name", "wj", "--zone", "z", "--accelerator_type", "v5litepod-8", "--queued",
-               "--delete", "--poll_s", "0", "--", "--workdir=w", env=env)
+    res = _run(
+        "tpu_pod.sh",
+        "--name",
+        "wj",
+        "--zone",
+        "z",
+        "--accelerator_type",
+        "v5litepod-8",
+        "--queued",
+        "--delete",
+        "--poll_s",
+        "0",
+        "--",
+        "--workdir=w",
+        env=env,
+    )
     assert res.returncode == 5, res.stderr
     steps = [" ".join(line.split()[2:4]) for line in calls.read_text().splitlines()]
-    assert steps == ["tpu-vm describe", "queued-resources create", "queued-resources describe", "tpu-vm scp",
-                     "tpu-vm ssh", "tpu-vm ssh", "queued-resources delete"]
+    assert steps == [
+        "tpu-vm describe",
+        "queued-resources create",
+        "queued-resources describe",
+        "tpu-vm scp",
+        "tpu-vm ssh",
+        "tpu-vm ssh",
+        "queued-resources delete",
+    ]
     assert not (tmp_path / "warm_jax_src_wj.tgz").exists()  # the local tarball is cleaned up
     shipped = set(Path(f"{calls}.files").read_text().splitlines())
     assert {"launch/tpu_pod.sh", "launch/lib/common.sh", "warm_jax/train.py"} <= shipped

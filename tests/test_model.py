@@ -1,4 +1,5 @@
 """Decoder: sharding follows the rules table, KV-cache decoding, reward pooling, counts."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,8 +67,8 @@ def _left_pad(rows, width, pad=0):
     toks = np.full((len(rows), width), pad, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
-        toks[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        toks[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     return jnp.asarray(toks), jnp.asarray(mask)
 
 

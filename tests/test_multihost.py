@@ -1,5 +1,6 @@
 """Multi-host: 2 local processes × 4 CPU devices run the whole pipeline and agree with 1 × 8;
 SIGTERM to one process saves both at the same step; a missing process fails fast and clearly."""
+
 import os
 import signal
 import time
@@ -39,8 +40,12 @@ def test_two_processes_run_every_stage_and_match_one_process(single_process_run,
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
-STAGE = helpers.TINY + [MESH_2x4, helpers.stages("pretrain", "data", "rm_ensemble"), "EnsembleConfig.num_steps = 40",
-                        "LoopConfig.save_interval_steps = 100"]
+STAGE = helpers.TINY + [
+    MESH_2x4,
+    helpers.stages("pretrain", "data", "rm_ensemble"),
+    "EnsembleConfig.num_steps = 40",
+    "LoopConfig.save_interval_steps = 100",
+]
 
 
 def test_sigterm_to_one_process_saves_both_at_the_same_step_and_resumes(tmp_path):
@@ -71,8 +76,9 @@ def test_sigterm_to_one_process_saves_both_at_the_same_step_and_resumes(tmp_path
 
 def test_a_missing_process_fails_within_the_timeout_with_a_clear_message(tmp_path):
     t0 = time.time()
-    procs = helpers.start_processes(str(tmp_path / "wd"), [helpers.stages("pretrain")], present=[0],
-                                    extra_flags=["--init_timeout_s=10"])
+    procs = helpers.start_processes(
+        str(tmp_path / "wd"), [helpers.stages("pretrain")], present=[0], extra_flags=["--init_timeout_s=10"]
+    )
     r = helpers.wait_all(procs, timeout=120)[0]
     assert r.returncode != 0
     assert time.time() - t0 < 90

@@ -1,4 +1,5 @@
 """Policy side: the KV-cache sampler against full forwards, reward re-packing, ENS rewards, BoN, win rates."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,21 +40,28 @@ def make_tiny_workdir(workdir: str, mesh, num_members: int = 3, seed: int = 0) -
     ck = Checkpointer(ctx.path("pretrain", "ckpt"), async_save=False)
     ck.save(0, state, force=True)
     ck.close()
-    io_utils.atomic_write_json(ctx.path("pretrain", "model.json"), {"model": dataclasses.asdict(cfg), "tokenizer": "tokenizer"})
+    io_utils.atomic_write_json(
+        ctx.path("pretrain", "model.json"), {"model": dataclasses.asdict(cfg), "tokenizer": "tokenizer"}
+    )
     members = []
     for i in range(num_members):
         p = pretrain.sharded_init(cfg, mesh, jax.random.key(100 + i))[1]
         p = {**p, "reward_head": jax.tree.map(lambda x: x * 50.0, p["reward_head"])}
         members.append(p)
-        params_io.save_params(ctx.path("rm", "members", str(i)), p, model_cfg=cfg, meta={"member": i},
-                             tokenizer_dir=ctx.path("tokenizer"))
+        params_io.save_params(
+            ctx.path("rm", "members", str(i)), p, model_cfg=cfg, meta={"member": i}, tokenizer_dir=ctx.path("tokenizer")
+        )
     warm = jax.tree.map(lambda *xs: sum(xs) / len(xs), *members)
     params_io.save_params(ctx.path("rm", "warm"), warm, model_cfg=cfg, meta={}, tokenizer_dir=ctx.path("tokenizer"))
     stats = {"mean": 0.1, "std": 0.5}
-    io_utils.atomic_write_json(ctx.path("rm", "eval.json"), {
-        "best_member": 1, "members": list(range(num_members)),
-        "reward_stats": {"warm": stats, "member_best": stats, "ens": stats},
-    })
+    io_utils.atomic_write_json(
+        ctx.path("rm", "eval.json"),
+        {
+            "best_member": 1,
+            "members": list(range(num_members)),
+            "reward_stats": {"warm": stats, "member_best": stats, "ens": stats},
+        },
+    )
     return ctx
 
 
@@ -75,8 +83,8 @@ def _left_pad(rows, width, pad=0):
     toks = np.full((len(rows), width), pad, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
-        toks[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        toks[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     return jnp.asarray(toks), jnp.asarray(mask)
 
 
@@ -89,8 +97,15 @@ def test_cached_greedy_decoding_equals_full_forward_and_logprobs_match(model):
     n = 8
     ref = np.asarray(greedy_reference(params, graphdef, toks, mask, n))
     eos = -1  # never produced: compare all n tokens
-    out = sample(params, toks, mask, jax.random.key(0), graphdef=graphdef, model_cfg=cfg,
-                         cfg=sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos, pad_id=0))
+    out = sample(
+        params,
+        toks,
+        mask,
+        jax.random.key(0),
+        graphdef=graphdef,
+        model_cfg=cfg,
+        cfg=sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos, pad_id=0),
+    )
     np.testing.assert_array_equal(np.asarray(out["tokens"]), ref)
     # Log-probs of the sampled tokens equal a full forward over prompt + response.
     full_t = jnp.concatenate([toks, out["tokens"]], 1)
@@ -108,8 +123,17 @@ def test_eos_stops_a_row_and_pads_after_it(model):
     eos = int(ref[0, 2])  # row 0 emits this at step 2: call it EOS
     # A pad id the model never emits (the sampler treats an emitted pad id as not generated).
     pad = int(np.setdiff1d(np.arange(4, 50), np.concatenate([ref.ravel(), *PROMPTS]))[0])
-    out = jax.device_get(sample(params, toks, mask, jax.random.key(0), graphdef=graphdef, model_cfg=cfg,
-                                cfg=sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos, pad_id=pad)))
+    out = jax.device_get(
+        sample(
+            params,
+            toks,
+            mask,
+            jax.random.key(0),
+            graphdef=graphdef,
+            model_cfg=cfg,
+            cfg=sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos, pad_id=pad),
+        )
+    )
     for i in range(len(PROMPTS)):
         hits = np.flatnonzero(ref[i] == eos)
         length = int(hits[0]) + 1 if hits.size else n
@@ -131,8 +155,15 @@ def test_top_k_and_top_p_keep_only_allowed_tokens(model):
     # In the sampler: top-k = 2 at temperature 1 only ever picks one of the two most likely tokens.
     cfg, graphdef, params = model
     toks, mask = _left_pad(PROMPTS * 4, 6)
-    out = sample(params, toks, mask, jax.random.key(3), graphdef=graphdef, model_cfg=cfg,
-                         cfg=sampler.SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=2, eos_id=-1))
+    out = sample(
+        params,
+        toks,
+        mask,
+        jax.random.key(3),
+        graphdef=graphdef,
+        model_cfg=cfg,
+        cfg=sampler.SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=2, eos_id=-1),
+    )
     full_t = jnp.concatenate([toks, out["tokens"]], 1)
     full_m = jnp.concatenate([mask, jnp.ones_like(out["tokens"])], 1)
     logits = tr.bind(graphdef, params)(full_t, full_m)[:, toks.shape[1] - 1 : -1]
@@ -140,8 +171,15 @@ def test_top_k_and_top_p_keep_only_allowed_tokens(model):
     assert int(rank.max()) <= 1
     # top-p tiny = greedy
     greedy = greedy_reference(params, graphdef, toks, mask, 6)
-    tp = sample(params, toks, mask, jax.random.key(4), graphdef=graphdef, model_cfg=cfg,
-                        cfg=sampler.SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=1e-6, eos_id=-1))
+    tp = sample(
+        params,
+        toks,
+        mask,
+        jax.random.key(4),
+        graphdef=graphdef,
+        model_cfg=cfg,
+        cfg=sampler.SamplingConfig(max_new_tokens=6, temperature=1.0, top_p=1e-6, eos_id=-1),
+    )
     np.testing.assert_array_equal(np.asarray(tp["tokens"]), np.asarray(greedy))
 
 
@@ -202,8 +240,14 @@ def test_best_of_n_maths():
 
 
 def test_bon_stage_writes_results_and_n1_is_the_plain_sample_mean(workdir):
-    cfg = bon.BonConfig(n_values=(1, 2, 4, 8), num_prompts=8, max_prompt_len=8, max_new_tokens=6,
-                        sample_batch_size=32, score_batch_size=32)
+    cfg = bon.BonConfig(
+        n_values=(1, 2, 4, 8),
+        num_prompts=8,
+        max_prompt_len=8,
+        max_new_tokens=6,
+        sample_batch_size=32,
+        score_batch_size=32,
+    )
     bon.run(workdir, cfg)
     res = json.load(open(workdir.path("bon", "results.json")))
     assert res["n"] == [1, 2, 4, 8]

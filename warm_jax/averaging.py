@@ -18,6 +18,7 @@ Selection (WARM §4: "WARM M" = the M best of 10 by accuracy) and greedy soups (
 al., 2022: add members best-first, keep one only if the average does not get worse) work on
 member indices; interpolation θ(λ) = (1−λ)·θ_a + λ·θ_b measures linear mode connectivity.
 """
+
 from __future__ import annotations
 
 import functools
@@ -191,8 +192,10 @@ def _cast_fn(treedef, shardings: tuple, dtypes: tuple):
 def _read_model_json(directory: str) -> dict:
     path = os.path.join(directory, "model.json")
     if not os.path.isfile(path):
-        raise MergeError(f"{directory}: not a params checkpoint (no model.json); a stacked ensemble "
-                         "checkpoint (WORKDIR/rm/ckpt) is read with restore_stacked_params")
+        raise MergeError(
+            f"{directory}: not a params checkpoint (no model.json); a stacked ensemble "
+            "checkpoint (WORKDIR/rm/ckpt) is read with restore_stacked_params"
+        )
     return io_utils.read_json(path)
 
 
@@ -224,7 +227,7 @@ def _manifest_params_hash(step_dir: str) -> str | None:
         entry = leaves[path]
         if "sha256" not in entry:
             return None
-        h.update(f"{path[len('params/'):]}\t{entry['dtype']}\t{entry['shape']}\t{entry['sha256']}\n".encode())
+        h.update(f"{path[len('params/') :]}\t{entry['dtype']}\t{entry['shape']}\t{entry['sha256']}\n".encode())
     return h.hexdigest()
 
 

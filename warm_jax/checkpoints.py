@@ -257,8 +257,13 @@ def _verify_leaf(path: str, x: Any, entries: list[dict], step_dir: str, full: np
         if list(entry["shape"]) != list(np.shape(x)):
             fail(f"shape {list(np.shape(x))} != {entry['shape']}")
         if entry["dtype"] != str(x.dtype):
-            log.warning("%s: array '%s' restored as %s but saved as %s; its hash is not checked",
-                        step_dir, path, x.dtype, entry["dtype"])
+            log.warning(
+                "%s: array '%s' restored as %s but saved as %s; its hash is not checked",
+                step_dir,
+                path,
+                x.dtype,
+                entry["dtype"],
+            )
             continue
         if _fully_addressable(x):
             full = _host(x)
@@ -286,7 +291,7 @@ def _read_manifests(step_dir: epath.Path) -> dict[int, dict]:
     """Process index -> manifest, for every manifest file of a finalised step."""
     out = {}
     for f in sorted((step_dir / _MANIFEST).glob(_MANIFEST_GLOB)):
-        index = int(f.name[len("manifest.process-"):-len(".json")])
+        index = int(f.name[len("manifest.process-") : -len(".json")])
         try:
             out[index] = json.loads(f.read_text())
         except (OSError, ValueError) as e:
@@ -319,8 +324,7 @@ def _verify(state: PyTree, manifests: dict[int, dict], step_dir: str) -> None:
         if not entries:
             raise CheckpointCorruptError(f"{step_dir}: array '{path}' is missing from the manifest")
         # Gather a spread array when its saved shards are not all local here (it was resharded).
-        gather = not _fully_addressable(x) and any(
-            "sha256" in e or not _indices_local(x, e["shards"]) for e in entries)
+        gather = not _fully_addressable(x) and any("sha256" in e or not _indices_local(x, e["shards"]) for e in entries)
         plans.append((entries, gather))
     gathers = _any_process(np.array([g for _, g in plans], dtype=bool))
     first_bad, message = -1, ""
@@ -374,9 +378,17 @@ class Checkpointer:
       read_only: open an existing directory without creating, cleaning or deleting anything.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, save_interval_steps: int = 1000,
-                 max_to_keep: int | None = 3, keep_steps: Sequence[int] = (), async_save: bool = True,
-                 verify: bool = True, read_only: bool = False):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_interval_steps: int = 1000,
+        max_to_keep: int | None = 3,
+        keep_steps: Sequence[int] = (),
+        async_save: bool = True,
+        verify: bool = True,
+        read_only: bool = False,
+    ):
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         if max_to_keep is not None and max_to_keep < 1:
@@ -399,7 +411,8 @@ class Checkpointer:
         # primary_host=None makes every process write; each writes its own file name.
         manifest_handler = ocp.handlers.JsonCheckpointHandler(
             f"manifest.process-{jax.process_index()}.json",
-            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None))
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None),
+        )
         registry.add(_MANIFEST, ocp.args.JsonSave, manifest_handler)
 
         preserve: list[Any] = [ocp_policies.LatestN(n=max_to_keep)]
@@ -408,9 +421,9 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             # save() decides itself (interval, force, preemption) and passes force=True; this policy only
             # mirrors that decision for Orbax's own bookkeeping (its default also saves any first step).
-            save_decision_policy=ocp_policies.AnySavePolicy([
-                ocp_policies.FixedIntervalPolicy(save_interval_steps),
-                ocp_policies.PreemptionCheckpointingPolicy()]),
+            save_decision_policy=ocp_policies.AnySavePolicy(
+                [ocp_policies.FixedIntervalPolicy(save_interval_steps), ocp_policies.PreemptionCheckpointingPolicy()]
+            ),
             preservation_policy=ocp_policies.AnyPreservationPolicy(preserve),
             enable_async_checkpointing=async_save,
             # Leftovers of a save killed mid-write (`<step>.orbax-checkpoint-tmp-*`) are never listed
@@ -447,8 +460,9 @@ class Checkpointer:
 
     # -- save ------------------------------------------------------------------------------------
 
-    def save(self, step: int, state: PyTree, *, data: dict | None = None, meta: dict | None = None,
-             force: bool = False) -> bool:
+    def save(
+        self, step: int, state: PyTree, *, data: dict | None = None, meta: dict | None = None, force: bool = False
+    ) -> bool:
         """Saves `state` (+ `data`, `meta`) at `step` if due; returns whether a save started.
 
         Raises NonFiniteStateError (naming the first non-finite leaf) before anything is written.
@@ -478,10 +492,16 @@ class Checkpointer:
             if not finite:
                 raise NonFiniteStateError(
                     f"{self.step_dir(step)}: not saved, array '{path}' (shape {entry['shape']}, "
-                    f"{entry['dtype']}) holds NaN or Inf")
+                    f"{entry['dtype']}) holds NaN or Inf"
+                )
             leaves[path] = entry
-        manifest = {"version": _MANIFEST_VERSION, "step": step, "process_index": jax.process_index(),
-                    "process_count": jax.process_count(), "leaves": leaves}
+        manifest = {
+            "version": _MANIFEST_VERSION,
+            "step": step,
+            "process_index": jax.process_index(),
+            "process_count": jax.process_count(),
+            "leaves": leaves,
+        }
 
         items: dict[str, Any] = {_STATE: ocp.args.StandardSave(state), _MANIFEST: ocp.args.JsonSave(manifest)}
         if data is not None:
@@ -581,15 +601,17 @@ class Checkpointer:
         if saved != wanted:
             raise CheckpointError(
                 f"{self.step_dir(step)}: abstract_state does not match the saved state: missing from the "
-                f"checkpoint {sorted(wanted - saved)[:10]}, not in abstract_state {sorted(saved - wanted)[:10]}")
+                f"checkpoint {sorted(wanted - saved)[:10]}, not in abstract_state {sorted(saved - wanted)[:10]}"
+            )
 
     def _locate_read_failure(self, target: PyTree, step: int, error: Exception) -> str:
         """Names the arrays that cannot be read, by reading the saved arrays one at a time."""
         step_dir = self.step_dir(step)
         try:
             by_path = dict(named_leaves(target))
-            saved, _ = jax.tree_util.tree_flatten_with_path(getattr(
-                self._mgr.item_metadata(step)[_STATE], "tree", None))
+            saved, _ = jax.tree_util.tree_flatten_with_path(
+                getattr(self._mgr.item_metadata(step)[_STATE], "tree", None)
+            )
         except Exception:  # noqa: BLE001 - the metadata itself is unreadable
             return f"{step_dir}: cannot read the state: {_short(error)}"
         reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
@@ -602,8 +624,12 @@ class Checkpointer:
                 node = node.setdefault(_key_str(k), {})
             node[_key_str(path[-1])] = by_path[name]
             try:
-                reader.restore(step_dir / _STATE, args=ocp.args.PyTreeRestore(
-                    item=one, restore_args=ocp.checkpoint_utils.construct_restore_args(one), partial_restore=True))
+                reader.restore(
+                    step_dir / _STATE,
+                    args=ocp.args.PyTreeRestore(
+                        item=one, restore_args=ocp.checkpoint_utils.construct_restore_args(one), partial_restore=True
+                    ),
+                )
             except Exception:  # noqa: BLE001
                 bad.append(name)
         reader.close()

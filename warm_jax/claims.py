@@ -4,6 +4,7 @@ Each check returns ``{"id", "holds", "numbers", "statement"}`` or None when the 
 stage it needs. Thresholds are the ones issue 9 states; accuracies are fractions, so
 0.5 point = 0.005.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -48,8 +49,12 @@ def lmc(s):
         control_barrier = min(cg.values()) < -0.5 * POINT
         numbers["control_shows_barrier"] = control_barrier
         holds = holds and control_barrier
-    return _claim("lmc", holds, numbers,
-                  "θ(λ) stays within 0.5 pt of the chord on validation and ood; random-init control shows a barrier")
+    return _claim(
+        "lmc",
+        holds,
+        numbers,
+        "θ(λ) stays within 0.5 pt of the chord on validation and ood; random-init control shows a barrier",
+    )
 
 
 @check("wa_close_to_ens")
@@ -59,9 +64,12 @@ def wa_close_to_ens(s):
     l = s["lmc"]
     i = int(np.argmin(np.abs(np.asarray(l["lambdas"]) - 0.5)))
     diffs = {sp: l["weight_interp"][sp][i] - l["pred_interp"][sp][i] for sp in ("validation", "ood")}
-    return _claim("wa_close_to_ens", all(abs(d) <= POINT for d in diffs.values()),
-                  {f"wa_minus_ens_{k}": v for k, v in diffs.items()},
-                  "|acc(WA, λ=0.5) − acc(ENS, λ=0.5)| ≤ 1 pt on validation and ood")
+    return _claim(
+        "wa_close_to_ens",
+        all(abs(d) <= POINT for d in diffs.values()),
+        {f"wa_minus_ens_{k}": v for k, v in diffs.items()},
+        "|acc(WA, λ=0.5) − acc(ENS, λ=0.5)| ≤ 1 pt on validation and ood",
+    )
 
 
 @check("memorisation")
@@ -70,10 +78,17 @@ def memorisation(s):
         return None
     w, e = s["rm"]["warm"]["acc"], s["rm"]["ens"]["acc"]
     holds = w["train_corrupted"] < e["train_corrupted"] and w["ood"] >= e["ood"]
-    return _claim("memorisation", holds,
-                  {"warm_corrupted": w["train_corrupted"], "ens_corrupted": e["train_corrupted"],
-                   "warm_ood": w["ood"], "ens_ood": e["ood"]},
-                  "WA fits fewer flipped labels than ENS (train_corrupted: WA < ENS) and WA ≥ ENS on ood")
+    return _claim(
+        "memorisation",
+        holds,
+        {
+            "warm_corrupted": w["train_corrupted"],
+            "ens_corrupted": e["train_corrupted"],
+            "warm_ood": w["ood"],
+            "ens_ood": e["ood"],
+        },
+        "WA fits fewer flipped labels than ENS (train_corrupted: WA < ENS) and WA ≥ ENS on ood",
+    )
 
 
 @check("m_scaling")
@@ -85,10 +100,12 @@ def m_scaling(s):
     worst_drop = max([0.0] + [max(accs[:k]) - accs[k] for k in range(1, len(accs))])
     mean_member = float(np.mean([m["acc"]["ood"] for m in s["rm"]["members"]]))
     holds = worst_drop <= 0.5 * POINT and accs[-1] > mean_member
-    return _claim("m_scaling", holds,
-                  {"warm_ood_by_m": accs, "worst_drop": worst_drop, "mean_member_ood": mean_member,
-                   "M_max": len(accs)},
-                  "WARM ood accuracy never falls > 0.5 pt as M grows best-first (to 6), and WARM M_max beats the mean member")
+    return _claim(
+        "m_scaling",
+        holds,
+        {"warm_ood_by_m": accs, "worst_drop": worst_drop, "mean_member_ood": mean_member, "M_max": len(accs)},
+        "WARM ood accuracy never falls > 0.5 pt as M grows best-first (to 6), and WARM M_max beats the mean member",
+    )
 
 
 @check("bon")
@@ -101,8 +118,12 @@ def bon(s):
     sel = n >= 8
     gap_last = float(w[-1] - m[-1])
     holds = bool(np.all(w[sel] >= m[sel])) and gap_last > 0
-    return _claim("bon", holds, {"gaps_n_ge_8": [float(x) for x in (w - m)[sel]], "gap_at_max_n": gap_last},
-                  "BoN oracle reward with WARM ≥ best member at every N ≥ 8, gap at the largest N > 0")
+    return _claim(
+        "bon",
+        holds,
+        {"gaps_n_ge_8": [float(x) for x in (w - m)[sel]], "gap_at_max_n": gap_last},
+        "BoN oracle reward with WARM ≥ best member at every N ≥ 8, gap at the largest N > 0",
+    )
 
 
 @check("rl")
@@ -118,12 +139,20 @@ def rl(s):
     wr = r.get("win_rate", {}).get("warm_vs_member_best")
     wins = wr is not None and wr["value"] > 0.5 and wr["ci95"][0] > 0.5
     holds = hacked and warm_peak > float(o[peak]) and wins
-    return _claim("rl", holds,
-                  {"single_oracle_peak_step": int(single["step"][peak]), "single_oracle_peak": float(o[peak]),
-                   "single_oracle_last": float(o[-1]), "single_proxy_peak_to_last": float(p[-1] - p[peak]),
-                   "warm_oracle_peak": warm_peak, "win_rate": None if wr is None else wr["value"],
-                   "win_rate_ci_low": None if wr is None else wr["ci95"][0]},
-                  "single-RM policy hacks (oracle rises then falls while proxy rises); WARM peaks higher and wins > 0.5 (CI)")
+    return _claim(
+        "rl",
+        holds,
+        {
+            "single_oracle_peak_step": int(single["step"][peak]),
+            "single_oracle_peak": float(o[peak]),
+            "single_oracle_last": float(o[-1]),
+            "single_proxy_peak_to_last": float(p[-1] - p[peak]),
+            "warm_oracle_peak": warm_peak,
+            "win_rate": None if wr is None else wr["value"],
+            "win_rate_ci_low": None if wr is None else wr["ci95"][0],
+        },
+        "single-RM policy hacks (oracle rises then falls while proxy rises); WARM peaks higher and wins > 0.5 (CI)",
+    )
 
 
 def check_all(summary: dict) -> list[dict]:

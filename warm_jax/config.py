@@ -1,4 +1,5 @@
 """gin plumbing, kept in one place: search paths, parsing with clear errors, operative config."""
+
 from __future__ import annotations
 
 import logging

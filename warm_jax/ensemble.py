@@ -6,6 +6,7 @@ only by seed (data order, dropout), learning rate and dropout rate. The stacked 
 leading [M] axis on every leaf, split over the mesh's 'ensemble' axis; within a member the
 rules table shards parameters over data/fsdp/tensor.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,9 +74,7 @@ def make_member_tx(cfg: EnsembleConfig, learning_rate) -> optax.GradientTransfor
     """AdamW whose learning rate lives in the optimizer state (so it can differ per member)."""
 
     def build(learning_rate):
-        return optax.chain(
-            optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=cfg.weight_decay)
-        )
+        return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=cfg.weight_decay))
 
     return optax.inject_hyperparams(build)(learning_rate=learning_rate)
 
@@ -227,9 +226,7 @@ def stack_state(mesh, cfg: EnsembleConfig, inits: Sequence, param_specs, seeds: 
     state_sh = sharding.named(mesh, sharding.prefix_ensemble(member_specs))
     stacked_param_sh = sharding.named(mesh, sharding.prefix_ensemble(param_specs))
     # Stack on device: [M, ...] per leaf, written straight into the ensemble sharding.
-    stack = jax.jit(
-        lambda *members: jax.tree.map(lambda *xs: jnp.stack(xs), *members), out_shardings=stacked_param_sh
-    )
+    stack = jax.jit(lambda *members: jax.tree.map(lambda *xs: jnp.stack(xs), *members), out_shardings=stacked_param_sh)
     params = stack(*inits)
 
     def init_member(p, lr, key):
@@ -245,9 +242,7 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
     m = cfg.num_members
     ens_size = mesh.shape.get(sharding.ENSEMBLE, 1)
     if m % ens_size:
-        raise ValueError(
-            f"EnsembleConfig.num_members={m} must be a multiple of the mesh's ensemble axis ({ens_size})"
-        )
+        raise ValueError(f"EnsembleConfig.num_members={m} must be a multiple of the mesh's ensemble axis ({ens_size})")
     model_cfg, graphdef, base, param_specs, _ = pretrain.load_params(ctx)
     seeds = member_seeds(cfg, ctx.seed)
     if cfg.random_init:
@@ -304,9 +299,16 @@ def train_ensemble(
     )
     to_device = lambda b: pipeline.to_global({k: b[k] for k in RM_FIELDS}, lambda k, _: batch_shardings[k])
     state = loop.train(
-        stage=stage, workdir=ctx.workdir, state=ens.state, abstract_state=ens.abstract_state,
-        step_fn=lambda s, b: step(s, b, dropout), iterator=iterator, to_device=to_device,
-        num_steps=cfg.num_steps, ckpt_dir=ckpt_dir or ctx.path("rm", "ckpt"), show=("loss", "accuracy"),
+        stage=stage,
+        workdir=ctx.workdir,
+        state=ens.state,
+        abstract_state=ens.abstract_state,
+        step_fn=lambda s, b: step(s, b, dropout),
+        iterator=iterator,
+        to_device=to_device,
+        num_steps=cfg.num_steps,
+        ckpt_dir=ckpt_dir or ctx.path("rm", "ckpt"),
+        show=("loss", "accuracy"),
     )
     return ens, state
 
@@ -331,18 +333,31 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
     feats = per_member(cfg.featurizer_steps or (None,), cfg.num_members, "featurizer_steps")
     for i in range(cfg.num_members):
         meta = {
-            "member": i, "seed": seeds[i], "learning_rate": lrs[i], "dropout_rate": drops[i],
-            "featurizer_step": feats[i], "num_steps": cfg.num_steps,
+            "member": i,
+            "seed": seeds[i],
+            "learning_rate": lrs[i],
+            "dropout_rate": drops[i],
+            "featurizer_step": feats[i],
+            "num_steps": cfg.num_steps,
         }
         params_io.save_params(
-            ctx.path("rm", "members", str(i)), member_slice(state.params, i, ctx.mesh, ens.param_specs),
-            model_cfg=ens.model_cfg, meta=meta, tokenizer_dir=ctx.path("tokenizer"),
+            ctx.path("rm", "members", str(i)),
+            member_slice(state.params, i, ctx.mesh, ens.param_specs),
+            model_cfg=ens.model_cfg,
+            meta=meta,
+            tokenizer_dir=ctx.path("tokenizer"),
         )
     if jax.process_index() == 0:
         io_utils.atomic_write_json(
             ctx.path("rm", "ensemble.json"),
-            {"num_members": cfg.num_members, "lp_train_accuracy": ens.lp_accuracy, "seeds": seeds,
-             "learning_rates": lrs, "dropout_rates": drops, "featurizer_steps": feats},
+            {
+                "num_members": cfg.num_members,
+                "lp_train_accuracy": ens.lp_accuracy,
+                "seeds": seeds,
+                "learning_rates": lrs,
+                "dropout_rates": drops,
+                "featurizer_steps": feats,
+            },
         )
 
 
@@ -357,8 +372,13 @@ def run_control(ctx: RunContext) -> None:
 
     base = EnsembleConfig()
     cfg = dataclasses.replace(
-        base, num_members=2, random_init=True, featurizer_steps=None, seeds=None,
-        learning_rates=base.learning_rates[:1], dropout_rates=base.dropout_rates[:1],
+        base,
+        num_members=2,
+        random_init=True,
+        featurizer_steps=None,
+        seeds=None,
+        learning_rates=base.learning_rates[:1],
+        dropout_rates=base.dropout_rates[:1],
     )
     ens, state = train_ensemble(ctx, cfg, stage="rm_control", ckpt_dir=ctx.path("rm_control", "ckpt"))
     curves = evaluation.pair_interpolation(ctx, ens.graphdef, state.params, ens.param_specs, dataset_dir(ctx, cfg))

@@ -8,6 +8,7 @@ disagreement, calibration (ECE of σ(r⁺ − r⁻)), linear mode connectivity b
 and the merged RM's reward statistics (for reward normalisation in RL). Writes the merged RM to
 WORKDIR/rm/warm and the numbers to WORKDIR/rm/eval.json.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -165,17 +166,17 @@ def split_metrics(r_c, r_r, bins) -> dict:
 
 def load_members(ctx: RunContext):
     """Members' exported checkpoints, stacked on device as [M, ...] with the ensemble sharding."""
-    member_dirs = sorted(
-        (d for d in os.listdir(ctx.path("rm", "members")) if d.isdigit()), key=int
-    )
+    member_dirs = sorted((d for d in os.listdir(ctx.path("rm", "members")) if d.isdigit()), key=int)
     loaded = [params_io.load_params_checkpoint(ctx.path("rm", "members", d), ctx.mesh) for d in member_dirs]
     model_cfg, graphdef = loaded[0][0], loaded[0][1]
     members = [p for _, _, p, _ in loaded]
     _, abstract, axes = tr.abstract_model(model_cfg)
     specs = sharding.tree_specs(axes, abstract, ctx.mesh)
     ens_size = ctx.mesh.shape.get(sharding.ENSEMBLE, 1)
-    stacked_specs = sharding.prefix_ensemble(specs) if len(members) % ens_size == 0 else jax.tree.map(
-        lambda s: P(None, *s), specs, is_leaf=lambda x: isinstance(x, P)
+    stacked_specs = (
+        sharding.prefix_ensemble(specs)
+        if len(members) % ens_size == 0
+        else jax.tree.map(lambda s: P(None, *s), specs, is_leaf=lambda x: isinstance(x, P))
     )
     stack = jax.jit(
         lambda *ms: jax.tree.map(lambda *xs: jnp.stack(xs), *ms), out_shardings=sharding.named(ctx.mesh, stacked_specs)
@@ -193,16 +194,11 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> dict:
 
     # Members and ENS: one vmapped pass per split.
     member_r = {s: scorer.stacked_pairs(stacked, d) for s, d in splits.items()}  # ([M,N], [M,N])
-    members = [
-        {"id": ids[i], "acc": {s: accuracy(rc[i], rr[i]) for s, (rc, rr) in member_r.items()}}
-        for i in range(m)
-    ]
+    members = [{"id": ids[i], "acc": {s: accuracy(rc[i], rr[i]) for s, (rc, rr) in member_r.items()}} for i in range(m)]
     order = sorted(range(m), key=lambda i: -members[i]["acc"][cfg.select_split])
 
     def ens_of(idx):
-        return {
-            s: split_metrics(rc[idx].mean(0), rr[idx].mean(0), cfg.ece_bins) for s, (rc, rr) in member_r.items()
-        }
+        return {s: split_metrics(rc[idx].mean(0), rr[idx].mean(0), cfg.ece_bins) for s, (rc, rr) in member_r.items()}
 
     def warm_params(idx):
         w = np.zeros(m, np.float32)
@@ -253,10 +249,17 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> dict:
     lmc = lmc_curves(scorer, pa, pb, splits, lambdas, (ids[a], ids[b]))
 
     accuracies = {ids[i]: members[i]["acc"] for i in range(m)}
-    hashes = {ids[i]: checkpoints.tree_sha256(host_copy(ensemble.member_slice(stacked, i, ctx.mesh, specs))) for i in range(m)}
+    hashes = {
+        ids[i]: checkpoints.tree_sha256(host_copy(ensemble.member_slice(stacked, i, ctx.mesh, specs))) for i in range(m)
+    }
     averaging.write_merged(
-        ctx.path("rm", "warm"), warm_p, model_cfg=model_cfg, members=[ids[i] for i in chosen],
-        weights=[1.0 / len(chosen)] * len(chosen), accuracies=accuracies, hashes=hashes,
+        ctx.path("rm", "warm"),
+        warm_p,
+        model_cfg=model_cfg,
+        members=[ids[i] for i in chosen],
+        weights=[1.0 / len(chosen)] * len(chosen),
+        accuracies=accuracies,
+        hashes=hashes,
         tokenizer_dir=ctx.path("tokenizer"),
     )
     result = {
@@ -307,8 +310,12 @@ def lmc_curves(scorer: Scorer, pa, pb, splits, lambdas, members=(0, 1)) -> dict:
         return {s: scorer.pairs(p, d) for s, d in splits.items()}
 
     curve = averaging.interpolation_curve(
-        pa, pb, lambda p: {s: acc_loss(*r) for s, r in rewards(p).items()}, lambdas,
-        rewards_fn=rewards, eval_pred_fn=acc_loss,
+        pa,
+        pb,
+        lambda p: {s: acc_loss(*r) for s, r in rewards(p).items()},
+        lambdas,
+        rewards_fn=rewards,
+        eval_pred_fn=acc_loss,
     )
     return {
         "members": [int(m) for m in members],
@@ -329,7 +336,9 @@ def run(ctx: RunContext, cfg: EvalConfig | None = None) -> None:
     if jax.process_index() == 0:
         io_utils.atomic_write_json(ctx.path("rm", "eval.json"), result)
     w, e = result["rm"]["warm"]["acc"], result["rm"]["ens"]["acc"]
-    log.info("[rm_eval] WARM %s | ENS %s", {k: round(v, 3) for k, v in w.items()}, {k: round(v, 3) for k, v in e.items()})
+    log.info(
+        "[rm_eval] WARM %s | ENS %s", {k: round(v, 3) for k, v in w.items()}, {k: round(v, 3) for k, v in e.items()}
+    )
 
 
 def pair_interpolation(ctx: RunContext, graphdef, stacked, specs, data_dir: str, cfg: EvalConfig | None = None) -> dict:

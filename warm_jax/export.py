@@ -20,6 +20,7 @@ HF-format tokenizer directory, ``tokenizer.json`` + ``tokenizer_config.json``; `
 ``warm_jax.models.pretrained.load_pretrained(OUTPUT)`` reads either kind back with the same outputs. The
 output is written to a temporary sibling and renamed, so it only ever holds a finished export.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Atomic file and directory writes: nothing half-written where a finished result is expected."""
+
 from __future__ import annotations
 
 import contextlib

@@ -11,6 +11,7 @@ Every forward runs at one padded length (a multiple of ``PAD_MULTIPLE``), right-
 the causal mask keeps padding from touching earlier positions, and greedy decoding by repeated full
 forwards then needs a single compile.
 """
+
 from __future__ import annotations
 
 import argparse

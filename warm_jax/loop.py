@@ -5,6 +5,7 @@ a scalar ``finite`` flag (the step itself already skipped a non-finite update in
 ``nan_policy='skip'`` the state after a bad step equals the state before it). The loop owns
 everything stateful around it.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -2,6 +2,7 @@
 
 Only process 0 writes; other processes get no-op writers so stage code needs no branches.
 """
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ are all in this format: ``DIR/model.json`` (model config, tokenizer location, me
 Orbax checkpoint with the integrity manifest under ``DIR/ckpt``. ``python -m warm_jax.average``
 and ``python -m warm_jax.export`` take it.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@ Its checkpoints are the shared initialisation of every reward model and policy; 
 in ``PretrainConfig.keep_steps`` are kept for "Baklava" initialisations (different featurizer
 checkpoints of one pretraining run).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,7 +75,11 @@ def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
 def _train_step(state: TrainState, batch, *, graphdef, tx, model_cfg, debug_nan_step):
     key = state.step_key()
     loss, grads = jax.value_and_grad(lm_loss)(
-        state.params, graphdef, batch["tokens"], batch["mask"], dropout_rate=model_cfg.dropout_rate,
+        state.params,
+        graphdef,
+        batch["tokens"],
+        batch["mask"],
+        dropout_rate=model_cfg.dropout_rate,
         key=key if model_cfg.dropout_rate > 0 else None,
     )
     new, loss, finite = guarded_update(state, loss, grads, tx, debug_nan_step=debug_nan_step)
@@ -130,18 +135,25 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
 
     batch_sh = sharding.batch_sharding(mesh, 2)
     step = jax.jit(
-        functools.partial(_train_step, graphdef=graphdef, tx=tx, model_cfg=model_cfg, debug_nan_step=cfg.debug_nan_step),
+        functools.partial(
+            _train_step, graphdef=graphdef, tx=tx, model_cfg=model_cfg, debug_nan_step=cfg.debug_nan_step
+        ),
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
     to_device = lambda b: pipeline.to_global({k: b[k] for k in ("tokens", "mask")}, batch_sh)
-    log.info(
-        "[pretrain] %d params, %d documents, vocab %d", tr.param_count(params), len(docs), tok.vocab_size
-    )
+    log.info("[pretrain] %d params, %d documents, vocab %d", tr.param_count(params), len(docs), tok.vocab_size)
     loop.train(
-        stage="pretrain", workdir=ctx.workdir, state=state, abstract_state=abstract_state, step_fn=step,
-        iterator=iterator, to_device=to_device, num_steps=cfg.num_steps, ckpt_dir=ctx.path("pretrain", "ckpt"),
+        stage="pretrain",
+        workdir=ctx.workdir,
+        state=state,
+        abstract_state=abstract_state,
+        step_fn=step,
+        iterator=iterator,
+        to_device=to_device,
+        num_steps=cfg.num_steps,
+        ckpt_dir=ctx.path("pretrain", "ckpt"),
         keep_steps=cfg.keep_steps,
     )
     if jax.process_index() == 0:

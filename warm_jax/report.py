@@ -4,6 +4,7 @@ Each section comes from the file its stage wrote (rm/eval.json, bon/results.json
 rl/results.json); a section whose stage did not run is left out. The ``claims`` section checks
 the paper's findings against this run's own numbers (see ``claims.py``).
 """
+
 from __future__ import annotations
 
 import json
@@ -90,7 +91,9 @@ def figures(summary: dict, out: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3.4))
         names = [f"m{m['id']}" for m in rm["members"]] + ["WARM", "ENS"]
         vals = [m["acc"]["train_corrupted"] for m in rm["members"]] + [
-            rm["warm"]["acc"]["train_corrupted"], rm["ens"]["acc"]["train_corrupted"]]
+            rm["warm"]["acc"]["train_corrupted"],
+            rm["ens"]["acc"]["train_corrupted"],
+        ]
         ax.bar(names, vals, color=["#999"] * len(rm["members"]) + ["C0", "C1"])
         ax.set_ylabel("accuracy vs flipped labels")
         ax.set_title("memorisation of corrupted labels (lower = more robust)")
@@ -145,34 +148,55 @@ def markdown(summary: dict, figs: list[str]) -> str:
             lines.append(_row([f"member {m['id']}", *(f"{m['acc'][s]:.3f}" for s in SPLITS)]))
         lines.append(_row([f"**WARM** (M={rm['warm']['M']})", *(f"**{rm['warm']['acc'][s]:.3f}**" for s in SPLITS)]))
         lines.append(_row([f"ENS (M={rm['ens']['M']})", *(f"{rm['ens']['acc'][s]:.3f}" for s in SPLITS)]))
-        lines += ["", f"Calibration (ECE, validation): WARM {rm['warm']['ece']['validation']:.3f}, "
-                  f"ENS {rm['ens']['ece']['validation']:.3f}.", ""]
+        lines += [
+            "",
+            f"Calibration (ECE, validation): WARM {rm['warm']['ece']['validation']:.3f}, "
+            f"ENS {rm['ens']['ece']['validation']:.3f}.",
+            "",
+        ]
     if "negative_control" in summary:
         b = summary["negative_control"]["barrier"]
         lines_ctrl = ", ".join(f"{s} {100 * v:.2f}" for s, v in b.items())
     if "lmc" in summary:
         b = summary["lmc"]["barrier"]
-        lines += ["## Linear mode connectivity", "",
-                  f"Members {summary['lmc']['members']}: barrier height (accuracy points below the straight line) "
-                  + ", ".join(f"{s} {100 * v:.2f}" for s, v in b.items()), ""]
+        lines += [
+            "## Linear mode connectivity",
+            "",
+            f"Members {summary['lmc']['members']}: barrier height (accuracy points below the straight line) "
+            + ", ".join(f"{s} {100 * v:.2f}" for s, v in b.items()),
+            "",
+        ]
         if "negative_control" in summary:
-            lines += [f"Negative control (two RMs from different random inits, no pretraining): barrier {lines_ctrl}.", ""]
+            lines += [
+                f"Negative control (two RMs from different random inits, no pretraining): barrier {lines_ctrl}.",
+                "",
+            ]
     if "bon" in summary:
         bon = summary["bon"]
-        lines += ["## Best-of-N (oracle reward of the choice)", "", _row(["N", "KL", *bon["oracle"].keys()]),
-                  _row(["---"] * (2 + len(bon["oracle"])))]
+        lines += [
+            "## Best-of-N (oracle reward of the choice)",
+            "",
+            _row(["N", "KL", *bon["oracle"].keys()]),
+            _row(["---"] * (2 + len(bon["oracle"]))),
+        ]
         for i, n in enumerate(bon["n"]):
             lines.append(_row([n, f"{bon['kl'][i]:.2f}", *(f"{v[i]:.3f}" for v in bon["oracle"].values())]))
         lines.append("")
     if "rl" in summary:
         lines += ["## REINFORCE", ""]
         for name, w in summary["rl"].get("win_rate", {}).items():
-            lines.append(f"- win rate {name}: {w['value']:.3f} (95% CI {w['ci95'][0]:.3f}–{w['ci95'][1]:.3f}, "
-                         f"{w['n_prompts']} prompts)")
+            lines.append(
+                f"- win rate {name}: {w['value']:.3f} (95% CI {w['ci95'][0]:.3f}–{w['ci95'][1]:.3f}, "
+                f"{w['n_prompts']} prompts)"
+            )
         lines.append("")
     if summary.get("claims"):
-        lines += ["## The paper's claims, checked on this run", "", _row(["claim", "holds", "numbers"]),
-                  _row(["---", "---", "---"])]
+        lines += [
+            "## The paper's claims, checked on this run",
+            "",
+            _row(["claim", "holds", "numbers"]),
+            _row(["---", "---", "---"]),
+        ]
         for c in summary["claims"]:
             nums = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c["numbers"].items())
             lines.append(_row([f"`{c['id']}`: {c['statement']}", "yes" if c["holds"] else "**no**", nums]))

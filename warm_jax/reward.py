@@ -3,6 +3,7 @@
 Batches hold right-padded sequences (prompt + response) and their lengths; the reward is the
 scalar head at the last real token (index length − 1).
 """
+
 from __future__ import annotations
 
 import jax

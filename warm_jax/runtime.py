@@ -4,6 +4,7 @@ Start-up order of precedence: explicit flags/arguments, then JAX_* environment v
 (GPU VMs, launch/local_multiprocess.sh), then SLURM's environment, then TPU pod
 auto-detection. A single process with none of these needs nothing.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,9 +73,7 @@ def detect_cluster(
                 "env",
             )
         except KeyError as e:
-            raise ValueError(
-                f"JAX_COORDINATOR_ADDRESS is set but environment variable {e.args[0]} is not"
-            ) from None
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but environment variable {e.args[0]} is not") from None
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         host = _slurm_first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
         port = env.get("WARM_COORDINATOR_PORT", "12355")
@@ -108,7 +107,10 @@ def initialize(
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info(
         "jax.distributed: process %d/%d, coordinator %s (%s)",
-        spec.process_id, spec.num_processes, spec.coordinator_address, spec.source,
+        spec.process_id,
+        spec.num_processes,
+        spec.coordinator_address,
+        spec.source,
     )
     try:
         jax.distributed.initialize(
@@ -182,8 +184,9 @@ def rendezvous(spec: ClusterSpec, timeout_s: float) -> None:
                 ) from None
             time.sleep(0.2)
     if reply != "ok":
-        raise RuntimeError(f"start-up failed: the coordinator reports {reply or 'no answer'}; "
-                           f"expected {spec.num_processes} processes")
+        raise RuntimeError(
+            f"start-up failed: the coordinator reports {reply or 'no answer'}; expected {spec.num_processes} processes"
+        )
 
 
 def _cpu_only() -> bool:
@@ -218,21 +221,15 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
     if free:
         if len(devices) % fixed:
-            raise ValueError(
-                f"make_mesh.shape={dict(shape)}: {len(devices)} devices are not divisible by {fixed}"
-            )
+            raise ValueError(f"make_mesh.shape={dict(shape)}: {len(devices)} devices are not divisible by {fixed}")
         sizes[free[0]] = len(devices) // fixed
     total = int(np.prod(list(sizes.values())))
     if total != len(devices):
-        raise ValueError(
-            f"make_mesh.shape={dict(shape)} needs {total} devices but {len(devices)} are available"
-        )
+        raise ValueError(f"make_mesh.shape={dict(shape)} needs {total} devices but {len(devices)} are available")
     axis_shape = tuple(sizes[a] for a in MESH_AXES)
     # Auto axes: jax >= 0.10 defaults to Explicit, under which vmapped ensembles and
     # sharding-in-types matmuls behave differently from what our specs assume.
-    return jax.make_mesh(
-        axis_shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    return jax.make_mesh(axis_shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ several, or to none). Specs are resolved against the array's shape: a dimension 
 mesh axis does not divide is replicated rather than failing, so e.g. SmolLM2's 3 KV heads
 still load on a tensor axis of 2.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -111,9 +112,7 @@ def prefix_ensemble(specs, *, axis: str = ENSEMBLE):
     moments and counters, step, key); members never communicate inside a step, so that
     dimension is always split over the ensemble axis.
     """
-    prefixed = jax.tree.map(
-        lambda s: P(axis, *s), specs, is_leaf=lambda x: isinstance(x, P)
-    )
+    prefixed = jax.tree.map(lambda s: P(axis, *s), specs, is_leaf=lambda x: isinstance(x, P))
     assert_ensemble_leading(prefixed, axis=axis)
     return prefixed
 
@@ -124,8 +123,7 @@ def assert_ensemble_leading(specs, *, axis: str = ENSEMBLE) -> None:
     for path, spec in flat:
         if not isinstance(spec, P) or len(spec) == 0 or spec[0] != axis:
             raise ValueError(
-                f"stacked-state leaf {jax.tree_util.keystr(path)} has spec {spec}; "
-                f"every leaf must lead with {axis!r}"
+                f"stacked-state leaf {jax.tree_util.keystr(path)} has spec {spec}; every leaf must lead with {axis!r}"
             )
 
 
@@ -181,6 +179,4 @@ def put_global(x: np.ndarray, sharding_: NamedSharding) -> jax.Array:
 
 def abstract_with_sharding(shapes_tree, shardings_tree):
     """ShapeDtypeStructs that carry their target sharding (for Orbax restore / jit init)."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes_tree, shardings_tree
-    )
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes_tree, shardings_tree)

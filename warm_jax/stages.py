@@ -4,6 +4,7 @@ A stage is a function ``(ctx: RunContext) -> None`` registered by name; the gin 
 stages to run (``run_pipeline.stages``). A finished stage leaves WORKDIR/<stage>/DONE.json and
 is skipped on a rerun; an unfinished one resumes from its own checkpoints.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,9 +72,7 @@ def run_pipeline(workdir: str, stages=gin.REQUIRED, seed: int = 0) -> RunContext
     import_stage_modules()
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise ValueError(
-            f"run_pipeline.stages lists unknown stage(s) {unknown}; known: {sorted(STAGES)}"
-        )
+        raise ValueError(f"run_pipeline.stages lists unknown stage(s) {unknown}; known: {sorted(STAGES)}")
     ctx = RunContext(workdir=workdir, mesh=runtime.make_mesh(), seed=seed)
     log.info("mesh %s on %d devices, %d process(es)", dict(ctx.mesh.shape), jax.device_count(), jax.process_count())
     for name in stages:

@@ -1,4 +1,5 @@
 """Entry point: ``python -m warm_jax.train --gin_file=gin/quickstart.gin --workdir=DIR``."""
+
 from __future__ import annotations
 
 import logging

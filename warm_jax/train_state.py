@@ -1,4 +1,5 @@
 """The training state pytree and its sharding, shared by every stage that trains."""
+
 from __future__ import annotations
 
 from typing import Any

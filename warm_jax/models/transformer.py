@@ -12,6 +12,7 @@ to the mesh. The hot path is functional: ``graphdef, params = abstract_model(cfg
 Shapes: B batch, T new tokens, S key slots (cache length), d model width, H query heads,
 K kv heads, G = H // K, D head dim, V vocabulary, L layers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,9 +52,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
-            )
+            raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
 
 
 def _param(key, shape, axes, std, dtype):
@@ -123,9 +122,7 @@ class Attention(nnx.Module):
         self.wk = _param(rngs.params(), (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
         self.wv = _param(rngs.params(), (d, k, hd), ("embed", "kv_heads", "head_dim"), std, pd)
         # Output projection scaled down by depth (GPT-2 style) so deep stacks start stable.
-        self.wo = _param(
-            rngs.params(), (h, hd, d), ("heads", "head_dim", "embed"), std / (2 * cfg.n_layers) ** 0.5, pd
-        )
+        self.wo = _param(rngs.params(), (h, hd, d), ("heads", "head_dim", "embed"), std / (2 * cfg.n_layers) ** 0.5, pd)
         self.cfg = cfg
 
     def __call__(self, x, positions, mask, layer_cache):
@@ -307,9 +304,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
 
 
 def _axes_of(state):
-    return jax.tree.map(
-        lambda v: tuple(v.get_metadata()["axes"]), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
+    return jax.tree.map(lambda v: tuple(v.get_metadata()["axes"]), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def abstract_model(cfg: ModelConfig):

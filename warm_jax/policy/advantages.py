@@ -12,6 +12,7 @@ prompt ``i``). Advantages are constants for the policy gradient (stop_gradient i
 * ``rloo``: leave-one-out over the k samples of a prompt (REINFORCE Leave-One-Out).
 * ``batch_mean``: the mean return of the batch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

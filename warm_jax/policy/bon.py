@@ -6,6 +6,7 @@ proxy reward is judged by the oracle, and the oracle scores are averaged over gr
 prompts), which gives every N the same samples and a lower-variance estimate than taking only
 the first N. KL(BoN ‖ policy) = log N − (N − 1)/N.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,19 +94,22 @@ def sample_responses(sample_fn, params, prompt_tokens, prompt_mask, key, *, chun
         if real < chunk:
             t = np.concatenate([t, np.repeat(t[-1:], chunk - real, 0)])
             m = np.concatenate([m, np.repeat(m[-1:], chunk - real, 0)])
-        out = sample_fn(params, sharding.put_global(t, shard), sharding.put_global(m, shard), jax.random.fold_in(key, c))
+        out = sample_fn(
+            params, sharding.put_global(t, shard), sharding.put_global(m, shard), jax.random.fold_in(key, c)
+        )
         for k in outs:
             outs[k].append(np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:real])
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
 def oracle_texts(tok: Tokenizer, prompts, responses) -> list[str]:
-    """"prompt response" strings, as the `data` stage labels them. responses: [R, N] token ids."""
+    """ "prompt response" strings, as the `data` stage labels them. responses: [R, N] token ids."""
     return [f"{p} {tok.decode(r)}".strip() for p, r in zip(prompts, responses)]
 
 
-def score_rewards(reward_fn: rewards_lib.RewardFn, prompt_tokens, prompt_mask, samples, *, batch: int, pad_id: int,
-                  mesh):
+def score_rewards(
+    reward_fn: rewards_lib.RewardFn, prompt_tokens, prompt_mask, samples, *, batch: int, pad_id: int, mesh
+):
     """(reward [R], std [R]) host arrays of policy samples, scored in fixed-size batches."""
     shard = sharding.batch_sharding(mesh, 2)
     n = len(prompt_tokens)
@@ -151,13 +155,23 @@ def run_bon(ctx: RunContext, cfg: BonConfig) -> dict:
     shards = batch_shards(ctx.mesh)
     chunk = max(shards, min(cfg.sample_batch_size, len(rep_t)) // shards * shards)
     samples = sample_responses(
-        sampler.make_sampler(graphdef, model_cfg, samp_cfg), params, rep_t, rep_m,
-        jax.random.key(ctx.seed * 7919 + PROMPT_STREAM["bon"]), chunk=chunk, mesh=ctx.mesh,
+        sampler.make_sampler(graphdef, model_cfg, samp_cfg),
+        params,
+        rep_t,
+        rep_m,
+        jax.random.key(ctx.seed * 7919 + PROMPT_STREAM["bon"]),
+        chunk=chunk,
+        mesh=ctx.mesh,
     )
     gold = oracle_lib.make_oracle(cfg.oracle).score(oracle_texts(tok, rep_texts, samples["tokens"]))
     gold = gold.reshape(cfg.num_prompts, nmax)
-    log.info("[bon] %d prompts x %d samples; mean oracle %.4f, mean length %.1f",
-             cfg.num_prompts, nmax, gold.mean(), samples["length"].mean())
+    log.info(
+        "[bon] %d prompts x %d samples; mean oracle %.4f, mean length %.1f",
+        cfg.num_prompts,
+        nmax,
+        gold.mean(),
+        samples["length"].mean(),
+    )
 
     score_batch = max(shards, min(cfg.score_batch_size, len(rep_t)) // shards * shards)
     proxies: dict[str, np.ndarray] = {}
@@ -171,9 +185,16 @@ def run_bon(ctx: RunContext, cfg: BonConfig) -> dict:
             proxies["ens_conservative"] = r - cfg.conservative_lambda * std
         else:
             proxies[name] = r
-    result = {"n": list(cfg.n_values), "kl": [bon_kl(n) for n in cfg.n_values], "oracle": {}, "proxy": {},
-              "num_prompts": cfg.num_prompts, "samples_per_prompt": nmax, "temperature": cfg.temperature,
-              "oracle_mean_all_samples": float(gold.mean())}
+    result = {
+        "n": list(cfg.n_values),
+        "kl": [bon_kl(n) for n in cfg.n_values],
+        "oracle": {},
+        "proxy": {},
+        "num_prompts": cfg.num_prompts,
+        "samples_per_prompt": nmax,
+        "temperature": cfg.temperature,
+        "oracle_mean_all_samples": float(gold.mean()),
+    }
     for name in cfg.rewards:
         proxy = proxies[name].reshape(cfg.num_prompts, nmax)
         pairs = [best_of_n(proxy, gold, n) for n in cfg.n_values]

@@ -17,6 +17,7 @@ judged by the proxy reward, the oracle and the KL.
 
 Outputs: WORKDIR/rl/<reward>/ckpt/, metrics/rl_<reward>.jsonl, WORKDIR/rl/results.json.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,8 +115,9 @@ def _sequences(batch):
     return tokens, mask
 
 
-def reinforce_update(state: TrainState, ref_params, rm_state, batch, *, graphdef, rm_apply, tx,
-                     cfg: ReinforceConfig, pad_id: int):
+def reinforce_update(
+    state: TrainState, ref_params, rm_state, batch, *, graphdef, rm_apply, tx, cfg: ReinforceConfig, pad_id: int
+):
     """One REINFORCE update (pure). batch: prompt_tokens/prompt_mask [B, P] (k consecutive rows
     per prompt), response_tokens/response_mask [B, N]. Returns (state, scalar metrics)."""
     p = batch["prompt_tokens"].shape[1]
@@ -137,14 +139,26 @@ def reinforce_update(state: TrainState, ref_params, rm_state, batch, *, graphdef
         pg = policy_gradient_loss(logp, rmask, adv)
         v_loss = advantages.value_loss(returns, values, rmask) if needs_value else jnp.zeros(())
         n_tok = jnp.maximum(rmask.sum(), 1.0)
-        aux = {"pg_loss": pg, "value_loss": v_loss, "kl": kl.mean(), "return": returns.mean(),
-               "entropy": jnp.sum(entropy * rmask) / n_tok, "advantage_abs": jnp.sum(jnp.abs(adv)) / n_tok}
+        aux = {
+            "pg_loss": pg,
+            "value_loss": v_loss,
+            "kl": kl.mean(),
+            "return": returns.mean(),
+            "entropy": jnp.sum(entropy * rmask) / n_tok,
+            "advantage_abs": jnp.sum(jnp.abs(adv)) / n_tok,
+        }
         return pg + cfg.value_coef * v_loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new, loss, finite = guarded_update(state, loss, grads, tx, debug_nan_step=cfg.debug_nan_step)
-    metrics = {"loss": loss, "proxy": proxy.mean(), "response_length": rmask.sum(1).mean(),
-               "grad_norm": optax.tree.norm(grads), "finite": finite, **aux}
+    metrics = {
+        "loss": loss,
+        "proxy": proxy.mean(),
+        "response_length": rmask.sum(1).mean(),
+        "grad_norm": optax.tree.norm(grads),
+        "finite": finite,
+        **aux,
+    }
     return new, metrics
 
 
@@ -213,25 +227,44 @@ def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
     ev = bon.make_prompts(tok, cfg.num_eval_prompts, seed + bon.PROMPT_STREAM["rl_eval"], cfg.max_prompt_len)
     wr = bon.make_prompts(tok, cfg.num_winrate_prompts, seed + bon.PROMPT_STREAM["rl_eval"] + 1, cfg.max_prompt_len)
     held_out = set(ev[0]) | set(wr[0])
-    tr_ = bon.make_prompts(tok, cfg.num_train_prompts, seed + bon.PROMPT_STREAM["rl_train"], cfg.max_prompt_len,
-                           exclude=held_out)
+    tr_ = bon.make_prompts(
+        tok, cfg.num_train_prompts, seed + bon.PROMPT_STREAM["rl_train"], cfg.max_prompt_len, exclude=held_out
+    )
     tx = make_optimizer(cfg)
     state_sh = sharding.named(mesh, state_specs(tx, jax.eval_shape(lambda: ref_params), param_specs))
     batch_sh = sharding.batch_sharding(mesh, 2)
     param_sh = sharding.named(mesh, param_specs)
     repl = sharding.replicated(mesh)
     samp = functools.partial(
-        sampler.SamplingConfig, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        eos_id=tok.eos_id, pad_id=tok.pad_id,
+        sampler.SamplingConfig,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
     )
     # Explicit shardings: new params (same shapes, same shardings) never trigger a recompile.
     train_sampler = sampler.make_sampler(graphdef, model_cfg, samp(), in_shardings=(param_sh, batch_sh, batch_sh, repl))
     eval_sampler = sampler.make_sampler(graphdef, model_cfg, samp(), in_shardings=(param_sh, batch_sh, batch_sh, repl))
     eval_chunk = max(shards, min(256, max(cfg.num_eval_prompts, shards)) // shards * shards)
     return Setup(
-        ctx, cfg, model_cfg, graphdef, ref_params, param_specs, tok, tx, state_sh, batch_sh, train_sampler,
-        eval_sampler, eval_chunk, PromptSet(*tr_), PromptSet(*ev), PromptSet(*wr),
-        oracle_lib.make_oracle(cfg.oracle), {},
+        ctx,
+        cfg,
+        model_cfg,
+        graphdef,
+        ref_params,
+        param_specs,
+        tok,
+        tx,
+        state_sh,
+        batch_sh,
+        train_sampler,
+        eval_sampler,
+        eval_chunk,
+        PromptSet(*tr_),
+        PromptSet(*ev),
+        PromptSet(*wr),
+        oracle_lib.make_oracle(cfg.oracle),
+        {},
     )
 
 
@@ -243,8 +276,14 @@ def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn):
         param_sh = sharding.named(mesh, setup.param_specs)
         rm_sh = rm_shardings(reward_fn, mesh)
         update = jax.jit(
-            functools.partial(reinforce_update, graphdef=setup.graphdef, rm_apply=reward_fn.apply, tx=setup.tx,
-                              cfg=cfg, pad_id=setup.tok.pad_id),
+            functools.partial(
+                reinforce_update,
+                graphdef=setup.graphdef,
+                rm_apply=reward_fn.apply,
+                tx=setup.tx,
+                cfg=cfg,
+                pad_id=setup.tok.pad_id,
+            ),
             in_shardings=(setup.state_sh, param_sh, rm_sh, setup.batch_sh),
             out_shardings=(setup.state_sh, repl),
             donate_argnums=0,
@@ -271,23 +310,35 @@ def evaluate_policy(setup: Setup, params, reward_fn, prompts: PromptSet, key) ->
     """Samples ``prompts`` with a fixed key; per-prompt oracle, proxy, KL and length (host arrays)."""
     mesh = setup.ctx.mesh
     chunk = setup.eval_chunk
-    samples = bon.sample_responses(setup.eval_sampler, params, prompts.tokens, prompts.mask, key, chunk=chunk, mesh=mesh)
+    samples = bon.sample_responses(
+        setup.eval_sampler, params, prompts.tokens, prompts.mask, key, chunk=chunk, mesh=mesh
+    )
     _, evaluate = compiled_for(setup, reward_fn)
     rm_state = rm_state_on_mesh(reward_fn, mesh)
     proxy, kl = [], []
     for start in range(0, len(prompts.tokens), chunk):
         sl = slice(start, start + chunk)
-        parts = {"prompt_tokens": prompts.tokens[sl], "prompt_mask": prompts.mask[sl],
-                 "response_tokens": samples["tokens"][sl], "response_mask": samples["mask"][sl]}
+        parts = {
+            "prompt_tokens": prompts.tokens[sl],
+            "prompt_mask": prompts.mask[sl],
+            "response_tokens": samples["tokens"][sl],
+            "response_mask": samples["mask"][sl],
+        }
         real = len(parts["prompt_tokens"])
         parts = {k: np.concatenate([v, np.repeat(v[-1:], chunk - real, 0)]) for k, v in parts.items()}
-        out = evaluate(params, setup.ref_params, rm_state, jax.tree.map(lambda x: sharding.put_global(x, setup.batch_sh), parts))
+        out = evaluate(
+            params, setup.ref_params, rm_state, jax.tree.map(lambda x: sharding.put_global(x, setup.batch_sh), parts)
+        )
         out = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
         proxy.append(out["proxy"][:real])
         kl.append(out["kl"][:real])
     gold = setup.oracle.score(bon.oracle_texts(setup.tok, prompts.texts, samples["tokens"]))
-    return {"oracle": gold, "proxy": np.concatenate(proxy), "kl": np.concatenate(kl),
-            "length": samples["length"].astype(np.float32)}
+    return {
+        "oracle": gold,
+        "proxy": np.concatenate(proxy),
+        "kl": np.concatenate(kl),
+        "length": samples["length"].astype(np.float32),
+    }
 
 
 def _summary(ev: dict[str, np.ndarray], prefix: str = "eval_") -> dict[str, float]:
@@ -321,8 +372,12 @@ class StepRunner:
         gen = self.setup.train_sampler(state.params, batch["tokens"], batch["mask"], key)
         jax.block_until_ready(gen)
         t1 = time.perf_counter()
-        full = {"prompt_tokens": batch["tokens"], "prompt_mask": batch["mask"],
-                "response_tokens": gen["tokens"], "response_mask": gen["mask"]}
+        full = {
+            "prompt_tokens": batch["tokens"],
+            "prompt_mask": batch["mask"],
+            "response_tokens": gen["tokens"],
+            "response_mask": gen["mask"],
+        }
         state, metrics = self.update(state, self.setup.ref_params, self.rm_state, full)
         jax.block_until_ready(metrics)
         t2 = time.perf_counter()
@@ -335,20 +390,28 @@ class StepRunner:
 def train_one(setup: Setup, name: str) -> TrainState:
     """Trains the policy against reward ``name``; returns the final state (resumes if it can)."""
     ctx, cfg = setup.ctx, setup.cfg
-    reward_fn = rewards_lib.load_reward(ctx, name, conservative_lambda=cfg.conservative_lambda,
-                                        normalise=cfg.normalise_reward)
+    reward_fn = rewards_lib.load_reward(
+        ctx, name, conservative_lambda=cfg.conservative_lambda, normalise=cfg.normalise_reward
+    )
     key = jax.random.fold_in(jax.random.key(ctx.seed), 1 + rewards_lib.REWARD_NAMES.index(name))
     # The policy starts as a copy of the reference (the state is donated; the reference is not).
-    state = jax.jit(lambda p: new_state(jax.tree.map(lambda x: x + 0, p), setup.tx, key),
-                    out_shardings=setup.state_sh)(setup.ref_params)
+    state = jax.jit(lambda p: new_state(jax.tree.map(lambda x: x + 0, p), setup.tx, key), out_shardings=setup.state_sh)(
+        setup.ref_params
+    )
     abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), setup.state_sh)
 
     k = cfg.samples_per_prompt
-    records = [{"tokens": t, "mask": m, "index": np.int32(i)}
-               for i, (t, m) in enumerate(zip(setup.train_prompts.tokens, setup.train_prompts.mask))]
+    records = [
+        {"tokens": t, "mask": m, "index": np.int32(i)}
+        for i, (t, m) in enumerate(zip(setup.train_prompts.tokens, setup.train_prompts.mask))
+    ]
     iterator = pipeline.PreferenceIterator(
-        records, batch_size=cfg.prompts_per_step, seed=ctx.seed, fields=("tokens", "mask", "index"),
-        process_index=0, process_count=1,  # every process reads the global batch (see sharding.put_global)
+        records,
+        batch_size=cfg.prompts_per_step,
+        seed=ctx.seed,
+        fields=("tokens", "mask", "index"),
+        process_index=0,
+        process_count=1,  # every process reads the global batch (see sharding.put_global)
     )
 
     def to_device(b):
@@ -375,19 +438,29 @@ def train_one(setup: Setup, name: str) -> TrainState:
             toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))
             extra["oracle"] = float(np.mean(setup.oracle.score(bon.oracle_texts(setup.tok, texts, toks))))
         if step % cfg.eval_every == 0 or step == cfg.num_steps:
-            extra.update(_summary(evaluate_policy(setup, runner.params, reward_fn, setup.eval_prompts, eval_key(setup))))
+            extra.update(
+                _summary(evaluate_policy(setup, runner.params, reward_fn, setup.eval_prompts, eval_key(setup)))
+            )
         return extra
 
     base = loop.LoopConfig()
     loop_cfg = dataclasses.replace(base, log_every=math.gcd(base.log_every, cfg.eval_every))
     final = loop.train(
-        stage=f"rl_{name}", workdir=ctx.workdir, state=state, abstract_state=abstract_state, step_fn=runner,
-        iterator=iterator, to_device=to_device, num_steps=cfg.num_steps, ckpt_dir=os.path.join(run_dir, "ckpt"),
-        cfg=loop_cfg, show=("proxy", "kl", "oracle"), on_log=on_log,
+        stage=f"rl_{name}",
+        workdir=ctx.workdir,
+        state=state,
+        abstract_state=abstract_state,
+        step_fn=runner,
+        iterator=iterator,
+        to_device=to_device,
+        num_steps=cfg.num_steps,
+        ckpt_dir=os.path.join(run_dir, "ckpt"),
+        cfg=loop_cfg,
+        show=("proxy", "kl", "oracle"),
+        on_log=on_log,
     )
     scores_path = os.path.join(run_dir, "winrate_scores.json")
-    wr = evaluate_policy(setup, final.params, reward_fn, setup.winrate_prompts,
-                         jax.random.fold_in(eval_key(setup), 1))
+    wr = evaluate_policy(setup, final.params, reward_fn, setup.winrate_prompts, jax.random.fold_in(eval_key(setup), 1))
     if jax.process_index() == 0:
         io_utils.atomic_write_json(scores_path, {"oracle": wr["oracle"].tolist(), "step": loop.scalar_step(final)})
     return final
@@ -424,7 +497,9 @@ def run(ctx: RunContext, cfg: ReinforceConfig | None = None) -> None:
         train_one(setup, name)
         log.info("[reinforce] %s: %.1fs", name, time.time() - t0)
     if jax.process_index() == 0:
-        result = {"runs": {n: run_curve(ctx.workdir, n) for n in cfg.rewards},
-                  "win_rate": win_rates(ctx.workdir, list(cfg.rewards)),
-                  "config": dataclasses.asdict(cfg)}
+        result = {
+            "runs": {n: run_curve(ctx.workdir, n) for n in cfg.rewards},
+            "win_rate": win_rates(ctx.workdir, list(cfg.rewards)),
+            "config": dataclasses.asdict(cfg),
+        }
         io_utils.atomic_write_json(ctx.path("rl", "results.json"), result)

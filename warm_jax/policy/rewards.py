@@ -15,6 +15,7 @@ Reward names (``load_reward``):
 Rewards are normalised with the validation statistics that ``rm_eval`` wrote,
 ``(r − mean) / std``, so that one KL coefficient means the same for every reward.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,8 +115,12 @@ class RewardFn:
     @property
     def state(self) -> dict:
         f32 = lambda x: jnp.asarray(x, jnp.float32)
-        return {"params": self.params, "shift": f32(self.shift), "scale": f32(self.scale),
-                "lam": f32(self.conservative_lambda)}
+        return {
+            "params": self.params,
+            "shift": f32(self.shift),
+            "scale": f32(self.scale),
+            "lam": f32(self.conservative_lambda),
+        }
 
     def __call__(self, tokens, lengths):
         return _compiled_apply(self.graphdef, self.ensemble_size)(self.state, tokens, lengths)
@@ -154,8 +159,10 @@ def load_stacked_members(ctx: RunContext, members):
     model_cfg, graphdef = loaded[0][0], loaded[0][1]
     for m, (cfg, _, _, _) in zip(members, loaded):
         if cfg != model_cfg:
-            raise ValueError(f"reward-model member {m}'s model.json differs from member {members[0]}'s: "
-                             "an ensemble needs one architecture")
+            raise ValueError(
+                f"reward-model member {m}'s model.json differs from member {members[0]}'s: "
+                "an ensemble needs one architecture"
+            )
     from warm_jax.models import transformer as tr
 
     _, abstract, axes = tr.abstract_model(model_cfg)
@@ -178,8 +185,10 @@ def load_reward(ctx: RunContext, name: str, *, conservative_lambda: float = 1.0,
     if normalise:
         stats = info.get("reward_stats", {}).get(_STATS_KEY[name])
         if stats is None:
-            raise KeyError(f"{ctx.path('rm', 'eval.json')} has no reward_stats[{_STATS_KEY[name]!r}] to normalise "
-                           f"reward {name!r} (or set normalise_reward=False)")
+            raise KeyError(
+                f"{ctx.path('rm', 'eval.json')} has no reward_stats[{_STATS_KEY[name]!r}] to normalise "
+                f"reward {name!r} (or set normalise_reward=False)"
+            )
         shift, scale = float(stats["mean"]), max(float(stats["std"]), 1e-6)
     if name == "warm":
         warm_dir = ctx.path("rm", "warm")

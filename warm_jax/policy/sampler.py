@@ -6,6 +6,7 @@ stops when all rows are done or ``max_new_tokens`` is reached. Parameters are an
 compiled function, so new policy weights of the same shapes/shardings swap in without a
 recompile. The cache is created inside the compiled function (never crosses the boundary).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,9 +88,13 @@ def sample(params, prompt_tokens, prompt_mask, key, *, graphdef, model_cfg: tr.M
         return i + 1, model.logits(h)[:, 0], cache, toks, lps, done, key
 
     init = (
-        jnp.zeros((), jnp.int32), first_logits, cache,
-        jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
-        jnp.zeros((b,), bool), key,
+        jnp.zeros((), jnp.int32),
+        first_logits,
+        cache,
+        jnp.full((b, n), cfg.pad_id, jnp.int32),
+        jnp.zeros((b, n), jnp.float32),
+        jnp.zeros((b,), bool),
+        key,
     )
     _, _, _, toks, lps, _, _ = jax.lax.while_loop(cond, body, init)
     # A generated token is real up to and including the first EOS (decided by position, not by

@@ -1,4 +1,5 @@
 """Win rate of policy A over policy B as judged by the oracle, with a bootstrap interval."""
+
 from __future__ import annotations
 
 import numpy as np
