@@ -17,20 +17,8 @@ from warm_jax.data.tokenizers import HFTokenizer
 from warm_jax.params_io import save_params
 from warm_jax.models import pretrained as pt
 from warm_jax.models import transformer as tr
+from tests.test_pretrained import TINY, WORDS  # one tiny Llama config for both files
 
-TINY = tr.ModelConfig(
-    vocab_size=16,
-    d_model=16,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=4,
-    d_ff=24,
-    max_len=64,
-    rope_theta=500.0,
-    tie_embeddings=False,
-)
-WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(12)]
 BIAS = 0.75
 TOKENS = np.array([[1, 5, 6, 7, 8, 0], [1, 9, 10, 0, 0, 0]], np.int32)  # right-padded with pad id 0
 MASK = (TOKENS != 0).astype(np.int32)

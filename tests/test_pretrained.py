@@ -18,7 +18,7 @@ import pytest
 import tokenizers
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import export, logits as logits_lib, runtime
+from warm_jax import config, export, logits as logits_lib, runtime
 from warm_jax.data.tokenizers import HFTokenizer
 from warm_jax.models import pretrained as pt
 from warm_jax.models import transformer as tr
@@ -68,7 +68,8 @@ def test_smollm2_shape_matches_gguf_and_gin_file(smollm2):
     assert "lm_head" not in smollm2["params"]
     gin.clear_config()
     try:
-        gin.parse_config_file(os.path.join(REPO, "gin", "models", "smollm2_135m.gin"))
+        # config.parse registers every configurable first (base_model lives in the pretrain module).
+        config.parse([os.path.join(REPO, "gin", "models", "smollm2_135m.gin")])
         assert tr.ModelConfig() == cfg
     finally:
         gin.clear_config()
