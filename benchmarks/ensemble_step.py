@@ -120,7 +120,7 @@ def run_case(name, model_kwargs, m, pairs, seq, dtype, steps, peak, attention="x
     setup_s = time.perf_counter() - t0 - sum(t_vmapped)  # init + compile + the warm-up step
     del state_m
     tokens = m * 2 * pairs * seq
-    flops = tr.flops_per_token(model_cfg, seq, training=True) * tokens
+    flops = tr.flops_per_token(model_cfg, seq, training=True, lm_head=False) * tokens  # RMs have no LM head
     med_v = statistics.median(t_vmapped)
     out = {
         "case": name,

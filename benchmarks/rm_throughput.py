@@ -50,13 +50,6 @@ CASES = {
 LEARNING_RATE = 1e-5
 
 
-def rm_flops_per_token(cfg, seq: int) -> float:
-    """Training FLOPs per token of a reward model: the LM head (d·V) is not evaluated, so drop it."""
-    from warm_jax.models import transformer as tr
-
-    return tr.flops_per_token(cfg, seq, training=True) - 6.0 * cfg.d_model * cfg.vocab_size
-
-
 def random_batch(vocab: int, pairs: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
@@ -205,7 +198,9 @@ def run_case(name: str, reps: int, peak: float) -> dict:
     tokens = 2 * pairs * seq
     if peer_box["tokens"] != tokens:
         raise RuntimeError(f"TRL batch held {peer_box['tokens']} real tokens, expected {tokens}")
-    flops = rm_flops_per_token(model_cfg, seq) * tokens
+    from warm_jax.models import transformer as tr
+
+    flops = tr.flops_per_token(model_cfg, seq, training=True, lm_head=False) * tokens  # RMs have no LM head
     tps = {k: [tokens / t for t in v] for k, v in times.items()}
     return {
         "case": name,

@@ -338,15 +338,16 @@ def param_count(params, *, exclude_embeddings: bool = False) -> int:
     return total
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True, lm_head: bool = True) -> float:
     """Model FLOPs per token (matmuls only; the standard 6N + attention estimate).
 
     Forward = 2 · (non-embedding matmul params + LM head) + 4 · L · T · d_attn (scores and
-    values); training = 3 × forward.
+    values); training = 3 × forward. ``lm_head=False`` for reward models, which never compute
+    the vocabulary logits (at SmolLM2-135M the head would add 27% to the count).
     """
     d, hd = cfg.d_model, cfg.dim_head
     attn = d * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
     mlp = 3 * d * cfg.d_ff
-    matmul_params = cfg.n_layers * (attn + mlp) + d * cfg.vocab_size
+    matmul_params = cfg.n_layers * (attn + mlp) + (d * cfg.vocab_size if lm_head else 0)
     forward = 2 * matmul_params + 4 * cfg.n_layers * seq_len * cfg.n_heads * hd
     return float(3 * forward if training else forward)
