@@ -3,11 +3,18 @@
 Each check returns ``{"id", "holds", "numbers", "statement"}`` or None when the run lacks the
 stage it needs. Thresholds are the ones issue 9 states; accuracies are fractions, so
 0.5 point = 0.005.
+
+Across replicates (runs of the same gin file with different ``SEED``):
+
+  python -m warm_jax.claims /tmp/warm_repro_0 /tmp/warm_repro_1 /tmp/warm_repro_2
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -162,3 +169,80 @@ def check_all(summary: dict) -> list[dict]:
         if c is not None:
             out.append(c)
     return out
+
+
+# The numbers that decide each claim, in points (accuracy) or reward units, for the across-runs table.
+HEADLINES: dict[str, Callable[[dict], str]] = {
+    "lmc": lambda n: (
+        f"gap val {100 * n['min_gap_validation']:+.2f} / ood {100 * n['min_gap_ood']:+.2f} pt; control "
+        + (
+            f"{100 * n['control_min_gap_validation']:+.2f} / {100 * n['control_min_gap_ood']:+.2f} pt"
+            if "control_min_gap_ood" in n
+            else "absent"
+        )
+    ),
+    "wa_close_to_ens": lambda n: (
+        f"WA−ENS val {100 * n['wa_minus_ens_validation']:+.2f} / ood {100 * n['wa_minus_ens_ood']:+.2f} pt"
+    ),
+    "memorisation": lambda n: (
+        f"corrupted WA {n['warm_corrupted']:.3f} vs ENS {n['ens_corrupted']:.3f}; "
+        f"ood WA−ENS {100 * (n['warm_ood'] - n['ens_ood']):+.2f} pt"
+    ),
+    "m_scaling": lambda n: (
+        f"worst drop {100 * n['worst_drop']:.2f} pt; M={n['M_max']} {n['warm_ood_by_m'][-1]:.3f} "
+        f"vs mean member {n['mean_member_ood']:.3f}"
+    ),
+    "bon": lambda n: f"gaps N≥8 {', '.join(f'{g:+.3f}' for g in n['gaps_n_ge_8'])}",
+    "rl": lambda n: (
+        f"single peak at step {n['single_oracle_peak_step']} ({n['single_oracle_peak']:.3f} → "
+        f"{n['single_oracle_last']:.3f}); WARM peak {n['warm_oracle_peak']:.3f}; win "
+        + ("n/a" if n["win_rate"] is None else f"{n['win_rate']:.3f} (CI low {n['win_rate_ci_low']:.3f})")
+    ),
+}
+
+
+def across_runs(claims_by_run: Mapping[str, list[dict]]) -> str:
+    """Markdown: one row per claim — how many runs it held in, then each run's verdict and numbers."""
+    runs = list(claims_by_run)
+    by_id: dict[str, dict[str, dict]] = {}
+    for run, claims in claims_by_run.items():
+        for c in claims:
+            by_id.setdefault(c["id"], {})[run] = c
+    lines = [
+        "| claim | holds in | " + " | ".join(runs) + " |",
+        "|---|---|" + "---|" * len(runs),
+    ]
+    for cid, per_run in by_id.items():
+        held = sum(c["holds"] for c in per_run.values())
+        cells = []
+        for run in runs:
+            c = per_run.get(run)
+            if c is None:
+                cells.append("—")
+                continue
+            fmt = HEADLINES.get(cid)
+            nums = fmt(c["numbers"]) if fmt else json.dumps(c["numbers"])
+            cells.append(f"{'yes' if c['holds'] else '**no**'}: {nums}")
+        lines.append(f"| `{cid}` | {held}/{len(per_run)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    claims_by_run = {}
+    for workdir in argv:
+        path = os.path.join(workdir, "report", "summary.json")
+        try:
+            with open(path) as f:
+                claims_by_run[os.path.basename(os.path.normpath(workdir))] = json.load(f)["claims"]
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            print(f"error: {path}: no claims section ({type(e).__name__}: {e}); run the report stage first")
+            return 1
+    print(across_runs(claims_by_run))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
