@@ -141,3 +141,13 @@ def test_nan_abort_exits_nonzero_and_keeps_last_good_checkpoint(copy_workdir):
     assert "non-finite" in proc.stderr
     step, _ = helpers.final_state_hash(os.path.join(wd, "rm", "ckpt"))  # verifies the manifest too
     assert step == 4
+
+
+def test_member_slice_takes_one_member_in_the_single_member_layout(trained):
+    _, ctx, cfg, ens, state, _ = trained
+    for i in (0, cfg.num_members - 1):
+        member = ensemble.member_slice(state.params, i, ctx.mesh, ens.param_specs)
+        wq = member["layer_0"]["attn"]["wq"]
+        assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+        for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(state.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b[i]))

@@ -316,11 +316,15 @@ def train_ensemble(
 # ----------------------------------------------------------------------------- member export
 
 
+@jax.jit
+def _take_member(stacked, i):
+    # i is traced: one compile serves every member (a Python index would compile once per member).
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), stacked)
+
+
 def member_slice(stacked_params, i: int, mesh, param_specs):
-    """Member i of a stacked tree, resharded to the single-member layout (on device)."""
-    return jax.jit(lambda p: jax.tree.map(lambda x: x[i], p), out_shardings=sharding.named(mesh, param_specs))(
-        stacked_params
-    )
+    """Member i of a stacked tree [M, ...] → [...], resharded to the single-member layout (on device)."""
+    return jax.device_put(_take_member(stacked_params, jnp.int32(i)), sharding.named(mesh, param_specs))
 
 
 @register_stage("rm_ensemble")
