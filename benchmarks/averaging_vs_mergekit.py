@@ -2,10 +2,10 @@
 
     python benchmarks/averaging_vs_mergekit.py [--ks=4,8] [--reps=3] [--workdir=/tmp/warm_vs_mergekit]
 
-Setup (once, reused while the model matches): 8 members of the SmolLM2-135M shape (each its own
-random init, float32, ~538 MB), written twice with the same weights: as warm_jax checkpoints
-(``params_io.save_params``: Orbax + hash manifest) and as HF Llama safetensors
-(``export.params_to_hf`` + ``hf_config``), which is what mergekit reads.
+Setup (once, reused while the model and the member format match): 8 members of the SmolLM2-135M
+shape (each its own random init, float32, ~538 MB), written twice with the same weights: as
+warm_jax checkpoints (``params_io.save_params``: Orbax, uncompressed chunks, + hash manifest) and as
+HF Llama safetensors (``export.params_to_hf`` + ``hf_config``), which is what mergekit reads.
 
 Per repetition and per K, each in a FRESH subprocess (its peak RSS is its own), interleaved:
 
@@ -82,7 +82,9 @@ def setup(workdir: str, n: int) -> dict:
 
     cfg = tr.ModelConfig(**SMOLLM2)
     stamp = os.path.join(workdir, "setup.json")
-    want = {"model": dataclasses.asdict(cfg), "members": n}
+    # The stamp names the member format too: save_params writes uncompressed chunks since the
+    # averaging speed-up, and members written before (zstd) would be restored at the old speed.
+    want = {"model": dataclasses.asdict(cfg), "members": n, "format": "save_params, uncompressed chunks"}
     if os.path.isfile(stamp) and io_utils.read_json(stamp) == want:
         return want
     init = jax.jit(lambda key: tr.init_params(cfg, key))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from warm_jax import average, averaging, checkpoints, io_utils, params_io, runtime, sharding
 from warm_jax.models import transformer as tr
@@ -104,6 +107,64 @@ def test_member_hash_from_manifest_equals_tree_sha256(members, mesh8):
     _, _, _, info = averaging.average_checkpoints(dirs[:1], mesh=mesh8)
     _, _, p, _ = params_io.load_params_checkpoint(dirs[0], mesh8)
     assert info["hashes"][dirs[0]] == checkpoints.tree_sha256(p)
+
+
+@pytest.mark.parametrize("mesh_name", ["mesh8", "mesh1"])  # per-leaf folds; one packed fold on one CPU device
+def test_direct_read_pipeline_equals_orbax_restores_bitwise(members, mesh_name, request, monkeypatch):
+    """The default path (direct reads into reused buffers, read k+1 while folding k) gives the same
+    bits as restoring every member through Orbax one after the other."""
+    dirs, _, _ = members
+    mesh = request.getfixturevalue(mesh_name)
+    _, _, fast, info = averaging.average_checkpoints(dirs, mesh=mesh, weights=[1.0, 2.0, 3.0])
+
+    def unsupported(step_dir, buffers):
+        raise checkpoints.DirectReadUnsupported("test")
+
+    monkeypatch.setattr(checkpoints, "read_state_into", unsupported)
+    _, _, slow, info_slow = averaging.average_checkpoints(dirs, mesh=mesh, weights=[1.0, 2.0, 3.0])
+    a, b = _host(fast), _host(slow)
+    assert set(a) == set(b)
+    for path in a:
+        assert a[path].tobytes() == b[path].tobytes(), path
+    assert info["hashes"] == info_slow["hashes"]
+
+
+def test_bf16_members_average_on_one_device(tmp_path, mesh1):
+    cfg = dataclasses.replace(CFG, param_dtype="bfloat16")
+    params = [tr.init_params(cfg, jax.random.key(s)) for s in range(2)]
+    dirs = [_save(tmp_path / str(i), p, cfg) for i, p in enumerate(params)]
+    _, _, merged, _ = averaging.average_checkpoints(dirs, mesh=mesh1)
+    got, host = _host(merged), [_host(p) for p in params]
+    for path, x in got.items():
+        assert x.dtype == host[0][path].dtype, path
+        want = (host[0][path].astype(np.float32) + host[1][path].astype(np.float32)) / 2
+        np.testing.assert_allclose(x.astype(np.float32), want, rtol=1e-2, atol=1e-3, err_msg=path)
+
+
+def _corrupt_copy(src, dst, array="params.embed"):
+    """A copy of member ``src`` whose array has other (valid, finite) values than its manifest says."""
+    shutil.copytree(src, dst)
+    kvstore = {"driver": "ocdbt", "base": f"file://{dst}/ckpt/0/state/", "path": f"{array}/"}
+    t = ts.open({"driver": "zarr", "kvstore": kvstore}).result()
+    t[0, 0:2] = t[0, 0:2].read().result() + 1
+    return str(dst)
+
+
+# The Orbax fallback's failed read orphans its other read coroutines (as in test_checkpoints).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_member_is_named(members, tmp_path, mesh1):
+    dirs, _, _ = members
+    bad = _corrupt_copy(dirs[1], tmp_path / "bad")
+    with pytest.raises(checkpoints.CheckpointCorruptError, match=rf"{bad}/ckpt/0: array 'params/embed' does not match"):
+        averaging.average_checkpoints([dirs[0], bad, dirs[2]], mesh=mesh1)
+    # An unreadable chunk is named too.
+    gone = tmp_path / "gone"
+    shutil.copytree(dirs[0], gone)
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{gone}/ckpt/0/state/"}).result()
+    kv.delete_range(ts.KvStore.KeyRange("params.embed/0.0", "params.embed/0.0\0")).result()
+    with pytest.raises(checkpoints.CheckpointCorruptError, match=rf"{gone}/ckpt.*params/embed"):
+        averaging.average_checkpoints([dirs[0], str(gone)], mesh=mesh1)
+    gc.collect()  # report the orphaned reads here (filtered above)
 
 
 def test_mean_stacked_numpy_ensemble_sharding_and_bf16():

@@ -196,6 +196,42 @@ def test_flipped_bytes_raise_then_fall_back_until_none_left(tmp_path, state):
     ckpt.close()
 
 
+@pytest.mark.parametrize("compress", [True, False])
+def test_direct_read_into_buffers_and_manifest_check(tmp_path, state, compress):
+    with Checkpointer(tmp_path, async_save=False, compress=compress) as ckpt:
+        ckpt.save(0, state, force=True)
+        restored, _, _ = ckpt.restore(abstract(state))
+    assert_bitwise_equal(restored, state)
+    wanted = ("params/w", "params/b", "opt/count")  # f32, bf16, int32; a subset of the saved arrays
+    full = dict(checkpoints.named_leaves(state))
+    buffers = {p: checkpoints.aligned_empty(full[p].shape, full[p].dtype) for p in wanted}
+    assert all(b.ctypes.data % 64 == 0 for b in buffers.values())
+    checkpoints.read_state_into(tmp_path / "0", buffers)
+    checkpoints.check_buffers(tmp_path / "0", buffers)
+    for p in wanted:
+        assert buffers[p].tobytes() == host(full[p]).tobytes(), p
+    overwrite_first_chunk(tmp_path / "0", "params.w")
+    checkpoints.read_state_into(tmp_path / "0", buffers)  # valid bytes: only the manifest tells
+    with pytest.raises(CheckpointCorruptError, match=rf"{tmp_path}/0: array 'params/w' does not match"):
+        checkpoints.check_buffers(tmp_path / "0", buffers)
+    wrong = {"params/w": checkpoints.aligned_empty((3,), np.float32)}
+    with pytest.raises(CheckpointCorruptError, match=r"cannot open array\(s\) \['params/w'\]"):
+        checkpoints.read_state_into(tmp_path / "0", wrong)
+
+
+def test_save_with_precomputed_descriptions(tmp_path, state):
+    described = checkpoints.describe_leaves(state)
+    assert {p: e for p, (e, _) in described.items()} == leaf_hashes(state)
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        with pytest.raises(ValueError, match="leaf paths"):
+            ckpt.save(0, state, force=True, described={"params/w": described["params/w"]})
+        assert ckpt.save(0, state, force=True, described=described)
+        assert_bitwise_equal(ckpt.restore(abstract(state))[0], state)
+    entries = leaf_hashes(state["params"])
+    assert checkpoints.tree_sha256_of_entries(entries) == tree_sha256(state["params"])
+    assert checkpoints.tree_sha256_of_entries(leaf_hashes(state)) is None  # a typed PRNG key leaf
+
+
 def test_non_finite_or_non_json_state_writes_nothing(tmp_path, state):
     ckpt = Checkpointer(tmp_path, save_interval_steps=1)
     bad = dict(state, params=dict(state["params"], b=state["params"]["b"].at[1, 3].set(jnp.nan)))

@@ -19,6 +19,23 @@ def model():
     return mesh, graphdef, params, specs
 
 
+def test_abstract_model_matches_a_traced_init_and_is_cached():
+    from flax import nnx
+
+    for cfg in (CFG, tr.ModelConfig(n_layers=3, tie_embeddings=False, param_dtype="bfloat16")):
+        graphdef, abstract, axes = tr.abstract_model(cfg)
+        # What abstract_model computed before it stopped tracing nnx.Rngs: the same graphdef and trees.
+        graphdef0, state0 = nnx.split(nnx.eval_shape(lambda c=cfg: tr.Decoder(c, nnx.Rngs(0))))
+        assert graphdef == graphdef0
+        assert abstract == nnx.to_pure_dict(state0)
+        assert axes == nnx.to_pure_dict(tr._axes_of(state0))
+        # Cached, but each caller gets its own dicts.
+        abstract["embed"] = None
+        axes.clear()
+        again = tr.abstract_model(cfg)
+        assert again[0] is graphdef and again[1]["embed"] is not None and again[2]
+
+
 def test_every_parameter_is_annotated_and_sharded_by_the_rules(model):
     mesh, _, params, _ = model
     _, abstract, axes = tr.abstract_model(CFG)

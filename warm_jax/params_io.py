@@ -17,14 +17,27 @@ from warm_jax import checkpoints, io_utils, sharding
 from warm_jax.models import transformer as tr
 
 
-def save_params(directory: str, params, *, model_cfg: tr.ModelConfig, meta: dict, tokenizer_dir: str | None):
+def save_params(
+    directory: str,
+    params,
+    *,
+    model_cfg: tr.ModelConfig,
+    meta: dict,
+    tokenizer_dir: str | None,
+    described: dict | None = None,
+):
     """A standalone params checkpoint: Orbax + hash manifest, and model.json beside it.
 
     Written to a temporary sibling and renamed, so ``directory`` only ever holds a finished one.
+    Chunks are stored uncompressed: weights barely compress, and zstd halves the speed of the
+    save and of every later restore (``average``, ``export``, scoring). ``described``:
+    ``checkpoints.describe_leaves(params)`` when the caller has it already (not hashed again).
     """
+    if described is not None:
+        described = {f"params/{path}": v for path, v in described.items()}
     with io_utils.atomic_directory(directory, overwrite=True) as tmp:
-        ck = checkpoints.Checkpointer(os.path.join(tmp, "ckpt"), async_save=False)
-        ck.save(0, {"params": params}, meta=meta, force=True)
+        ck = checkpoints.Checkpointer(os.path.join(tmp, "ckpt"), async_save=False, compress=False)
+        ck.save(0, {"params": params}, meta=meta, force=True, described=described)
         ck.close()
         if jax.process_index() == 0:
             io_utils.atomic_write_json(

@@ -16,6 +16,7 @@ K kv heads, G = H // K, D head dim, V vocabulary, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import gin
@@ -307,15 +308,39 @@ def _axes_of(state):
     return jax.tree.map(lambda v: tuple(v.get_metadata()["axes"]), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+class _ShapeOnlyRngs:
+    """Stands in for ``nnx.Rngs`` while only shapes are traced: ``params()`` returns one fixed key.
+
+    ``nnx.Rngs`` bumps a counter variable on every call; under tracing, each bump asks the tracer
+    for its ``.sharding``, and JAX builds that AttributeError's message by walking the whole jaxpr
+    traced so far, so the trace of an L-layer model is quadratic in L (6 s for 30 layers). The
+    values of the keys do not matter for shapes, so one stateless key does.
+    """
+
+    def __init__(self):
+        self._key = jax.random.key(0)
+
+    def params(self):
+        return self._key
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_model_cached(cfg: ModelConfig):
+    module = nnx.eval_shape(lambda: Decoder(cfg, _ShapeOnlyRngs()))
+    graphdef, state = nnx.split(module)
+    return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(_axes_of(state))
+
+
 def abstract_model(cfg: ModelConfig):
     """Shapes without allocation.
 
     Returns (graphdef, abstract params: pure dict of ShapeDtypeStruct, axes: same tree of
-    logical-axis tuples).
+    logical-axis tuples). Cached per (hashable, frozen) config; the dicts returned are fresh
+    copies, so a caller may change them without touching the cache (the leaves are immutable).
     """
-    module = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
-    graphdef, state = nnx.split(module)
-    return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(_axes_of(state))
+    graphdef, abstract, axes = _abstract_model_cached(cfg)
+    copy = lambda t: jax.tree.map(lambda x: x, t, is_leaf=lambda x: isinstance(x, tuple))
+    return graphdef, copy(abstract), copy(axes)
 
 
 def init_params(cfg: ModelConfig, key):
