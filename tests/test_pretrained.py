@@ -7,6 +7,7 @@ same GGUF (tests/fixtures/smollm2_reference.*, made by scripts/make_smollm2_fixt
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -70,9 +71,27 @@ def test_smollm2_shape_matches_gguf_and_gin_file(smollm2):
     try:
         # config.parse registers every configurable first (base_model lives in the pretrain module).
         config.parse([os.path.join(REPO, "gin", "models", "smollm2_135m.gin")])
-        assert tr.ModelConfig() == cfg
+        gin_cfg = tr.ModelConfig()
+        # The layout fields are ours to choose (`import_model` passes the gin ones to load_pretrained); the rest is the GGUF's.
+        assert gin_cfg == dataclasses.replace(cfg, scan_layers=gin_cfg.scan_layers, remat=gin_cfg.remat)
+        assert gin_cfg.scan_layers
     finally:
         gin.clear_config()
+
+
+@needs_smollm2
+def test_smollm2_scan_layers_import_matches_reference(smollm2):
+    """The stacked layout (``ModelConfig.scan_layers``, as gin/models/smollm2_135m.gin sets it) of the same import."""
+    cfg, graphdef, params, _ = pt.load_pretrained(pt.SMOLLM2_NAME, scan_layers=True)
+    assert cfg.scan_layers and params["layers"]["attn"]["wq"].shape == (30, 576, 9, 64)
+    logits = logits_lib.batch_logits(
+        logits_lib.make_forward(graphdef), params, smollm2["rows"], length=smollm2["length"]
+    )
+    columns = np.asarray(smollm2["record"]["columns"])
+    for i, (ours, loop) in enumerate(zip(logits, smollm2["logits"])):
+        np.testing.assert_allclose(ours[:, columns], smollm2["arrays"][f"logits_{i}"], rtol=0, atol=MAX_ABS_DIFF)
+        np.testing.assert_array_equal(ours.argmax(-1), smollm2["arrays"][f"argmax_{i}"])
+        np.testing.assert_allclose(ours, loop, rtol=0, atol=1e-4)
 
 
 @needs_smollm2
@@ -199,6 +218,22 @@ def test_hf_directory_loads_sharded_with_deterministic_heads(tmp_path):
     )
     assert float(np.std(np.asarray(again["reward_head"]["kernel"]))) == pytest.approx(TINY.init_std, rel=0.5)
     np.testing.assert_array_equal(np.asarray(again["reward_head"]["bias"]), [0.0])
+
+
+def test_hf_directory_loads_in_the_scan_layers_layout(tmp_path):
+    params = _write_tiny_hf_dir(tmp_path / "m")
+    mesh = runtime.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    cfg, _, loaded, _ = pt.load_pretrained(str(tmp_path / "m"), mesh=mesh, scan_layers=True)
+    assert cfg == dataclasses.replace(TINY, scan_layers=True)
+    np.testing.assert_array_equal(
+        np.asarray(loaded["layers"]["attn"]["wq"]), tr.stack_layers(params, 2)["layers"]["attn"]["wq"]
+    )
+    assert loaded["layers"]["attn"]["wq"].sharding.spec == P(None, "fsdp", "tensor", None)
+    back = export.params_to_hf(loaded, cfg, kind="causal_lm")
+    np.testing.assert_array_equal(
+        back["model.layers.1.mlp.down_proj.weight"],
+        export.params_to_hf(params, TINY, kind="causal_lm")["model.layers.1.mlp.down_proj.weight"],
+    )
 
 
 def test_logits_cli_writes_float32_logits(tmp_path, capsys):

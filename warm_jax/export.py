@@ -48,12 +48,15 @@ def params_to_hf(params: dict, cfg: tr.ModelConfig, *, kind: str) -> dict[str, n
     """Our parameter tree -> HF Llama tensors in HF layout (the inverse of ``pretrained.hf_to_params``).
 
     Args:
-      params: pure dict of arrays (host or device), shapes as in ``transformer.abstract_model(cfg)``.
+      params: pure dict of arrays (host or device), shapes as in ``transformer.abstract_model(cfg)``
+        (either layer layout, as ``cfg.scan_layers`` says).
       kind: 'causal_lm' or 'reward' (adds ``score.weight`` [1, d]).
     """
     if kind not in KINDS:
         raise ValueError(f"export kind {kind!r}; known: {list(KINDS)}")
     p = jax.tree.map(np.asarray, jax.device_get(params))
+    if cfg.scan_layers:
+        p = tr.unstack_layers(p)
     d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head
     out = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]["scale"]}
     for i in range(cfg.n_layers):

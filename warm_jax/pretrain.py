@@ -181,7 +181,11 @@ def run_import(ctx: RunContext) -> None:
     from warm_jax.models import pretrained
 
     name = base_model()
-    model_cfg, _, params, tok = pretrained.load_pretrained(name, mesh=ctx.mesh)
+    # The checkpoint fixes the model's shape; how our decoder lays out and runs the layers comes from gin.
+    layout = tr.ModelConfig()
+    model_cfg, _, params, tok = pretrained.load_pretrained(
+        name, mesh=ctx.mesh, scan_layers=layout.scan_layers, remat=layout.remat
+    )
     params_io.save_params(
         ctx.path("pretrain", "imported"), params, model_cfg=model_cfg, meta={"source": name}, tokenizer_dir=None
     )

@@ -83,7 +83,7 @@ class HFCheckpoint:
 
 
 def load_pretrained(
-    name_or_dir: str, *, mesh=None, dtype: str = "float32"
+    name_or_dir: str, *, mesh=None, dtype: str = "float32", scan_layers: bool = False, remat: bool = False
 ) -> tuple[tr.ModelConfig, Any, dict, Tokenizer]:
     """Imports a real pretrained model into our decoder.
 
@@ -93,11 +93,13 @@ def load_pretrained(
       mesh: when given, parameters are placed with the logical-axis rules on this mesh; otherwise on
         the default device.
       dtype: parameter and activation dtype ('float32', 'bfloat16').
+      scan_layers, remat: how our decoder stores and runs the layers (``ModelConfig`` fields the
+        checkpoint cannot know); with ``scan_layers`` the params come in the stacked layout.
     Returns:
       (model config, graphdef, params pure dict, tokenizer).
     """
     ckpt = read_checkpoint(name_or_dir)
-    cfg = dataclasses.replace(ckpt.cfg, dtype=dtype, param_dtype=dtype)
+    cfg = dataclasses.replace(ckpt.cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, remat=remat)
     graphdef, abstract, axes = tr.abstract_model(cfg)
     host = hf_to_params(ckpt.tensors, cfg, source=ckpt.source, reward_bias=ckpt.reward_bias)
     _check_tree(host, abstract, ckpt.source)
@@ -189,7 +191,7 @@ def hf_shapes(cfg: tr.ModelConfig) -> dict[str, tuple[int, ...]]:
 def hf_to_params(
     tensors: dict[str, np.ndarray], cfg: tr.ModelConfig, *, source: str, reward_bias: float | None = None
 ) -> dict:
-    """HF-named tensors -> our parameter tree (numpy, float32).
+    """HF-named tensors -> our parameter tree (numpy, float32), in ``cfg``'s layout (stacked with ``scan_layers``).
 
     ``score.weight`` [1, d], when present, becomes the reward head (bias ``reward_bias``); heads the
     checkpoint lacks are drawn from ``HEAD_SEED``.
@@ -243,7 +245,7 @@ def hf_to_params(
         reward_kernel = np.asarray(score, np.float32).T
     params["reward_head"] = {"kernel": reward_kernel, "bias": np.full((1,), reward_bias or 0.0, np.float32)}
     params["value_head"] = {"kernel": value_kernel, "bias": np.zeros((1,), np.float32)}
-    return params
+    return tr.stack_layers(params, cfg.n_layers) if cfg.scan_layers else params
 
 
 def _check_tree(host: dict, abstract: dict, source: str) -> None:

@@ -6,7 +6,17 @@ query attention, optional tied embeddings, residual dropout whose rate may be a 
 state: LM logits, a scalar reward at the last real token, and a per-token value.
 
 Every parameter carries its logical axes as ``axes`` metadata; ``warm_jax.sharding`` maps them
-to the mesh. The hot path is functional: ``graphdef, params = abstract_model(cfg)[:2]``, then
+to the mesh.
+
+Two layouts of the layers, chosen by ``ModelConfig.scan_layers``: one ``Block`` per layer
+(params 'layer_0' ... 'layer_{L-1}'; the forward is a Python loop, so XLA compiles every layer), or
+ONE stacked ``Block`` under 'layers' whose every parameter has a leading [L] axis (logical axis
+'layers') and a ``lax.scan`` over it (XLA compiles one layer; compile time stops growing with
+depth). Both run the same per-layer function with the same dropout keys, and the same seed
+initialises the same weights, so the layouts differ only in float rounding;
+``stack_layers`` / ``unstack_layers`` convert a params tree between them.
+
+The hot path is functional: ``graphdef, params = abstract_model(cfg)[:2]``, then
 ``nnx.merge(graphdef, params)`` inside jitted pure functions.
 
 Shapes: B batch, T new tokens, S key slots (cache length), d model width, H query heads,
@@ -22,6 +32,7 @@ from typing import Any
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Cache = dict[str, Any]
@@ -46,6 +57,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02
     attention: str = "xla"  # 'xla' (any backend), 'cudnn' (fused, GPU only) or 'auto' (jax picks)
+    # One stacked block scanned over (params under 'layers', [L, ...]) instead of 'layer_{i}' attributes.
+    scan_layers: bool = False
+    # Recompute each layer's activations in the backward pass (jax.checkpoint per layer): less memory, ~1/3 more FLOPs.
+    remat: bool = False
 
     @property
     def dim_head(self) -> int:
@@ -179,6 +194,30 @@ class Block(nnx.Module):
         return x, new_cache
 
 
+def _run_block(graph, state, x, i, layer_cache, positions, mask, dropout_rate, key):
+    """Layer ``i`` as a function of arrays (the loop, the scan and jax.checkpoint all call this).
+
+    graph/state: ``nnx.split`` of one (unstacked) Block; i: int or traced int32 layer index; the
+    rest as in ``Block.__call__`` except ``key``, the forward's dropout key (or None): the layer's
+    own is ``fold_in(key, i)`` in both layouts, so they draw the same dropout masks.
+    Returns (x [B, T, d], the layer's new cache or None).
+    """
+    layer_key = jax.random.fold_in(key, i) if key is not None else None
+    return nnx.merge(graph, state)(x, positions, mask, layer_cache, dropout_rate, layer_key)
+
+
+def _stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose every parameter is the [L, ...] stack of the blocks' own, axes ('layers', ...)."""
+    graph = nnx.graphdef(blocks[0])
+
+    def stack(*variables):
+        value = jnp.stack([v[...] for v in variables])
+        return variables[0].replace(value, axes=("layers", *variables[0].get_metadata()["axes"]))
+
+    states = [nnx.state(b) for b in blocks]
+    return nnx.merge(graph, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 class Decoder(nnx.Module):
     """The decoder trunk plus LM, reward and value heads."""
 
@@ -186,17 +225,19 @@ class Decoder(nnx.Module):
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.embed = _param(rngs.params(), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
-        for i in range(cfg.n_layers):
-            # Named attributes (not a list) give checkpoint paths 'layer_3/attn/wq' with string keys.
-            setattr(self, f"layer_{i}", Block(cfg, rngs))
+        # Blocks are built one by one in both layouts, so one seed gives the same weights in either.
+        blocks = [Block(cfg, rngs) for _ in range(cfg.n_layers)]
+        if cfg.scan_layers:
+            self.layers = _stack_blocks(blocks)
+        else:
+            for i, block in enumerate(blocks):
+                # Named attributes (not a list) give checkpoint paths 'layer_3/attn/wq' with string keys.
+                setattr(self, f"layer_{i}", block)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs.params(), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
         self.reward_head = RewardHead(cfg, rngs)
         self.value_head = RewardHead(cfg, rngs)
-
-    def layers(self):
-        return [getattr(self, f"layer_{i}") for i in range(self.cfg.n_layers)]
 
     def hidden(
         self,
@@ -235,12 +276,35 @@ class Decoder(nnx.Module):
             q_slot = idx + jnp.arange(tokens.shape[1])
             causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
             mask = causal[None] & key_mask[:, None, :]
-        new_layers = []
-        for i, block in enumerate(self.layers()):
-            layer_key = jax.random.fold_in(key, i) if key is not None else None
-            layer_cache = None if cache is None else {**cache["layers"][i], "index": cache["index"]}
-            x, lc = block(x, positions, mask, layer_cache, dropout_rate, layer_key)
-            new_layers.append(lc)
+        # prevent_cse guards an unrolled remat against XLA merging the recompute into the forward; a scan
+        # body cannot be merged that way, and the guard would only cost speed there (jax.checkpoint docs).
+        run = (
+            jax.checkpoint(_run_block, static_argnums=(0,), prevent_cse=not cfg.scan_layers)
+            if cfg.remat
+            else _run_block
+        )
+
+        def layer(block_graph, block_state, x, i, layer_cache):
+            if layer_cache is not None:
+                layer_cache = {**layer_cache, "index": cache["index"]}
+            return run(block_graph, block_state, x, i, layer_cache, positions, mask, dropout_rate, key)
+
+        if cfg.scan_layers:
+            graph, stacked = nnx.split(self.layers)
+
+            def body(x, xs):
+                block_state, i, layer_cache = xs
+                return layer(graph, block_state, x, i, layer_cache)
+
+            layer_caches = None if cache is None else cache["layers"]
+            x, new_layers = jax.lax.scan(body, x, (stacked, jnp.arange(cfg.n_layers), layer_caches))
+        else:
+            new_layers = []
+            for i in range(cfg.n_layers):
+                x, lc = layer(
+                    *nnx.split(getattr(self, f"layer_{i}")), x, i, None if cache is None else cache["layers"][i]
+                )
+                new_layers.append(lc)
         new_cache = None
         if cache is not None:
             new_cache = {
@@ -290,11 +354,16 @@ def pool_last(hidden, token_mask):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
-    """Empty KV cache: per layer k, v [B, S, K, D]; key_mask [B, S]; index; positions [B]."""
+    """Empty KV cache: 'layers' holds k, v [B, S, K, D] per layer (a list of L dicts), or with
+    ``scan_layers`` one dict of stacked k, v [L, B, S, K, D]; key_mask [B, S]; index; positions [B]."""
     dt = jnp.dtype(dtype or cfg.dtype)
     shape = (batch, length, cfg.n_kv_heads, cfg.dim_head)
+    if cfg.scan_layers:
+        layers = {"k": jnp.zeros((cfg.n_layers, *shape), dt), "v": jnp.zeros((cfg.n_layers, *shape), dt)}
+    else:
+        layers = [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.n_layers)]
     return {
-        "layers": [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.n_layers)],
+        "layers": layers,
         "key_mask": jnp.zeros((batch, length), bool),
         "index": jnp.zeros((), jnp.int32),
         "positions": jnp.zeros((batch,), jnp.int32),
@@ -351,6 +420,36 @@ def init_params(cfg: ModelConfig, key):
 def bind(graphdef, params) -> Decoder:
     """A Decoder view over a pure dict of (possibly traced) parameter arrays."""
     return nnx.merge(graphdef, params)
+
+
+def _stack(leaves):
+    # Host trees stay on the host (the importer places each shard from numpy; export writes numpy).
+    return np.stack(leaves) if all(isinstance(x, np.ndarray) for x in leaves) else jnp.stack(leaves)
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """Per-layer params ('layer_0' ... 'layer_{L-1}') -> the ``scan_layers`` layout ('layers', [L, ...]).
+
+    Works on pure dicts of numpy or jax arrays (numpy in, numpy out); other entries are kept as they are.
+    """
+    names = [f"layer_{i}" for i in range(n_layers)]
+    if "layers" in params:
+        raise ValueError("stack_layers: params are already in the stacked layout ('layers')")
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"stack_layers: expected per-layer params {names[0]}..{names[-1]}; missing {missing}")
+    rest = {k: v for k, v in params.items() if k not in names}
+    return {**rest, "layers": jax.tree.map(lambda *xs: _stack(xs), *(params[n] for n in names))}
+
+
+def unstack_layers(params: dict) -> dict:
+    """The ``scan_layers`` layout ('layers', [L, ...]) -> per-layer params ('layer_0' ... 'layer_{L-1}')."""
+    if "layers" not in params:
+        raise ValueError("unstack_layers: params have no stacked 'layers' entry")
+    stacked = params["layers"]
+    n_layers = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {**rest, **{f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n_layers)}}
 
 
 def param_count(params, *, exclude_embeddings: bool = False) -> int:
