@@ -30,9 +30,7 @@ CASES = {
     # name: (model kwargs, prompts per step, samples per prompt, prompt len, new tokens)
     "quickstart": (dict(vocab_size=409, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384), 16, 4, 12, 23),
     "smollm2_135m": (
-        dict(
-            vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, rope_theta=1e5
-        ),
+        common.SMOLLM2_135M,
         4,
         2,
         32,

@@ -38,9 +38,7 @@ import common  # noqa: E402
 CASES = {
     # name: (model kwargs, pairs, seq)
     "smollm2_135m": (
-        dict(
-            vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, rope_theta=1e5
-        ),
+        common.SMOLLM2_135M,
         8,
         128,
     ),

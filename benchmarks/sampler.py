@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import common
 from warm_jax.models import transformer as tr
 from warm_jax.policy import sampler
 
@@ -25,9 +26,7 @@ MODELS = {
     "quickstart": tr.ModelConfig(
         vocab_size=409, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384, max_len=128
     ),
-    "smollm2_135m": tr.ModelConfig(
-        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, max_len=128
-    ),
+    "smollm2_135m": tr.ModelConfig(max_len=128, **common.SMOLLM2_135M),
 }
 
 

@@ -37,7 +37,7 @@ def load_both():
     from warm_jax import export
     from warm_jax.models import pretrained
 
-    cfg, graphdef, params, _ = pretrained.load_pretrained("smollm2-135m")
+    cfg, graphdef, params, _ = pretrained.load_pretrained("smollm2-135m", scan_layers=True)  # as the gin file
     hf_cfg = export.hf_config(cfg, kind="causal_lm", tokenizer=None)
     model = LlamaForCausalLM(LlamaConfig(**hf_cfg)).float().eval()
     tensors = {
