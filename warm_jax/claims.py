@@ -7,6 +7,8 @@ stage it needs. Thresholds are the ones issue 9 states; accuracies are fractions
 Across replicates (runs of the same gin file with different ``SEED``):
 
   python -m warm_jax.claims /tmp/warm_repro_0 /tmp/warm_repro_1 /tmp/warm_repro_2
+
+(each argument a run's workdir, its report/ folder or a summary.json).
 """
 
 from __future__ import annotations
@@ -232,11 +234,13 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     claims_by_run = {}
-    for workdir in argv:
-        path = os.path.join(workdir, "report", "summary.json")
+    for arg in argv:
+        # A run's workdir, its report/ folder, or a summary.json.
+        candidates = [arg, os.path.join(arg, "summary.json"), os.path.join(arg, "report", "summary.json")]
+        path = next((c for c in candidates if os.path.isfile(c)), candidates[-1])
         try:
             with open(path) as f:
-                claims_by_run[os.path.basename(os.path.normpath(workdir))] = json.load(f)["claims"]
+                claims_by_run[os.path.basename(os.path.normpath(arg))] = json.load(f)["claims"]
         except (OSError, KeyError, json.JSONDecodeError) as e:
             print(f"error: {path}: no claims section ({type(e).__name__}: {e}); run the report stage first")
             return 1
