@@ -294,10 +294,23 @@ class Decoder(nnx.Module):
 
             def body(x, xs):
                 block_state, i, layer_cache = xs
-                return layer(graph, block_state, x, i, layer_cache)
+                x, new_cache = layer(graph, block_state, x, i, layer_cache)
+                if new_cache is not None:
+                    # Only the T new slots leave the scan; returning each layer's whole [B, S, K, D] cache
+                    # would rewrite the entire cache on every decoded token.
+                    new_cache = jax.tree.map(
+                        lambda c: jax.lax.dynamic_slice_in_dim(c, cache["index"], tokens.shape[1], axis=1), new_cache
+                    )
+                return x, new_cache
 
             layer_caches = None if cache is None else cache["layers"]
-            x, new_layers = jax.lax.scan(body, x, (stacked, jnp.arange(cfg.n_layers), layer_caches))
+            x, new_slots = jax.lax.scan(body, x, (stacked, jnp.arange(cfg.n_layers), layer_caches))
+            if cache is not None:  # one in-place write of the new slots, [L, B, T, K, D] into [L, B, S, K, D]
+                new_layers = jax.tree.map(
+                    lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache["index"], axis=2),
+                    cache["layers"],
+                    new_slots,
+                )
         else:
             new_layers = []
             for i in range(cfg.n_layers):
