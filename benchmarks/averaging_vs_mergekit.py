@@ -35,17 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOLLM2 = dict(
-    vocab_size=49152,
-    d_model=576,
-    n_layers=30,
-    n_heads=9,
-    n_kv_heads=3,
-    head_dim=64,
-    d_ff=1536,
-    max_len=2048,
-    rope_theta=1e5,
-)
+# The per-layer layout its cached member checkpoints were written in (rewriting them takes minutes).
+SMOLLM2 = dict(common.SMOLLM2_135M, scan_layers=False, max_len=2048)
 N_MEMBERS = 8
 
 

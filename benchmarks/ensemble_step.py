@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import common
 from warm_jax import ensemble, pretrain, runtime, sharding
 from warm_jax.models import transformer as tr
 
@@ -38,16 +39,7 @@ PRESETS = {
     "gpu_mfu": [
         (
             "smollm2-135m shape",
-            dict(
-                vocab_size=49152,
-                d_model=576,
-                n_layers=30,
-                n_heads=9,
-                n_kv_heads=3,
-                head_dim=64,
-                d_ff=1536,
-                rope_theta=1e5,
-            ),
+            dict(common.SMOLLM2_135M, scan_layers=False),  # the layout the H200 MFU figure was measured in
             4,
             16,
             512,
