@@ -44,6 +44,22 @@ def filter_logits(logits, *, temperature: float, top_k: int, top_p: float):
     return logits
 
 
+def _per_layer_view(graphdef, params, model_cfg: tr.ModelConfig):
+    """The model to decode with: a ``scan_layers`` model is unstacked once, before the decode loop.
+
+    Scanning the stacked layers inside the token loop would copy every layer's weights out of the
+    stack on every token (XLA keeps the dynamic slices in the loop), doubling the weight traffic
+    that bounds decoding; the unstacked copy is made once per call and the unrolled decode layers
+    compile in seconds.
+    """
+    if not model_cfg.scan_layers:
+        return tr.bind(graphdef, params), model_cfg
+    loop_cfg = dataclasses.replace(model_cfg, scan_layers=False, remat=False)
+    # The barrier keeps XLA from sinking the slices back into the loop body.
+    per_layer = jax.lax.optimization_barrier(tr.unstack_layers(params))
+    return tr.bind(tr.abstract_model(loop_cfg)[0], per_layer), loop_cfg
+
+
 def sample(params, prompt_tokens, prompt_mask, key, *, graphdef, model_cfg: tr.ModelConfig, cfg: SamplingConfig):
     """Samples continuations.
 
@@ -55,7 +71,7 @@ def sample(params, prompt_tokens, prompt_mask, key, *, graphdef, model_cfg: tr.M
       *unfiltered* temperature-1 policy: the quantity REINFORCE and KL need; 0 after done),
       mask [B, N] (1 = generated token, EOS included), length [B].
     """
-    model = tr.bind(graphdef, params)
+    model, model_cfg = _per_layer_view(graphdef, params, model_cfg)
     b, p = prompt_tokens.shape
     n = cfg.max_new_tokens
     cache = tr.init_cache(model_cfg, b, p + n)
