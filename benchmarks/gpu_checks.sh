@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The accelerator checks, as one script for one GPU (H100/H200): cuDNN attention parity, the
 # vmapped-vs-sequential ensemble ratio at the CPU preset's sizes, and bf16 MFU of the ensemble step
-# at SmolLM2-135M and 1B shapes. Each step has its own time limit so one slow compile cannot eat
-# the rest; each step's log (its JSON lines included) lands in $OUT (default ./gpu_results).
+# at SmolLM2-135M (per-layer and scanned layouts) and 1B shapes. Each step has its own time limit so
+# one slow compile cannot eat the rest; each step's log (its JSON lines included) lands in $OUT
+# (default ./gpu_results). STEPS picks a subset (default: all, in the order below).
 #
-#   bash benchmarks/gpu_checks.sh            # needs jax[cuda], flax, optax, orbax, gin-config
+#   bash benchmarks/gpu_checks.sh                          # needs jax[cuda], flax, optax, orbax, gin-config
+#   STEPS="mfu_135m_scan mfu_1b" bash benchmarks/gpu_checks.sh
 set -uo pipefail
 OUT="${OUT:-gpu_results}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 PY="${PYTHON:-python3}"
+ALL="attention_parity ensemble_small mfu_135m_cudnn mfu_135m_xla mfu_135m_scan mfu_1b"
 step() {  # step SECONDS NAME CMD...
     local limit=$1 name=$2
     shift 2
@@ -17,14 +20,20 @@ step() {  # step SECONDS NAME CMD...
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E "^\s*$|^W[0-9]{4}|^I[0-9]{4}"
     echo "== $name rc=${PIPESTATUS[0]} $(date +%T)"
 }
+mfu() {  # mfu SECONDS NAME ONLY ATTENTION
+    step "$1" "$2" "$PY" benchmarks/ensemble_step.py --preset gpu_mfu --only "$3" --attention "$4" --no_sequential
+}
 $PY -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, jax.devices())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-step 60 attention_parity "$PY" benchmarks/attention_parity.py --impl cudnn
-step 75 ensemble_small "$PY" benchmarks/ensemble_step.py --preset cpu
-for attention in cudnn xla; do
-    step 130 "mfu_135m_$attention" "$PY" benchmarks/ensemble_step.py --preset gpu_mfu --only smollm2 \
-        --attention "$attention" --no_sequential
+for s in ${STEPS:-$ALL}; do
+    case "$s" in
+        attention_parity) step 60 "$s" "$PY" benchmarks/attention_parity.py --impl cudnn ;;
+        ensemble_small) step 75 "$s" "$PY" benchmarks/ensemble_step.py --preset cpu ;;
+        mfu_135m_cudnn) mfu 130 "$s" "smollm2-135m shape" cudnn ;;
+        mfu_135m_xla) mfu 130 "$s" "smollm2-135m shape" xla ;;
+        mfu_135m_scan) mfu 150 "$s" "smollm2-135m scan" cudnn,xla ;;
+        mfu_1b) mfu 130 "$s" "1B" cudnn ;;
+        *) echo "unknown step $s (known: $ALL)"; exit 2 ;;
+    esac
 done
-step 130 mfu_1b "$PY" benchmarks/ensemble_step.py --preset gpu_mfu --only 1B --attention cudnn \
-    --no_sequential

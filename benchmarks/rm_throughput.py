@@ -6,6 +6,9 @@ Like for like: the same Llama shape (random weights; nothing downloaded), float3
 (``--pairs`` pairs = 2·pairs sequences of ``--seq`` tokens, no padding), the Bradley–Terry loss,
 AdamW behind a global-norm clip at 1.0, learning rate 1e-5, no dropout.
 
+Each side runs in a process of its own (``common.Worker``), kept alive across repetitions, which
+alternate between the two.
+
 * ours: ``ensemble.ensemble_step_fn`` with one member (the product path: vmap + jit + donation),
   the batch copied host → device every step as the training loop does (the same token ids every
   step — the work does not depend on them; TRL's dataloader serves fresh ones);
@@ -85,13 +88,22 @@ def make_ours(model_kwargs: dict, pairs: int, seq: int):
     drops = jax.device_put(jnp.zeros((1,), jnp.float32), member_sh)
     box = {"state": state}
 
-    def run() -> None:
+    def run() -> dict:
         batch = {k: jax.device_put(v, shardings[k]) for k, v in host.items()}
         box["state"], metrics = step(box["state"], batch, drops)
         jax.block_until_ready((box["state"].params, metrics))
-        box["loss"] = float(metrics["loss"][0])
+        return {"loss": float(metrics["loss"][0])}
 
     return run, model_cfg, box
+
+
+def ours_worker(model_kwargs: dict, pairs: int, seq: int):
+    """``common.Worker`` factory: our step in its own process."""
+    import jax
+
+    run, model_cfg, box = make_ours(model_kwargs, pairs, seq)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(box["state"].params))
+    return run, {"params_M": n / 1e6}
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -163,41 +175,48 @@ def make_trl(model_kwargs: dict, pairs: int, seq: int, steps: int, workdir: str)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop; no accumulation here
     loader = iter(trainer.get_train_dataloader())
     params = [p for p in trainer.model.parameters() if p.requires_grad]
-    box = {}
 
-    def run() -> None:
+    def run() -> dict:
         inputs = next(loader)
         loss = trainer.training_step(trainer.model, inputs)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
         trainer.model.zero_grad(set_to_none=True)
-        box["loss"] = float(loss)
-        box["tokens"] = int(inputs["attention_mask"].sum())
+        return {"loss": float(loss), "tokens": int(inputs["attention_mask"].sum())}
 
-    return run, trainer, box
+    return run, trainer
+
+
+def trl_worker(model_kwargs: dict, pairs: int, seq: int, steps: int):
+    """``common.Worker`` factory: TRL's step in its own process."""
+    import atexit
+    import shutil
+
+    import torch
+
+    workdir = tempfile.mkdtemp(prefix="rm_throughput_trl_")
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    run, trainer = make_trl(model_kwargs, pairs, seq, steps, workdir)
+    n = sum(p.numel() for p in trainer.model.parameters())
+    return run, {"params_M": n / 1e6, "torch_threads": torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------- driver
 
 
 def run_case(name: str, reps: int, peak: float) -> dict:
-    import torch
+    from warm_jax.models import transformer as tr
 
     kw, pairs, seq = CASES[name]
-    ours, model_cfg, ours_box = make_ours(kw, pairs, seq)
-    with tempfile.TemporaryDirectory() as tmp:
-        peer, trainer, peer_box = make_trl(kw, pairs, seq, reps + 1, tmp)
-        n_ours = sum(int(np.prod(x.shape)) for x in _leaves(ours_box["state"].params))
-        n_peer = sum(p.numel() for p in trainer.model.parameters())
+    with common.Worker(ours_worker, kw, pairs, seq) as ours, common.Worker(trl_worker, kw, pairs, seq, reps + 1) as peer:
         t0 = time.perf_counter()
         times = common.interleaved({"warm_jax": ours, "trl": peer}, reps)
         wall = time.perf_counter() - t0
     tokens = 2 * pairs * seq
-    if peer_box["tokens"] != tokens:
-        raise RuntimeError(f"TRL batch held {peer_box['tokens']} real tokens, expected {tokens}")
-    from warm_jax.models import transformer as tr
-
+    if peer.last["tokens"] != tokens:
+        raise RuntimeError(f"TRL batch held {peer.last['tokens']} real tokens, expected {tokens}")
+    model_cfg = tr.ModelConfig(max_len=seq, dtype="float32", **kw)
     flops = tr.flops_per_token(model_cfg, seq, training=True, lm_head=False) * tokens  # RMs have no LM head
     tps = {k: [tokens / t for t in v] for k, v in times.items()}
     return {
@@ -206,22 +225,16 @@ def run_case(name: str, reps: int, peak: float) -> dict:
         "pairs": pairs,
         "seq_len": seq,
         "tokens_per_step": tokens,
-        "params_warm_jax_M": n_ours / 1e6,
-        "params_trl_M": n_peer / 1e6,
-        "torch_threads": torch.get_num_threads(),
+        "params_warm_jax_M": ours.info["params_M"],
+        "params_trl_M": peer.info["params_M"],
+        "torch_threads": peer.info["torch_threads"],
         "step_s": {k: common.summary(v) for k, v in times.items()},
         "tokens_per_s": {k: common.summary(v) for k, v in tps.items()},
         "mfu": {k: common.summary([flops / t / 1e12 / peak for t in v]) for k, v in times.items()},
         "ratio": common.ratio(tps["warm_jax"], tps["trl"]),
-        "last_loss": {"warm_jax": ours_box["loss"], "trl": peer_box["loss"]},
+        "last_loss": {"warm_jax": ours.last["loss"], "trl": peer.last["loss"]},
         "interleaved_wall_s": wall,
     }
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 GOALS = {"smollm2_135m": 1.0, "tiny": 2.0}
@@ -267,17 +280,7 @@ def main() -> None:
     ap.add_argument("--cases", default="tiny,smollm2_135m")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--output", default=None)
-    ap.add_argument(
-        "--prng",
-        default=None,
-        choices=("threefry2x32", "rbg", "unsafe_rbg"),
-        help="JAX PRNG implementation (an experiment: the step draws dropout masks even at rate 0)",
-    )
     args = ap.parse_args()
-    if args.prng:
-        import jax
-
-        jax.config.update("jax_default_prng_impl", args.prng)
     peaks = {"jax": common.jax_matmul_peak_tflops(), "torch": common.torch_matmul_peak_tflops()}
     peaks["used"] = max(peaks["jax"], peaks["torch"])
     print(f"# matmul peak float32: jax {peaks['jax']:.3f}, torch {peaks['torch']:.3f} TFLOP/s", flush=True)
@@ -291,7 +294,7 @@ def main() -> None:
             flush=True,
         )
         common.write_json(
-            args.output, {"benchmark": "rm_throughput", "peaks_tflops": peaks, "prng": args.prng, "results": results}
+            args.output, {"benchmark": "rm_throughput", "peaks_tflops": peaks, "results": results}
         )
     print(table(results, peaks))
 

@@ -12,7 +12,8 @@ float32, greedily, with EOS disabled so every row yields exactly ``new_tokens`` 
   ``min_new_tokens = max_new_tokens``, in ``torch.inference_mode``.
 
 Prompts are ``prompt_len`` random token ids (no padding), the same on both sides. Compile time is
-excluded (one warm-up call each); repetitions are interleaved. The table also gives the fraction
+excluded (one warm-up call each); each side runs in a process of its own (``common.Worker``) and
+repetitions alternate between them. The table also gives the fraction
 of generated tokens on which the two greedy decodes agree (float32 round-off can flip a near-tie,
 after which the continuations differ).
 """
@@ -29,15 +30,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
-def load_both():
-    """(our cfg, graphdef, params) and the HF model holding the same float32 weights."""
+def load_ours():
+    """(our cfg, graphdef, params): the GGUF imported as ``gin/models/smollm2_135m.gin`` does."""
+    from warm_jax.models import pretrained
+
+    cfg, graphdef, params, _ = pretrained.load_pretrained("smollm2-135m", scan_layers=True)
+    return cfg, graphdef, params
+
+
+def load_hf():
+    """The HF model holding the same float32 weights (through ``export.params_to_hf``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from warm_jax import export
-    from warm_jax.models import pretrained
 
-    cfg, graphdef, params, _ = pretrained.load_pretrained("smollm2-135m", scan_layers=True)  # as the gin file
+    cfg, _, params = load_ours()
     hf_cfg = export.hf_config(cfg, kind="causal_lm", tokenizer=None)
     model = LlamaForCausalLM(LlamaConfig(**hf_cfg)).float().eval()
     tensors = {
@@ -50,34 +58,45 @@ def load_both():
     if missing or unexpected:
         raise RuntimeError(f"HF model and export.params_to_hf disagree: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    return cfg, graphdef, params, model
+    return model
 
 
-def bench(batch: int, reps: int, prompt_len: int, new: int, loaded) -> dict:
+def prompts_for(batch: int, prompt_len: int, vocab: int) -> np.ndarray:
+    return np.random.default_rng(batch).integers(10, vocab, size=(batch, prompt_len)).astype(np.int32)
+
+
+def ours_worker(batch: int, prompt_len: int, new: int):
+    """``common.Worker`` factory: our compiled sampler in its own process."""
     import jax
     import jax.numpy as jnp
-    import torch
 
     from warm_jax.policy import sampler
 
-    cfg, graphdef, params, model = loaded
-    rng = np.random.default_rng(batch)
-    prompts = rng.integers(10, cfg.vocab_size, size=(batch, prompt_len)).astype(np.int32)
+    cfg, graphdef, params = load_ours()
     scfg = sampler.SamplingConfig(max_new_tokens=new, temperature=0.0, eos_id=-1, pad_id=0)
-    ours_fn = sampler.make_sampler(graphdef, cfg, scfg)
-    p_j, m_j = jnp.asarray(prompts), jnp.ones((batch, prompt_len), jnp.int32)
-    p_t = torch.from_numpy(prompts.astype(np.int64))
-    m_t = torch.ones_like(p_t)
-    out: dict = {}
+    fn = sampler.make_sampler(graphdef, cfg, scfg)
+    p = jnp.asarray(prompts_for(batch, prompt_len, cfg.vocab_size))
+    m = jnp.ones_like(p)
 
-    def ours():
-        out["ours"] = np.asarray(jax.block_until_ready(ours_fn(params, p_j, m_j, jax.random.key(0))["tokens"]))
+    def run() -> dict:
+        return {"tokens": np.asarray(jax.block_until_ready(fn(params, p, m, jax.random.key(0))["tokens"]))}
 
-    def peer():
+    return run, {}
+
+
+def hf_worker(batch: int, prompt_len: int, new: int):
+    """``common.Worker`` factory: HF ``generate()`` in its own process."""
+    import torch
+
+    model = load_hf()
+    p = torch.from_numpy(prompts_for(batch, prompt_len, model.config.vocab_size).astype(np.int64))
+    m = torch.ones_like(p)
+
+    def run() -> dict:
         with torch.inference_mode():
             g = model.generate(
-                input_ids=p_t,
-                attention_mask=m_t,
+                input_ids=p,
+                attention_mask=m,
                 max_new_tokens=new,
                 min_new_tokens=new,
                 do_sample=False,
@@ -85,20 +104,29 @@ def bench(batch: int, reps: int, prompt_len: int, new: int, loaded) -> dict:
                 pad_token_id=0,
                 use_cache=True,
             )
-        out["peer"] = g[:, prompt_len:].numpy()
+        return {"tokens": g[:, prompt_len:].numpy()}
 
-    times = common.interleaved({"warm_jax": ours, "hf": peer}, reps)
-    if out["ours"].shape != out["peer"].shape:
-        raise RuntimeError(f"batch {batch}: ours {out['ours'].shape} vs HF {out['peer'].shape} generated tokens")
+    return run, {"torch_threads": torch.get_num_threads()}
+
+
+def bench(batch: int, reps: int, prompt_len: int, new: int) -> dict:
+    with common.Worker(ours_worker, batch, prompt_len, new) as ours, common.Worker(
+        hf_worker, batch, prompt_len, new
+    ) as peer:
+        times = common.interleaved({"warm_jax": ours, "hf": peer}, reps)
+    a, b = ours.last["tokens"], peer.last["tokens"]
+    if a.shape != b.shape:
+        raise RuntimeError(f"batch {batch}: ours {a.shape} vs HF {b.shape} generated tokens")
     tps = {k: [batch * new / t for t in v] for k, v in times.items()}
     return {
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new,
+        "torch_threads": peer.info["torch_threads"],
         "tokens_per_s": {k: common.summary(v) for k, v in tps.items()},
         "ratio": common.ratio(tps["warm_jax"], tps["hf"]),
-        "agree": float((out["ours"] == out["peer"]).mean()),
-        "first_token_agree": float((out["ours"][:, 0] == out["peer"][:, 0]).mean()),
+        "agree": float((a == b).mean()),
+        "first_token_agree": float((a[:, 0] == b[:, 0]).mean()),
     }
 
 
@@ -110,12 +138,9 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
-    import torch
-
-    loaded = load_both()
     results = []
     for b in (int(x) for x in args.batches.split(",")):
-        r = bench(b, args.reps, args.prompt_len, args.new_tokens, loaded)
+        r = bench(b, args.reps, args.prompt_len, args.new_tokens)
         results.append(r)
         print(
             f"# batch {b}: ours {common.fmt(r['tokens_per_s']['warm_jax'], 1)}, HF "
@@ -123,7 +148,7 @@ def main() -> None:
             flush=True,
         )
         common.write_json(
-            args.output, {"benchmark": "sampler_vs_hf", "torch_threads": torch.get_num_threads(), "results": results}
+            args.output, {"benchmark": "sampler_vs_hf", "results": results}
         )
     print(
         common.md_table(

@@ -87,11 +87,13 @@ def test_kl_is_zero_at_the_reference_and_the_sampler_never_recompiles(ctx):
         "texts_index": np.repeat(np.arange(4), 2),
     }
     state, m = runner(state, batch)
-    assert float(m["kl"]) == 0.0 and bool(m["finite"])  # the first step samples from π = π_ref
+    # The first step samples from π = π_ref: zero up to float32 round-off (the two forwards sit in
+    # differently fused parts of one program).
+    assert abs(float(m["kl"])) < 1e-6 and bool(m["finite"])
     assert float(m["response_length"]) > 0 and 0 < m["gen_time_share"] < 1
     for _ in range(2):
         state, m = runner(state, batch)
-    assert float(m["kl"]) != 0.0  # the policy moved
+    assert float(m["kl"]) > 1e-4  # the policy moved
     assert setup.train_sampler._cache_size() == 1  # new params swapped in, no recompile
     ev = reinforce.evaluate_policy(setup, setup.ref_params, reward_fn, setup.eval_prompts, reinforce.eval_key(setup))
     assert np.all(ev["kl"] == 0.0) and ev["oracle"].shape == (8,)

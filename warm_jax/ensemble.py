@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import io_utils, loop, params_io, pretrain, reward, sharding
+from warm_jax import io_utils, loop, params_io, pretrain, reward, runtime, sharding
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
@@ -170,6 +170,7 @@ def ensemble_step_fn(graphdef, tx, cfg: EnsembleConfig, state_sh, batch_sh, memb
         in_shardings=(state_sh, batch_sh, member_sh),
         out_shardings=(state_sh, replicated),
         donate_argnums=0,
+        compiler_options=runtime.training_compiler_options(),
     )
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warm_jax import checkpoints, loop, params_io, sharding
+from warm_jax import checkpoints, loop, params_io, runtime, sharding
 from warm_jax.data import builtin_text
 from warm_jax.data import pipeline
 from warm_jax.data.tokenizers import Tokenizer, WordTokenizer, load_tokenizer
@@ -141,6 +141,7 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
+        compiler_options=runtime.training_compiler_options(),
     )
     to_device = lambda b: pipeline.to_global({k: b[k] for k in ("tokens", "mask")}, batch_sh)
     log.info("[pretrain] %d params, %d documents, vocab %d", tr.param_count(params), len(docs), tok.vocab_size)

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from warm_jax import io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, pretrain, sharding
+from warm_jax import io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, pretrain, runtime, sharding
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
 from warm_jax.policy import advantages, bon, sampler, winrate
@@ -287,6 +287,7 @@ def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn):
             in_shardings=(setup.state_sh, param_sh, rm_sh, setup.batch_sh),
             out_shardings=(setup.state_sh, repl),
             donate_argnums=0,
+            compiler_options=runtime.training_compiler_options(),
         )
         evaluate = jax.jit(
             functools.partial(eval_scores, graphdef=setup.graphdef, rm_apply=reward_fn.apply, pad_id=setup.tok.pad_id),
