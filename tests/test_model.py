@@ -89,6 +89,18 @@ def _left_pad(rows, width, pad=0):
     return jnp.asarray(toks), jnp.asarray(mask)
 
 
+def test_training_compiler_options_apply_on_cpu_and_fall_back_when_refused(caplog):
+    x = jnp.ones((64, 64))
+    opts = runtime.training_compiler_options()
+    assert opts == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"}
+    # The option reaches the compiled program: YNNPACK no longer takes the dot.
+    assert "ynn" not in jax.jit(lambda a: a @ a, compiler_options=opts).lower(x).compile().as_text()
+    assert runtime.training_compiler_options(cpu_ynn_fusion_type="") == {}
+    # A value this jaxlib refuses gives XLA's default and a warning, not a crash.
+    assert runtime.training_compiler_options(cpu_ynn_fusion_type="NOT_A_FUSION_TYPE") == {}
+    assert "not supported" in caplog.text
+
+
 def test_kv_cache_decoding_matches_full_forward_with_left_padding(model):
     _, graphdef, params, _ = model
     m = tr.bind(graphdef, params)
