@@ -317,7 +317,8 @@ def _cli(argv: list[str]) -> None:
         info = machine_info()
         v = info["versions"]
         block = (
-            f"- machine: {info['cpu']}, {info['cores']} cores (shared with other work while measured)\n"
+            f"- machine: {info['cpu']}, {info['cores']} cores; load average at the start "
+            f"{os.getloadavg()[0]:.1f} (1 min)\n"
             f"- date (UTC): {info['date_utc']}; Python {info['python']}\n"
             f"- versions: " + ", ".join(f"{k} {v[k]}" for k in PACKAGES if v.get(k))
         )
