@@ -209,7 +209,10 @@ def run_case(name: str, reps: int, peak: float) -> dict:
     from warm_jax.models import transformer as tr
 
     kw, pairs, seq = CASES[name]
-    with common.Worker(ours_worker, kw, pairs, seq) as ours, common.Worker(trl_worker, kw, pairs, seq, reps + 1) as peer:
+    with (
+        common.Worker(ours_worker, kw, pairs, seq) as ours,
+        common.Worker(trl_worker, kw, pairs, seq, reps + 1) as peer,
+    ):
         t0 = time.perf_counter()
         times = common.interleaved({"warm_jax": ours, "trl": peer}, reps)
         wall = time.perf_counter() - t0
@@ -293,9 +296,7 @@ def main() -> None:
             f"{common.fmt(r['tokens_per_s']['trl'], 0)} tok/s, ratio {common.fmt(r['ratio'])}",
             flush=True,
         )
-        common.write_json(
-            args.output, {"benchmark": "rm_throughput", "peaks_tflops": peaks, "results": results}
-        )
+        common.write_json(args.output, {"benchmark": "rm_throughput", "peaks_tflops": peaks, "results": results})
     print(table(results, peaks))
 
 

@@ -110,9 +110,10 @@ def hf_worker(batch: int, prompt_len: int, new: int):
 
 
 def bench(batch: int, reps: int, prompt_len: int, new: int) -> dict:
-    with common.Worker(ours_worker, batch, prompt_len, new) as ours, common.Worker(
-        hf_worker, batch, prompt_len, new
-    ) as peer:
+    with (
+        common.Worker(ours_worker, batch, prompt_len, new) as ours,
+        common.Worker(hf_worker, batch, prompt_len, new) as peer,
+    ):
         times = common.interleaved({"warm_jax": ours, "hf": peer}, reps)
     a, b = ours.last["tokens"], peer.last["tokens"]
     if a.shape != b.shape:
@@ -147,9 +148,7 @@ def main() -> None:
             f"{common.fmt(r['tokens_per_s']['hf'], 1)} new tok/s",
             flush=True,
         )
-        common.write_json(
-            args.output, {"benchmark": "sampler_vs_hf", "results": results}
-        )
+        common.write_json(args.output, {"benchmark": "sampler_vs_hf", "results": results})
     print(
         common.md_table(
             [

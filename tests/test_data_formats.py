@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -159,6 +160,15 @@ def test_jsonl_single_file_carves_validation_deterministically(tmp_path):
     assert sorted(texts(tmp_path / "a", "validation") + texts(tmp_path / "a", "train")) == sorted(
         f"awful {i}".encode() for i in range(20)
     )
+
+
+def test_building_leaves_no_tfds_temp_dirs(tmp_path, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # TFDS makes its dirs under gettempdir()
+    write_lines(tmp_path / "pairs.jsonl", [generic_record(i) for i in range(8)])
+    prepare("jsonl", tmp_path / "pairs.jsonl", tmp_path / "a", validation_fraction=0.25, seed=0)
+    assert list(tmp.iterdir()) == []
 
 
 def test_flip_fraction_exact_and_mask_round_trips(tmp_path):

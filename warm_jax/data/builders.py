@@ -13,11 +13,13 @@ complete, so a failure never leaves a partial dataset where a finished one is ex
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -247,18 +249,19 @@ def write_preference_dataset(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.incomplete-{uuid.uuid4().hex[:8]}"
     try:
-        builder = PreferencePairs(
-            pairs=pairs,
-            flips=flips,
-            tokenizer=tokenizer,
-            max_prompt_len=max_prompt_len,
-            max_response_len=max_response_len,
-            description=f"Preference pairs from {source}.",
-            data_dir=os.fspath(tmp),
-            file_format="array_record",
-        )
         tfds.disable_progress_bar()  # our stages report their own progress
-        with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints a 'Downloading and preparing' banner
+        # TFDS prints a 'Downloading and preparing' banner.
+        with _no_tfds_tempdirs(), contextlib.redirect_stdout(io.StringIO()):
+            builder = PreferencePairs(
+                pairs=pairs,
+                flips=flips,
+                tokenizer=tokenizer,
+                max_prompt_len=max_prompt_len,
+                max_response_len=max_response_len,
+                description=f"Preference pairs from {source}.",
+                data_dir=os.fspath(tmp),
+                file_format="array_record",
+            )
             builder.download_and_prepare()
         built = Path(os.fspath(builder.data_dir))
         metadata: dict[str, Any] = {
@@ -285,6 +288,23 @@ def write_preference_dataset(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return metadata
+
+
+@contextlib.contextmanager
+def _no_tfds_tempdirs():
+    """Removes the empty temp dirs TFDS leaves behind.
+
+    ``DatasetInfo.initialize_from_bucket`` makes a ``tmp*tfds`` directory for every builder even with
+    no GCS access and never removes it (one per dataset build). Only new and still-empty ones go.
+    """
+    pattern = os.path.join(tempfile.gettempdir(), "tmp*tfds")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for d in set(glob.glob(pattern)) - before:
+            with contextlib.suppress(OSError):  # not empty (someone else's): leave it
+                os.rmdir(d)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
