@@ -466,16 +466,16 @@ def average_checkpoints(dirs: Sequence[str], *, mesh, weights: Sequence[float] |
     # Everything on one CPU device in one dtype (a merge on a CPU host): fold the members as ONE
     # packed [N] array: one program to compile and one call per member instead of one per leaf
     # shape and per leaf; the merged leaves are views of the packed result.
+    # (On one device every leaf's sharding is that device, whatever its spec says.)
     devices = {d for s in flat_sh for d in s.device_set}
     packed = (
         jax.process_count() == 1
-        and len(set(flat_sh)) == 1
         and len(devices) == 1
         and next(iter(devices)).platform == "cpu"
         and len(set(dtypes)) == 1
     )
     fold_abstract = [jax.ShapeDtypeStruct((_packed_offsets(flat_abstract)[1],), dtypes[0])] if packed else flat_abstract
-    fold_sh = flat_sh[:1] if packed else flat_sh
+    fold_sh = [jax.sharding.SingleDeviceSharding(next(iter(devices)))] if packed else flat_sh
     fold_dtypes = dtypes[:1] if packed else dtypes
     # Two sets of host buffers [the saved shapes], reused: member k is read into set k % 2. Each is
     # allocated by the loader when first needed, so that this overlaps with compiling.
