@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "tokenizers>=0.20",
     "numpy>=1.26",
+    "xxhash>=3.0",  # the manifest's fast integrity digest (checkpoints.py)
 ]
 
 EXTRAS = {

@@ -73,9 +73,9 @@ def setup(workdir: str, n: int) -> dict:
 
     cfg = tr.ModelConfig(**SMOLLM2)
     stamp = os.path.join(workdir, "setup.json")
-    # The stamp names the member format too: save_params writes uncompressed chunks since the
-    # averaging speed-up, and members written before (zstd) would be restored at the old speed.
-    want = {"model": dataclasses.asdict(cfg), "members": n, "format": "save_params, uncompressed chunks"}
+    # The stamp names the member format too: members written before uncompressed chunks (zstd) or
+    # before the manifest's xxh3-128 digests (checked with sha256 instead) would be read slower.
+    want = {"model": dataclasses.asdict(cfg), "members": n, "format": "save_params, uncompressed chunks, xxh3_128"}
     if os.path.isfile(stamp) and io_utils.read_json(stamp) == want:
         return want
     init = jax.jit(lambda key: tr.init_params(cfg, key))

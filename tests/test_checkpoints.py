@@ -212,11 +212,33 @@ def test_direct_read_into_buffers_and_manifest_check(tmp_path, state, compress):
         assert buffers[p].tobytes() == host(full[p]).tobytes(), p
     overwrite_first_chunk(tmp_path / "0", "params.w")
     checkpoints.read_state_into(tmp_path / "0", buffers)  # valid bytes: only the manifest tells
-    with pytest.raises(CheckpointCorruptError, match=rf"{tmp_path}/0: array 'params/w' does not match"):
+    with pytest.raises(CheckpointCorruptError, match=rf"{tmp_path}/0: array 'params/w' does not match.*xxh3_128"):
         checkpoints.check_buffers(tmp_path / "0", buffers)
     wrong = {"params/w": checkpoints.aligned_empty((3,), np.float32)}
     with pytest.raises(CheckpointCorruptError, match=r"cannot open array\(s\) \['params/w'\]"):
         checkpoints.read_state_into(tmp_path / "0", wrong)
+
+
+def test_manifests_without_the_fast_digest_are_checked_with_sha256(tmp_path, state):
+    """Checkpoints written before xxh3-128 was added (sha256 only) restore, and corruption is still found."""
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, state, force=True)
+    manifest_file = tmp_path / "0" / "manifest" / "manifest.process-0.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert all("xxh3_128" in e and "sha256" in e for e in manifest["leaves"].values())
+    for e in manifest["leaves"].values():
+        del e["xxh3_128"]
+    manifest_file.write_text(json.dumps(manifest))
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert_bitwise_equal(ckpt.restore(abstract(state))[0], state)
+    overwrite_first_chunk(tmp_path / "0", "params.w")
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        with pytest.raises(CheckpointCorruptError, match=r"'params/w' does not match the manifest \(sha256 of"):
+            ckpt.restore(abstract(state), step=0)
+    buffers = {"params/w": checkpoints.aligned_empty(state["params"]["w"].shape, np.float32)}
+    checkpoints.read_state_into(tmp_path / "0", buffers)
+    with pytest.raises(CheckpointCorruptError, match=r"'params/w' does not match the manifest \(sha256 of"):
+        checkpoints.check_buffers(tmp_path / "0", buffers)
 
 
 def test_save_with_precomputed_descriptions(tmp_path, state):
