@@ -1,4 +1,5 @@
 """warm_jax: Weight Averaged Reward Models (WARM) in JAX/Flax."""
+
 import setuptools
 
 INSTALL_REQUIRES = [
@@ -17,7 +18,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "tokenizers>=0.20",
     "numpy>=1.26",
-    "xxhash>=3.0",  # the manifest's fast integrity digest (checkpoints.py)
+    "xxhash>=3.0",  # the checkpoint manifest's fast integrity digest (checkpoints/manifest.py)
 ]
 
 EXTRAS = {
@@ -29,8 +30,14 @@ EXTRAS = {
     "parity": ["gguf>=0.10", "safetensors>=0.4", "torch>=2.4", "transformers>=4.46", "accelerate>=1.0"],
     # Peers that benchmarks compare against; never needed by the tests.
     "bench": [
-        "gguf>=0.10", "safetensors>=0.4", "psutil>=5.9", "torch>=2.4", "transformers>=4.46", "accelerate>=1.0",
-        "trl>=1.16", "mergekit>=0.1.5",
+        "gguf>=0.10",
+        "safetensors>=0.4",
+        "psutil>=5.9",
+        "torch>=2.4",
+        "transformers>=4.46",
+        "accelerate>=1.0",
+        "trl>=1.16",
+        "mergekit>=0.1.5",
     ],
 }
 

@@ -117,7 +117,9 @@ def test_direct_read_pipeline_equals_orbax_restores_bitwise(members, mesh_name, 
     mesh = request.getfixturevalue(mesh_name)
     folded = []  # leaves per fold: one packed [N] array on one CPU device, else one per leaf
     fold_in = averaging._fold_in
-    monkeypatch.setattr(averaging, "_fold_in", lambda acc, leaves, *a: folded.append(len(leaves)) or fold_in(acc, leaves, *a))
+    monkeypatch.setattr(
+        averaging, "_fold_in", lambda acc, leaves, *a: folded.append(len(leaves)) or fold_in(acc, leaves, *a)
+    )
     _, _, fast, info = averaging.average_checkpoints(dirs, mesh=mesh, weights=[1.0, 2.0, 3.0])
     n_leaves = len(jax.tree.leaves(fast))
     assert folded == [1 if mesh_name == "mesh1" else n_leaves] * len(dirs)

@@ -290,8 +290,8 @@ def sigterm_handler():
     previous = signal.getsignal(signal.SIGTERM)
     yield
     signal.signal(signal.SIGTERM, previous)
-    checkpoints._PREEMPTION.clear()
-    checkpoints._handler_installed = False
+    checkpoints.preemption._PREEMPTION.clear()
+    checkpoints.preemption._handler_installed = False
 
 
 def test_sigterm_triggers_a_finished_preemption_save(tmp_path, state, sigterm_handler):

@@ -1,0 +1,145 @@
+"""Direct reads: the arrays of a saved state straight into caller-owned host buffers.
+
+`Checkpointer.restore` goes through Orbax, which reads every array into a fresh zero-filled numpy
+array and then copies it into a fresh device buffer: two new allocations of the whole state per
+restore, whose page faults cost more than the reads themselves on a CPU host (~1 s per GB). A
+caller streaming many same-shaped checkpoints (`averaging.average_checkpoints`) reads them here
+into buffers it reuses instead, then places them on device itself (`jax.device_put` of a
+64-byte-aligned numpy array on CPU aliases it instead of copying).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from warm_jax.checkpoints import manifest
+from warm_jax.checkpoints.errors import CheckpointCorruptError, DirectReadUnsupported, short_error
+
+_STATE = "state"
+
+
+def aligned_empty(shape: Sequence[int], dtype: Any, align: int = 64) -> np.ndarray:
+    """A C-contiguous host array whose data starts on an ``align``-byte boundary (contents unspecified).
+
+    Large ones are anonymous mappings populated up front (Linux ``MAP_POPULATE``, page-aligned):
+    one system call instead of a page fault per page on first touch, and no transparent-huge-page
+    compaction, which numpy's own allocations ask for (together 3-5x faster on a busy VM).
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    populate = getattr(mmap, "MAP_POPULATE", None)
+    if nbytes >= 1 << 20 and populate is not None and hasattr(mmap, "MAP_ANONYMOUS"):
+        raw = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate), np.uint8)
+        return raw.view(dtype).reshape(tuple(shape))
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + nbytes].view(dtype).reshape(tuple(shape))
+
+
+def read_state_into(step_dir: str | os.PathLike, buffers: dict[str, np.ndarray]) -> None:
+    """Reads saved arrays of a step's `state` item into ``buffers`` with TensorStore (no Orbax, no copies).
+
+    buffers: leaf path (e.g. 'params/layer_0/attn/wq') -> host array of the saved shape and dtype,
+      overwritten. Only checked against the manifest by `check_buffers`.
+    Raises DirectReadUnsupported when the step is not a local, single-process OCDBT checkpoint
+    (use `Checkpointer.restore`), CheckpointCorruptError naming the arrays that cannot be opened
+    or read, or whose saved shape/dtype differ from the buffer's. Every read has finished (or
+    failed) when this returns or raises, so the buffers may be reused right away.
+    """
+    import tensorstore as ts  # noqa: PLC0415 - Orbax's own dependency; only needed here
+
+    path = os.fspath(step_dir)
+    if "://" in path:
+        raise DirectReadUnsupported(f"{path}: not a local path")
+    state_dir = os.path.join(os.path.abspath(path), _STATE)
+    manifests = list((epath.Path(path) / manifest.MANIFEST).glob(manifest.MANIFEST_GLOB))
+    if len(manifests) != 1:
+        raise DirectReadUnsupported(f"{path}: {len(manifests)} process manifests")
+    try:
+        with open(os.path.join(state_dir, "_METADATA")) as f:
+            meta = json.load(f)
+        names = {}
+        for entry in meta["tree_metadata"].values():
+            keys = [str(k["key"]) for k in entry["key_metadata"]]
+            names["/".join(keys)] = ".".join(keys)  # Orbax names an array by its key path joined with '.'
+        use_ocdbt, use_zarr3 = bool(meta["use_ocdbt"]), bool(meta.get("use_zarr3"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DirectReadUnsupported(f"{path}: unreadable Orbax metadata: {e}") from e
+    if not use_ocdbt or not set(buffers) <= set(names):
+        raise DirectReadUnsupported(f"{path}: not OCDBT, or the buffers are not the saved arrays")
+    resources = {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 10**8}}
+    try:
+        # Read the (finalised, never rewritten) files through memory maps: TensorStore then decodes
+        # straight from the page cache into the buffers, instead of read() into fresh buffers of its
+        # own first (2-3x less time and 4x less system time per checkpoint here).
+        context = ts.Context({**resources, "file_io_mode": {"mode": "memmap"}})
+    except ValueError:  # a TensorStore without the option
+        context = ts.Context(resources)
+    spec = lambda name: {
+        "driver": "zarr3" if use_zarr3 else "zarr",
+        "kvstore": {"driver": "ocdbt", "base": f"file://{state_dir}/", "path": name + "/"},
+        "recheck_cached_data": False,
+        "recheck_cached_metadata": False,
+    }
+    paths = sorted(buffers)
+    opening = [ts.open(spec(names[p]), read=True, open=True, context=context) for p in paths]
+    stores, bad, first = [], [], None
+    for p, fut in zip(paths, opening):  # all opened before any read starts: nothing is left running
+        try:
+            t = fut.result()
+            if tuple(t.shape) != buffers[p].shape or t.dtype.numpy_dtype != buffers[p].dtype:
+                raise CheckpointCorruptError(f"saved as {t.dtype.numpy_dtype}{list(t.shape)}")
+            stores.append(t)
+        except Exception as e:  # noqa: BLE001 - TensorStore raises several types on bad bytes
+            bad.append(p)
+            first = first or e
+    if bad:
+        raise CheckpointCorruptError(f"{path}: cannot open array(s) {bad[:10]}: {short_error(first)}")
+    # ts.array(buffer) refers to the buffer's memory: the write fills it in place.
+    reading = [ts.array(buffers[p]).write(t) for p, t in zip(paths, stores)]
+    for p, fut in zip(paths, reading):  # wait for every read, even after a failure
+        try:
+            fut.result()
+        except Exception as e:  # noqa: BLE001
+            bad.append(p)
+            first = first or e
+    if bad:
+        raise CheckpointCorruptError(f"{path}: cannot read array(s) {bad[:10]}: {short_error(first)}")
+
+
+def check_buffers(step_dir: str | os.PathLike, buffers: dict[str, np.ndarray]) -> None:
+    """Checks arrays read by `read_state_into` against the step's manifest, as `Checkpointer.restore` does.
+
+    The arrays are hashed on a few threads (xxh3-128, or sha256 for manifests without it). Raises
+    CheckpointCorruptError naming the first array (in path order) that does not match,
+    DirectReadUnsupported when the manifest has no whole-array hash to compare with (arrays saved
+    per shard by several processes).
+    """
+    manifests = manifest.read_manifests(epath.Path(os.fspath(step_dir)))
+    if len(manifests) != 1:
+        raise DirectReadUnsupported(f"{step_dir}: {len(manifests)} process manifests")
+    saved = next(iter(manifests.values()))["leaves"]
+    paths = sorted(buffers)
+    for p in paths:
+        entry = saved.get(p)
+        if entry is None:
+            raise CheckpointCorruptError(f"{step_dir}: array '{p}' is missing from the manifest")
+        if manifest.digest_check([entry]) is None or entry["dtype"] != str(buffers[p].dtype):
+            raise DirectReadUnsupported(f"{step_dir}: array '{p}' has no whole-array hash of its dtype")
+        if list(entry["shape"]) != list(buffers[p].shape):
+            raise CheckpointCorruptError(
+                f"{step_dir}: array '{p}' does not match the manifest (shape {list(buffers[p].shape)} "
+                f"!= {entry['shape']})"
+            )
+    checks = {p: manifest.digest_check([saved[p]]) for p in paths}
+    for p, digest in zip(paths, manifest.map_threads(lambda p: checks[p][1](buffers[p]), paths)):
+        name = checks[p][0]
+        if digest != saved[p][name]:
+            raise CheckpointCorruptError(f"{step_dir}: array '{p}' does not match the manifest ({name} of contents)")
