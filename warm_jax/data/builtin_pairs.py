@@ -20,10 +20,8 @@ import logging
 import gin
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from warm_jax import oracle as oracle_lib
-from warm_jax import sharding
 from warm_jax.data import builders, builtin_text
 from warm_jax.data.tokenizers import Tokenizer
 from warm_jax.policy import sampler
@@ -73,28 +71,9 @@ def encode_prompts(prompts, tok: Tokenizer, max_len: int):
 
 
 def sample_texts(sample_fn, params, prompt_tokens, prompt_mask, key, tok: Tokenizer, batch: int, mesh):
-    """Runs the compiled sampler over [N, P] prompts in batches; returns N decoded strings.
-
-    Batches are padded to a multiple of the mesh's batch shards; every process gets all texts.
-    """
-    n = len(prompt_tokens)
-    shard = sharding.batch_sharding(mesh, 2)
-    n_shards = sharding.batch_shards(shard)
-    batch = max(n_shards, batch // n_shards * n_shards)
-    texts = []
-    for start in range(0, n, batch):
-        t = prompt_tokens[start : start + batch]
-        m = prompt_mask[start : start + batch]
-        real = len(t)
-        if real < batch:
-            t = np.concatenate([t, np.repeat(t[-1:], batch - real, 0)])
-            m = np.concatenate([m, np.repeat(m[-1:], batch - real, 0)])
-        out = sample_fn(
-            params, sharding.put_global(t, shard), sharding.put_global(m, shard), jax.random.fold_in(key, start)
-        )
-        toks = np.asarray(multihost_utils.process_allgather(out["tokens"], tiled=True))[:real]
-        texts.extend(tok.decode(row) for row in toks)
-    return texts
+    """Runs the compiled sampler over [N, P] prompts in batches; returns N decoded strings (on every process)."""
+    out = sampler.sample_in_batches(sample_fn, params, prompt_tokens, prompt_mask, key, batch=batch, mesh=mesh)
+    return [tok.decode(row) for row in out["tokens"]]
 
 
 def label_pairs(prompts, a, b, scorer: oracle_lib.Oracle, cfg: PairsConfig, rng: np.random.Generator):

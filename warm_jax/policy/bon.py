@@ -79,29 +79,6 @@ def batch_shards(mesh) -> int:
     return sharding.batch_shards(sharding.batch_sharding(mesh, 2))
 
 
-def sample_responses(sample_fn, params, prompt_tokens, prompt_mask, key, *, chunk: int, mesh) -> dict[str, np.ndarray]:
-    """Runs a compiled sampler over [R, P] prompts in chunks of exactly ``chunk`` rows (the last
-    padded, so one compile serves all); chunk c uses key fold_in(key, c).
-
-    Returns host arrays: tokens, mask [R, N]; length [R]. Every process gets all rows.
-    """
-    shard = sharding.batch_sharding(mesh, 2)
-    n = len(prompt_tokens)
-    outs = {"tokens": [], "mask": [], "length": []}
-    for c, start in enumerate(range(0, n, chunk)):
-        t, m = prompt_tokens[start : start + chunk], prompt_mask[start : start + chunk]
-        real = len(t)
-        if real < chunk:
-            t = np.concatenate([t, np.repeat(t[-1:], chunk - real, 0)])
-            m = np.concatenate([m, np.repeat(m[-1:], chunk - real, 0)])
-        out = sample_fn(
-            params, sharding.put_global(t, shard), sharding.put_global(m, shard), jax.random.fold_in(key, c)
-        )
-        for k in outs:
-            outs[k].append(np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:real])
-    return {k: np.concatenate(v) for k, v in outs.items()}
-
-
 def oracle_texts(tok: Tokenizer, prompts, responses) -> list[str]:
     """ "prompt response" strings, as the `data` stage labels them. responses: [R, N] token ids."""
     return [f"{p} {tok.decode(r)}".strip() for p, r in zip(prompts, responses)]
@@ -152,15 +129,13 @@ def run_bon(ctx: RunContext, cfg: BonConfig) -> dict:
     samp_cfg = sampler.SamplingConfig(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id
     )
-    shards = batch_shards(ctx.mesh)
-    chunk = max(shards, min(cfg.sample_batch_size, len(rep_t)) // shards * shards)
-    samples = sample_responses(
+    samples = sampler.sample_in_batches(
         sampler.make_sampler(graphdef, model_cfg, samp_cfg),
         params,
         rep_t,
         rep_m,
         jax.random.key(ctx.seed * 7919 + PROMPT_STREAM["bon"]),
-        chunk=chunk,
+        batch=min(cfg.sample_batch_size, len(rep_t)),
         mesh=ctx.mesh,
     )
     gold = oracle_lib.make_oracle(cfg.oracle).score(oracle_texts(tok, rep_texts, samples["tokens"]))
@@ -173,6 +148,7 @@ def run_bon(ctx: RunContext, cfg: BonConfig) -> dict:
         samples["length"].mean(),
     )
 
+    shards = batch_shards(ctx.mesh)
     score_batch = max(shards, min(cfg.score_batch_size, len(rep_t)) // shards * shards)
     proxies: dict[str, np.ndarray] = {}
     ens_needed = any(r.startswith("ens") for r in cfg.rewards)

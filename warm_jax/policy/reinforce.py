@@ -311,8 +311,8 @@ def evaluate_policy(setup: Setup, params, reward_fn, prompts: PromptSet, key) ->
     """Samples ``prompts`` with a fixed key; per-prompt oracle, proxy, KL and length (host arrays)."""
     mesh = setup.ctx.mesh
     chunk = setup.eval_chunk
-    samples = bon.sample_responses(
-        setup.eval_sampler, params, prompts.tokens, prompts.mask, key, chunk=chunk, mesh=mesh
+    samples = sampler.sample_in_batches(
+        setup.eval_sampler, params, prompts.tokens, prompts.mask, key, batch=chunk, mesh=mesh
     )
     _, evaluate = compiled_for(setup, reward_fn)
     rm_state = rm_state_on_mesh(reward_fn, mesh)

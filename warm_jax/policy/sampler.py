@@ -14,7 +14,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
+from warm_jax import sharding
 from warm_jax.models import transformer as tr
 
 
@@ -125,6 +128,32 @@ def make_sampler(graphdef, model_cfg: tr.ModelConfig, cfg: SamplingConfig, *, in
     """Compiles ``sample`` once for a (graphdef, config); call with (params, tokens, mask, key)."""
     fn = functools.partial(sample, graphdef=graphdef, model_cfg=model_cfg, cfg=cfg)
     return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
+
+
+def sample_in_batches(sample_fn, params, prompt_tokens, prompt_mask, key, *, batch: int, mesh) -> dict[str, np.ndarray]:
+    """Runs a ``make_sampler`` function over [R, P] host prompts, ``batch`` rows at a time.
+
+    ``batch`` is rounded down to a multiple of the mesh's batch shards (at least one row per shard);
+    the last batch is padded with copies of its last row, so one compile serves every batch. The
+    batch starting at row r samples with key fold_in(key, r). Returns host arrays tokens, mask
+    [R, N] and length [R]; every process gets all rows.
+    """
+    shard = sharding.batch_sharding(mesh, 2)
+    shards = sharding.batch_shards(shard)
+    batch = max(shards, batch // shards * shards)
+    outs = {"tokens": [], "mask": [], "length": []}
+    for start in range(0, len(prompt_tokens), batch):
+        t, m = prompt_tokens[start : start + batch], prompt_mask[start : start + batch]
+        real = len(t)
+        if real < batch:
+            t = np.concatenate([t, np.repeat(t[-1:], batch - real, 0)])
+            m = np.concatenate([m, np.repeat(m[-1:], batch - real, 0)])
+        out = sample_fn(
+            params, sharding.put_global(t, shard), sharding.put_global(m, shard), jax.random.fold_in(key, start)
+        )
+        for k in outs:
+            outs[k].append(np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:real])
+    return {k: np.concatenate(v) for k, v in outs.items()}
 
 
 def sequence_logprobs(params, graphdef, tokens, mask, response_start: int):
