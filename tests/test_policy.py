@@ -193,6 +193,26 @@ def test_new_params_swap_into_the_compiled_sampler_without_recompiling(model):
     assert not np.array_equal(np.asarray(a["logprobs"]), np.asarray(b["logprobs"]))
 
 
+def test_sample_in_batches_keys_each_batch_by_its_first_row_and_drops_padding(model):
+    cfg, graphdef, params = model
+    fn = sampler.make_sampler(graphdef, cfg, sampler.SamplingConfig(max_new_tokens=4, temperature=1.0))
+    mesh = runtime.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    toks, mask = (np.asarray(x) for x in _left_pad(PROMPTS + [[1, 2, 3]], 6))  # 5 rows: batches 2 + 2 + 1
+    key = jax.random.key(3)
+    got = sampler.sample_in_batches(fn, params, toks, mask, key, batch=2, mesh=mesh)
+    assert fn._cache_size() == 1  # one compile served every batch, the padded last one too
+    assert got["tokens"].shape == (5, 4) and got["length"].shape == (5,)
+    for start in (0, 2, 4):
+        rows = slice(start, start + 2)
+        t, m = toks[rows], mask[rows]
+        if len(t) < 2:  # the last batch is padded with its last row
+            t, m = np.concatenate([t, t]), np.concatenate([m, m])
+        want = fn(params, jnp.asarray(t), jnp.asarray(m), jax.random.fold_in(key, start))
+        n = len(toks[rows])
+        for k in ("tokens", "mask", "length"):
+            np.testing.assert_array_equal(got[k][rows], np.asarray(want[k])[:n], err_msg=f"{k} rows {start}:")
+
+
 def test_repack_moves_left_padded_prompt_and_response_to_a_right_padded_sequence():
     pt = jnp.asarray([[0, 0, 5, 6], [7, 8, 9, 10]])
     pm = (pt > 0).astype(jnp.int32)
