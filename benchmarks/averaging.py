@@ -7,7 +7,7 @@ Writes 8 member checkpoints of one model (default ~134 MB of float32 params) onc
 
 * floor: read every file under the K member directories once untimed (to warm the page cache;
   dropping the cache needs root), then read them all again, timed, into a reused buffer;
-* stream: ``averaging.average_checkpoints`` in a FRESH subprocess (1 CPU device), then
+* stream: ``checkpoint_averaging.average_checkpoints`` in a FRESH subprocess (1 CPU device), then
   ``write_merged``; its peak RSS from ``resource.getrusage`` and the RSS before the first read;
 * naive: the same subprocess set-up, but all K members loaded first (``load_params_checkpoint``)
   and then reduced with ``mean_stacked`` — what a non-streaming merge costs in memory.
@@ -79,7 +79,7 @@ def child(mode: str, k: int, workdir: str) -> dict:
     """One measurement in this (fresh) process."""
     import psutil
 
-    from warm_jax import averaging, params_io, runtime, sharding
+    from warm_jax import averaging, checkpoint_averaging, params_io, runtime, sharding
     from warm_jax.models import transformer as tr
 
     import jax
@@ -90,7 +90,7 @@ def child(mode: str, k: int, workdir: str) -> dict:
     rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     if mode == "stream":
-        cfg, _, params, info = averaging.average_checkpoints(dirs, mesh=mesh)
+        cfg, _, params, info = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh)
         hashes = info["hashes"]
     else:
         loaded = [params_io.load_params_checkpoint(d, mesh) for d in dirs]
@@ -103,7 +103,7 @@ def child(mode: str, k: int, workdir: str) -> dict:
         hashes = {d: "" for d in dirs}
     jax.block_until_ready(params)
     t_avg = time.perf_counter() - t0
-    averaging.write_merged(
+    checkpoint_averaging.write_merged(
         os.path.join(workdir, f"merged_{mode}"),
         params,
         model_cfg=cfg,

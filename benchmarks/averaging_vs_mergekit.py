@@ -9,7 +9,7 @@ HF Llama safetensors (``export.params_to_hf`` + ``hf_config``), which is what me
 
 Per repetition and per K, each in a FRESH subprocess (its peak RSS is its own), interleaved:
 
-* ours: ``averaging.average_checkpoints`` (restore, verify, accumulate, one member in memory at a
+* ours: ``checkpoint_averaging.average_checkpoints`` (restore, verify, accumulate, one member in memory at a
   time) + ``write_merged`` — the work of ``python -m warm_jax.average``;
 * mergekit: ``run_merge`` with ``merge_method: linear`` and equal weights, float32 out, on CPU
   (its defaults otherwise; no tokenizer to copy) — the work of ``mergekit-yaml``;
@@ -104,15 +104,15 @@ def setup(workdir: str, n: int) -> dict:
 def child_ours(k: int, workdir: str) -> dict:
     import jax
 
-    from warm_jax import averaging, runtime
+    from warm_jax import checkpoint_averaging, runtime
 
     mesh = runtime.make_mesh({"data": 1}, devices=jax.devices()[:1])
     dirs = [ours_dir(workdir, i) for i in range(k)]
     t0 = time.perf_counter()
-    cfg, _, params, info = averaging.average_checkpoints(dirs, mesh=mesh)
+    cfg, _, params, info = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh)
     jax.block_until_ready(params)
     t_avg = time.perf_counter() - t0
-    averaging.write_merged(
+    checkpoint_averaging.write_merged(
         os.path.join(workdir, "out_warm_jax"),
         params,
         model_cfg=cfg,

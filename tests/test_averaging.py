@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from warm_jax import average, averaging, checkpoints, io_utils, params_io, runtime, sharding
+from warm_jax import average, averaging, checkpoint_averaging, checkpoints, io_utils, params_io, runtime, sharding
 from warm_jax.models import transformer as tr
 from warm_jax.train_state import TrainState
 
@@ -67,7 +67,7 @@ def _specs(mesh, cfg=CFG):
 
 def test_identical_members_average_bitwise(members, mesh8):
     dirs, copies, host = members
-    _, _, params, info = averaging.average_checkpoints([dirs[0], *copies], mesh=mesh8)
+    _, _, params, info = checkpoint_averaging.average_checkpoints([dirs[0], *copies], mesh=mesh8)
     got = _host(params)
     assert set(got) == set(host[0])
     for path, want in host[0].items():
@@ -83,7 +83,7 @@ def test_identical_members_average_bitwise(members, mesh8):
 
 def test_streaming_average_equals_numpy_mean(members, mesh8):
     dirs, _, host = members
-    _, _, params, info = averaging.average_checkpoints(dirs, mesh=mesh8)
+    _, _, params, info = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh8)
     got = _host(params)
     for path in host[0]:
         want = np.mean([h[path].astype(np.float64) for h in host], axis=0)
@@ -94,7 +94,7 @@ def test_streaming_average_equals_numpy_mean(members, mesh8):
     for (p, x), (_, s) in zip(checkpoints.named_leaves(params), checkpoints.named_leaves(want_sh)):
         assert x.sharding.is_equivalent_to(s, x.ndim), p
     # Weighted; a zero-weight member is not even read (no hash recorded for it).
-    _, _, params_w, info_w = averaging.average_checkpoints(dirs, mesh=mesh8, weights=[1.0, 3.0, 0.0])
+    _, _, params_w, info_w = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh8, weights=[1.0, 3.0, 0.0])
     got = _host(params_w)
     for path in host[0]:
         want = 0.25 * host[0][path].astype(np.float64) + 0.75 * host[1][path]
@@ -104,7 +104,7 @@ def test_streaming_average_equals_numpy_mean(members, mesh8):
 
 def test_member_hash_from_manifest_equals_tree_sha256(members, mesh8):
     dirs, _, _ = members
-    _, _, _, info = averaging.average_checkpoints(dirs[:1], mesh=mesh8)
+    _, _, _, info = checkpoint_averaging.average_checkpoints(dirs[:1], mesh=mesh8)
     _, _, p, _ = params_io.load_params_checkpoint(dirs[0], mesh8)
     assert info["hashes"][dirs[0]] == checkpoints.tree_sha256(p)
 
@@ -116,11 +116,13 @@ def test_direct_read_pipeline_equals_orbax_restores_bitwise(members, mesh_name, 
     dirs, _, _ = members
     mesh = request.getfixturevalue(mesh_name)
     folded = []  # leaves per fold: one packed [N] array on one CPU device, else one per leaf
-    fold_in = averaging._fold_in
+    fold_in = checkpoint_averaging._fold_in
     monkeypatch.setattr(
-        averaging, "_fold_in", lambda acc, leaves, *a: folded.append(len(leaves)) or fold_in(acc, leaves, *a)
+        checkpoint_averaging,
+        "_fold_in",
+        lambda acc, leaves, *a: folded.append(len(leaves)) or fold_in(acc, leaves, *a),
     )
-    _, _, fast, info = averaging.average_checkpoints(dirs, mesh=mesh, weights=[1.0, 2.0, 3.0])
+    _, _, fast, info = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh, weights=[1.0, 2.0, 3.0])
     n_leaves = len(jax.tree.leaves(fast))
     assert folded == [1 if mesh_name == "mesh1" else n_leaves] * len(dirs)
 
@@ -128,7 +130,7 @@ def test_direct_read_pipeline_equals_orbax_restores_bitwise(members, mesh_name, 
         raise checkpoints.DirectReadUnsupported("test")
 
     monkeypatch.setattr(checkpoints, "read_state_into", unsupported)
-    _, _, slow, info_slow = averaging.average_checkpoints(dirs, mesh=mesh, weights=[1.0, 2.0, 3.0])
+    _, _, slow, info_slow = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh, weights=[1.0, 2.0, 3.0])
     a, b = _host(fast), _host(slow)
     assert set(a) == set(b)
     for path in a:
@@ -140,7 +142,7 @@ def test_bf16_members_average_on_one_device(tmp_path, mesh1):
     cfg = dataclasses.replace(CFG, param_dtype="bfloat16")
     params = [tr.init_params(cfg, jax.random.key(s)) for s in range(2)]
     dirs = [_save(tmp_path / str(i), p, cfg) for i, p in enumerate(params)]
-    _, _, merged, _ = averaging.average_checkpoints(dirs, mesh=mesh1)
+    _, _, merged, _ = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh1)
     got, host = _host(merged), [_host(p) for p in params]
     for path, x in got.items():
         assert x.dtype == host[0][path].dtype, path
@@ -163,14 +165,14 @@ def test_corrupt_member_is_named(members, tmp_path, mesh1):
     dirs, _, _ = members
     bad = _corrupt_copy(dirs[1], tmp_path / "bad")
     with pytest.raises(checkpoints.CheckpointCorruptError, match=rf"{bad}/ckpt/0: array 'params/embed' does not match"):
-        averaging.average_checkpoints([dirs[0], bad, dirs[2]], mesh=mesh1)
+        checkpoint_averaging.average_checkpoints([dirs[0], bad, dirs[2]], mesh=mesh1)
     # An unreadable chunk is named too.
     gone = tmp_path / "gone"
     shutil.copytree(dirs[0], gone)
     kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{gone}/ckpt/0/state/"}).result()
     kv.delete_range(ts.KvStore.KeyRange("params.embed/0.0", "params.embed/0.0\0")).result()
     with pytest.raises(checkpoints.CheckpointCorruptError, match=rf"{gone}/ckpt.*params/embed"):
-        averaging.average_checkpoints([dirs[0], str(gone)], mesh=mesh1)
+        checkpoint_averaging.average_checkpoints([dirs[0], str(gone)], mesh=mesh1)
     gc.collect()  # report the orphaned reads here (filtered above)
 
 
@@ -200,8 +202,8 @@ def test_mean_stacked_numpy_ensemble_sharding_and_bf16():
 
 def test_same_result_on_1_or_8_devices(members, mesh1, mesh8):
     dirs, _, _ = members
-    one = _host(averaging.average_checkpoints(dirs, mesh=mesh1, weights=[0.2, 0.3, 0.5])[2])
-    eight = averaging.average_checkpoints(dirs, mesh=mesh8, weights=[0.2, 0.3, 0.5])[2]
+    one = _host(checkpoint_averaging.average_checkpoints(dirs, mesh=mesh1, weights=[0.2, 0.3, 0.5])[2])
+    eight = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh8, weights=[0.2, 0.3, 0.5])[2]
     assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(eight))
     for path, x in _host(eight).items():
         np.testing.assert_array_equal(x, one[path], err_msg=path)
@@ -299,14 +301,14 @@ def test_cli_stacked_checkpoint_members(members, tmp_path, mesh8, capsys):
 
 def test_failed_write_leaves_no_output(members, tmp_path, mesh8, monkeypatch):
     dirs, _, _ = members
-    _, _, params, info = averaging.average_checkpoints(dirs[:2], mesh=mesh8)
+    _, _, params, info = checkpoint_averaging.average_checkpoints(dirs[:2], mesh=mesh8)
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(io_utils, "atomic_write_json", boom)  # after Orbax wrote ckpt/, before model.json
     with pytest.raises(OSError, match="disk full"):
-        averaging.write_merged(
+        checkpoint_averaging.write_merged(
             str(tmp_path / "out"),
             params,
             model_cfg=CFG,

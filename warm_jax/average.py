@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from warm_jax import averaging, checkpoints, io_utils, runtime, sharding
+from warm_jax import averaging, checkpoint_averaging, checkpoints, io_utils, runtime, sharding
 from warm_jax.models import transformer as tr
 
 
@@ -149,7 +149,7 @@ def average(args) -> dict:
         model_json = args.model_json or find_model_json(ckpt_dir)
         meta = io_utils.read_json(model_json)
         model_cfg = tr.ModelConfig(**meta["model"])
-        params_m, step = averaging.restore_stacked_params(ckpt_dir, mesh, model_cfg)
+        params_m, step = checkpoint_averaging.restore_stacked_params(ckpt_dir, mesh, model_cfg)
         m = jax.tree_util.tree_leaves(params_m)[0].shape[0]
         ids = args.members if args.members is not None else list(range(m))
         bad = [i for i in ids if not 0 <= i < m]
@@ -174,11 +174,11 @@ def average(args) -> dict:
         dirs = list(args.checkpoint)
         chosen, accs = _select([os.path.basename(os.path.normpath(d)) for d in dirs], args)
         dirs = [dirs[i] for i in chosen]
-        model_cfg, _, params, info = averaging.average_checkpoints(dirs, mesh=mesh, weights=args.weights)
+        model_cfg, _, params, info = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh, weights=args.weights)
         members, w, hashes = info["members"], info["weights"], info["hashes"]
         tokenizer = info["meta"][dirs[0]].get("tokenizer")
     t_avg = time.perf_counter() - t0
-    averaging.write_merged(
+    checkpoint_averaging.write_merged(
         args.output,
         params,
         model_cfg=model_cfg,

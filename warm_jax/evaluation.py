@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from warm_jax import averaging, checkpoints, ensemble, io_utils, params_io, reward, sharding
+from warm_jax import averaging, checkpoint_averaging, checkpoints, ensemble, io_utils, params_io, reward, sharding
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
@@ -252,7 +252,7 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> dict:
     hashes = {
         ids[i]: checkpoints.tree_sha256(host_copy(ensemble.member_slice(stacked, i, ctx.mesh, specs))) for i in range(m)
     }
-    averaging.write_merged(
+    checkpoint_averaging.write_merged(
         ctx.path("rm", "warm"),
         warm_p,
         model_cfg=model_cfg,

@@ -3,7 +3,7 @@
 `Checkpointer.restore` goes through Orbax, which reads every array into a fresh zero-filled numpy
 array and then copies it into a fresh device buffer: two new allocations of the whole state per
 restore, whose page faults cost more than the reads themselves on a CPU host (~1 s per GB). A
-caller streaming many same-shaped checkpoints (`averaging.average_checkpoints`) reads them here
+caller streaming many same-shaped checkpoints (`checkpoint_averaging.average_checkpoints`) reads them here
 into buffers it reuses instead, then places them on device itself (`jax.device_put` of a
 64-byte-aligned numpy array on CPU aliases it instead of copying).
 """
