@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import PartitionSpec as P
 
 from warm_jax import checkpoints, io_utils, params_io, sharding
@@ -451,17 +452,13 @@ def restore_stacked_params(ckpt_dir: str, mesh, model_cfg: tr.ModelConfig, *, st
 
 
 def _verify_subtree(tree: PyTree, step_dir: str) -> None:
-    """Checks a partially restored tree against the (single-process) hash manifest."""
-    mdir = os.path.join(step_dir, "manifest")
-    manifests = [f for f in os.listdir(mdir) if f.startswith("manifest.process-")]
+    """Checks a partially restored tree against the step's (single-process) manifest, as a full
+    restore checks its state: every leaf must be listed, and its digest must match."""
+    manifests = checkpoints.manifest.read_manifests(epath.Path(step_dir))
     if len(manifests) != 1:
         log.warning("%s: %d manifests; partial restore not verified", step_dir, len(manifests))
         return
-    saved = io_utils.read_json(os.path.join(mdir, manifests[0]))["leaves"]
-    for path, entry in checkpoints.leaf_hashes(tree).items():
-        want = saved.get(path, {}).get("sha256")
-        if want is not None and entry.get("sha256") != want:
-            raise checkpoints.CheckpointCorruptError(f"{step_dir}: array '{path}' does not match the manifest")
+    checkpoints.manifest.verify(tree, manifests, step_dir)
 
 
 # ----------------------------------------------------------------------------- output
