@@ -1,6 +1,7 @@
 """Fused (cuDNN) attention vs the plain XLA softmax on this machine's accelerator.
 
-Same parameters, same tokens, left- and right-padded rows: reward, its gradient and the KV-cache
+Same parameters, same tokens, left-padded rows (a dense mask) and right-padded ones (causal + key
+lengths, which the fused kernel builds itself): reward, its gradient and the KV-cache
 decode must agree (within bfloat16 rounding) and stay finite. A fully masked query row (a pad
 position under left padding) is where fused kernels differ most: NaN there would leak into every
 position of the next layer through 0 × NaN in the value matmul.
@@ -33,9 +34,9 @@ def run(impl: str, dtype: str) -> dict:
     right = jnp.asarray(np.arange(t)[None] < lengths[:, None], jnp.int32)
     left = jnp.asarray(np.arange(t)[None] >= (t - lengths)[:, None], jnp.int32)
 
-    def reward_fn(cfg, p, mask):
+    def reward_fn(cfg, p, mask, right_padded):
         model = tr.bind(tr.abstract_model(cfg)[0], p)  # the graphdef carries cfg.attention
-        h, _ = model.hidden(tokens, mask)
+        h, _ = model.hidden(tokens, mask, right_padded=right_padded)  # right: the fused kernel masks by lengths
         return model.reward(h, mask)
 
     out = {"impl": impl, "dtype": dtype}
@@ -43,8 +44,9 @@ def run(impl: str, dtype: str) -> dict:
         vals = {}
         for attention in ("xla", impl):
             cfg = dataclasses.replace(base, attention=attention)
-            f = jax.jit(lambda p, m, cfg=cfg: jax.value_and_grad(lambda q: reward_fn(cfg, q, m).sum())(p))
-            r = jax.jit(lambda p, m, cfg=cfg: reward_fn(cfg, p, m))(params, mask)
+            rp = name == "right_pad"
+            f = jax.jit(lambda p, m, cfg=cfg, rp=rp: jax.value_and_grad(lambda q: reward_fn(cfg, q, m, rp).sum())(p))
+            r = jax.jit(lambda p, m, cfg=cfg, rp=rp: reward_fn(cfg, p, m, rp))(params, mask)
             loss, grad = f(params, mask)
             vals[attention] = (np.asarray(r, np.float32), jax.tree.map(lambda g: np.asarray(g, np.float32), grad))
         (r0, g0), (r1, g1) = vals["xla"], vals[impl]

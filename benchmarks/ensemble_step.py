@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -71,8 +72,8 @@ def measure_peak_tflops(dtype, n: int, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def make_step(model_cfg, m: int, pairs: int, seq: int, mesh):
-    cfg = ensemble.EnsembleConfig(num_members=m, learning_rates=(1e-4,), dropout_rates=(0.1,), batch_size=pairs)
+def make_step(model_cfg, m: int, pairs: int, seq: int, mesh, dropout: float = 0.1):
+    cfg = ensemble.EnsembleConfig(num_members=m, learning_rates=(1e-4,), dropout_rates=(dropout,), batch_size=pairs)
     graphdef, params, specs = pretrain.sharded_init(model_cfg, mesh, jax.random.key(0))
     tx, state_sh, state, _ = ensemble.stack_state(mesh, cfg, [params] * m, specs, list(range(m)))
     batch_sh = sharding.batch_sharding(mesh, 3, members="stacked")
@@ -88,12 +89,13 @@ def make_step(model_cfg, m: int, pairs: int, seq: int, mesh):
         "rejected_length": np.full((m, pairs), seq - 3, np.int32),
     }
     batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
-    drops = jax.device_put(jnp.full((m,), 0.1, jnp.float32), member_sh)
+    drops = jax.device_put(jnp.full((m,), dropout, jnp.float32), member_sh)
     return step, state, batch, drops
 
 
 def time_steps(step, state, batch, drops, n: int, calls_per_step: int = 1):
-    """Median seconds per (calls_per_step chained calls), after one warm-up compile."""
+    """Seconds per (calls_per_step chained calls) after one warm-up compile, and the last state (the
+    step donates its input)."""
     state, metrics = step(state, batch, drops)
     jax.block_until_ready(metrics)
     times = []
@@ -103,16 +105,41 @@ def time_steps(step, state, batch, drops, n: int, calls_per_step: int = 1):
             state, metrics = step(state, batch, drops)
         jax.block_until_ready((state.params, metrics))
         times.append(time.perf_counter() - t0)
-    return times
+    return times, state
 
 
-def run_case(name, model_kwargs, m, pairs, seq, dtype, steps, peak, attention="xla", sequential=True):
+def profile_steps(step, state, batch, drops, out_dir: str, n: int = 3) -> dict:
+    """Trace n steps into out_dir (Perfetto JSON), write the optimized HLO beside it; kernel totals."""
+    import gzip
+
+    import trace_summary
+
+    os.makedirs(out_dir, exist_ok=True)
+    with gzip.open(os.path.join(out_dir, "step.hlo.txt.gz"), "wt") as f:
+        f.write(step.lower(state, batch, drops).compile().as_text())
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+        for _ in range(n):
+            state, metrics = step(state, batch, drops)
+        jax.block_until_ready((state.params, metrics))
+    summary = trace_summary.summarize(trace_summary.load_trace(out_dir), top=60)
+    with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+        json.dump({"steps": n, "threads": summary}, f, indent=1)
+    return summary
+
+
+def run_case(
+    name, model_kwargs, m, pairs, seq, dtype, steps, peak, attention="xla", sequential=True, dropout=0.1, profile=None
+):
     mesh = runtime.make_mesh({"ensemble": 1, "data": -1})
     model_cfg = tr.ModelConfig(max_len=seq, dtype=dtype, attention=attention, **model_kwargs)
     t0 = time.perf_counter()
-    step_m, state_m, batch_m, drops_m = make_step(model_cfg, m, pairs, seq, mesh)
-    t_vmapped = time_steps(step_m, state_m, batch_m, drops_m, steps)
+    step_m, state_m, batch_m, drops_m = make_step(model_cfg, m, pairs, seq, mesh, dropout)
+    t_vmapped, state_m = time_steps(step_m, state_m, batch_m, drops_m, steps)
     setup_s = time.perf_counter() - t0 - sum(t_vmapped)  # init + compile + the warm-up step
+    if profile:
+        summary = profile_steps(step_m, state_m, batch_m, drops_m, profile)
+        for where, s in list(summary.items())[:3]:
+            print(f"# profile {where}: {s['total_ms']:.1f} ms / 3 steps; top: {s['top'][:8]}", flush=True)
     del state_m
     tokens = m * 2 * pairs * seq
     flops = tr.flops_per_token(model_cfg, seq, training=True, lm_head=False) * tokens  # RMs have no LM head
@@ -123,6 +150,7 @@ def run_case(name, model_kwargs, m, pairs, seq, dtype, steps, peak, attention="x
         "attention": attention,
         "members": m,
         "pairs_per_member": pairs,
+        "dropout": dropout,
         "seq_len": seq,
         "params_per_member_M": round(
             tr.param_count(jax.eval_shape(lambda: tr.init_params(model_cfg, jax.random.key(0)))) / 1e6, 1
@@ -136,7 +164,7 @@ def run_case(name, model_kwargs, m, pairs, seq, dtype, steps, peak, attention="x
     }
     if sequential:
         step_1, state_1, batch_1, drops_1 = make_step(model_cfg, 1, pairs, seq, mesh)
-        t_seq = time_steps(step_1, state_1, batch_1, drops_1, steps, calls_per_step=m)
+        t_seq, _ = time_steps(step_1, state_1, batch_1, drops_1, steps, calls_per_step=m)
         med_s = statistics.median(t_seq)
         out["sequential_s"] = [round(t, 4) for t in t_seq]
         out["ratio_median"] = round(med_v / med_s, 3)
@@ -156,6 +184,10 @@ def main():
     ap.add_argument(
         "--no_sequential", action="store_true", help="time the vmapped step only (MFU runs: halves the compiles)"
     )
+    ap.add_argument("--dropout", type=float, default=0.1, help="every member's dropout rate (0: no masks drawn)")
+    ap.add_argument("--profile", default=None, help="trace 3 steps of each case into this directory (+ HLO)")
+    ap.add_argument("--remat_policy", default=None, help="per-layer remat with this policy (REMAT_POLICIES)")
+    ap.add_argument("--pairs", type=int, default=None, help="pairs per member instead of the preset's")
     args = ap.parse_args()
     dtype = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     peak = args.peak_tflops or measure_peak_tflops(jnp.dtype(dtype), 8192 if jax.default_backend() == "gpu" else 1024)
@@ -168,9 +200,15 @@ def main():
     for name, kw, m, pairs, seq in PRESETS[args.preset]:
         if args.only and args.only not in name:
             continue
+        if args.remat_policy:
+            kw, name = dict(kw, remat=True, remat_policy=args.remat_policy), f"{name} remat={args.remat_policy}"
+        pairs = args.pairs or pairs
         for attention in args.attention.split(","):
             try:
-                r = run_case(name, kw, m, pairs, seq, dtype, args.steps, peak, attention, not args.no_sequential)
+                prof = args.profile and os.path.join(args.profile, f"{name}-{attention}".replace(" ", "_"))
+                r = run_case(
+                    name, kw, m, pairs, seq, dtype, args.steps, peak, attention, not args.no_sequential, args.dropout, prof
+                )
             except Exception as e:  # e.g. a fused kernel this GPU/jax build lacks: report, go on
                 r = {"case": name, "attention": attention, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             results.append(r)

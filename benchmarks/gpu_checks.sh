@@ -13,6 +13,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 PY="${PYTHON:-python3}"
 ALL="attention_parity ensemble_small mfu_135m_cudnn mfu_135m_xla mfu_135m_scan mfu_1b"
+# Not in ALL (diagnostics): profile_135m_scan traces 3 steps (kernel totals, Perfetto trace, optimized HLO
+# into $OUT; PROFILE_ARGS adds ensemble_step.py arguments); mfu_135m_scan_nodrop times the same step without dropout masks; *_minimal: the
+# scanned stack with the 'minimal' remat policy (16 and 32 pairs per member).
 step() {  # step SECONDS NAME CMD...
     local limit=$1 name=$2
     shift 2
@@ -20,8 +23,11 @@ step() {  # step SECONDS NAME CMD...
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E "^\s*$|^W[0-9]{4}|^I[0-9]{4}"
     echo "== $name rc=${PIPESTATUS[0]} $(date +%T)"
 }
-mfu() {  # mfu SECONDS NAME ONLY ATTENTION
-    step "$1" "$2" "$PY" benchmarks/ensemble_step.py --preset gpu_mfu --only "$3" --attention "$4" --no_sequential
+mfu() {  # mfu SECONDS NAME ONLY ATTENTION [EXTRA ARGS...]
+    local limit=$1 name=$2 only=$3 attention=$4
+    shift 4
+    step "$limit" "$name" "$PY" benchmarks/ensemble_step.py --preset gpu_mfu --only "$only" --attention "$attention" \
+        --no_sequential "$@"
 }
 $PY -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, jax.devices())"
@@ -34,6 +40,15 @@ for s in ${STEPS:-$ALL}; do
         mfu_135m_xla) mfu 130 "$s" "smollm2-135m shape" xla ;;
         mfu_135m_scan) mfu 150 "$s" "smollm2-135m scan" cudnn,xla ;;
         mfu_1b) mfu 130 "$s" "1B" cudnn ;;
+        profile_135m_scan)
+            mfu 200 "$s" "smollm2-135m scan" cudnn --profile "$OUT/profile" ${PROFILE_ARGS:-}
+            # Flat copies: only files two folders down come back from a device session.
+            find "$OUT/profile" -name perfetto_trace.json.gz -exec cp {} "$OUT/profile_trace.json.gz" \;
+            find "$OUT/profile" \( -name kernels.json -o -name step.hlo.txt.gz \) -exec cp {} "$OUT/" \;
+            rm -rf "$OUT/profile" ;;
+        mfu_135m_scan_nodrop) mfu 120 "$s" "smollm2-135m scan" cudnn --dropout 0 ;;
+        mfu_135m_scan_minimal) mfu 150 "$s" "smollm2-135m scan" cudnn --remat_policy minimal ;;
+        mfu_135m_scan_minimal_32) mfu 150 "$s" "smollm2-135m scan" cudnn --remat_policy minimal --pairs 32 ;;
         *) echo "unknown step $s (known: $ALL)"; exit 2 ;;
     esac
 done

@@ -149,6 +149,37 @@ def test_reward_pooling_left_and_right_padding(model):
     np.testing.assert_allclose(r_right2, r_right, atol=1e-5)
 
 
+def test_right_padded_length_mask_equals_the_dense_mask_at_every_position():
+    """``right_padded`` hands jax.nn.dot_product_attention causal + key lengths instead of a dense mask
+    (what the cuDNN kernel takes without a [B, H, T, S] bias); 'auto' runs jax's own implementation
+    of that on the CPU. Every position — pad queries too — and the gradients must be unchanged."""
+    import dataclasses
+
+    rng = np.random.default_rng(1)
+    lengths = np.array([9, 3, 1, 6])
+    tokens = jnp.asarray(rng.integers(3, 64, (4, 9)), jnp.int32)
+    mask = jnp.asarray(np.arange(9)[None] < lengths[:, None], jnp.int32)
+    params = tr.init_params(CFG, jax.random.key(3))
+
+    def hidden(attention, right_padded):
+        graphdef = tr.abstract_model(dataclasses.replace(CFG, attention=attention))[0]
+
+        def f(p):
+            h, _ = tr.bind(graphdef, p).hidden(tokens, mask, right_padded=right_padded)
+            return h
+
+        h, vjp = jax.vjp(f, params)
+        return h, vjp(jnp.asarray(rng.standard_normal(h.shape), h.dtype))[0]
+
+    rng_state = rng.bit_generator.state
+    h_dense, g_dense = hidden("xla", False)
+    rng.bit_generator.state = rng_state  # the same cotangent for both
+    h_len, g_len = hidden("auto", True)
+    np.testing.assert_allclose(h_len, h_dense, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(g_len), jax.tree.leaves(g_dense)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
 def test_value_head_shape_and_counts(model):
     _, graphdef, params, _ = model
     m = tr.bind(graphdef, params)

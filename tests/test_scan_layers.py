@@ -1,13 +1,16 @@
 """``scan_layers``: the stacked, scanned decoder computes what the per-layer loop does, in every mode.
 
 The same params are run in both layouts (``stack_layers`` of the loop's params): logits and rewards with left
-and right padding, dropout (same key), gradients (with and without remat), KV-cache decoding and the sampler;
+and right padding, dropout (same key), gradients (without remat and with each remat policy), KV-cache decoding and the sampler;
 then sharding of the stacked params and the HF export/import in the stacked layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import io
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +34,18 @@ TOKENS = np.array(
 MASK = (TOKENS != 0).astype(np.int32)
 
 
-@pytest.fixture(scope="module")
-def params():
+@functools.lru_cache(maxsize=None)
+def _params():
     """Loop-layout params (peaked logits: larger init) and the same weights stacked."""
     loop = jax.jit(lambda k: jax.tree.map(lambda x: x * 10.0 if x.ndim >= 2 else x, tr.init_params(LOOP, k)))(
         jax.random.key(0)
     )
     return loop, tr.stack_layers(loop, LOOP.n_layers)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _params()
 
 
 def _graph(cfg):
@@ -99,26 +107,61 @@ def test_scan_dropout_matches_loop_with_the_same_key(params):
     assert np.abs(np.asarray(reward_s) - np.asarray(_outputs(SCAN, stacked)[1])).max() > 1e-3
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_scan_gradients_match_loop(params, remat):
-    loop, stacked = params
+@functools.lru_cache(maxsize=None)
+def _grads(cfg):
+    """Gradients of a loss touching the reward and LM heads, with dropout on (same key everywhere)."""
+    loop, stacked = _params()
     key = jax.random.key(4)
 
-    def grads(cfg, p):
-        def loss(p):
-            m = tr.bind(_graph(cfg), p)
-            h, _ = m.hidden(TOKENS, MASK, dropout_rate=0.1, key=key)
-            return jnp.sum(m.reward(h, MASK)) + 1e-3 * jnp.sum(m.logits(h) ** 2)
+    def loss(p):
+        m = tr.bind(_graph(cfg), p)
+        h, _ = m.hidden(TOKENS, MASK, dropout_rate=0.1, key=key)
+        return jnp.sum(m.reward(h, MASK)) + 1e-3 * jnp.sum(m.logits(h) ** 2)
 
-        return jax.jit(jax.grad(loss))(p)
+    g = jax.jit(jax.grad(loss))(stacked if cfg.scan_layers else loop)
+    return g if cfg.scan_layers else tr.stack_layers(g, LOOP.n_layers)
 
-    g_loop = grads(dataclasses.replace(LOOP, remat=remat), loop)
-    g_scan = grads(dataclasses.replace(SCAN, remat=remat), stacked)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-        g_scan,
-        tr.stack_layers(g_loop, LOOP.n_layers),
-    )
+
+@pytest.mark.parametrize("remat_policy", [None, *tr.REMAT_POLICIES])
+def test_scan_and_remat_gradients_match_the_plain_loop(remat_policy):
+    """Every layout × remat policy computes the plain loop's gradients: a policy only chooses what
+    the backward pass keeps and what it recomputes."""
+    remat = dict(remat=remat_policy is not None, remat_policy=remat_policy or "full")
+    for cfg in (dataclasses.replace(SCAN, **remat), dataclasses.replace(LOOP, **remat)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), _grads(cfg), _grads(LOOP))
+
+
+def test_minimal_remat_keeps_exactly_the_named_activations(params):
+    """What the 'minimal' policy stores per layer: the layer input and the activations named in the
+    layer code — no norm outputs, float32 copies or SwiGLU intermediates (the bytes that made the
+    GPU step memory-bound). A renamed or dropped checkpoint_name shows up here, not only as a slowdown."""
+    _, stacked = params
+    cfg = dataclasses.replace(SCAN, remat=True, remat_policy="minimal")
+
+    def loss(p):
+        m = tr.bind(_graph(cfg), p)
+        h, _ = m.hidden(TOKENS, MASK, dropout_rate=0.1, key=jax.random.key(4))
+        return jnp.sum(m.reward(h, MASK))
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # jax's public view of the residuals: one line each
+        jax.ad_checkpoint.print_saved_residuals(loss, stacked)
+    stacked_out = [line.split()[0] for line in out.getvalue().splitlines() if "output of scan" in line]
+    stored = sorted(a for a in stacked_out if "[3," in a)  # per layer ([L, ...]); not the final carry
+    b, t, d, h, k, hd, f = 4, 7, 32, 4, 2, 8, 64
+    per_layer = [
+        f"f32[3,{b},{t},{d}]",  # the layer's input x
+        f"f32[3,{b},{t},{h},{hd}]",  # attn_q (after RoPE)
+        f"f32[3,{b},{t},{k},{hd}]",  # attn_k (after RoPE)
+        f"f32[3,{b},{t},{k},{hd}]",  # attn_v
+        f"f32[3,{b},{t},{h},{hd}]",  # attn_out
+        f"f32[3,{b},{t},{d}]",  # resid_mid
+        f"f32[3,{b},{t},{f}]",  # mlp_gate
+        f"f32[3,{b},{t},{f}]",  # mlp_up
+        f"bool[3,{b},{t},{d}]",  # dropout_keep, attention branch
+        f"bool[3,{b},{t},{d}]",  # dropout_keep, MLP branch
+    ]
+    assert stored == sorted(per_layer)
 
 
 def test_scan_cached_decode_matches_full_forward(params):

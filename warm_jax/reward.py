@@ -21,7 +21,7 @@ def score(params, graphdef, tokens, lengths, *, dropout_rate=0.0, key=None):
     """Rewards of sequences. tokens [B, T] int32, lengths [B] → [B] float32."""
     model = tr.bind(graphdef, params)
     mask = length_mask(lengths, tokens.shape[1])
-    h, _ = model.hidden(tokens, mask, dropout_rate=dropout_rate, key=key)
+    h, _ = model.hidden(tokens, mask, dropout_rate=dropout_rate, key=key, right_padded=True)
     return model.reward(h, mask)
 
 
@@ -29,7 +29,7 @@ def features(params, graphdef, tokens, lengths):
     """Pooled final hidden state at the last real token: [B, T] → [B, d] float32 (for probing)."""
     model = tr.bind(graphdef, params)
     mask = length_mask(lengths, tokens.shape[1])
-    h, _ = model.hidden(tokens, mask)
+    h, _ = model.hidden(tokens, mask, right_padded=True)
     return tr.pool_last(h, mask).astype(jnp.float32)
 
 

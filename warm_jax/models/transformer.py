@@ -27,15 +27,34 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Cache = dict[str, Any]
+
+
+# Activations named in the layer code (checkpoint_name) that the 'minimal' remat policy keeps: with
+# them the backward pass recomputes no matmul, only norms, RoPE, SwiGLU's product and dtype casts.
+# Saving the rest too (no remat) stores ~3x the bytes per layer — on a GPU at the SmolLM2-135M shape
+# that traffic, not FLOPs, dominated the step (BENCHMARKS.md § GPU).
+SAVED_ACTIVATIONS = ("attn_q", "attn_k", "attn_v", "attn_out", "resid_mid", "mlp_gate", "mlp_up", "dropout_keep")
+# jax's fused (cuDNN) attention forward: keeping its outputs (the result and the softmax statistics its
+# backward needs) avoids running the kernel again in the backward pass.
+_FUSED_ATTENTION_FORWARD = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS),
+        lambda prim, *_, **__: prim.name in _FUSED_ATTENTION_FORWARD,
+    ),
+}
 
 
 @gin.configurable
@@ -59,14 +78,19 @@ class ModelConfig:
     attention: str = "xla"  # 'xla' (any backend), 'cudnn' (fused, GPU only) or 'auto' (jax picks)
     # One stacked block scanned over (params under 'layers', [L, ...]) instead of 'layer_{i}' attributes.
     scan_layers: bool = False
-    # Recompute each layer's activations in the backward pass (jax.checkpoint per layer): less memory, ~1/3 more FLOPs.
+    # Recompute each layer's activations in the backward pass (jax.checkpoint per layer), keeping what
+    # ``remat_policy`` names (REMAT_POLICIES): 'full' keeps nothing (least memory, ~1/3 more FLOPs);
+    # 'minimal' keeps the projections and attention outputs and recomputes only element-wise work.
     remat: bool = False
+    remat_policy: str = "full"
 
     @property
     def dim_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
     def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
 
@@ -104,29 +128,45 @@ def dropout(x, rate, key):
     if key is None:
         return x
     rate = jnp.asarray(rate, jnp.float32)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = checkpoint_name(jax.random.bernoulli(key, 1.0 - rate, x.shape), "dropout_keep")
     return jnp.where(keep, x / jnp.maximum(1.0 - rate, 1e-6).astype(x.dtype), 0).astype(x.dtype)
 
 
-def attend(q, k, v, mask, implementation: str = "xla"):
-    """Grouped-query attention. q [B, T, H, D], k/v [B, S, K, D], mask [B, T, S] bool → [B, T, H, D].
+class AttentionMask(NamedTuple):
+    """Which keys each query sees. ``dense`` [B, T, S] bool always; ``lengths`` [B] int32 only when every
+    row is right-padded and there is no cache, where ``dense`` = causal & (key < length)."""
+
+    dense: jax.Array
+    lengths: jax.Array | None = None
+
+
+def attend(q, k, v, mask: AttentionMask, implementation: str = "xla"):
+    """Grouped-query attention. q [B, T, H, D], k/v [B, S, K, D] → [B, T, H, D].
 
     'xla' is a plain einsum softmax (float32 scores); 'cudnn'/'auto' use jax.nn.dot_product_attention
     (its fused kernel on GPU; 'auto' lets jax choose). A fully masked row (a pad query) attends uniformly instead of NaN.
     """
+    impl = "cudnn" if implementation == "cudnn" else None
+    if implementation in ("cudnn", "auto") and mask.lengths is not None:
+        # The same mask as ``dense`` for every query, a pad query (t >= length) included: it sees the
+        # keys s < length. The fused kernel builds it from the lengths instead of reading a dense
+        # [B, H, T, S] bias in every layer, forward and backward.
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, key_value_seq_lengths=mask.lengths, implementation=impl
+        )
+    mask = mask.dense
     if implementation in ("cudnn", "auto"):
         # An explicit [B, H, T, S] mask: a broadcast head dim does not survive vmap's batching rule.
         full = jnp.broadcast_to(mask[:, None], (q.shape[0], q.shape[2], mask.shape[1], mask.shape[2]))
-        return jax.nn.dot_product_attention(
-            q, k, v, mask=full, implementation="cudnn" if implementation == "cudnn" else None
-        )
+        return jax.nn.dot_product_attention(q, k, v, mask=full, implementation=impl)
     b, t, h, hd = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+    # (The fused kernel's output needs no name: the remat policy keeps that kernel's outputs.)
+    return checkpoint_name(jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd), "attn_out")
 
 
 class Attention(nnx.Module):
@@ -142,15 +182,16 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, positions, mask, layer_cache):
-        """x: [B, T, d]; positions: [B, T]; mask: [B, T, S] bool; layer_cache: None or
+        """x: [B, T, d]; positions: [B, T]; mask: AttentionMask; layer_cache: None or
         {'k','v': [B, S, K, D], 'index': int32 scalar (first slot to write)}."""
         cfg = self.cfg
         dt = x.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
-        q = rope(q, positions, cfg.rope_theta)
-        k = rope(k, positions, cfg.rope_theta)
+        q = checkpoint_name(rope(q, positions, cfg.rope_theta), "attn_q")
+        k = checkpoint_name(rope(k, positions, cfg.rope_theta), "attn_k")
+        v = checkpoint_name(v, "attn_v")
         new_cache = None
         if layer_cache is not None:
             idx = layer_cache["index"]
@@ -173,8 +214,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = x.dtype
-        g = x @ self.w_gate[...].astype(dt)
-        u = x @ self.w_up[...].astype(dt)
+        g = checkpoint_name(x @ self.w_gate[...].astype(dt), "mlp_gate")
+        u = checkpoint_name(x @ self.w_up[...].astype(dt), "mlp_up")
         return (jax.nn.silu(g) * u) @ self.w_down[...].astype(dt)
 
 
@@ -189,7 +230,7 @@ class Block(nnx.Module):
     def __call__(self, x, positions, mask, layer_cache, dropout_rate, key):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
         a, new_cache = self.attn(self.attn_norm(x), positions, mask, layer_cache)
-        x = x + dropout(a, dropout_rate, k1)
+        x = checkpoint_name(x + dropout(a, dropout_rate, k1), "resid_mid")
         x = x + dropout(self.mlp(self.mlp_norm(x)), dropout_rate, k2)
         return x, new_cache
 
@@ -247,6 +288,7 @@ class Decoder(nnx.Module):
         cache: Cache | None = None,
         dropout_rate=0.0,
         key=None,
+        right_padded: bool = False,
     ):
         """Final-norm hidden states.
 
@@ -255,6 +297,8 @@ class Decoder(nnx.Module):
           cache: None for a full forward; else from ``init_cache`` (decoding: the T tokens go
             into slots [index, index + T)).
           dropout_rate: scalar, may be traced. key: dropout key or None (no dropout).
+          right_padded: the caller promises every row of ``token_mask`` is 1s then 0s (no cache):
+            fused attention kernels then mask by lengths (same result, no dense mask).
         Returns:
           hidden [B, T, d] in cfg.dtype, and the updated cache (None without one).
         """
@@ -266,7 +310,9 @@ class Decoder(nnx.Module):
             positions = jnp.maximum(jnp.cumsum(token_mask, axis=1) - 1, 0)
             t = tokens.shape[1]
             causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & (token_mask[:, None, :] > 0)
+            mask = AttentionMask(
+                causal[None] & (token_mask[:, None, :] > 0), jnp.sum(token_mask, axis=1) if right_padded else None
+            )
         else:
             idx = cache["index"]
             positions = cache["positions"][:, None] + jnp.cumsum(token_mask, axis=1) - 1
@@ -275,11 +321,16 @@ class Decoder(nnx.Module):
             s = key_mask.shape[1]
             q_slot = idx + jnp.arange(tokens.shape[1])
             causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
-            mask = causal[None] & key_mask[:, None, :]
+            mask = AttentionMask(causal[None] & key_mask[:, None, :])
         # prevent_cse guards an unrolled remat against XLA merging the recompute into the forward; a scan
         # body cannot be merged that way, and the guard would only cost speed there (jax.checkpoint docs).
         run = (
-            jax.checkpoint(_run_block, static_argnums=(0,), prevent_cse=not cfg.scan_layers)
+            jax.checkpoint(
+                _run_block,
+                static_argnums=(0,),
+                prevent_cse=not cfg.scan_layers,
+                policy=REMAT_POLICIES[cfg.remat_policy],
+            )
             if cfg.remat
             else _run_block
         )
