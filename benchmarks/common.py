@@ -30,7 +30,10 @@ SMOLLM2_135M = dict(
     head_dim=64,
     d_ff=1536,
     rope_theta=1e5,
+    # The layout gin/models/smollm2_135m.gin runs: scanned layers, 'minimal' remat (BENCHMARKS.md § GPU).
     scan_layers=True,
+    remat=True,
+    remat_policy="minimal",
 )
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl", "mergekit", "safetensors")

@@ -14,9 +14,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 PY="${PYTHON:-python3}"
 ALL="attention_parity ensemble_small mfu_135m_cudnn mfu_135m_xla mfu_135m_scan mfu_1b"
 # Not in ALL (diagnostics): profile_135m_scan traces 3 steps (kernel totals, Perfetto trace, optimized HLO
-# into $OUT; PROFILE_ARGS adds ensemble_step.py arguments); mfu_135m_scan_nodrop times the same step without dropout masks; *_minimal: the
-# scanned stack with the 'minimal' remat policy (16 and 32 pairs per member; _dsf: with XLA's dynamic-slice
-# fusion), mfu_135m_minimal the per-layer stack with it.
+# into $OUT; PROFILE_ARGS adds ensemble_step.py arguments); mfu_135m_scan_nodrop times the same step without
+# dropout masks, mfu_135m_scan_32 with 32 pairs per member, mfu_135m_scan_noremat without remat.
 step() {  # step SECONDS NAME CMD...
     local limit=$1 name=$2
     shift 2
@@ -37,8 +36,8 @@ for s in ${STEPS:-$ALL}; do
     case "$s" in
         attention_parity) step 60 "$s" "$PY" benchmarks/attention_parity.py --impl cudnn ;;
         ensemble_small) step 75 "$s" "$PY" benchmarks/ensemble_step.py --preset cpu ;;
-        mfu_135m_cudnn) mfu 130 "$s" "smollm2-135m shape" cudnn ;;
-        mfu_135m_xla) mfu 130 "$s" "smollm2-135m shape" xla ;;
+        mfu_135m_cudnn) mfu 180 "$s" "smollm2-135m shape" cudnn ;;
+        mfu_135m_xla) mfu 180 "$s" "smollm2-135m shape" xla ;;
         mfu_135m_scan) mfu 150 "$s" "smollm2-135m scan" cudnn,xla ;;
         mfu_1b) mfu 130 "$s" "1B" cudnn ;;
         profile_135m_scan)
@@ -48,12 +47,9 @@ for s in ${STEPS:-$ALL}; do
             find "$OUT/profile" \( -name kernels.json -o -name step.hlo.txt.gz \) -exec cp {} "$OUT/" \;
             rm -rf "$OUT/profile" ;;
         mfu_135m_scan_nodrop) mfu 120 "$s" "smollm2-135m scan" cudnn --dropout 0 ;;
-        mfu_135m_scan_minimal) mfu 150 "$s" "smollm2-135m scan" cudnn --remat_policy minimal ;;
-        mfu_135m_scan_minimal_32) mfu 150 "$s" "smollm2-135m scan" cudnn --remat_policy minimal --pairs 32 ;;
-        mfu_135m_scan_minimal_dsf)  # library calls read/write the scan's stacked residuals in place
-            XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" \
-                mfu 150 "$s" "smollm2-135m scan" cudnn --remat_policy minimal ;;
-        mfu_135m_minimal) mfu 180 "$s" "smollm2-135m shape" cudnn --remat_policy minimal ;;
-        *) echo "unknown step $s (known: $ALL)"; exit 2 ;;
+        mfu_135m_scan_32) mfu 150 "$s" "smollm2-135m scan" cudnn --pairs 32 ;;
+        mfu_135m_scan_noremat) mfu 150 "$s" "smollm2-135m scan" cudnn --remat_policy none ;;
+        *) echo "unknown step $s (known: $ALL profile_135m_scan mfu_135m_scan_nodrop mfu_135m_scan_32" \
+            "mfu_135m_scan_noremat)"; exit 2 ;;
     esac
 done

@@ -73,8 +73,8 @@ def test_smollm2_shape_matches_gguf_and_gin_file(smollm2):
         config.parse([os.path.join(REPO, "gin", "models", "smollm2_135m.gin")])
         gin_cfg = tr.ModelConfig()
         # The layout fields are ours to choose (`import_model` passes the gin ones to load_pretrained); the rest is the GGUF's.
-        assert gin_cfg == dataclasses.replace(cfg, scan_layers=gin_cfg.scan_layers, remat=gin_cfg.remat)
-        assert gin_cfg.scan_layers
+        assert gin_cfg == dataclasses.replace(cfg, **{f: getattr(gin_cfg, f) for f in tr.LAYOUT_FIELDS})
+        assert gin_cfg.scan_layers and gin_cfg.remat and gin_cfg.remat_policy == "minimal"
     finally:
         gin.clear_config()
 

@@ -56,9 +56,10 @@ def tokenize_documents(docs, tok: Tokenizer, seq_len: int) -> dict[str, np.ndarr
 
 
 def lm_loss(params, graphdef, tokens, mask, *, dropout_rate=0.0, key=None):
-    """Mean next-token cross-entropy over real target tokens. tokens, mask: [B, T]."""
+    """Mean next-token cross-entropy over real target tokens. tokens, mask: [B, T], right-padded (as
+    ``tokenize_documents`` makes them)."""
     model = tr.bind(graphdef, params)
-    h, _ = model.hidden(tokens[:, :-1], mask[:, :-1], dropout_rate=dropout_rate, key=key)
+    h, _ = model.hidden(tokens[:, :-1], mask[:, :-1], dropout_rate=dropout_rate, key=key, right_padded=True)
     logits = model.logits(h)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     w = mask[:, 1:].astype(jnp.float32)
@@ -185,7 +186,7 @@ def run_import(ctx: RunContext) -> None:
     # The checkpoint fixes the model's shape; how our decoder lays out and runs the layers comes from gin.
     layout = tr.ModelConfig()
     model_cfg, _, params, tok = pretrained.load_pretrained(
-        name, mesh=ctx.mesh, scan_layers=layout.scan_layers, remat=layout.remat
+        name, mesh=ctx.mesh, **{f: getattr(layout, f) for f in tr.LAYOUT_FIELDS}
     )
     params_io.save_params(
         ctx.path("pretrain", "imported"), params, model_cfg=model_cfg, meta={"source": name}, tokenizer_dir=None

@@ -83,7 +83,7 @@ class HFCheckpoint:
 
 
 def load_pretrained(
-    name_or_dir: str, *, mesh=None, dtype: str = "float32", scan_layers: bool = False, remat: bool = False
+    name_or_dir: str, *, mesh=None, dtype: str = "float32", **layout
 ) -> tuple[tr.ModelConfig, Any, dict, Tokenizer]:
     """Imports a real pretrained model into our decoder.
 
@@ -93,13 +93,16 @@ def load_pretrained(
       mesh: when given, parameters are placed with the logical-axis rules on this mesh; otherwise on
         the default device.
       dtype: parameter and activation dtype ('float32', 'bfloat16').
-      scan_layers, remat: how our decoder stores and runs the layers (``ModelConfig`` fields the
-        checkpoint cannot know); with ``scan_layers`` the params come in the stacked layout.
+      **layout: how our decoder stores and runs the layers (``ModelConfig.scan_layers``, ``remat``,
+        ``remat_policy``: ``tr.LAYOUT_FIELDS``, which the checkpoint cannot know); with ``scan_layers``
+        the params come in the stacked layout.
     Returns:
       (model config, graphdef, params pure dict, tokenizer).
     """
+    if unknown := set(layout) - set(tr.LAYOUT_FIELDS):
+        raise TypeError(f"load_pretrained: {sorted(unknown)} are not layout fields ({', '.join(tr.LAYOUT_FIELDS)})")
     ckpt = read_checkpoint(name_or_dir)
-    cfg = dataclasses.replace(ckpt.cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, remat=remat)
+    cfg = dataclasses.replace(ckpt.cfg, dtype=dtype, param_dtype=dtype, **layout)
     graphdef, abstract, axes = tr.abstract_model(cfg)
     host = hf_to_params(ckpt.tensors, cfg, source=ckpt.source, reward_bias=ckpt.reward_bias)
     _check_tree(host, abstract, ckpt.source)

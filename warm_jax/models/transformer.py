@@ -57,6 +57,11 @@ REMAT_POLICIES = {
 }
 
 
+# ModelConfig fields that choose how our decoder stores and runs the layers, not what it computes: a
+# checkpoint does not fix them (the importer takes them from gin).
+LAYOUT_FIELDS = ("scan_layers", "remat", "remat_policy")
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
