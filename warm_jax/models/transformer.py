@@ -40,7 +40,8 @@ Cache = dict[str, Any]
 
 
 # Activations named in the layer code (checkpoint_name) that the 'minimal' remat policy keeps: with
-# them the backward pass recomputes no matmul, only norms, RoPE, SwiGLU's product and dtype casts.
+# them the backward pass recomputes no projection, only norms, RoPE, SwiGLU's product and dtype casts
+# (and, with attention='xla', the attention scores; the fused kernel's own outputs are kept).
 # Saving the rest too (no remat) stores ~3x the bytes per layer — on a GPU at the SmolLM2-135M shape
 # that traffic, not FLOPs, dominated the step (BENCHMARKS.md § GPU).
 SAVED_ACTIVATIONS = ("attn_q", "attn_k", "attn_v", "attn_out", "resid_mid", "mlp_gate", "mlp_up", "dropout_keep")
