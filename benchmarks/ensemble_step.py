@@ -198,15 +198,15 @@ def main():
         if args.only and args.only not in name:
             continue
         if args.remat_policy:
-            remat = dict(remat=False) if args.remat_policy == "none" else dict(remat=True, remat_policy=args.remat_policy)
+            off = args.remat_policy == "none"
+            remat = dict(remat=False) if off else dict(remat=True, remat_policy=args.remat_policy)
             kw, name = dict(kw, **remat), f"{name} remat={args.remat_policy}"
         pairs = args.pairs or pairs
         for attention in args.attention.split(","):
             try:
                 prof = args.profile and os.path.join(args.profile, f"{name}-{attention}".replace(" ", "_"))
-                r = run_case(
-                    name, kw, m, pairs, seq, dtype, args.steps, peak, attention, not args.no_sequential, args.dropout, prof
-                )
+                opts = dict(sequential=not args.no_sequential, dropout=args.dropout, profile=prof)
+                r = run_case(name, kw, m, pairs, seq, dtype, args.steps, peak, attention, **opts)
             except Exception as e:  # e.g. a fused kernel this GPU/jax build lacks: report, go on
                 r = {"case": name, "attention": attention, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             results.append(r)

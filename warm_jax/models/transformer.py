@@ -96,7 +96,9 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}")
+            raise ValueError(
+                f"ModelConfig.remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
 
