@@ -81,7 +81,9 @@ class ModelConfig:
     dtype: str = "float32"  # activations / matmul inputs
     param_dtype: str = "float32"
     init_std: float = 0.02
-    attention: str = "xla"  # 'xla' (any backend), 'cudnn' (fused, GPU only) or 'auto' (jax picks)
+    # 'xla' (any backend), 'cudnn' (fused, GPU only) or 'auto' (jax.nn.dot_product_attention's own choice, which
+    # in jax 0.10-0.11 is always its XLA implementation: on a GPU, ask for 'cudnn').
+    attention: str = "xla"
     # One stacked block scanned over (params under 'layers', [L, ...]) instead of 'layer_{i}' attributes.
     scan_layers: bool = False
     # Recompute each layer's activations in the backward pass (jax.checkpoint per layer), keeping what
@@ -152,7 +154,7 @@ def attend(q, k, v, mask: AttentionMask, implementation: str = "xla"):
     """Grouped-query attention. q [B, T, H, D], k/v [B, S, K, D] → [B, T, H, D].
 
     'xla' is a plain einsum softmax (float32 scores); 'cudnn'/'auto' use jax.nn.dot_product_attention
-    (its fused kernel on GPU; 'auto' lets jax choose). A fully masked row (a pad query) attends uniformly instead of NaN.
+    (its fused cuDNN kernel, or whatever jax picks for 'auto'). A fully masked row (a pad query) attends uniformly instead of NaN.
     """
     impl = "cudnn" if implementation == "cudnn" else None
     if implementation in ("cudnn", "auto") and mask.lengths is not None:
