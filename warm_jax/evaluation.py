@@ -87,8 +87,7 @@ class Scorer:
         self.mesh = mesh
         self.batch_sh = sharding.batch_sharding(mesh, 2)
         self.len_sh = sharding.batch_sharding(mesh, 1)
-        n_shards = sharding.batch_shards(self.batch_sh)
-        self.batch_size = max(n_shards, batch_size // n_shards * n_shards)
+        self.batch_size = sharding.shard_batch_size(batch_size, self.batch_sh)
         score = functools.partial(reward.score, graphdef=graphdef)
         # Replicated outputs: every process reads every reward (multi-host safe).
         rep = sharding.replicated(mesh)

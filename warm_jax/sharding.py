@@ -167,6 +167,12 @@ def batch_shards(sharding_: NamedSharding) -> int:
     return int(np.prod([sharding_.mesh.shape[a] for a in axes]))
 
 
+def shard_batch_size(n: int, sharding_: NamedSharding) -> int:
+    """``n`` rows rounded down to a multiple of ``sharding_``'s batch shards, at least one row per shard."""
+    shards = batch_shards(sharding_)
+    return max(shards, n // shards * shards)
+
+
 def put_global(x: np.ndarray, sharding_: NamedSharding) -> jax.Array:
     """A host array that every process holds in full → a global array with ``sharding_``.
 

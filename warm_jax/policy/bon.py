@@ -148,8 +148,7 @@ def run_bon(ctx: RunContext, cfg: BonConfig) -> dict:
         samples["length"].mean(),
     )
 
-    shards = batch_shards(ctx.mesh)
-    score_batch = max(shards, min(cfg.score_batch_size, len(rep_t)) // shards * shards)
+    score_batch = sharding.shard_batch_size(min(cfg.score_batch_size, len(rep_t)), sharding.batch_sharding(ctx.mesh, 2))
     proxies: dict[str, np.ndarray] = {}
     ens_needed = any(r.startswith("ens") for r in cfg.rewards)
     for name in [r for r in cfg.rewards if not r.startswith("ens")] + (["ens"] if ens_needed else []):

@@ -245,7 +245,7 @@ def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
     # Explicit shardings: new params (same shapes, same shardings) never trigger a recompile.
     train_sampler = sampler.make_sampler(graphdef, model_cfg, samp(), in_shardings=(param_sh, batch_sh, batch_sh, repl))
     eval_sampler = sampler.make_sampler(graphdef, model_cfg, samp(), in_shardings=(param_sh, batch_sh, batch_sh, repl))
-    eval_chunk = max(shards, min(256, max(cfg.num_eval_prompts, shards)) // shards * shards)
+    eval_chunk = sharding.shard_batch_size(min(256, cfg.num_eval_prompts), batch_sh)
     return Setup(
         ctx,
         cfg,

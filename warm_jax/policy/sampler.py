@@ -139,8 +139,7 @@ def sample_in_batches(sample_fn, params, prompt_tokens, prompt_mask, key, *, bat
     [R, N] and length [R]; every process gets all rows.
     """
     shard = sharding.batch_sharding(mesh, 2)
-    shards = sharding.batch_shards(shard)
-    batch = max(shards, batch // shards * shards)
+    batch = sharding.shard_batch_size(batch, shard)
     outs = {"tokens": [], "mask": [], "length": []}
     for start in range(0, len(prompt_tokens), batch):
         t, m = prompt_tokens[start : start + batch], prompt_mask[start : start + batch]
