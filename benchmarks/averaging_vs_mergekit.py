@@ -9,8 +9,8 @@ HF Llama safetensors (``export.params_to_hf`` + ``hf_config``), which is what me
 
 Per repetition and per K, each in a FRESH subprocess (its peak RSS is its own), interleaved:
 
-* ours: ``checkpoint_averaging.average_checkpoints`` (restore, verify, accumulate, one member in memory at a
-  time) + ``write_merged`` — the work of ``python -m warm_jax.average``;
+* ours: ``checkpoint_averaging.average_checkpoints`` (read, verify, accumulate, a ~64 MB group of
+  leaves in memory at a time) + ``write_merged`` — the work of ``python -m warm_jax.average``;
 * mergekit: ``run_merge`` with ``merge_method: linear`` and equal weights, float32 out, on CPU
   (its defaults otherwise; no tokenizer to copy) — the work of ``mergekit-yaml``;
 * floor: read every file of the K members once untimed (page cache warm; dropping it needs root),

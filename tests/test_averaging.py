@@ -109,33 +109,49 @@ def test_member_hash_from_manifest_equals_tree_sha256(members, mesh8):
     assert info["hashes"][dirs[0]] == checkpoints.tree_sha256(p)
 
 
-@pytest.mark.parametrize("mesh_name", ["mesh8", "mesh1"])  # per-leaf folds; one packed fold on one CPU device
-def test_direct_read_pipeline_equals_orbax_restores_bitwise(members, mesh_name, request, monkeypatch):
-    """The default path (direct reads into reused buffers, read k+1 while folding k) gives the same
-    bits as restoring every member through Orbax one after the other."""
+@pytest.mark.parametrize("mesh_name", ["mesh8", "mesh1"])  # per-leaf folds; packed folds on one CPU device
+# One group; or several, and leaves larger than a group (folded window by window when packed).
+@pytest.mark.parametrize("chunk_bytes", [checkpoint_averaging.CHUNK_BYTES, 6000])
+def test_direct_read_pipeline_equals_orbax_restores_bitwise(members, mesh_name, chunk_bytes, request, monkeypatch):
+    """The default path (direct reads, a group of leaves at a time, into two reused buffers, the next
+    group read while one is folded) gives the same bits as restoring every member through Orbax
+    one after the other."""
     dirs, _, _ = members
     mesh = request.getfixturevalue(mesh_name)
-    folded = []  # leaves per fold: one packed [N] array on one CPU device, else one per leaf
-    fold_in = checkpoint_averaging._fold_in
-    monkeypatch.setattr(
-        checkpoint_averaging,
-        "_fold_in",
-        lambda acc, leaves, *a: folded.append(len(leaves)) or fold_in(acc, leaves, *a),
+    folded = []  # per group folded in: which accumulator took it
+    for cls in (checkpoint_averaging._PackedFold, checkpoint_averaging._LeafFold):
+        monkeypatch.setattr(cls, "fold", lambda self, *a, f=cls.fold: folded.append(type(self).__name__) or f(self, *a))
+    _, _, fast, info = checkpoint_averaging.average_checkpoints(
+        dirs, mesh=mesh, weights=[1.0, 2.0, 3.0], chunk_bytes=chunk_bytes
     )
-    _, _, fast, info = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh, weights=[1.0, 2.0, 3.0])
-    n_leaves = len(jax.tree.leaves(fast))
-    assert folded == [1 if mesh_name == "mesh1" else n_leaves] * len(dirs)
+    leaves = jax.tree.leaves(fast)
+    groups = checkpoint_averaging._leaf_groups(leaves, chunk_bytes)
+    assert (len(groups) > 2) == (chunk_bytes < checkpoint_averaging.CHUNK_BYTES)
+    assert folded == ["_PackedFold" if mesh_name == "mesh1" else "_LeafFold"] * len(groups) * len(dirs)
 
-    def unsupported(step_dir, buffers):
+    def unsupported(step_dir, specs):
         raise checkpoints.DirectReadUnsupported("test")
 
-    monkeypatch.setattr(checkpoints, "read_state_into", unsupported)
-    _, _, slow, info_slow = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh, weights=[1.0, 2.0, 3.0])
+    monkeypatch.setattr(checkpoints, "StateReader", unsupported)
+    _, _, slow, info_slow = checkpoint_averaging.average_checkpoints(
+        dirs, mesh=mesh, weights=[1.0, 2.0, 3.0], chunk_bytes=chunk_bytes
+    )
     a, b = _host(fast), _host(slow)
     assert set(a) == set(b)
     for path in a:
         assert a[path].tobytes() == b[path].tobytes(), path
     assert info["hashes"] == info_slow["hashes"]
+
+
+def test_group_buffers_hold_groups_not_members():
+    """Groups are consecutive leaves of at most chunk_bytes (64-byte aligned), a larger leaf alone."""
+    leaves = [jax.ShapeDtypeStruct(s, jnp.float32) for s in [(10,), (30, 4), (7,), (1000,), (3,)]]
+    groups = checkpoint_averaging._leaf_groups(leaves, 1024)
+    assert [(g.start, g.stop) for g in groups] == [(0, 3), (3, 4), (4, 5)]
+    assert groups[0].offsets == (0, 64, 576) and groups[0].nbytes == 640 and groups[1].nbytes == 4032
+    buf = checkpoints.aligned_empty((4032,), np.uint8)
+    views = checkpoint_averaging._leaf_views(buf, groups[0], leaves)
+    assert [v.shape for v in views] == [(10,), (30, 4), (7,)] and all(v.ctypes.data % 64 == 0 for v in views)
 
 
 def test_bf16_members_average_on_one_device(tmp_path, mesh1):
@@ -166,6 +182,10 @@ def test_corrupt_member_is_named(members, tmp_path, mesh1):
     bad = _corrupt_copy(dirs[1], tmp_path / "bad")
     with pytest.raises(checkpoints.CheckpointCorruptError, match=rf"{bad}/ckpt/0: array 'params/embed' does not match"):
         checkpoint_averaging.average_checkpoints([dirs[0], bad, dirs[2]], mesh=mesh1)
+    # Found in a later group, after part of the member was folded in: still named, nothing returned.
+    late = _corrupt_copy(dirs[1], tmp_path / "late", array="params.layer_0.mlp.w_up")
+    with pytest.raises(checkpoints.CheckpointCorruptError, match=rf"{late}/ckpt/0: array 'params/layer_0/mlp/w_up'"):
+        checkpoint_averaging.average_checkpoints([dirs[0], late], mesh=mesh1, chunk_bytes=20_000)
     # An unreadable chunk is named too.
     gone = tmp_path / "gone"
     shutil.copytree(dirs[0], gone)

@@ -1,16 +1,17 @@
 """Averaging K params checkpoints on disk, reading a stacked ensemble checkpoint's params, and
 writing the merged RM.
 
-``average_checkpoints`` streams the members: member k + 1 is read (TensorStore, into one of two
-reused host buffer sets) on a background thread while member k is checked against its hash
-manifest, placed in the sharded target and folded into a float32 running mean (the one of
-``averaging``) whose buffer is donated to the update, so peak memory is one accumulator plus two
-members whatever K is.
+``average_checkpoints`` streams the members, each in groups of consecutive leaves (~64 MB): the
+next group is read (TensorStore, into one of two reused host buffers) on a background thread
+while this one is checked against its member's hash manifest, placed in the sharded target and
+folded into a float32 running mean (the one of ``averaging``) whose buffer is donated to the
+update, so peak memory is one accumulator plus two groups, whatever K and the model's size.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -35,30 +36,33 @@ PyTree = Any
 # Config fields that may differ between members that are averaged (they do not change the maths
 # of a forward pass without dropout).
 _CFG_FIELDS_MAY_DIFFER = ("dropout_rate",)
+# A member is read, checked and folded in groups of consecutive leaves of about this many bytes,
+# through two reused host buffers of the largest group's size: a merge holds the float32
+# accumulator plus two groups, not two whole members (a 7B float32 model: ~30 GB, not ~85 GB).
+CHUNK_BYTES = 64 << 20
+_ALIGN = 64  # bytes; a leaf's view in a group buffer starts on this boundary (zero-copy device_put)
 
 
 # ----------------------------------------------------------------------------- streaming mean
 
 
-# One small program per distinct (sharding, dtype) of leaf, not one over the whole tree: a 30-layer
-# model has ~10 distinct leaf shapes but 272 leaves, and compiling a whole-tree program costs
-# ~0.6 s per program on CPU against ~10 ms per leaf program; dispatching 272 calls costs ~10 ms.
+def _mean_update(a, x, c):
+    """a + c·(x − a) in float32: exact when x == a (identical members). c == 1 (the first member)
+    gives x exactly (a + 1·(x − a) would turn −0.0 into +0.0), which lets the first member be
+    copied into a preallocated accumulator by the same program."""
+    x = x.astype(jnp.float32)
+    return jnp.where(c == 1.0, x, a + c * (x - a))
+
+
+# Leaf-wise folds: one small program per distinct (shape, sharding, dtype) of leaf, not one over the
+# whole tree: a 30-layer model has ~10 distinct leaf shapes but 272 leaves, and compiling a
+# whole-tree program costs ~0.6 s per program on CPU against ~10 ms per leaf program.
 
 
 @functools.lru_cache(maxsize=512)
 def _leaf_update(sharding):
-    """jit(a [...] float32, x [...] any float, c [] float32) → a + c·(x − a) [...] float32, a donated.
-
-    Running mean: exact when x == a (identical members), and a's buffer is reused. c == 1 (the
-    first member) gives x exactly (a + 1·(x − a) would turn −0.0 into +0.0), which lets the first
-    member be copied into a preallocated accumulator by the same program.
-    """
-
-    def update(a, x, c):
-        x = x.astype(jnp.float32)
-        return jnp.where(c == 1.0, x, a + c * (x - a))
-
-    return jax.jit(update, out_shardings=sharding, donate_argnums=0)
+    """jit(a [...] float32, x [...] any float, c [] float32) → `_mean_update` [...] float32, a donated."""
+    return jax.jit(_mean_update, out_shardings=sharding, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=512)
@@ -69,48 +73,117 @@ def _leaf_cast(sharding, dtype):
 
 @functools.lru_cache(maxsize=512)
 def _leaf_zeros(shape: tuple, sharding):
-    """jit() → zeros [shape] float32 in ``sharding``, in a buffer of XLA's own."""
+    """jit() → zeros [shape] float32 in ``sharding``, in a buffer of XLA's own.
+
+    Not a member's leaves: those may alias reused host buffers, and a donated aliased buffer is not
+    reused in place. (A jitted zeros, not a transfer of np.zeros: that reads 0.5 GB of zero pages.)
+    """
     return jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)
 
 
-def _new_acc(abstract_leaves: list, shardings: list) -> list:
-    """Zero accumulators [...] float32 per leaf, allocated before the first member lands (dispatched
-    asynchronously: XLA fills them while the caller goes on).
+class _LeafFold:
+    """The accumulator as one float32 array per leaf, in the leaf's sharding (any mesh)."""
 
-    A buffer of XLA's own: a member's leaves may alias reused host buffers, so the accumulator
-    cannot start as the first member itself, and a donated aliased buffer is not reused in place.
-    (A jitted zeros, not a transfer of np.zeros: that reads 0.5 GB of zero pages as well.)
+    def __init__(self, groups: list, abstract_leaves: list, shardings: list, dtypes: list):
+        self.groups, self.abstract, self.shardings, self.dtypes = groups, abstract_leaves, shardings, dtypes
+
+    def buffer_bytes(self, j: int) -> int:
+        """Bytes of group j's host buffer."""
+        return self.groups[j].nbytes
+
+    def prepare(self) -> list:
+        """Compiles the programs (once per distinct leaf type) and returns the zero accumulators,
+        allocated (asynchronously) while the rest compiles. Run while the first group is read."""
+        kinds = {(tuple(x.shape), s, d) for x, s, d in zip(self.abstract, self.shardings, self.dtypes)}
+        for shape, s in {(shape, s) for shape, s, _ in kinds}:
+            _leaf_zeros(shape, s).lower().compile()
+        zeros = [_leaf_zeros(tuple(x.shape), s)() for x, s in zip(self.abstract, self.shardings)]
+        for shape, s, d in kinds:
+            acc = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=s)
+            _leaf_update(s).lower(acc, jax.ShapeDtypeStruct(shape, d, sharding=s), jnp.float32(0)).compile()
+            if d != jnp.float32:
+                _leaf_cast(s, d).lower(acc).compile()
+        return zeros
+
+    def fold(self, acc: list, arrays: list, j: int, c: float) -> list:
+        """Folds group j's leaves (on device, in their shardings) into acc (donated)."""
+        g, c = self.groups[j], jnp.float32(c)
+        for k, x in zip(range(g.start, g.stop), arrays):
+            acc[k] = _leaf_update(self.shardings[k])(acc[k], x, c)
+        return acc
+
+    def leaves(self, acc: list) -> list:
+        """The merged leaves in their saved dtypes."""
+        return [x if d == jnp.float32 else _leaf_cast(s, d)(x) for x, s, d in zip(acc, self.shardings, self.dtypes)]
+
+
+class _PackedFold:
+    """The accumulator as ONE float32 [N + W] array on one CPU device (each leaf at its 64-byte
+    aligned offset, the groups one after the other, W elements of slack at the end), and one
+    program that folds any W-element window of a group's buffer in: one compile in all and one call
+    per window, instead of one per leaf or per group size.
+
+    W is ``chunk_bytes`` worth of elements (at most N): a group larger than that (one large leaf)
+    is folded in window by window; the part of a window past its group's end is masked out.
     """
-    return [_leaf_zeros(tuple(x.shape), s)() for x, s in zip(abstract_leaves, shardings)]
 
+    def __init__(self, groups: list, abstract_leaves: list, sharding, dtype, chunk_bytes: int):
+        self.groups, self.abstract, self.sharding, self.dtype = groups, abstract_leaves, sharding, jnp.dtype(dtype)
+        itemsize = self.dtype.itemsize
+        self.sizes = [g.nbytes // itemsize for g in groups]  # elements per group (multiples of 16)
+        self.n = sum(self.sizes)
+        self.window = w = min(max(chunk_bytes // _ALIGN * _ALIGN // itemsize, _ALIGN // itemsize), self.n)
+        self.offsets = [0, *np.cumsum(self.sizes)[:-1].tolist()]  # element offset of each group in acc
 
-def _fold_in(acc: list, leaves: list, shardings: list, c: float) -> list:
-    """acc + c·(member − acc), leaf by leaf; acc's buffers are donated."""
-    c = jnp.float32(c)
-    return [_leaf_update(s)(a, x, c) for a, x, s in zip(acc, leaves, shardings)]
+        def update(acc, x, start, valid, c):
+            window = jax.lax.dynamic_slice(acc, (start,), (w,))
+            window = jnp.where(jnp.arange(w) < valid, _mean_update(window, x, c), window)
+            return jax.lax.dynamic_update_slice(acc, window, (start,))  # in place: acc is donated
 
+        self._update = jax.jit(update, out_shardings=sharding, donate_argnums=0)
 
-def _precompile(abstract_leaves: list, shardings: list, dtypes: list) -> list:
-    """Compiles the leaf programs ``average_checkpoints`` will call (once per distinct leaf type)
-    and returns the zero accumulators (``_new_acc``), allocated while the rest compiles.
+    def buffer_bytes(self, j: int) -> int:
+        """Bytes of group j's host buffer: whole windows."""
+        return -(-self.sizes[j] // self.window) * self.window * self.dtype.itemsize
 
-    Called while the first member is being read; jit's cache then serves the real calls.
-    """
-    for shape, s in {(tuple(x.shape), s) for x, s in zip(abstract_leaves, shardings)}:
-        _leaf_zeros(shape, s).lower().compile()
-    zeros = _new_acc(abstract_leaves, shardings)
-    seen = set()
-    for x, s, d in zip(abstract_leaves, shardings, dtypes):
-        key = (tuple(x.shape), s, d)
-        if key in seen:
-            continue
-        seen.add(key)
-        member = jax.ShapeDtypeStruct(x.shape, d, sharding=s)
-        acc = jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=s)
-        _leaf_update(s).lower(acc, member, jax.ShapeDtypeStruct((), jnp.float32)).compile()
-        if d != jnp.float32:
-            _leaf_cast(s, d).lower(acc).compile()
-    return zeros
+    def prepare(self):
+        zeros = _leaf_zeros((self.n + self.window,), self.sharding)
+        zeros.lower().compile()
+        acc = zeros()
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        self._update = self._update.lower(
+            jax.ShapeDtypeStruct((self.n + self.window,), jnp.float32, sharding=self.sharding),
+            jax.ShapeDtypeStruct((self.window,), self.dtype, sharding=self.sharding),
+            i32,
+            i32,
+            jax.ShapeDtypeStruct((), jnp.float32),
+        ).compile()
+        if self.dtype != jnp.float32:
+            _leaf_cast(self.sharding, self.dtype).lower(
+                jax.ShapeDtypeStruct((self.n + self.window,), jnp.float32)
+            ).compile()
+        return acc
+
+    def fold(self, acc, buffer: np.ndarray, j: int, c: float):
+        """Folds group j, read into ``buffer`` (uint8 host array), into acc (donated)."""
+        x = buffer[: self.buffer_bytes(j)].view(self.dtype)
+        w, c = self.window, np.float32(c)
+        for k in range(0, self.sizes[j], w):
+            window = jax.device_put(x[k : k + w], self.sharding)  # aliases the buffer: 64-byte aligned
+            acc = self._update(acc, window, np.int32(self.offsets[j] + k), np.int32(self.sizes[j] - k), c)
+        return acc
+
+    def leaves(self, acc) -> list:
+        """The merged leaves in their saved dtype: views of the packed result, placed on the device
+        without a copy (64-byte aligned); each keeps the packed buffer alive."""
+        if self.dtype != jnp.float32:
+            acc = _leaf_cast(self.sharding, self.dtype)(acc)
+        host = np.asarray(acc).view(np.uint8)  # [N + W] elements: the slack is never viewed
+        itemsize = self.dtype.itemsize
+        views = []
+        for g, off in zip(self.groups, self.offsets):
+            views += _leaf_views(host, g, self.abstract, base=off * itemsize)
+        return jax.device_put(views, [self.sharding] * len(views))
 
 
 def _read_model_json(directory: str) -> dict:
@@ -211,110 +284,151 @@ def _restore_member(directory: str, target: PyTree) -> tuple[list, str]:
     return leaves, step_dir
 
 
-def _read_member(directory: str, step: int, buffers: dict[str, np.ndarray]) -> tuple[str, Exception | None]:
-    """Loader thread: reads member ``directory``'s step into ``buffers`` (leaf path → host array).
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """Leaves [start, stop) of the flat params, read, checked and folded in together.
 
-    Returns (step directory, None), or (step directory, the reason) when the direct read cannot
-    be used or failed, so that the main thread falls back to the Orbax restore.
-    """
-    step_dir = os.path.join(directory, "ckpt", str(step))
-    if jax.process_count() > 1:  # each process would read whole arrays; Orbax reads its shards only
-        return step_dir, checkpoints.DirectReadUnsupported("several jax processes")
-    try:
-        checkpoints.read_state_into(step_dir, buffers)
-    except (checkpoints.DirectReadUnsupported, checkpoints.CheckpointCorruptError) as e:
-        return step_dir, e
-    return step_dir, None
-
-
-class _Slot:
-    """One set of host buffers a member is read into, reused for every other member.
-
-    buffers: leaf path → host array [saved shape] (what TensorStore fills and the manifest checks).
-    host: the arrays placed on device and folded in: the buffers in leaf order, or, packed, one
-      [N] array that every buffer is a 64-byte-aligned view of.
+    offsets: byte offset of each leaf in a group buffer (64-byte aligned, in leaf order);
+    nbytes: the bytes of the buffer the group spans (a multiple of 64).
     """
 
-    def __init__(self, paths: list[str], abstract_leaves: list, packed: bool):
-        self.packed = packed
-        if packed:
-            offsets, n = _packed_offsets(abstract_leaves)
-            flat = checkpoints.aligned_empty((n,), abstract_leaves[0].dtype)
-            views = [flat[o : o + x.size].reshape(x.shape) for o, x in zip(offsets, abstract_leaves)]
-            self.buffers, self.host = dict(zip(paths, views)), [flat]
-        else:
-            self.buffers = {p: checkpoints.aligned_empty(x.shape, x.dtype) for p, x in zip(paths, abstract_leaves)}
-            self.host = [self.buffers[p] for p in paths]
+    start: int
+    stop: int
+    offsets: tuple[int, ...]
+    nbytes: int
 
 
-def _packed_offsets(abstract_leaves: list) -> tuple[list[int], int]:
-    """Element offsets of the leaves in one packed [N] array (each on a 64-byte boundary), and N."""
-    align = max(1, 64 // np.dtype(abstract_leaves[0].dtype).itemsize)
-    offsets, n = [], 0
-    for x in abstract_leaves:
+def _nbytes(x) -> int:
+    return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def _leaf_groups(abstract_leaves: list, chunk_bytes: int) -> list[_Group]:
+    """Consecutive leaves in groups of at most ``chunk_bytes`` (a larger leaf is a group of its own)."""
+    groups, start, offsets, n = [], 0, [], 0
+    for i, x in enumerate(abstract_leaves):
+        size = -(-_nbytes(x) // _ALIGN) * _ALIGN
+        if offsets and n + size > chunk_bytes:
+            groups.append(_Group(start, i, tuple(offsets), n))
+            start, offsets, n = i, [], 0
         offsets.append(n)
-        n += -(-int(np.prod(x.shape, dtype=np.int64)) // align) * align
-    return offsets, max(n, 1)
+        n += size
+    groups.append(_Group(start, len(abstract_leaves), tuple(offsets), n))
+    return groups
 
 
-def _take_member(directory: str, target: PyTree, read: tuple[str, Exception | None], slot: _Slot, shardings):
-    """(the member's arrays on device [``slot.host`` in ``shardings``], its params sha256), read by
-    ``_read_member``.
+def _leaf_views(buffer: np.ndarray, group: _Group, abstract_leaves: list, base: int = 0) -> list[np.ndarray]:
+    """The group's leaves [saved shapes] as views of a uint8 buffer, the first ``base`` bytes in."""
+    leaves = abstract_leaves[group.start : group.stop]
+    return [
+        buffer[base + o : base + o + _nbytes(x)].view(np.dtype(x.dtype)).reshape(x.shape)
+        for o, x in zip(group.offsets, leaves)
+    ]
 
-    The buffers are checked against the step's hash manifest (the check ``Checkpointer.restore``
-    makes) and placed on device; on CPU the arrays alias the buffers, so they must be dropped
-    before the buffers are read into again. If the direct read failed or does not verify, the
-    member is restored through Orbax instead (which falls back past a corrupt step to an older
-    one that verifies, or raises naming the checkpoint and the array): its arrays are used as they
-    are, or, packed (one CPU device), copied into the buffers.
+
+class _Member:
+    """One member being folded in, group by group: read directly and checked against its manifest
+    per group, or, once a direct read cannot be used or does not verify, restored whole through
+    Orbax (which falls back past a corrupt step to an older one that verifies, or raises naming
+    the checkpoint and the array) and taken from that.
     """
-    step_dir, error = read
-    if error is None:
-        try:
-            checkpoints.check_buffers(step_dir, slot.buffers)
-        except (checkpoints.DirectReadUnsupported, checkpoints.CheckpointCorruptError) as e:
-            error = e
-    if error is None:
-        arrays = jax.device_put(slot.host, list(shardings))
-    else:
+
+    def __init__(self, directory: str, step_dir: str, target: PyTree):
+        self.directory, self.step_dir, self.target = directory, step_dir, target
+        self.fallback: list | None = None  # the Orbax-restored leaves, in flat order
+        self.saved = _single_manifest_leaves(step_dir)  # the manifest's "leaves"
+        # The params sha256 from the manifest: a direct read never holds the whole member to hash.
+        self.sha256 = None if self.saved is None else checkpoints.tree_sha256_of_entries(self.saved, prefix="params/")
+
+    def take(self, j: int, group: _Group, error, host: dict, shardings: list | None) -> list | None:
+        """Group ``j``, checked, in ``host`` (leaf path → view of a group buffer, which holds it
+        when ``error`` — why the loader could not read it — is None).
+
+        Returns the group's leaves on device in ``shardings``, or, with ``shardings`` None (the
+        packed fold reads the buffer itself), None once ``host`` holds the verified leaves. On CPU
+        the arrays alias the buffer: drop them before the buffer is read into again.
+        """
+        if self.fallback is None:
+            if error is None and self.sha256 is None:
+                error = checkpoints.DirectReadUnsupported(f"{self.step_dir}: no whole-tree hash in its manifest")
+            if error is None:
+                try:
+                    checkpoints.check_buffers(self.step_dir, host, self.saved)
+                except (checkpoints.DirectReadUnsupported, checkpoints.CheckpointCorruptError) as e:
+                    error = e
+            if error is None:
+                return None if shardings is None else jax.device_put(list(host.values()), shardings)
+            self._restore(j, error)
+        leaves = self.fallback[group.start : group.stop]
+        if shardings is not None:
+            return leaves
+        for buffer, leaf in zip(host.values(), leaves):  # both in the flat order of the params tree
+            np.copyto(buffer, np.asarray(leaf))
+        return None
+
+    def _restore(self, j: int, error: Exception) -> None:
         if isinstance(error, checkpoints.CheckpointCorruptError):
-            log.warning("%s; restoring %s through Orbax", error, directory)
-        leaves, step_dir = _restore_member(directory, target)
-        if slot.packed:
-            # Both in the flat order of the params tree (the buffers were made in that order).
-            for buffer, leaf in zip(slot.buffers.values(), leaves):
-                np.copyto(buffer, np.asarray(leaf))
-            del leaves
-            arrays = jax.device_put(slot.host, list(shardings))
-        else:
-            arrays = leaves
-    member_sha = _manifest_params_hash(step_dir)
-    if member_sha is None and slot.packed:  # the same paths as the params tree: tree_sha256 only sees paths
-        member_sha = checkpoints.tree_sha256({p[len("params/") :]: b for p, b in slot.buffers.items()})
-    elif member_sha is None:
-        member_sha = checkpoints.tree_sha256(
-            jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target["params"]), arrays)
+            log.warning("%s; restoring %s through Orbax", error, self.directory)
+        leaves, step_dir = _restore_member(self.directory, self.target)
+        if j > 0 and os.path.realpath(step_dir) != os.path.realpath(self.step_dir):
+            raise checkpoints.CheckpointCorruptError(
+                f"{error}; part of {self.step_dir} had been averaged already, and Orbax falls back to "
+                f"{step_dir}: delete {self.step_dir} and average again"
+            )
+        self.fallback, self.step_dir = leaves, step_dir
+        self.sha256 = _manifest_params_hash(step_dir) or checkpoints.tree_sha256(
+            jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self.target["params"]), leaves)
         )
-    return arrays, member_sha
 
 
-def average_checkpoints(dirs: Sequence[str], *, mesh, weights: Sequence[float] | None = None, rules=None):
-    """Streams K ``save_params`` checkpoints into their weighted average, folded in one at a time.
+def _open_member(step_dir: str, specs: dict) -> checkpoints.StateReader | Exception:
+    """Loader thread: the member's arrays opened for direct reads, or why they cannot be read so
+    (the main thread then restores the member through Orbax)."""
+    if jax.process_count() > 1:  # each process would read whole arrays; Orbax reads its shards only
+        return checkpoints.DirectReadUnsupported("several jax processes")
+    try:
+        return checkpoints.StateReader(step_dir, specs)
+    except (checkpoints.DirectReadUnsupported, checkpoints.CheckpointCorruptError) as e:
+        return e
 
-    Member k + 1 is restored (read, decoded, checked against its hash manifest) on a background
-    thread while member k is folded in, so peak memory is the float32 accumulator plus two
-    members, whatever K is.
+
+def _read_group(reader: checkpoints.StateReader | Exception, buffers: dict[str, np.ndarray]) -> Exception | None:
+    """Loader thread: a group's arrays into ``buffers``; None, or why they could not be read."""
+    if isinstance(reader, Exception):
+        return reader
+    try:
+        reader.read_into(buffers)
+    except checkpoints.CheckpointCorruptError as e:
+        return e
+    return None
+
+
+def average_checkpoints(
+    dirs: Sequence[str],
+    *,
+    mesh,
+    weights: Sequence[float] | None = None,
+    rules=None,
+    chunk_bytes: int = CHUNK_BYTES,
+):
+    """Streams K ``save_params`` checkpoints into their weighted average, a group of leaves at a time.
+
+    Each member is read in groups of consecutive leaves (``chunk_bytes`` each, a larger leaf alone)
+    into one of two reused host buffers; group j + 1 is read (TensorStore, on a background thread)
+    while group j is checked against its hash manifest, placed in the sharded target and folded
+    into the float32 running mean. Peak memory is the accumulator plus two groups, whatever K is.
 
     Args:
       dirs: member directories (``model.json`` + ``ckpt/``), e.g. WORKDIR/rm/members/<i>.
       mesh: target mesh; params are restored and averaged in the rules' sharding on it.
       weights: one per member, non-negative (normalised); members with weight 0 are not read.
+      chunk_bytes: bytes per group read and folded at once.
     Returns:
       (model_cfg, graphdef, params, info) with info = {"members", "weights", "hashes", "meta"}:
       the directories, normalised weights, each member's params sha256 (``tree_sha256``) and
       model.json contents.
     Raises:
-      MergeError naming the first mismatching leaf (or config field), before anything is read.
+      MergeError naming the first mismatching leaf (or config field), before anything is read;
+      CheckpointCorruptError naming the checkpoint and the array that does not verify.
     """
     dirs = [os.fspath(d) for d in dirs]
     if not dirs:
@@ -335,72 +449,92 @@ def average_checkpoints(dirs: Sequence[str], *, mesh, weights: Sequence[float] |
     flat_sh, treedef = jax.tree_util.tree_flatten(shardings)
     flat_abstract = jax.tree_util.tree_leaves(abstract)
     dtypes = [jnp.dtype(x.dtype) for x in flat_abstract]
-
-    todo = [(d, float(wk)) for d, wk in zip(dirs, w) if wk > 0]
     paths = [f"params/{checkpoints.leaf_path(p)}" for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
-    # Everything on one CPU device in one dtype (a merge on a CPU host): fold the members as ONE
-    # packed [N] array: one program to compile and one call per member instead of one per leaf
-    # shape and per leaf; the merged leaves are views of the packed result.
-    # (On one device every leaf's sharding is that device, whatever its spec says.)
+    specs = {p: (tuple(x.shape), x.dtype) for p, x in zip(paths, flat_abstract)}
+    groups = _leaf_groups(flat_abstract, chunk_bytes)
+
+    # Everything on one CPU device in one dtype (a merge on a CPU host): one packed accumulator and
+    # one fold program (`_PackedFold`); otherwise one accumulator and program per leaf (`_LeafFold`).
+    # (On one device every leaf's sharding is that device, whatever its spec says.) The packed
+    # fold's offsets are int32: models of 2^31 elements and more (~8B) are folded leaf by leaf.
     devices = {d for s in flat_sh for d in s.device_set}
     packed = (
         jax.process_count() == 1
         and len(devices) == 1
         and next(iter(devices)).platform == "cpu"
         and len(set(dtypes)) == 1
+        and 2 * sum(g.nbytes for g in groups) // dtypes[0].itemsize < 2**31
     )
-    fold_abstract = [jax.ShapeDtypeStruct((_packed_offsets(flat_abstract)[1],), dtypes[0])] if packed else flat_abstract
-    fold_sh = [jax.sharding.SingleDeviceSharding(next(iter(devices)))] if packed else flat_sh
-    fold_dtypes = dtypes[:1] if packed else dtypes
-    # Two sets of host buffers [the saved shapes], reused: member k is read into set k % 2. Each is
-    # allocated by the loader when first needed, so that this overlaps with compiling.
-    slots: list[_Slot | None] = [None, None]
+    if packed:
+        one = jax.sharding.SingleDeviceSharding(next(iter(devices)))
+        fold = _PackedFold(groups, flat_abstract, one, dtypes[0], chunk_bytes)
+    else:
+        fold = _LeafFold(groups, flat_abstract, flat_sh, dtypes)
 
-    def slot(k: int) -> _Slot:
-        if slots[k] is None:
-            slots[k] = _Slot(paths, flat_abstract, packed)
-        return slots[k]
+    todo = [(d, float(wk)) for d, wk in zip(dirs, w) if wk > 0]
+    items = [(i, j) for i in range(len(todo)) for j in range(len(groups))]
+    # Two host buffers of the largest group (in whole windows when packed), reused: item n is read into
+    # buffer n % 2. Each is allocated by the loader when first needed, overlapping the compiles.
+    buffers: list[np.ndarray | None] = [None, None]
+    buffer_bytes = max(fold.buffer_bytes(j) for j in range(len(groups)))
+
+    def buffer(n: int) -> np.ndarray:
+        if buffers[n % 2] is None:
+            buffers[n % 2] = checkpoints.aligned_empty((buffer_bytes,), np.uint8)
+        return buffers[n % 2]
+
+    def group_buffers(n: int) -> dict[str, np.ndarray]:
+        j = items[n][1]
+        g = groups[j]
+        return dict(zip(paths[g.start : g.stop], _leaf_views(buffer(n), g, flat_abstract)))
+
+    step_dirs = [os.path.join(d, "ckpt", str(steps[d])) for d, _ in todo]
+    readers: dict[int, Any] = {}  # loader thread only: member index -> StateReader | Exception
+
+    def load(n: int) -> Exception | None:
+        i, j = items[n]
+        if j == 0:
+            readers[i] = _open_member(step_dirs[i], specs)
+        reader = readers[i] if j + 1 < len(groups) else readers.pop(i)
+        return _read_group(reader, group_buffers(n))
 
     seen, hashes = 0.0, {}
-    # Two stages: a loader thread reads member k + 1 into one buffer set (file reads and
-    # TensorStore release the GIL) while member k, in the other, is checked against its hash
-    # manifest (hashlib releases the GIL too), placed on device and folded in here. Members are
-    # taken in order, so the result is the sequential one bit for bit. Memory: the accumulator
-    # and the two buffer sets, whatever K is; a read into a set starts only once the member it
-    # held is folded in and dropped.
+    # Two stages: a loader thread reads item n + 1 into one buffer (file reads and TensorStore
+    # release the GIL) while item n, in the other, is checked against its hash manifest (hashing
+    # releases the GIL too), placed on device and folded in here. Members and groups are taken in
+    # order, so the result is the sequential one bit for bit. A read into a buffer starts only once
+    # the group it held is folded in and dropped.
     with (
         concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="warm-read") as loader,
         concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="warm-compile") as compiler,
     ):
-        read = lambda i: loader.submit(lambda: _read_member(todo[i][0], steps[todo[i][0]], slot(i % 2).buffers))
-        pending = read(0)
-        if len(todo) > 1:
-            loader.submit(slot, 1)  # queued behind member 0's read, so not in member 1's read's way
-        # Compile and allocate the accumulator while member 0 is read and checked.
-        compiled = compiler.submit(_precompile, fold_abstract, fold_sh, fold_dtypes)
+        pending = loader.submit(load, 0)
+        if len(items) > 1:
+            loader.submit(buffer, 1)  # queued behind the first read, so not in its way
+        # Compile and allocate the accumulator while the first group is read and checked.
+        prepared = compiler.submit(fold.prepare)
         acc = None
-        for i, (d, wk) in enumerate(todo):
-            done = pending.result()
-            pending = read(i + 1) if i + 1 < len(todo) else None
-            leaves, hashes[d] = _take_member(d, target, done, slots[i % 2], fold_sh)
-            acc = compiled.result() if acc is None else acc
-            seen += wk
-            acc = _fold_in(acc, leaves, fold_sh, wk / seen)  # the first member: wk / seen == 1, copied
-            # Wait for the fold (dispatch is asynchronous): the leaves alias buffer set i % 2,
-            # which the loader fills with member i + 2 once the next iteration starts.
+        for n, (i, j) in enumerate(items):
+            error = pending.result()
+            pending = loader.submit(load, n + 1) if n + 1 < len(items) else None
+            d, wk = todo[i]
+            g = groups[j]
+            if j == 0:
+                member = _Member(d, step_dirs[i], target)
+                seen += wk
+            host = group_buffers(n)
+            arrays = member.take(j, g, error, host, None if packed else flat_sh[g.start : g.stop])
+            acc = prepared.result() if acc is None else acc
+            acc = fold.fold(acc, buffer(n) if packed else arrays, j, wk / seen)  # the first member: copied in
+            # Wait for the fold (dispatch is asynchronous): the arrays may alias the buffer, which
+            # the loader fills again once the next iteration starts.
             acc = jax.block_until_ready(acc)
-            del leaves
-    slots.clear()  # the host buffers are no longer needed
-    cast = [x if d == jnp.float32 else _leaf_cast(s, d)(x) for x, s, d in zip(acc, fold_sh, fold_dtypes)]
+            del arrays, host
+            if j + 1 == len(groups):
+                hashes[d] = member.sha256
+    buffers.clear()  # the host buffers are no longer needed
+    cast = fold.leaves(acc)
     del acc
-    if packed:
-        # Views of the packed result, placed on the device without a copy (they are 64-byte aligned);
-        # each keeps the packed buffer alive.
-        host = np.asarray(cast[0])
-        offsets, _ = _packed_offsets(flat_abstract)
-        views = [host[o : o + x.size].reshape(x.shape) for o, x in zip(offsets, flat_abstract)]
-        cast = jax.device_put(views, list(flat_sh))
-        del host, views
     params = jax.tree_util.tree_unflatten(treedef, cast)
     info = {"members": dirs, "weights": [float(x) for x in w], "hashes": hashes, "meta": metas}
     return model_cfg, graphdef, params, info

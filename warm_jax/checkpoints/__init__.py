@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
-from warm_jax.checkpoints.direct_read import aligned_empty, check_buffers, read_state_into
+from warm_jax.checkpoints.direct_read import StateReader, aligned_empty, check_buffers, read_state_into
 from warm_jax.checkpoints.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -60,6 +60,7 @@ __all__ = [
     "Checkpointer",
     "DirectReadUnsupported",
     "NonFiniteStateError",
+    "StateReader",
     "aligned_empty",
     "check_buffers",
     "describe_leaves",

@@ -3,9 +3,9 @@
 `Checkpointer.restore` goes through Orbax, which reads every array into a fresh zero-filled numpy
 array and then copies it into a fresh device buffer: two new allocations of the whole state per
 restore, whose page faults cost more than the reads themselves on a CPU host (~1 s per GB). A
-caller streaming many same-shaped checkpoints (`checkpoint_averaging.average_checkpoints`) reads them here
-into buffers it reuses instead, then places them on device itself (`jax.device_put` of a
-64-byte-aligned numpy array on CPU aliases it instead of copying).
+caller streaming many same-shaped checkpoints (`checkpoint_averaging.average_checkpoints`) reads them here,
+a group of arrays at a time, into buffers it reuses instead, then places them on device itself
+(`jax.device_put` of a 64-byte-aligned numpy array on CPU aliases it instead of copying).
 """
 
 from __future__ import annotations
@@ -43,89 +43,112 @@ def aligned_empty(shape: Sequence[int], dtype: Any, align: int = 64) -> np.ndarr
     return raw[start : start + nbytes].view(dtype).reshape(tuple(shape))
 
 
-def read_state_into(step_dir: str | os.PathLike, buffers: dict[str, np.ndarray]) -> None:
-    """Reads saved arrays of a step's `state` item into ``buffers`` with TensorStore (no Orbax, no copies).
+class StateReader:
+    """A step's saved arrays of the `state` item, opened once with TensorStore (no Orbax) and read
+    into caller-owned host buffers, all at once or a few at a time.
 
-    buffers: leaf path (e.g. 'params/layer_0/attn/wq') -> host array of the saved shape and dtype,
-      overwritten. Only checked against the manifest by `check_buffers`.
+    specs: leaf path (e.g. 'params/layer_0/attn/wq') -> (shape, dtype) of every array to read.
     Raises DirectReadUnsupported when the step is not a local, single-process OCDBT checkpoint
-    (use `Checkpointer.restore`), CheckpointCorruptError naming the arrays that cannot be opened
-    or read, or whose saved shape/dtype differ from the buffer's. Every read has finished (or
-    failed) when this returns or raises, so the buffers may be reused right away.
+    (use `Checkpointer.restore`), CheckpointCorruptError naming the arrays that cannot be opened or
+    whose saved shape/dtype differ from the spec's.
     """
-    import tensorstore as ts  # noqa: PLC0415 - Orbax's own dependency; only needed here
 
-    path = os.fspath(step_dir)
-    if "://" in path:
-        raise DirectReadUnsupported(f"{path}: not a local path")
-    state_dir = os.path.join(os.path.abspath(path), _STATE)
-    manifests = list((epath.Path(path) / manifest.MANIFEST).glob(manifest.MANIFEST_GLOB))
-    if len(manifests) != 1:
-        raise DirectReadUnsupported(f"{path}: {len(manifests)} process manifests")
-    try:
-        with open(os.path.join(state_dir, "_METADATA")) as f:
-            meta = json.load(f)
-        names = {}
-        for entry in meta["tree_metadata"].values():
-            keys = [str(k["key"]) for k in entry["key_metadata"]]
-            names["/".join(keys)] = ".".join(keys)  # Orbax names an array by its key path joined with '.'
-        use_ocdbt, use_zarr3 = bool(meta["use_ocdbt"]), bool(meta.get("use_zarr3"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DirectReadUnsupported(f"{path}: unreadable Orbax metadata: {e}") from e
-    if not use_ocdbt or not set(buffers) <= set(names):
-        raise DirectReadUnsupported(f"{path}: not OCDBT, or the buffers are not the saved arrays")
-    resources = {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 10**8}}
-    try:
-        # Read the (finalised, never rewritten) files through memory maps: TensorStore then decodes
-        # straight from the page cache into the buffers, instead of read() into fresh buffers of its
-        # own first (2-3x less time and 4x less system time per checkpoint here).
-        context = ts.Context({**resources, "file_io_mode": {"mode": "memmap"}})
-    except ValueError:  # a TensorStore without the option
-        context = ts.Context(resources)
-    spec = lambda name: {
-        "driver": "zarr3" if use_zarr3 else "zarr",
-        "kvstore": {"driver": "ocdbt", "base": f"file://{state_dir}/", "path": name + "/"},
-        "recheck_cached_data": False,
-        "recheck_cached_metadata": False,
-    }
-    paths = sorted(buffers)
-    opening = [ts.open(spec(names[p]), read=True, open=True, context=context) for p in paths]
-    stores, bad, first = [], [], None
-    for p, fut in zip(paths, opening):  # all opened before any read starts: nothing is left running
+    def __init__(self, step_dir: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], Any]]):
+        import tensorstore as ts  # noqa: PLC0415 - Orbax's own dependency; only needed here
+
+        self._ts = ts
+        path = self.path = os.fspath(step_dir)
+        if "://" in path:
+            raise DirectReadUnsupported(f"{path}: not a local path")
+        state_dir = os.path.join(os.path.abspath(path), _STATE)
+        manifests = list((epath.Path(path) / manifest.MANIFEST).glob(manifest.MANIFEST_GLOB))
+        if len(manifests) != 1:
+            raise DirectReadUnsupported(f"{path}: {len(manifests)} process manifests")
         try:
-            t = fut.result()
-            if tuple(t.shape) != buffers[p].shape or t.dtype.numpy_dtype != buffers[p].dtype:
-                raise CheckpointCorruptError(f"saved as {t.dtype.numpy_dtype}{list(t.shape)}")
-            stores.append(t)
-        except Exception as e:  # noqa: BLE001 - TensorStore raises several types on bad bytes
-            bad.append(p)
-            first = first or e
-    if bad:
-        raise CheckpointCorruptError(f"{path}: cannot open array(s) {bad[:10]}: {short_error(first)}")
-    # ts.array(buffer) refers to the buffer's memory: the write fills it in place.
-    reading = [ts.array(buffers[p]).write(t) for p, t in zip(paths, stores)]
-    for p, fut in zip(paths, reading):  # wait for every read, even after a failure
+            with open(os.path.join(state_dir, "_METADATA")) as f:
+                meta = json.load(f)
+            names = {}
+            for entry in meta["tree_metadata"].values():
+                keys = [str(k["key"]) for k in entry["key_metadata"]]
+                names["/".join(keys)] = ".".join(keys)  # Orbax names an array by its key path joined with '.'
+            use_ocdbt, use_zarr3 = bool(meta["use_ocdbt"]), bool(meta.get("use_zarr3"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DirectReadUnsupported(f"{path}: unreadable Orbax metadata: {e}") from e
+        if not use_ocdbt or not set(specs) <= set(names):
+            raise DirectReadUnsupported(f"{path}: not OCDBT, or the buffers are not the saved arrays")
+        resources = {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 10**8}}
         try:
-            fut.result()
-        except Exception as e:  # noqa: BLE001
-            bad.append(p)
-            first = first or e
-    if bad:
-        raise CheckpointCorruptError(f"{path}: cannot read array(s) {bad[:10]}: {short_error(first)}")
+            # Read the (finalised, never rewritten) files through memory maps: TensorStore then decodes
+            # straight from the page cache into the buffers, instead of read() into fresh buffers of its
+            # own first (2-3x less time and 4x less system time per checkpoint here).
+            context = ts.Context({**resources, "file_io_mode": {"mode": "memmap"}})
+        except ValueError:  # a TensorStore without the option
+            context = ts.Context(resources)
+        spec = lambda name: {
+            "driver": "zarr3" if use_zarr3 else "zarr",
+            "kvstore": {"driver": "ocdbt", "base": f"file://{state_dir}/", "path": name + "/"},
+            "recheck_cached_data": False,
+            "recheck_cached_metadata": False,
+        }
+        paths = sorted(specs)
+        opening = [ts.open(spec(names[p]), read=True, open=True, context=context) for p in paths]
+        self._stores, bad, first = {}, [], None
+        for p, fut in zip(paths, opening):  # all opened before any read starts: nothing is left running
+            try:
+                t = fut.result()
+                shape, dtype = specs[p]
+                if tuple(t.shape) != tuple(shape) or t.dtype.numpy_dtype != np.dtype(dtype):
+                    raise CheckpointCorruptError(f"saved as {t.dtype.numpy_dtype}{list(t.shape)}")
+                self._stores[p] = t
+            except Exception as e:  # noqa: BLE001 - TensorStore raises several types on bad bytes
+                bad.append(p)
+                first = first or e
+        if bad:
+            raise CheckpointCorruptError(f"{path}: cannot open array(s) {bad[:10]}: {short_error(first)}")
+
+    def read_into(self, buffers: dict[str, np.ndarray]) -> None:
+        """Overwrites ``buffers`` (path -> host array of the spec's shape and dtype; any subset of the
+        specs) with the saved arrays. Only checked against the manifest by `check_buffers`.
+
+        Raises CheckpointCorruptError naming the arrays that cannot be read. Every read has finished
+        (or failed) when this returns or raises, so the buffers may be reused right away.
+        """
+        paths = sorted(buffers)
+        # ts.array(buffer) refers to the buffer's memory: the write fills it in place.
+        reading = [self._ts.array(buffers[p]).write(self._stores[p]) for p in paths]
+        bad, first = [], None
+        for p, fut in zip(paths, reading):  # wait for every read, even after a failure
+            try:
+                fut.result()
+            except Exception as e:  # noqa: BLE001
+                bad.append(p)
+                first = first or e
+        if bad:
+            raise CheckpointCorruptError(f"{self.path}: cannot read array(s) {bad[:10]}: {short_error(first)}")
 
 
-def check_buffers(step_dir: str | os.PathLike, buffers: dict[str, np.ndarray]) -> None:
-    """Checks arrays read by `read_state_into` against the step's manifest, as `Checkpointer.restore` does.
+def read_state_into(step_dir: str | os.PathLike, buffers: dict[str, np.ndarray]) -> None:
+    """Reads saved arrays of a step's `state` item into ``buffers`` (leaf path -> host array of the
+    saved shape and dtype, overwritten): `StateReader` opened and read once."""
+    StateReader(step_dir, {p: (b.shape, b.dtype) for p, b in buffers.items()}).read_into(buffers)
 
-    The arrays are hashed on a few threads (xxh3-128, or sha256 for manifests without it). Raises
+
+def check_buffers(
+    step_dir: str | os.PathLike, buffers: dict[str, np.ndarray], saved: dict[str, dict] | None = None
+) -> None:
+    """Checks arrays read by `StateReader` against the step's manifest, as `Checkpointer.restore` does.
+
+    The arrays are hashed on a few threads (xxh3-128, or sha256 for manifests without it).
+    ``saved``: the manifest's "leaves" when the caller has read it already (it is read otherwise). Raises
     CheckpointCorruptError naming the first array (in path order) that does not match,
     DirectReadUnsupported when the manifest has no whole-array hash to compare with (arrays saved
     per shard by several processes).
     """
-    manifests = manifest.read_manifests(epath.Path(os.fspath(step_dir)))
-    if len(manifests) != 1:
-        raise DirectReadUnsupported(f"{step_dir}: {len(manifests)} process manifests")
-    saved = next(iter(manifests.values()))["leaves"]
+    if saved is None:
+        manifests = manifest.read_manifests(epath.Path(os.fspath(step_dir)))
+        if len(manifests) != 1:
+            raise DirectReadUnsupported(f"{step_dir}: {len(manifests)} process manifests")
+        saved = next(iter(manifests.values()))["leaves"]
     paths = sorted(buffers)
     for p in paths:
         entry = saved.get(p)
