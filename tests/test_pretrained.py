@@ -72,8 +72,8 @@ def test_smollm2_shape_matches_gguf_and_gin_file(smollm2):
         # config.parse registers every configurable first (base_model lives in the pretrain module).
         config.parse([os.path.join(REPO, "gin", "models", "smollm2_135m.gin")])
         gin_cfg = tr.ModelConfig()
-        # The layout fields are ours to choose (`import_model` passes the gin ones to load_pretrained); the rest is the GGUF's.
-        assert gin_cfg == dataclasses.replace(cfg, **{f: getattr(gin_cfg, f) for f in tr.LAYOUT_FIELDS})
+        # The run fields are ours to choose (`import_model` passes the gin ones to load_pretrained); the rest is the GGUF's.
+        assert gin_cfg == dataclasses.replace(cfg, **{f: getattr(gin_cfg, f) for f in tr.RUN_FIELDS})
         assert gin_cfg.scan_layers and gin_cfg.remat and gin_cfg.remat_policy == "minimal"
     finally:
         gin.clear_config()
@@ -218,6 +218,22 @@ def test_hf_directory_loads_sharded_with_deterministic_heads(tmp_path):
     )
     assert float(np.std(np.asarray(again["reward_head"]["kernel"]))) == pytest.approx(TINY.init_std, rel=0.5)
     np.testing.assert_array_equal(np.asarray(again["reward_head"]["bias"]), [0.0])
+
+
+def test_run_fields_choose_precision_not_shape(tmp_path):
+    """How the decoder runs is ours (gin's, in `import_model`): bf16 activations over float32 weights
+    (mixed precision, as RM training wants), or bf16 weights; other fields are rejected."""
+    params = _write_tiny_hf_dir(tmp_path / "m")
+    cfg, graphdef, mixed, _ = pt.load_pretrained(str(tmp_path / "m"), dtype="bfloat16")
+    assert cfg == dataclasses.replace(TINY, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(mixed)} == {np.dtype("float32")}
+    np.testing.assert_array_equal(np.asarray(mixed["embed"]), params["embed"])
+    out = logits_lib.text_logits(logits_lib.make_forward(graphdef), mixed, [1, 5, 9, 3], length=8)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    _, _, half, _ = pt.load_pretrained(str(tmp_path / "m"), dtype="bfloat16", param_dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(half)} == {np.dtype("bfloat16")}
+    with pytest.raises(TypeError, match="d_model"):
+        pt.load_pretrained(str(tmp_path / "m"), d_model=64)
 
 
 def test_hf_directory_loads_in_the_scan_layers_layout(tmp_path):

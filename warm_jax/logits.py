@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from warm_jax.models.pretrained import load_pretrained
 
     try:
-        _, graphdef, params, tokenizer = load_pretrained(args.model, dtype=args.dtype)
+        _, graphdef, params, tokenizer = load_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

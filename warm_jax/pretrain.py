@@ -183,10 +183,11 @@ def run_import(ctx: RunContext) -> None:
     from warm_jax.models import pretrained
 
     name = base_model()
-    # The checkpoint fixes the model's shape; how our decoder lays out and runs the layers comes from gin.
-    layout = tr.ModelConfig()
+    # The checkpoint fixes the model's shape; how our decoder stores and runs it (precision, attention
+    # kernel, layer layout) comes from gin, as for a model pretrained here.
+    run = tr.ModelConfig()
     model_cfg, _, params, tok = pretrained.load_pretrained(
-        name, mesh=ctx.mesh, **{f: getattr(layout, f) for f in tr.LAYOUT_FIELDS}
+        name, mesh=ctx.mesh, **{f: getattr(run, f) for f in tr.RUN_FIELDS}
     )
     params_io.save_params(
         ctx.path("pretrain", "imported"), params, model_cfg=model_cfg, meta={"source": name}, tokenizer_dir=None

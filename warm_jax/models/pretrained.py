@@ -82,9 +82,7 @@ class HFCheckpoint:
 # ------------------------------------------------------------------------------------------ public API
 
 
-def load_pretrained(
-    name_or_dir: str, *, mesh=None, dtype: str = "float32", **layout
-) -> tuple[tr.ModelConfig, Any, dict, Tokenizer]:
+def load_pretrained(name_or_dir: str, *, mesh=None, **run) -> tuple[tr.ModelConfig, Any, dict, Tokenizer]:
     """Imports a real pretrained model into our decoder.
 
     Args:
@@ -92,21 +90,21 @@ def load_pretrained(
         directory (config.json, *.safetensors, tokenizer.json).
       mesh: when given, parameters are placed with the logical-axis rules on this mesh; otherwise on
         the default device.
-      dtype: parameter and activation dtype ('float32', 'bfloat16').
-      **layout: how our decoder stores and runs the layers (``ModelConfig.scan_layers``, ``remat``,
-        ``remat_policy``: ``tr.LAYOUT_FIELDS``, which the checkpoint cannot know); with ``scan_layers``
-        the params come in the stacked layout.
+      **run: how our decoder stores and runs the model (``tr.RUN_FIELDS`` of ``ModelConfig``, which the
+        checkpoint cannot know: ``dtype`` of activations, ``param_dtype`` the weights are cast to,
+        ``attention``, ``scan_layers``, ``remat``, ``remat_policy``); unnamed ones keep ModelConfig's
+        defaults (float32). With ``scan_layers`` the params come in the stacked layout.
     Returns:
       (model config, graphdef, params pure dict, tokenizer).
     """
-    if unknown := set(layout) - set(tr.LAYOUT_FIELDS):
-        raise TypeError(f"load_pretrained: {sorted(unknown)} are not layout fields ({', '.join(tr.LAYOUT_FIELDS)})")
+    if unknown := set(run) - set(tr.RUN_FIELDS):
+        raise TypeError(f"load_pretrained: {sorted(unknown)} are not run fields ({', '.join(tr.RUN_FIELDS)})")
     ckpt = read_checkpoint(name_or_dir)
-    cfg = dataclasses.replace(ckpt.cfg, dtype=dtype, param_dtype=dtype, **layout)
+    cfg = dataclasses.replace(ckpt.cfg, **run)
     graphdef, abstract, axes = tr.abstract_model(cfg)
     host = hf_to_params(ckpt.tensors, cfg, source=ckpt.source, reward_bias=ckpt.reward_bias)
     _check_tree(host, abstract, ckpt.source)
-    host = jax.tree.map(lambda x: np.asarray(x, dtype=jnp.dtype(dtype)), host)
+    host = jax.tree.map(lambda x: np.asarray(x, dtype=jnp.dtype(cfg.param_dtype)), host)
     if mesh is None:
         params = jax.tree.map(jnp.asarray, host)
     else:

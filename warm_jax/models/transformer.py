@@ -58,9 +58,9 @@ REMAT_POLICIES = {
 }
 
 
-# ModelConfig fields that choose how our decoder stores and runs the layers, not what it computes: a
-# checkpoint does not fix them (the importer takes them from gin).
-LAYOUT_FIELDS = ("scan_layers", "remat", "remat_policy")
+# ModelConfig fields that choose how our decoder stores and runs a model (precision, attention kernel, layer
+# layout), not what it computes: a checkpoint does not fix them (the importer takes them from gin).
+RUN_FIELDS = ("dtype", "param_dtype", "attention", "scan_layers", "remat", "remat_policy")
 
 
 @gin.configurable
