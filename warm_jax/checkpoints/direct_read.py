@@ -75,7 +75,7 @@ class StateReader:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise DirectReadUnsupported(f"{path}: unreadable Orbax metadata: {e}") from e
         if not use_ocdbt or not set(specs) <= set(names):
-            raise DirectReadUnsupported(f"{path}: not OCDBT, or the buffers are not the saved arrays")
+            raise DirectReadUnsupported(f"{path}: not OCDBT, or the arrays asked for are not all saved")
         resources = {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 10**8}}
         try:
             # Read the (finalised, never rewritten) files through memory maps: TensorStore then decodes
