@@ -5,7 +5,8 @@
   python -m warm_jax.average --checkpoint=W/rm/ckpt [--members=0,2,5] --output=OUT
   python -m warm_jax.average --checkpoint=W/rm/ckpt --accuracies=W/rm/eval.json --top_m=6 --output=OUT
 
-Member directories (``model.json`` + ``ckpt/``) are streamed one at a time; a stacked ensemble
+Member directories (``model.json`` + ``ckpt/``) are streamed one after the other, a ~64 MB group of
+leaves at a time (memory: the merged model plus two groups, whatever K); a stacked ensemble
 training checkpoint (a directory of step directories, e.g. WORKDIR/rm/ckpt) is read once (its
 params only) and reduced over the member axis on device. ``--top_m`` keeps the M members with the
 best ``--select_split`` accuracy in ``--accuracies`` (an rm_eval ``eval.json`` or a JSON object
