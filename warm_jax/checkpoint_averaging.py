@@ -221,12 +221,11 @@ def _single_manifest_leaves(step_dir: str) -> dict | None:
     return io_utils.read_json(os.path.join(mdir, manifests[0]))["leaves"]
 
 
-def _manifest_params_hash(step_dir: str) -> str | None:
-    """``tree_sha256`` of the saved params, from the checkpoint's own manifest (no second hashing pass).
+def _manifest_params_hash(leaves: dict | None) -> str | None:
+    """``tree_sha256`` of the saved params from a manifest's "leaves" (no second hashing pass).
 
     None when the manifest cannot give it (several processes, or arrays hashed per shard).
     """
-    leaves = _single_manifest_leaves(step_dir)
     return None if leaves is None else checkpoints.tree_sha256_of_entries(leaves, prefix="params/")
 
 
@@ -337,7 +336,7 @@ class _Member:
         self.fallback: list | None = None  # the Orbax-restored leaves, in flat order
         self.saved = _single_manifest_leaves(step_dir)  # the manifest's "leaves"
         # The params sha256 from the manifest: a direct read never holds the whole member to hash.
-        self.sha256 = None if self.saved is None else checkpoints.tree_sha256_of_entries(self.saved, prefix="params/")
+        self.sha256 = _manifest_params_hash(self.saved)
 
     def take(self, j: int, group: _Group, error, host: dict, shardings: list | None) -> list | None:
         """Group ``j``, checked, in ``host`` (leaf path → view of a group buffer, which holds it
@@ -375,7 +374,7 @@ class _Member:
                 f"{step_dir}: delete {self.step_dir} and average again"
             )
         self.fallback, self.step_dir = leaves, step_dir
-        self.sha256 = _manifest_params_hash(step_dir) or checkpoints.tree_sha256(
+        self.sha256 = _manifest_params_hash(_single_manifest_leaves(step_dir)) or checkpoints.tree_sha256(
             jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(self.target["params"]), leaves)
         )
 
