@@ -1,5 +1,7 @@
 """Decoder: sharding follows the rules table, KV-cache decoding, reward pooling, counts."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +125,28 @@ def test_kv_cache_decoding_matches_full_forward_with_left_padding(model):
     for i, r in enumerate(rows):
         alone = m(jnp.asarray([r + list(cont[i])], jnp.int32), jnp.ones((1, len(r) + 5), jnp.int32))
         np.testing.assert_allclose(alone[0, -1], full[i, -1], atol=2e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_out_first_kernels_compute_the_same_model(tied):
+    """The sampler's decode view: kernels [*out, *in] (tr.kernels_out_first) give the same logits, and
+    their shapes and logical axes are those the out-first config declares, in both layer layouts."""
+    cfg = dataclasses.replace(CFG, tie_embeddings=tied)
+    out_cfg = dataclasses.replace(cfg, out_first_kernels=True)
+    params = jax.jit(lambda k: tr.init_params(cfg, k))(jax.random.key(1))
+    converted = tr.kernels_out_first(params)
+    graph, abstract, axes = tr.abstract_model(out_cfg)
+    assert jax.tree.map(lambda x: x.shape, converted) == jax.tree.map(lambda x: x.shape, abstract)
+    _, _, in_axes = tr.abstract_model(cfg)
+    assert axes["layer_0"]["attn"]["wo"] == ("embed", "heads", "head_dim") != in_axes["layer_0"]["attn"]["wo"]
+    assert axes["layer_0"]["mlp"]["w_gate"] == ("mlp", "embed")
+    assert tied or axes["lm_head"] == ("vocab", "embed")
+    toks, mask = _left_pad([[5, 6, 7], [8, 9]], 4)
+    ref = tr.bind(tr.abstract_model(cfg)[0], params)(toks, mask)
+    np.testing.assert_allclose(tr.bind(graph, converted)(toks, mask), ref, atol=2e-5)
+    # The stacked layout converts the same way (the layer axis leads).
+    stacked = tr.kernels_out_first(tr.stack_layers(params, cfg.n_layers))
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, stacked, tr.stack_layers(converted, cfg.n_layers))))
 
 
 def test_reward_pooling_left_and_right_padding(model):

@@ -113,6 +113,18 @@ def test_cached_greedy_decoding_equals_full_forward_and_logprobs_match(model):
     lp = sampler.sequence_logprobs(params, graphdef, full_t, full_m, toks.shape[1])
     np.testing.assert_allclose(np.asarray(out["logprobs"]), np.asarray(lp), atol=2e-5)
     assert float(jnp.std(lp)) > 1e-3  # a non-degenerate check
+    # One row decodes with in-first kernels, several with out-first ones (sampler._decode_view): same tokens.
+    one = sample(
+        params,
+        toks[2:3],
+        mask[2:3],
+        jax.random.key(0),
+        graphdef=graphdef,
+        model_cfg=cfg,
+        cfg=sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos, pad_id=0),
+    )
+    np.testing.assert_array_equal(np.asarray(one["tokens"][0]), ref[2])
+    np.testing.assert_allclose(np.asarray(one["logprobs"][0]), np.asarray(lp[2]), atol=2e-5)
 
 
 def test_eos_stops_a_row_and_pads_after_it(model):

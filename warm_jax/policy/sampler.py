@@ -47,20 +47,27 @@ def filter_logits(logits, *, temperature: float, top_k: int, top_p: float):
     return logits
 
 
-def _per_layer_view(graphdef, params, model_cfg: tr.ModelConfig):
-    """The model to decode with: a ``scan_layers`` model is unstacked once, before the decode loop.
+def _decode_view(graphdef, params, model_cfg: tr.ModelConfig, rows: int):
+    """The model to decode ``rows`` sequences with: per-layer and, for more than one row, with
+    out-first kernels; made once per call, before the decode loop.
 
-    Scanning the stacked layers inside the token loop would copy every layer's weights out of the
-    stack on every token (XLA keeps the dynamic slices in the loop), doubling the weight traffic
-    that bounds decoding; the unstacked copy is made once per call and the unrolled decode layers
-    compile in seconds.
+    Scanning a ``scan_layers`` stack inside the token loop would copy every layer's weights out of the
+    stack on every token (XLA keeps the dynamic slices in the loop), doubling the weight traffic that
+    bounds decoding; the unrolled decode layers compile in seconds. Out-first kernels
+    (``tr.project``) let each few-row product stream its weights once instead of repacking them
+    (SmolLM2-135M on 2 CPU cores: +30% tokens/s at 4 and 16 rows); a single row gains nothing per
+    token from them and would pay for the transposing copy.
     """
-    if not model_cfg.scan_layers:
+    out_first = rows > 1
+    if not (model_cfg.scan_layers or out_first):
         return tr.bind(graphdef, params), model_cfg
-    loop_cfg = dataclasses.replace(model_cfg, scan_layers=False, remat=False)
-    # The barrier keeps XLA from sinking the slices back into the loop body.
-    per_layer = jax.lax.optimization_barrier(tr.unstack_layers(params))
-    return tr.bind(tr.abstract_model(loop_cfg)[0], per_layer), loop_cfg
+    view_cfg = dataclasses.replace(model_cfg, scan_layers=False, remat=False, out_first_kernels=out_first)
+    if out_first:  # before unstacking: XLA fuses the transpose into the per-layer slices
+        params = tr.kernels_out_first(params)
+    if model_cfg.scan_layers:
+        params = tr.unstack_layers(params)
+    # The barrier keeps XLA from sinking the copies back into the loop body.
+    return tr.bind(tr.abstract_model(view_cfg)[0], jax.lax.optimization_barrier(params)), view_cfg
 
 
 def sample(params, prompt_tokens, prompt_mask, key, *, graphdef, model_cfg: tr.ModelConfig, cfg: SamplingConfig):
@@ -74,8 +81,8 @@ def sample(params, prompt_tokens, prompt_mask, key, *, graphdef, model_cfg: tr.M
       *unfiltered* temperature-1 policy: the quantity REINFORCE and KL need; 0 after done),
       mask [B, N] (1 = generated token, EOS included), length [B].
     """
-    model, model_cfg = _per_layer_view(graphdef, params, model_cfg)
     b, p = prompt_tokens.shape
+    model, model_cfg = _decode_view(graphdef, params, model_cfg, b)
     n = cfg.max_new_tokens
     cache = tr.init_cache(model_cfg, b, p + n)
     h, cache = model.hidden(prompt_tokens, prompt_mask, cache=cache)
