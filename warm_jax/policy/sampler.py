@@ -56,9 +56,10 @@ def _decode_view(graphdef, params, model_cfg: tr.ModelConfig, rows: int):
     bounds decoding; the unrolled decode layers compile in seconds. Out-first kernels
     (``tr.project``) let each few-row product stream its weights once instead of repacking them
     (SmolLM2-135M on 2 CPU cores: +30% tokens/s at 4 and 16 rows); a single row gains nothing per
-    token from them and would pay for the transposing copy.
+    token from them and would pay for the transposing copy. Only on CPU: GPU GEMMs take either
+    operand order, and there the extra transposes have not been measured.
     """
-    out_first = rows > 1
+    out_first = rows > 1 and jax.default_backend() == "cpu"
     if not (model_cfg.scan_layers or out_first):
         return tr.bind(graphdef, params), model_cfg
     view_cfg = dataclasses.replace(model_cfg, scan_layers=False, remat=False, out_first_kernels=out_first)
