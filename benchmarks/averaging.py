@@ -8,7 +8,7 @@ Writes 8 member checkpoints of one model (default ~134 MB of float32 params) onc
 * floor: read every file under the K member directories once untimed (to warm the page cache;
   dropping the cache needs root), then read them all again, timed, into a reused buffer;
 * stream: ``checkpoint_averaging.average_checkpoints`` in a FRESH subprocess (1 CPU device), then
-  ``write_merged``; its peak RSS from ``resource.getrusage`` and the RSS before the first read;
+  ``write_merged``; its peak RSS (``common.peak_rss_mb``: VmHWM) and the RSS before the first read;
 * naive: the same subprocess set-up, but all K members loaded first (``load_params_checkpoint``)
   and then reduced with ``mean_stacked`` — what a non-streaming merge costs in memory.
 
@@ -21,11 +21,13 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_CFG = dict(vocab_size=8192, d_model=1024, n_layers=6, n_heads=4, n_kv_heads=2, d_ff=384, max_len=128)
@@ -114,7 +116,7 @@ def child(mode: str, k: int, workdir: str) -> dict:
         tokenizer_dir=None,
     )
     t_total = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    peak = common.peak_rss_mb() * 1e6
     return {
         "mode": mode,
         "k": k,

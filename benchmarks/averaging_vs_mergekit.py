@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -172,7 +171,7 @@ def main() -> None:
     if args.child:
         fn = {"warm_jax": child_ours, "mergekit": child_mergekit}[args.child]
         r = fn(args.k, args.workdir)
-        r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+        r["peak_rss_mb"] = common.peak_rss_mb()
         print(json.dumps(r))
         return
     ks = [int(x) for x in args.ks.split(",")]

@@ -186,7 +186,20 @@ def torch_matmul_peak_tflops(n: int = 2048, reps: int = 5) -> float:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size (Linux reports KiB)."""
+    """This process's peak resident set size, in MB.
+
+    ``VmHWM`` of its own address space where Linux gives it. Not ``ru_maxrss``: Linux carries that
+    across fork and exec, so a subprocess started by a parent holding 2.6 GB reports at least 2.6 GB
+    whatever it uses itself (it did, in this file's averaging tables, once the parent had just
+    written the members).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
