@@ -91,7 +91,8 @@ def _left_pad(rows, width, pad=0):
 PROMPTS = [[1, 5, 9, 4], [1, 7], [1, 30, 31, 32, 33, 34], [1]]
 
 
-def test_cached_greedy_decoding_equals_full_forward_and_logprobs_match(model):
+@pytest.mark.parametrize("out_first", [False, True])
+def test_cached_greedy_decoding_equals_full_forward_and_logprobs_match(model, out_first):
     cfg, graphdef, params = model
     toks, mask = _left_pad(PROMPTS, 6)
     n = 8
@@ -104,7 +105,9 @@ def test_cached_greedy_decoding_equals_full_forward_and_logprobs_match(model):
         jax.random.key(0),
         graphdef=graphdef,
         model_cfg=cfg,
-        cfg=sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos, pad_id=0),
+        cfg=sampler.SamplingConfig(
+            max_new_tokens=n, temperature=0.0, eos_id=eos, pad_id=0, out_first_kernels=out_first
+        ),
     )
     np.testing.assert_array_equal(np.asarray(out["tokens"]), ref)
     # Log-probs of the sampled tokens equal a full forward over prompt + response.
@@ -113,18 +116,17 @@ def test_cached_greedy_decoding_equals_full_forward_and_logprobs_match(model):
     lp = sampler.sequence_logprobs(params, graphdef, full_t, full_m, toks.shape[1])
     np.testing.assert_allclose(np.asarray(out["logprobs"]), np.asarray(lp), atol=2e-5)
     assert float(jnp.std(lp)) > 1e-3  # a non-degenerate check
-    # One row decodes with in-first kernels, several with out-first ones (sampler._decode_view): same tokens.
-    one = sample(
-        params,
-        toks[2:3],
-        mask[2:3],
-        jax.random.key(0),
-        graphdef=graphdef,
-        model_cfg=cfg,
-        cfg=sampler.SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=eos, pad_id=0),
-    )
-    np.testing.assert_array_equal(np.asarray(one["tokens"][0]), ref[2])
-    np.testing.assert_allclose(np.asarray(one["logprobs"][0]), np.asarray(lp[2]), atol=2e-5)
+
+
+def test_out_first_kernels_by_default_only_for_several_rows_of_a_large_model():
+    big = {"w": jax.ShapeDtypeStruct((sampler.OUT_FIRST_MIN_BYTES // 4,), jnp.float32)}
+    small = {"w": jax.ShapeDtypeStruct((1000,), jnp.float32)}
+    auto = sampler.SamplingConfig()
+    assert sampler._use_out_first(auto, big, rows=16) == (jax.default_backend() == "cpu")
+    assert not sampler._use_out_first(auto, big, rows=1)
+    assert not sampler._use_out_first(auto, small, rows=16)
+    assert sampler._use_out_first(sampler.SamplingConfig(out_first_kernels=True), small, rows=1)
+    assert not sampler._use_out_first(sampler.SamplingConfig(out_first_kernels=False), big, rows=16)
 
 
 def test_eos_stops_a_row_and_pads_after_it(model):

@@ -188,9 +188,10 @@ def test_scan_cached_decode_matches_full_forward(params):
     np.testing.assert_allclose(inc, full[:, prompt.shape[1] - 1 : -1], atol=ATOL)
 
 
-def test_sampler_gives_the_same_tokens_in_both_layouts(params):
+@pytest.mark.parametrize("out_first", [False, True])
+def test_sampler_gives_the_same_tokens_in_both_layouts(params, out_first):
     loop, stacked = params
-    cfg = sampler.SamplingConfig(max_new_tokens=6, temperature=1.0, eos_id=2, pad_id=0)
+    cfg = sampler.SamplingConfig(max_new_tokens=6, temperature=1.0, eos_id=2, pad_id=0, out_first_kernels=out_first)
     sample = jax.jit(sampler.sample, static_argnames=("graphdef", "model_cfg", "cfg"))
     prompt, pmask = TOKENS[2:], MASK[2:]
     key = jax.random.key(9)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,22 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 = off
     eos_id: int = 2
     pad_id: int = 0
+    # Decode with out-first kernels (``tr.project``): True, False, or None for where they were measured to pay
+    # (``_use_out_first``).
+    out_first_kernels: bool | None = None
+
+
+# Out-first kernels pay where decoding streams the weights from memory. SmolLM2-135M (540 MB in float32) on 2
+# CPU cores: +30% tokens/s at 4 and 16 rows, no loss at 64; models whose weights sit in the caches lost
+# 15-25% (55 MB at d 512, and smaller) to the extra transposes. Between the two it is unmeasured.
+OUT_FIRST_MIN_BYTES = 128 << 20
+
+
+def _use_out_first(cfg: SamplingConfig, params, rows: int) -> bool:
+    if cfg.out_first_kernels is not None:
+        return cfg.out_first_kernels
+    nbytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
+    return rows > 1 and jax.default_backend() == "cpu" and nbytes >= OUT_FIRST_MIN_BYTES
 
 
 def filter_logits(logits, *, temperature: float, top_k: int, top_p: float):
@@ -47,19 +64,17 @@ def filter_logits(logits, *, temperature: float, top_k: int, top_p: float):
     return logits
 
 
-def _decode_view(graphdef, params, model_cfg: tr.ModelConfig, rows: int):
-    """The model to decode ``rows`` sequences with: per-layer and, for more than one row, with
-    out-first kernels; made once per call, before the decode loop.
+def _decode_view(graphdef, params, model_cfg: tr.ModelConfig, out_first: bool):
+    """The model to decode with: per-layer, with out-first kernels if asked; made once per call, before the
+    decode loop.
 
     Scanning a ``scan_layers`` stack inside the token loop would copy every layer's weights out of the
     stack on every token (XLA keeps the dynamic slices in the loop), doubling the weight traffic that
     bounds decoding; the unrolled decode layers compile in seconds. Out-first kernels
-    (``tr.project``) let each few-row product stream its weights once instead of repacking them
-    (SmolLM2-135M on 2 CPU cores: +30% tokens/s at 4 and 16 rows); a single row gains nothing per
-    token from them and would pay for the transposing copy. Only on CPU: GPU GEMMs take either
-    operand order, and there the extra transposes have not been measured.
+    (``tr.project``) let each few-row product stream its weights once instead of repacking them; a
+    single row gains nothing per token from them and would pay for the transposing copy. Not on
+    GPUs by default: their GEMMs take either operand order, and there it has not been measured.
     """
-    out_first = rows > 1 and jax.default_backend() == "cpu"
     if not (model_cfg.scan_layers or out_first):
         return tr.bind(graphdef, params), model_cfg
     view_cfg = dataclasses.replace(model_cfg, scan_layers=False, remat=False, out_first_kernels=out_first)
@@ -83,7 +98,7 @@ def sample(params, prompt_tokens, prompt_mask, key, *, graphdef, model_cfg: tr.M
       mask [B, N] (1 = generated token, EOS included), length [B].
     """
     b, p = prompt_tokens.shape
-    model, model_cfg = _decode_view(graphdef, params, model_cfg, b)
+    model, model_cfg = _decode_view(graphdef, params, model_cfg, _use_out_first(cfg, params, b))
     n = cfg.max_new_tokens
     cache = tr.init_cache(model_cfg, b, p + n)
     h, cache = model.hidden(prompt_tokens, prompt_mask, cache=cache)
