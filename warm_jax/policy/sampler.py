@@ -37,7 +37,7 @@ class SamplingConfig:
 
 # Out-first kernels pay where decoding streams the weights from memory. SmolLM2-135M (540 MB in float32) on 2
 # CPU cores: +30% tokens/s at 4 and 16 rows, no loss at 64; models whose weights sit in the caches lost
-# 15-25% (55 MB at d 512, and smaller) to the extra transposes. Between the two it is unmeasured.
+# 15-30% (55 MB at d 512, and smaller) to the extra transposes. Between the two it is unmeasured.
 OUT_FIRST_MIN_BYTES = 128 << 20
 
 
