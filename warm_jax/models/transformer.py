@@ -114,22 +114,20 @@ def _param(key, shape, axes, std, dtype):
     return nnx.Param(std * jax.random.normal(key, shape, dtype), axes=axes)
 
 
-# Rank of each projection kernel and how many of its leading axes (in the in-first layout) are inputs.
-_KERNELS = {
-    **{"wq": (3, 1), "wk": (3, 1), "wv": (3, 1), "wo": (3, 2)},
-    **{"w_gate": (2, 1), "w_up": (2, 1), "w_down": (2, 1), "lm_head": (2, 1)},
-}
+# The projection kernels, by attribute name: how many of their leading axes (in the in-first layout) are inputs.
+_KERNEL_INPUTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1, "lm_head": 1}
 
 
-def _kernel(cfg: ModelConfig, key, n_in: int, shape, axes, std):
-    """A projection kernel [*in, *out] (shape and axes given in that order), or [*out, *in] when
+def _kernel(cfg: ModelConfig, key, name: str, shape, axes, std):
+    """The projection kernel ``name``: [*in, *out] (shape and axes given in that order), or [*out, *in] when
     ``cfg.out_first_kernels``."""
+    n_in = _KERNEL_INPUTS[name]
     if cfg.out_first_kernels:
         shape, axes = shape[n_in:] + shape[:n_in], axes[n_in:] + axes[:n_in]
     return _param(key, shape, axes, std, jnp.dtype(cfg.param_dtype))
 
 
-def project(x, w, n_in: int, out_first: bool = False):
+def project(x, w, out_first: bool = False):
     """x [B, T, *in] through kernel w → [B, T, *out]; w is [*in, *out], or [*out, *in] if ``out_first``.
 
     Out-first is for decoding a few rows on XLA:CPU: a product with the weights on the left and the
@@ -138,6 +136,7 @@ def project(x, w, n_in: int, out_first: bool = False):
     BENCHMARKS § 3). The barrier keeps XLA from folding the transpose back into the product, which
     would give the slow form again.
     """
+    n_in = x.ndim - 2
     if not out_first:
         return jnp.tensordot(x, w, n_in)
     b, t = x.shape[:2]
@@ -220,12 +219,12 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head
         std = cfg.init_std
-        self.wq = _kernel(cfg, rngs.params(), 1, (d, h, hd), ("embed", "heads", "head_dim"), std)
-        self.wk = _kernel(cfg, rngs.params(), 1, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
-        self.wv = _kernel(cfg, rngs.params(), 1, (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.wq = _kernel(cfg, rngs.params(), "wq", (d, h, hd), ("embed", "heads", "head_dim"), std)
+        self.wk = _kernel(cfg, rngs.params(), "wk", (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.wv = _kernel(cfg, rngs.params(), "wv", (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
         # Output projection scaled down by depth (GPT-2 style) so deep stacks start stable.
         wo_std = std / (2 * cfg.n_layers) ** 0.5
-        self.wo = _kernel(cfg, rngs.params(), 2, (h, hd, d), ("heads", "head_dim", "embed"), wo_std)
+        self.wo = _kernel(cfg, rngs.params(), "wo", (h, hd, d), ("heads", "head_dim", "embed"), wo_std)
         self.cfg = cfg
 
     def __call__(self, x, positions, mask, layer_cache):
@@ -233,7 +232,7 @@ class Attention(nnx.Module):
         {'k','v': [B, S, K, D], 'index': int32 scalar (first slot to write)}."""
         cfg = self.cfg
         dt = x.dtype
-        q, k, v = (project(x, w[...].astype(dt), 1, cfg.out_first_kernels) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (project(x, w[...].astype(dt), cfg.out_first_kernels) for w in (self.wq, self.wk, self.wv))
         q = checkpoint_name(rope(q, positions, cfg.rope_theta), "attn_q")
         k = checkpoint_name(rope(k, positions, cfg.rope_theta), "attn_k")
         v = checkpoint_name(v, "attn_v")
@@ -245,23 +244,23 @@ class Attention(nnx.Module):
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(dt), v_all.astype(dt)
         out = attend(q, k, v, mask, cfg.attention)
-        return project(out, self.wo[...].astype(dt), 2, cfg.out_first_kernels), new_cache
+        return project(out, self.wo[...].astype(dt), cfg.out_first_kernels), new_cache
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         std = cfg.init_std
-        self.w_gate = _kernel(cfg, rngs.params(), 1, (d, f), ("embed", "mlp"), std)
-        self.w_up = _kernel(cfg, rngs.params(), 1, (d, f), ("embed", "mlp"), std)
-        self.w_down = _kernel(cfg, rngs.params(), 1, (f, d), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5)
+        self.w_gate = _kernel(cfg, rngs.params(), "w_gate", (d, f), ("embed", "mlp"), std)
+        self.w_up = _kernel(cfg, rngs.params(), "w_up", (d, f), ("embed", "mlp"), std)
+        self.w_down = _kernel(cfg, rngs.params(), "w_down", (f, d), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5)
         self.out_first = cfg.out_first_kernels
 
     def __call__(self, x):
         dt = x.dtype
-        g = checkpoint_name(project(x, self.w_gate[...].astype(dt), 1, self.out_first), "mlp_gate")
-        u = checkpoint_name(project(x, self.w_up[...].astype(dt), 1, self.out_first), "mlp_up")
-        return project(jax.nn.silu(g) * u, self.w_down[...].astype(dt), 1, self.out_first)
+        g = checkpoint_name(project(x, self.w_gate[...].astype(dt), self.out_first), "mlp_gate")
+        u = checkpoint_name(project(x, self.w_up[...].astype(dt), self.out_first), "mlp_up")
+        return project(jax.nn.silu(g) * u, self.w_down[...].astype(dt), self.out_first)
 
 
 class Block(nnx.Module):
@@ -322,7 +321,7 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
         if not cfg.tie_embeddings:
             self.lm_head = _kernel(
-                cfg, rngs.params(), 1, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std
+                cfg, rngs.params(), "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std
             )
         self.reward_head = RewardHead(cfg, rngs)
         self.value_head = RewardHead(cfg, rngs)
@@ -433,7 +432,7 @@ class Decoder(nnx.Module):
             w = self.embed[...] if out_first else self.embed[...].T
         else:
             w = self.lm_head[...]
-        return project(hidden, w.astype(hidden.dtype), 1, out_first).astype(jnp.float32)
+        return project(hidden, w.astype(hidden.dtype), out_first).astype(jnp.float32)
 
     def reward(self, hidden, token_mask):
         """Scalar reward at the last real token. hidden [B, T, d], token_mask [B, T] → [B] f32."""
@@ -570,16 +569,15 @@ def unstack_layers(params: dict) -> dict:
 def kernels_out_first(params: dict) -> dict:
     """In-first params → the same model's params for ``ModelConfig(out_first_kernels=True)``.
 
-    Each projection kernel [*lead, *in, *out] becomes [*lead, *out, *in] (lead: the layer axis of the
-    ``scan_layers`` layout, if any); everything else is returned as it is.
+    Each projection kernel [*in, *out] becomes [*out, *in] (under 'layers', the ``scan_layers`` stack, its
+    leading layer axis stays first); everything else is returned as it is.
     """
 
     def convert(path, x):
-        name = getattr(path[-1], "key", None)
-        if name not in _KERNELS:
+        keys = [getattr(k, "key", None) for k in path]
+        if keys[-1] not in _KERNEL_INPUTS:
             return x
-        rank, n_in = _KERNELS[name]
-        lead = x.ndim - rank
+        lead, n_in = int(keys[0] == "layers"), _KERNEL_INPUTS[keys[-1]]
         axes = list(range(x.ndim))
         return jnp.transpose(x, axes[:lead] + axes[lead + n_in :] + axes[lead : lead + n_in])
 
