@@ -36,6 +36,21 @@ SMOLLM2_135M = dict(
     remat_policy="minimal",
 )
 
+
+def ours_env() -> dict[str, str]:
+    """The environment our side runs with: the one ``python -m warm_jax.<program>`` gives itself
+    (huge-page malloc where the machine has it; see warm_jax/host_memory.py)."""
+    from warm_jax import host_memory
+
+    return host_memory.environ_with_hugepages()
+
+
+def peer_env() -> dict[str, str]:
+    """The peer's environment: as its users run it (this process's), or with our malloc setting
+    too when PEER_HUGEPAGES=1 (to see what the setting alone is worth to the peer)."""
+    return ours_env() if os.environ.get("PEER_HUGEPAGES") == "1" else dict(os.environ)
+
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl", "mergekit", "safetensors")
 
 
@@ -97,15 +112,25 @@ class Worker:
     timed in the child, so it plugs into ``interleaved``. Two frameworks in one process share
     thread pools, allocator and caches: measured that way, our 135M step took 14.3 s beside
     PyTorch and 11.6 s alone, so every peer comparison runs each side in its own process.
+    ``env``: the child's environment variables (default: this process's), e.g. ours as
+    ``python -m warm_jax.<program>`` would run (``host_memory.environ_with_hugepages()``).
     """
 
-    def __init__(self, factory: Callable, *args):
+    def __init__(self, factory: Callable, *args, env: dict[str, str] | None = None):
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_worker_main, args=(child, factory, args), daemon=True)
-        self._proc.start()
+        saved = dict(os.environ)
+        try:  # a spawned child starts with the parent's os.environ of the moment
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            self._proc.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         child.close()
         self.info = self._recv()
         self.last = None
@@ -229,6 +254,7 @@ def machine_info() -> dict:
         "versions": versions,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": {"ours": ours_env().get("GLIBC_TUNABLES", ""), "peer": peer_env().get("GLIBC_TUNABLES", "")},
     }
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from warm_jax import ensemble, pretrain, runtime, sharding
+from warm_jax import ensemble, host_memory, pretrain, runtime, sharding
 from warm_jax.models import transformer as tr
 
 PRESETS = {
@@ -168,6 +168,7 @@ def run_case(
 
 
 def main():
+    host_memory.reexec_with_hugepages()  # measured as `python -m warm_jax.<program>` runs
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     ap.add_argument("--dtype", default=None, help="activation dtype (default: float32 on CPU, bfloat16 on GPU)")

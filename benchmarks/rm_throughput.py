@@ -210,8 +210,8 @@ def run_case(name: str, reps: int, peak: float) -> dict:
 
     kw, pairs, seq = CASES[name]
     with (
-        common.Worker(ours_worker, kw, pairs, seq) as ours,
-        common.Worker(trl_worker, kw, pairs, seq, reps + 1) as peer,
+        common.Worker(ours_worker, kw, pairs, seq, env=common.ours_env()) as ours,
+        common.Worker(trl_worker, kw, pairs, seq, reps + 1, env=common.peer_env()) as peer,
     ):
         t0 = time.perf_counter()
         times = common.interleaved({"warm_jax": ours, "trl": peer}, reps)

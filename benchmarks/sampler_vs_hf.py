@@ -111,8 +111,8 @@ def hf_worker(batch: int, prompt_len: int, new: int):
 
 def bench(batch: int, reps: int, prompt_len: int, new: int) -> dict:
     with (
-        common.Worker(ours_worker, batch, prompt_len, new) as ours,
-        common.Worker(hf_worker, batch, prompt_len, new) as peer,
+        common.Worker(ours_worker, batch, prompt_len, new, env=common.ours_env()) as ours,
+        common.Worker(hf_worker, batch, prompt_len, new, env=common.peer_env()) as peer,
     ):
         times = common.interleaved({"warm_jax": ours, "hf": peer}, reps)
     a, b = ours.last["tokens"], peer.last["tokens"]

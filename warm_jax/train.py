@@ -25,7 +25,9 @@ def main(argv):
     # Orbax and jax log every checkpoint operation at INFO through absl; keep the terminal readable.
     for noisy in ("absl", "jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from warm_jax import config, runtime, stages
+    from warm_jax import config, host_memory, runtime, stages
+
+    logging.getLogger("warm_jax.train").info(host_memory.describe())
 
     try:
         runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.init_timeout_s)
