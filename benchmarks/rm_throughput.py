@@ -7,7 +7,8 @@ Like for like: the same Llama shape (random weights; nothing downloaded), float3
 AdamW behind a global-norm clip at 1.0, learning rate 1e-5, no dropout.
 
 Each side runs in a process of its own (``common.Worker``), kept alive across repetitions, which
-alternate between the two.
+alternate between the two. A repetition is ``BLOCK`` steps of one side back to back, timed each,
+reported as their median.
 
 * ours: ``ensemble.ensemble_step_fn`` with one member (the product path: vmap + jit + donation),
   the batch copied host → device every step as the training loop does (the same token ids every
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -49,6 +51,11 @@ CASES = {
     "tiny": (dict(vocab_size=409, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384), 8, 128),
 }
 LEARNING_RATE = 1e-5
+# Steps per repetition, run back to back by one side before the other side's turn (a training job
+# runs its steps back to back). Alternating single steps made every step of ours start after
+# seconds of the other process's work, and on this VM memory freed that long ago is handed back
+# to the host and faulted in again: ours' tiny step measured 0.72x TRL that way (BENCHMARKS.md).
+BLOCK = {"smollm2_135m": 3, "tiny": 10}
 
 
 def random_batch(vocab: int, pairs: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -205,16 +212,22 @@ def trl_worker(model_kwargs: dict, pairs: int, seq: int, steps: int):
 # ----------------------------------------------------------------------------- driver
 
 
+def _block(worker: common.Worker, steps: int):
+    """One repetition: ``steps`` steps back to back; its time is their median."""
+    return lambda: statistics.median(worker() for _ in range(steps))
+
+
 def run_case(name: str, reps: int, peak: float) -> dict:
     from warm_jax.models import transformer as tr
 
     kw, pairs, seq = CASES[name]
+    block = BLOCK[name]
     with (
         common.Worker(ours_worker, kw, pairs, seq, env=common.ours_env()) as ours,
-        common.Worker(trl_worker, kw, pairs, seq, reps + 1, env=common.peer_env()) as peer,
+        common.Worker(trl_worker, kw, pairs, seq, (reps + 1) * block, env=common.peer_env()) as peer,
     ):
         t0 = time.perf_counter()
-        times = common.interleaved({"warm_jax": ours, "trl": peer}, reps)
+        times = common.interleaved({"warm_jax": _block(ours, block), "trl": _block(peer, block)}, reps)
         wall = time.perf_counter() - t0
     tokens = 2 * pairs * seq
     if peer.last["tokens"] != tokens:
@@ -236,6 +249,7 @@ def run_case(name: str, reps: int, peak: float) -> dict:
         "mfu": {k: common.summary([flops / t / 1e12 / peak for t in v]) for k, v in times.items()},
         "ratio": common.ratio(tps["warm_jax"], tps["trl"]),
         "last_loss": {"warm_jax": ours.last["loss"], "trl": peer.last["loss"]},
+        "steps_per_repetition": block,
         "interleaved_wall_s": wall,
     }
 
