@@ -224,10 +224,11 @@ def run_case(name: str, reps: int, peak: float) -> dict:
     block = BLOCK[name]
     with (
         common.Worker(ours_worker, kw, pairs, seq, env=common.ours_env()) as ours,
-        common.Worker(trl_worker, kw, pairs, seq, (reps + 1) * block, env=common.peer_env()) as peer,
+        common.Worker(trl_worker, kw, pairs, seq, reps * block + 1, env=common.peer_env()) as peer,
     ):
+        ours(), peer()  # warm-up (compiling, first-touch): one step each, not a block
         t0 = time.perf_counter()
-        times = common.interleaved({"warm_jax": _block(ours, block), "trl": _block(peer, block)}, reps)
+        times = common.interleaved({"warm_jax": _block(ours, block), "trl": _block(peer, block)}, reps, warmup=0)
         wall = time.perf_counter() - t0
     tokens = 2 * pairs * seq
     if peer.last["tokens"] != tokens:
