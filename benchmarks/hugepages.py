@@ -56,8 +56,12 @@ def _block(side: str, env: dict, kw: dict, pairs: int, seq: int, steps: int) -> 
             seconds.append(w())
             faults.append(w.last["faults"])
             sys_s.append(w.last["sys_s"])
-    common._progress(f"{side}: {statistics.median(seconds):.3f} s/step")
-    return {"step_s": statistics.median(seconds), "faults": statistics.median(faults), "sys_s": statistics.median(sys_s)}
+    print(f"  {side}: {statistics.median(seconds):.3f} s/step", file=sys.stderr, flush=True)
+    return {
+        "step_s": statistics.median(seconds),
+        "faults": statistics.median(faults),
+        "sys_s": statistics.median(sys_s),
+    }
 
 
 def run_case(name: str, rounds: int, steps: int) -> dict:

@@ -54,7 +54,7 @@ LEARNING_RATE = 1e-5
 # Steps per repetition, run back to back by one side before the other side's turn (a training job
 # runs its steps back to back). Alternating single steps made every step of ours start after
 # seconds of the other process's work, and on this VM memory freed that long ago is handed back
-# to the host and faulted in again: ours' tiny step measured 0.72x TRL that way (BENCHMARKS.md).
+# to the host and faulted in again: ours' tiny step measured 0.72x TRL that way, 0.82-1.00x in blocks.
 BLOCK = {"smollm2_135m": 3, "tiny": 10}
 
 

@@ -4,9 +4,10 @@ XLA:CPU gives every execution of a compiled program fresh temporary buffers (abo
 quickstart-sized reward-model step, 3.8 GB at SmolLM2-135M) that glibc maps with ``mmap`` and unmaps
 afterwards, so every step faults all of it in again, 4 KB at a time (26k and 977k page faults per
 step). glibc's ``glibc.malloc.hugetlb=1`` tunable makes malloc ask the kernel for transparent huge
-pages (``madvise``) on such mappings: 2 MB pages, ~50-200x fewer faults. Measured on the 2-core CPU
-machine (BENCHMARKS.md): the tiny RM step ~1.35x faster, the 135M one 5-8%, the quickstart 10%, with
-the same peak memory. GPUs and TPUs gain little (their step buffers live on the device).
+pages (``madvise``) on such mappings: 2 MB pages, 70-230x fewer faults. Measured on the 2-core CPU
+machine (BENCHMARKS.md): the tiny RM step 1.33x faster, the 135M one 1.12x, the quickstart 490 -> 443 s,
+with the same peak memory and the same results. On GPUs and TPUs the step buffers live on the device;
+only host-side allocations change there (not measured).
 
 glibc reads tunables only when a process starts, so ``python -m warm_jax.<program>`` re-executes
 itself once, with ``GLIBC_TUNABLES`` extended, before anything heavy is imported (the hook is in
