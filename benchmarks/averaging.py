@@ -128,7 +128,7 @@ def child(mode: str, k: int, workdir: str) -> dict:
 
 
 def run_child(mode: str, k: int, workdir: str) -> dict:
-    env = dict(common.ours_env(), JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's merge would run
     out = subprocess.run(
         [sys.executable, __file__, f"--child={mode}", f"--k={k}", f"--workdir={workdir}"],

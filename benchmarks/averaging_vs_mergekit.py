@@ -142,8 +142,7 @@ def child_mergekit(k: int, workdir: str) -> dict:
 
 
 def run_child(tool: str, k: int, workdir: str) -> dict:
-    base = common.ours_env() if tool == "warm_jax" else common.peer_env()
-    env = dict(base, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's merge would run
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), f"--child={tool}", f"--k={k}", f"--workdir={workdir}"],

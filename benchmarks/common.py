@@ -38,7 +38,7 @@ SMOLLM2_135M = dict(
 
 
 def ours_env() -> dict[str, str]:
-    """The environment our side runs with: the one ``python -m warm_jax.<program>`` gives itself
+    """The environment our side runs with: the one ``python -m warm_jax.train`` gives itself
     (huge-page malloc where the machine has it; see warm_jax/host_memory.py)."""
     from warm_jax import host_memory
 
@@ -113,7 +113,7 @@ class Worker:
     thread pools, allocator and caches: measured that way, our 135M step took 14.3 s beside
     PyTorch and 11.6 s alone, so every peer comparison runs each side in its own process.
     ``env``: the child's environment variables (default: this process's), e.g. ours as
-    ``python -m warm_jax.<program>`` would run (``host_memory.environ_with_hugepages()``).
+    ``python -m warm_jax.train`` would run (``host_memory.environ_with_hugepages()``).
     """
 
     def __init__(self, factory: Callable, *args, env: dict[str, str] | None = None):

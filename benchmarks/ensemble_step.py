@@ -168,7 +168,7 @@ def run_case(
 
 
 def main():
-    host_memory.reexec_with_hugepages()  # measured as `python -m warm_jax.<program>` runs
+    host_memory.reexec_with_hugepages()  # measured as `python -m warm_jax.train` runs
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     ap.add_argument("--dtype", default=None, help="activation dtype (default: float32 on CPU, bfloat16 on GPU)")

@@ -3,7 +3,7 @@
     python benchmarks/hugepages.py [--cases=tiny,smollm2_135m] [--reps=3] [--output=hugepages.json]
 
 The step of ``rm_throughput.py`` (one member, float32, 8 pairs × 128 tokens) with glibc's default
-pages and as ``python -m warm_jax.<program>`` starts itself (``GLIBC_TUNABLES`` with
+pages and as ``python -m warm_jax.train`` starts itself (``GLIBC_TUNABLES`` with
 ``glibc.malloc.hugetlb=1``). Each side runs **alone** on the machine, as a training job does: a
 fresh process per block (warm-up, then 20 steps of the tiny model or 3 of the 135M one), blocks
 alternating between the sides, ``--reps`` blocks each. (Alternating single steps of two live

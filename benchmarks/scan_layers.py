@@ -62,7 +62,7 @@ def one_case(depth: int, layout: str, members: int, pairs: int, seq: int, steps:
 
 
 def main():
-    host_memory.reexec_with_hugepages()  # measured as `python -m warm_jax.<program>` runs
+    host_memory.reexec_with_hugepages()  # measured as `python -m warm_jax.train` runs
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", default="12,30")
     ap.add_argument("--layouts", default="loop,scan,scan_remat")

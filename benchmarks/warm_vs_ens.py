@@ -84,7 +84,7 @@ def run_case(name: str, m: int, reps: int) -> dict:
 
 
 def main() -> None:
-    host_memory.reexec_with_hugepages()  # measured as `python -m warm_jax.<program>` runs
+    host_memory.reexec_with_hugepages()  # measured as `python -m warm_jax.train` runs
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="quickstart,smollm2_135m")
     ap.add_argument("--members", type=int, default=4)

@@ -1,4 +1,5 @@
-"""warm_jax programs re-run themselves once with huge-page malloc (host_memory); libraries never do."""
+"""`python -m warm_jax.train` re-runs itself once with huge-page malloc (host_memory); libraries and other
+programs never do."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def _train_with_missing_gin(tmp_path, **env):
     )
 
 
-def test_a_warm_jax_program_reruns_itself_with_the_same_arguments(tmp_path):
+def test_train_reruns_itself_with_the_same_arguments(tmp_path):
     proc = _train_with_missing_gin(tmp_path)
     # The re-executed program got its arguments: it names the missing file and fails as before.
     assert proc.returncode == 2 and "nope.gin" in proc.stderr, proc.stderr
@@ -86,11 +87,18 @@ def test_a_warm_jax_program_reruns_itself_with_the_same_arguments(tmp_path):
 def test_importing_warm_jax_never_reexecutes():
     code = "import os, warm_jax; print(os.environ.get('WARM_JAX_REEXECUTED'), os.environ.get('GLIBC_TUNABLES'))"
     out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.split() == ["None", "None"], out.stdout
+
+
+def _processes_that_imported_host_memory(module: str) -> int:
+    """How many interpreters ``python -m MODULE --help`` ran (each imports warm_jax.host_memory once)."""
+    argv = [sys.executable, "-X", "importtime", "-m", module, "--help"]
+    out = subprocess.run(argv, env=_env(), cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+    return sum(line.split("|")[-1].strip() == "warm_jax.host_memory" for line in out.stderr.splitlines())
+
+
+def test_only_train_reexecutes():
+    assert _processes_that_imported_host_memory("warm_jax.average") == 1  # its merge was slower with huge pages
+    assert _processes_that_imported_host_memory("warm_jax.train") == (1 if host_memory.tunables(_env()) is None else 2)

@@ -1,4 +1,4 @@
-"""Transparent huge pages for host memory: warm_jax's programs re-run themselves with them, once.
+"""Transparent huge pages for host memory: ``python -m warm_jax.train`` re-runs itself with them, once.
 
 XLA:CPU gives every execution of a compiled program fresh temporary buffers (about 100 MB for the
 quickstart-sized reward-model step, 3.8 GB at SmolLM2-135M) that glibc maps with ``mmap`` and unmaps
@@ -9,10 +9,12 @@ machine (BENCHMARKS.md): the tiny RM step 1.33x faster, the 135M one 1.12x, the 
 with the same peak memory and the same results. On GPUs and TPUs the step buffers live on the device;
 only host-side allocations change there (not measured).
 
-glibc reads tunables only when a process starts, so ``python -m warm_jax.<program>`` re-executes
-itself once, with ``GLIBC_TUNABLES`` extended, before anything heavy is imported (the hook is in
+glibc reads tunables only when a process starts, so the programs in ``PROGRAMS`` re-execute
+themselves once, with ``GLIBC_TUNABLES`` extended, before anything heavy is imported (the hook is in
 ``warm_jax/__init__.py``). Nothing happens when the kernel has transparent huge pages off, on another
-C library, when ``GLIBC_TUNABLES`` already sets it, or with ``WARM_JAX_HUGEPAGES=0``.
+C library, when ``GLIBC_TUNABLES`` already sets it, or with ``WARM_JAX_HUGEPAGES=0``. Not for
+``warm_jax.average``: its merge + write of K = 4 SmolLM2-sized members took 3.4-5.0 s with huge pages
+against 2.3-2.6 s without (its host buffers are filled once, not re-faulted step after step).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ OPT_OUT = "WARM_JAX_HUGEPAGES"  # "0": leave the allocator alone
 _DONE = "WARM_JAX_REEXECUTED"  # set in the re-executed process: never a second time
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 _MIN_GLIBC = (2, 35)  # the first glibc with glibc.malloc.hugetlb
+PROGRAMS = ("warm_jax.train",)  # measured faster with it (BENCHMARKS.md); sampling is even
 
 
 def thp_mode(path: str = _THP_MODE) -> str | None:
@@ -56,7 +59,7 @@ def tunables(
     glibc: tuple[int, ...] | None | str = "detect",
     thp: str | None = "detect",
 ) -> str | None:
-    """The ``GLIBC_TUNABLES`` value a warm_jax program should run with, or None to leave it as is.
+    """The ``GLIBC_TUNABLES`` value a training job should run with, or None to leave it as is.
 
     ``glibc`` and ``thp`` default to this machine's (tests pass their own).
     """
@@ -74,7 +77,7 @@ def tunables(
 
 
 def environ_with_hugepages(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A copy of ``environ`` (default os.environ) as a warm_jax program would run with it."""
+    """A copy of ``environ`` (default os.environ) as ``python -m warm_jax.train`` runs with it."""
     env = dict(os.environ if environ is None else environ)
     value = tunables(env)
     if value is not None:
@@ -111,10 +114,9 @@ def module_run(orig_argv: list[str]) -> str | None:
     return None
 
 
-def started_as_warm_jax_program() -> bool:
-    """True while runpy imports the warm_jax package for ``python -m warm_jax.<program>``."""
-    target = module_run(getattr(sys, "orig_argv", []))
-    return sys.argv[:1] == ["-m"] and target is not None and target.split(".")[0] == "warm_jax"
+def started_as_program() -> bool:
+    """True while runpy imports the warm_jax package for ``python -m`` one of ``PROGRAMS``."""
+    return sys.argv[:1] == ["-m"] and module_run(getattr(sys, "orig_argv", [])) in PROGRAMS
 
 
 def describe() -> str:
