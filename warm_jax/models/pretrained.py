@@ -383,11 +383,16 @@ def read_gguf(path: str | os.PathLike) -> HFCheckpoint:
     """Reads a llama-architecture GGUF: config from its metadata, dequantised tensors, tokenizer."""
     import gguf
 
+    from warm_jax.models import gguf_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = gguf.GGUFReader(str(path))
-    meta = _GGUFMeta(reader, str(path))
+    try:
+        reader = gguf_file.read(path)
+    except gguf_file.GGUFFormatError as e:
+        raise PretrainedError(str(e)) from None
+    meta = _GGUFMeta(reader.fields, str(path))
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise PretrainedError(f"{path}: unsupported architecture {arch!r} (field general.architecture); only 'llama'")
@@ -419,7 +424,10 @@ def read_gguf(path: str | os.PathLike) -> HFCheckpoint:
             log.info("%s: ignoring tensor %s", path, t.name)
             continue
         # gguf's numpy shape is the reverse of its ggml shape, i.e. already HF's [out, in].
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        try:
+            w = np.asarray(gguf.quants.dequantize(reader.tensor_data(t), t.ggml_type), np.float32)
+        except (gguf_file.GGUFFormatError, NotImplementedError, ValueError) as e:
+            raise PretrainedError(f"{path}: tensor {t.name!r}: {e}") from None
         if ".self_attn.q_proj." in hf:
             w = _unpermute_rope(w, n_heads)
         elif ".self_attn.k_proj." in hf:
@@ -436,8 +444,8 @@ def _f32(value) -> float:
 class _GGUFMeta:
     """Typed access to a GGUF's key/value metadata; errors name the file and field."""
 
-    def __init__(self, reader, source: str):
-        self._fields = reader.fields
+    def __init__(self, fields: dict[str, Any], source: str):
+        self._fields = fields
         self._source = source
 
     def get(self, key: str, default: Any = ...) -> Any:
@@ -446,7 +454,7 @@ class _GGUFMeta:
             if default is ...:
                 raise PretrainedError(f"{self._source}: metadata field {key!r} is missing")
             return default
-        return field.contents()
+        return field
 
 
 # GGUF token types (llama.cpp's llama_token_type): CONTROL tokens are the model's special tokens.
