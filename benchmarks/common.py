@@ -106,10 +106,10 @@ def interleaved(fns: dict[str, Callable[[], float | None]], reps: int, *, warmup
 class Worker:
     """One side of a comparison in a process of its own, kept alive between repetitions.
 
-    ``factory(*args)`` runs in a spawned child and returns ``(run, info)``: ``run()`` does one
-    repetition and may return a dict of outputs (kept in ``.last``); ``info`` is any picklable
-    description (in ``.info``). Calling the worker runs one repetition and returns its seconds, as
-    timed in the child, so it plugs into ``interleaved``. Two frameworks in one process share
+    ``factory(*args)`` runs in a spawned child and returns ``(run, info)``: ``run(*call_args)`` does
+    one repetition and may return a dict of outputs (kept in ``.last``); ``info`` is any picklable
+    description (in ``.info``). ``worker(*call_args)`` runs one repetition and returns its seconds, as
+    timed in the child, so ``worker`` (or ``lambda: worker(size)``) plugs into ``interleaved``. Two frameworks in one process share
     thread pools, allocator and caches: measured that way, our 135M step took 14.3 s beside
     PyTorch and 11.6 s alone, so every peer comparison runs each side in its own process.
     ``env``: the child's environment variables (default: this process's), e.g. ours as
@@ -135,8 +135,8 @@ class Worker:
         self.info = self._recv()
         self.last = None
 
-    def __call__(self) -> float:
-        self._conn.send("run")
+    def __call__(self, *args) -> float:
+        self._conn.send(("run", args))
         seconds, self.last = self._recv()
         return seconds
 
@@ -167,9 +167,9 @@ def _worker_main(conn, factory, args) -> None:
     try:
         run, info = factory(*args)
         conn.send(("ok", info))
-        while conn.recv() == "run":
+        while (msg := conn.recv()) != "stop":
             t0 = time.perf_counter()
-            out = run()
+            out = run(*msg[1])
             conn.send(("ok", (time.perf_counter() - t0, out)))
     except Exception:  # noqa: BLE001 -- reported to the parent, which raises
         conn.send(("error", traceback.format_exc()))

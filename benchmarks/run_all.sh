@@ -55,7 +55,7 @@ fi
 # benchmarks/sampler.py (KV cache vs a no-cache loop) is left out: its 135M no-cache baseline alone takes
 # > 10 min on 2 cores, and its table also holds H200 rows that a CPU rerun would overwrite. Run it by hand.
 if want averaging; then
-  python benchmarks/averaging.py --reps="$REPS" >"$OUT/averaging.txt" 2>"$OUT/averaging.log" \
+  python benchmarks/averaging.py --reps="$REPS" --ks=4,8 >"$OUT/averaging.txt" 2>"$OUT/averaging.log" \
     && python benchmarks/common.py splice "$MD" averaging "$OUT/averaging.txt"
 fi
 echo "all figures: $((SECONDS - T0)) s; results in $OUT, tables in $MD" >&2

@@ -65,8 +65,8 @@ def prompts_for(batch: int, prompt_len: int, vocab: int) -> np.ndarray:
     return np.random.default_rng(batch).integers(10, vocab, size=(batch, prompt_len)).astype(np.int32)
 
 
-def ours_worker(batch: int, prompt_len: int, new: int):
-    """``common.Worker`` factory: our compiled sampler in its own process."""
+def ours_worker(prompt_len: int, new: int):
+    """``common.Worker`` factory: our compiled sampler in its own process; ``run(batch)``."""
     import jax
     import jax.numpy as jnp
 
@@ -74,25 +74,25 @@ def ours_worker(batch: int, prompt_len: int, new: int):
 
     cfg, graphdef, params = load_ours()
     scfg = sampler.SamplingConfig(max_new_tokens=new, temperature=0.0, eos_id=-1, pad_id=0)
-    fn = sampler.make_sampler(graphdef, cfg, scfg)
-    p = jnp.asarray(prompts_for(batch, prompt_len, cfg.vocab_size))
-    m = jnp.ones_like(p)
+    fn = sampler.make_sampler(graphdef, cfg, scfg)  # jitted: one compile per batch size
 
-    def run() -> dict:
-        return {"tokens": np.asarray(jax.block_until_ready(fn(params, p, m, jax.random.key(0))["tokens"]))}
+    def run(batch: int) -> dict:
+        p = jnp.asarray(prompts_for(batch, prompt_len, cfg.vocab_size))
+        out = fn(params, p, jnp.ones_like(p), jax.random.key(0))["tokens"]
+        return {"tokens": np.asarray(jax.block_until_ready(out))}
 
     return run, {}
 
 
-def hf_worker(batch: int, prompt_len: int, new: int):
-    """``common.Worker`` factory: HF ``generate()`` in its own process."""
+def hf_worker(prompt_len: int, new: int):
+    """``common.Worker`` factory: HF ``generate()`` in its own process; ``run(batch)``."""
     import torch
 
     model = load_hf()
-    p = torch.from_numpy(prompts_for(batch, prompt_len, model.config.vocab_size).astype(np.int64))
-    m = torch.ones_like(p)
 
-    def run() -> dict:
+    def run(batch: int) -> dict:
+        p = torch.from_numpy(prompts_for(batch, prompt_len, model.config.vocab_size).astype(np.int64))
+        m = torch.ones_like(p)
         with torch.inference_mode():
             g = model.generate(
                 input_ids=p,
@@ -109,12 +109,8 @@ def hf_worker(batch: int, prompt_len: int, new: int):
     return run, {"torch_threads": torch.get_num_threads()}
 
 
-def bench(batch: int, reps: int, prompt_len: int, new: int) -> dict:
-    with (
-        common.Worker(ours_worker, batch, prompt_len, new, env=common.ours_env()) as ours,
-        common.Worker(hf_worker, batch, prompt_len, new, env=common.peer_env()) as peer,
-    ):
-        times = common.interleaved({"warm_jax": ours, "hf": peer}, reps)
+def bench(ours: common.Worker, peer: common.Worker, batch: int, reps: int, prompt_len: int, new: int) -> dict:
+    times = common.interleaved({"warm_jax": lambda: ours(batch), "hf": lambda: peer(batch)}, reps)
     a, b = ours.last["tokens"], peer.last["tokens"]
     if a.shape != b.shape:
         raise RuntimeError(f"batch {batch}: ours {a.shape} vs HF {b.shape} generated tokens")
@@ -140,15 +136,20 @@ def main() -> None:
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     results = []
-    for b in (int(x) for x in args.batches.split(",")):
-        r = bench(b, args.reps, args.prompt_len, args.new_tokens)
-        results.append(r)
-        print(
-            f"# batch {b}: ours {common.fmt(r['tokens_per_s']['warm_jax'], 1)}, HF "
-            f"{common.fmt(r['tokens_per_s']['hf'], 1)} new tok/s",
-            flush=True,
-        )
-        common.write_json(args.output, {"benchmark": "sampler_vs_hf", "results": results})
+    # One pair of workers for every batch size: loading the model is per process, compiling per batch.
+    with (
+        common.Worker(ours_worker, args.prompt_len, args.new_tokens, env=common.ours_env()) as ours,
+        common.Worker(hf_worker, args.prompt_len, args.new_tokens, env=common.peer_env()) as peer,
+    ):
+        for b in (int(x) for x in args.batches.split(",")):
+            r = bench(ours, peer, b, args.reps, args.prompt_len, args.new_tokens)
+            results.append(r)
+            print(
+                f"# batch {b}: ours {common.fmt(r['tokens_per_s']['warm_jax'], 1)}, HF "
+                f"{common.fmt(r['tokens_per_s']['hf'], 1)} new tok/s",
+                flush=True,
+            )
+            common.write_json(args.output, {"benchmark": "sampler_vs_hf", "results": results})
     print(
         common.md_table(
             [
