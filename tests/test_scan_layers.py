@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from warm_jax import export, pretrain, runtime, sharding
@@ -83,6 +84,26 @@ def test_layout_conversions_and_init(params):
     )
     with pytest.raises(ValueError, match="layer_2"):
         tr.stack_layers({k: v for k, v in loop.items() if k != "layer_2"}, 3)
+
+
+def test_layers_init_as_if_built_one_by_one():
+    """The scan over layers at init draws each layer's keys in turn from the one stream, as L
+    ``Block(cfg, rngs)`` calls would, and leaves the stream where they would (the heads come after)."""
+    untied = dataclasses.replace(LOOP, tie_embeddings=False)
+
+    def one_by_one(key):
+        rngs = nnx.Rngs(params=key)
+        rngs.params()  # the embedding's key
+        blocks = [nnx.to_pure_dict(nnx.state(tr.Block(untied, rngs))) for _ in range(untied.n_layers)]
+        rngs.params()  # the LM head's key
+        return blocks, nnx.to_pure_dict(nnx.state(tr.RewardHead(untied, rngs)))
+
+    key = jax.random.key(11)
+    blocks, head = jax.jit(one_by_one)(key)
+    params = jax.jit(lambda k: tr.init_params(untied, k))(key)
+    for i, block in enumerate(blocks):
+        jax.tree.map(np.testing.assert_array_equal, params[f"layer_{i}"], block)
+    jax.tree.map(np.testing.assert_array_equal, params["reward_head"], head)
 
 
 def test_scan_forward_matches_loop_with_padding(params):
