@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reruns every CPU figure of BENCHMARKS.md and rewrites its generated sections.
 #
-#   bash benchmarks/run_all.sh            # all figures, 3 repetitions each (~15-20 min on 2 CPU cores)
+#   bash benchmarks/run_all.sh            # all figures, 3 repetitions each (16-21 min on 2 CPU cores)
 #   REPS=5 OUT=/tmp/bench bash benchmarks/run_all.sh
 #   ONLY="rm_throughput sampler_vs_hf" bash benchmarks/run_all.sh
 #
