@@ -55,7 +55,7 @@ LEARNING_RATE = 1e-5
 # runs its steps back to back). Alternating single steps made every step of ours start after
 # seconds of the other process's work, and on this VM memory freed that long ago is handed back
 # to the host and faulted in again: ours' tiny step measured 0.72x TRL that way, 0.82-1.00x in blocks.
-# Two 135M steps per block (three until 2026-11-28) keep run_all.sh under 20 minutes on slower hosts.
+# Two 135M steps per block (three until 2026-11-28): ~100 s less of run_all.sh on an AVX2-only host.
 BLOCK = {"smollm2_135m": 2, "tiny": 10}
 
 

@@ -426,8 +426,12 @@ def read_gguf(path: str | os.PathLike) -> HFCheckpoint:
             continue
         # gguf's numpy shape is the reverse of its ggml shape, i.e. already HF's [out, in].
         try:
-            w = np.asarray(gguf.quants.dequantize(reader.tensor_data(t), t.ggml_type), np.float32)
-        except (gguf_file.GGUFFormatError, NotImplementedError, ValueError) as e:
+            data = reader.tensor_data(t)  # its errors name the file and the tensor already
+        except gguf_file.GGUFFormatError as e:
+            raise PretrainedError(str(e)) from None
+        try:
+            w = np.asarray(gguf.quants.dequantize(data, t.ggml_type), np.float32)
+        except (NotImplementedError, ValueError) as e:
             raise PretrainedError(f"{path}: tensor {t.name!r}: {e}") from None
         if ".self_attn.q_proj." in hf:
             w = _unpermute_rope(w, n_heads)
