@@ -1,9 +1,18 @@
 """Test set-up: 8 simulated CPU devices, set before jax is imported anywhere."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole session, inherited by the xdist workers and by every
+# pipeline subprocess (CLI runs, kill-and-resume runs, the 2-process runs): the suite compiles the
+# same tiny programs dozens of times over, and compiling is most of its time on 2 cores. Entries are
+# keyed by the program, its compile options and devices, so a hit is the program a miss would build.
+if "WARM_JAX_TEST_JIT_CACHE" not in os.environ:  # the controller process; workers inherit it
+    os.environ["WARM_JAX_TEST_JIT_CACHE"] = tempfile.mkdtemp(prefix="warm_jax_jit_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["WARM_JAX_TEST_JIT_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 
@@ -53,3 +62,10 @@ def copy_workdir(base_workdir, tmp_path):
         return dst
 
     return make
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller removes the session's cache
+        import shutil
+
+        shutil.rmtree(os.environ["WARM_JAX_TEST_JIT_CACHE"], ignore_errors=True)

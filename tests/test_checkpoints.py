@@ -379,14 +379,13 @@ print("RESULT " + json.dumps(out), flush=True)
 
 
 def test_two_processes_save_verify_and_agree_on_preemption(tmp_path):
-    import socket
+    from tests import helpers
+    from warm_jax import runtime
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(runtime.free_port())
     worker = tmp_path / "worker.py"
     worker.write_text(_WORKER)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = helpers.subprocess_env(4)  # PYTHONPATH names the repository: the worker runs from tmp_path
     procs = [
         subprocess.Popen(
             [sys.executable, str(worker), str(i), port, str(tmp_path / "ckpt")],
