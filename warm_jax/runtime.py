@@ -194,12 +194,15 @@ def rendezvous(spec: ClusterSpec, timeout_s: float) -> None:
 def training_compiler_options(cpu_ynn_fusion_type: str = "LIBRARY_FUSION_TYPE_ELTWISE") -> dict[str, str]:
     """XLA options for the training-step programs (``jax.jit(..., compiler_options=...)``).
 
-    On CPU, XLA hands dots to YNNPACK by default. For training steps on the CPU (the reward-model
-    step at the SmolLM2-135M shape: 12.7 -> 11.6 s, BENCHMARKS.md) it is faster to let YNNPACK
-    take only the element-wise fusions and leave dots to XLA's own (Eigen) kernels; for decoding
-    (small-M matmuls) the default is faster, so this is per program, not a process-wide flag.
-    Empty ``cpu_ynn_fusion_type`` keeps XLA's default. Off the CPU, or on a jaxlib that lacks the
-    option, returns {}.
+    On CPU, XLA's default (``LIBRARY_FUSION_TYPE_DOT``) hands each dot alone to YNNPACK and leaves
+    the element-wise work around it to XLA's own loops. With ``LIBRARY_FUSION_TYPE_ELTWISE``,
+    YNNPACK takes a dot together with its element-wise producers and consumers as one fusion (the
+    backward's ``dgate @ W_gate.T + dup @ W_up.T``, the SiLU recomputation feeding a dot). For the
+    training steps that is faster (the reward-model step at the SmolLM2-135M shape, BENCHMARKS.md:
+    12.7 -> 11.6 s on an AVX-512 host; 6 layers on an AVX2 host 3.7-4.0 s against 4.1-4.3 s with
+    the default, and even with no YNNPACK dots at all); for decoding (small-M matmuls) the default
+    is faster, so this is per program, not a process-wide flag. Empty ``cpu_ynn_fusion_type``
+    keeps XLA's default. Off the CPU, or on a jaxlib that lacks the option, returns {}.
     """
     if not cpu_ynn_fusion_type or jax.default_backend() != "cpu":
         return {}
