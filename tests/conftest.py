@@ -9,8 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # pipeline subprocess (CLI runs, kill-and-resume runs, the 2-process runs): the suite compiles the
 # same tiny programs dozens of times over, and compiling is most of its time on 2 cores. Entries are
 # keyed by the program, its compile options and devices, so a hit is the program a miss would build.
-if "WARM_JAX_TEST_JIT_CACHE" not in os.environ:  # the controller process; workers inherit it
-    os.environ["WARM_JAX_TEST_JIT_CACHE"] = tempfile.mkdtemp(prefix="warm_jax_jit_cache_")
+# Set WARM_JAX_TEST_JIT_CACHE to keep one across runs; otherwise the first process (the xdist controller)
+# makes a temporary one, the workers inherit it, and the controller removes it at the end.
+_OWN_CACHE = None
+if "WARM_JAX_TEST_JIT_CACHE" not in os.environ:
+    _OWN_CACHE = os.environ["WARM_JAX_TEST_JIT_CACHE"] = tempfile.mkdtemp(prefix="warm_jax_jit_cache_")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["WARM_JAX_TEST_JIT_CACHE"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
@@ -65,7 +68,7 @@ def copy_workdir(base_workdir, tmp_path):
 
 
 def pytest_unconfigure(config):
-    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller removes the session's cache
+    if _OWN_CACHE:
         import shutil
 
-        shutil.rmtree(os.environ["WARM_JAX_TEST_JIT_CACHE"], ignore_errors=True)
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

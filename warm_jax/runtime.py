@@ -200,7 +200,7 @@ def training_compiler_options(cpu_ynn_fusion_type: str = "LIBRARY_FUSION_TYPE_EL
     backward's ``dgate @ W_gate.T + dup @ W_up.T``, the SiLU recomputation feeding a dot). For the
     training steps that is faster (the reward-model step at the SmolLM2-135M shape, BENCHMARKS.md:
     12.7 -> 11.6 s on an AVX-512 host; 6 layers on an AVX2 host 3.7-4.0 s against 4.1-4.3 s with
-    the default, and even with no YNNPACK dots at all); for decoding (small-M matmuls) the default
+    the default and 3.8-3.9 s with no YNNPACK dots); for decoding (small-M matmuls) the default
     is faster, so this is per program, not a process-wide flag. Empty ``cpu_ynn_fusion_type``
     keeps XLA's default. Off the CPU, or on a jaxlib that lacks the option, returns {}.
     """
