@@ -158,7 +158,7 @@ def run_case(
         "peak_tflops": round(peak, 2) if peak else None,
     }
     if sequential:
-        step_1, state_1, batch_1, drops_1 = make_step(model_cfg, 1, pairs, seq, mesh)
+        step_1, state_1, batch_1, drops_1 = make_step(model_cfg, 1, pairs, seq, mesh, dropout)
         t_seq, _ = time_steps(step_1, state_1, batch_1, drops_1, steps, calls_per_step=m)
         med_s = statistics.median(t_seq)
         out["sequential_s"] = [round(t, 4) for t in t_seq]

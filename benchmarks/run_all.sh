@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Reruns every CPU figure of BENCHMARKS.md and rewrites its generated sections.
+# Reruns every CPU figure of BENCHMARKS.md's summary and rewrites its generated sections.
 #
-#   bash benchmarks/run_all.sh            # all figures, 3 repetitions each (16-21 min on 2 CPU cores)
+#   bash benchmarks/run_all.sh            # the summary's figures, 3 repetitions each (~18 min on 2 CPU cores)
+#   ALL=1 bash benchmarks/run_all.sh      # + the supplementary tables (huge pages, streaming averaging)
 #   REPS=5 OUT=/tmp/bench bash benchmarks/run_all.sh
 #   ONLY="rm_throughput sampler_vs_hf" bash benchmarks/run_all.sh
 #
@@ -25,6 +26,8 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$OUT/jax_cache}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=2
 
 want() { [[ -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
+# Supplementary tables (no summary figure of their own): with ALL=1 or when ONLY names them.
+want_extra() { [[ "${ALL:-0}" == 1 && -z "$ONLY" || " $ONLY " == *" $1 "* ]]; }
 
 run() {  # run NAME ARGS... : time one script, keep its output, splice its table
   local name="$1"; shift
@@ -39,14 +42,15 @@ run() {  # run NAME ARGS... : time one script, keep its output, splice its table
 
 T0=$SECONDS
 FAILED=()
-python benchmarks/common.py machine "$MD"
+# The machine block describes the run that made the tables: rewritten only when every table is.
+if [[ -z "$ONLY" ]]; then python benchmarks/common.py machine "$MD"; fi
 run rm_throughput --reps="$REPS"
 run sampler_vs_hf --reps="$REPS"
 run warm_vs_ens --reps="$REPS"
 run reinforce_step --reps="$REPS"
 run averaging_vs_mergekit --reps="$REPS"
 # The 135M row of the huge-page table is left out (~10 min: a fresh process per block); run it by hand.
-run hugepages --reps="$REPS" --cases=tiny
+want_extra hugepages && run hugepages --reps="$REPS" --cases=tiny
 if want ensemble_step; then  # the lead's scripts: JSON / plain tables
   python benchmarks/ensemble_step.py --steps="$REPS" --output="$OUT/ensemble_step.json" \
     >"$OUT/ensemble_step.txt" 2>"$OUT/ensemble_step.log" \
@@ -54,7 +58,7 @@ if want ensemble_step; then  # the lead's scripts: JSON / plain tables
 fi
 # benchmarks/sampler.py (KV cache vs a no-cache loop) is left out: its 135M no-cache baseline alone takes
 # > 10 min on 2 cores, and its table also holds H200 rows that a CPU rerun would overwrite. Run it by hand.
-if want averaging; then
+if want_extra averaging; then
   python benchmarks/averaging.py --reps="$REPS" --ks=4,8 >"$OUT/averaging.txt" 2>"$OUT/averaging.log" \
     && python benchmarks/common.py splice "$MD" averaging "$OUT/averaging.txt"
 fi

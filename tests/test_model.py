@@ -215,3 +215,27 @@ def test_value_head_shape_and_counts(model):
     expected = v * d + CFG.n_layers * per_layer + d + 2 * (d + 1)
     assert tr.param_count(params) == expected
     assert tr.flops_per_token(CFG, 16) > 6 * (expected - v * d)
+
+
+def test_dropout_keeps_one_minus_rate_unbiased_per_member_rate():
+    """Keep fraction ≈ 1 − rate for each member's traced rate (5σ), kept values scaled by exactly the
+    inverse keep probability, rate 0 the identity, rate 1 all zeros, an odd last axis covered, the same
+    key the same mask and another key another mask."""
+    x = jnp.ones((64, 40, 33), jnp.float32)  # odd last axis: the 16-bit halves are cut to fit
+    rates = jnp.array([0.0, 0.1, 0.5, 1.0, 0.1], jnp.float32)
+    keys = jax.random.split(jax.random.key(7), rates.shape[0])
+    f = jax.jit(jax.vmap(tr.dropout, in_axes=(None, 0, 0)))
+    y = np.asarray(f(x, rates, keys))
+    np.testing.assert_array_equal(y, np.asarray(f(x, rates, keys)))
+    np.testing.assert_array_equal(y[0], 1.0)
+    np.testing.assert_array_equal(y[3], 0.0)
+    assert (y[1] != y[4]).mean() > 0.1  # same rate, other key: another mask
+    for i in (1, 2):
+        rate = float(rates[i])
+        kept = y[i] != 0
+        assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / x.size), (rate, kept.mean())
+        np.testing.assert_allclose(y[i][kept], 65536 / (65536 - round(rate * 65536)), rtol=1e-6)
+    # Elements j and j + 17 take the two halves of one 32-bit word: at rate 0.5 both drop a quarter of the time.
+    dropped = y[2] == 0
+    both = (dropped[..., :16] & dropped[..., 17:33]).mean()
+    assert abs(both - 0.25) < 0.02, both

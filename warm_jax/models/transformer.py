@@ -170,12 +170,25 @@ def rope(x, positions, theta: float):
 
 
 def dropout(x, rate, key):
-    """Inverted dropout whose ``rate`` may be traced (per-member rates under vmap)."""
+    """Inverted dropout whose ``rate`` may be traced (per-member rates under vmap). x: [..., D].
+
+    An element is kept when its 16-bit uniform integer u is >= t = round(rate · 2^16) and then
+    scaled by 2^16 / (2^16 − t), the exact inverse of its keep probability (the rate is used
+    rounded to a multiple of 2^-16). The 16-bit integers are the two halves of 32-bit words drawn
+    for half of the last axis: JAX's (partitionable) threefry runs one threefry2x32 block per word
+    drawn, so this is half the random-number work of ``jax.random.bernoulli`` (a word per
+    element; BENCHMARKS.md § Ensemble step). Drawing along the last axis keeps the leading
+    (batch) axes, and so their sharding, as they are.
+    """
     if key is None:
         return x
-    rate = jnp.asarray(rate, jnp.float32)
-    keep = checkpoint_name(jax.random.bernoulli(key, 1.0 - rate, x.shape), "dropout_keep")
-    return jnp.where(keep, x / jnp.maximum(1.0 - rate, 1e-6).astype(x.dtype), 0).astype(x.dtype)
+    d = x.shape[-1]
+    words = jax.random.bits(key, (*x.shape[:-1], -(-d // 2)), jnp.uint32)
+    u = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :d].astype(jnp.int32)
+    t = jnp.clip(jnp.round(jnp.asarray(rate, jnp.float32) * 65536), 0, 65536).astype(jnp.int32)
+    keep = checkpoint_name(u >= t, "dropout_keep")
+    scale = 65536.0 / jnp.maximum(65536 - t, 1).astype(jnp.float32)  # rate 1: nothing kept, scale unused
+    return jnp.where(keep, x * scale.astype(x.dtype), 0).astype(x.dtype)
 
 
 class AttentionMask(NamedTuple):
