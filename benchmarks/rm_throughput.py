@@ -276,7 +276,8 @@ def table(results: list[dict], peaks: dict) -> str:
             ]
         )
     head = (
-        f"float32 matmul peak (best of 5, 2048²): JAX {peaks['jax']:.3f} TFLOP/s, PyTorch {peaks['torch']:.3f} "
+        f"float32 matmul peak (best of {common.PEAK_REPS} at each of {', '.join(f'{n}²' for n in common.PEAK_SIZES)}): "
+        f"JAX {peaks['jax']:.3f} TFLOP/s, PyTorch {peaks['torch']:.3f} "
         f"TFLOP/s; MFU against {peaks['used']:.3f}\n\n"
     )
     return head + common.md_table(
