@@ -188,6 +188,7 @@ PEAK_REPS = 10
 
 
 def _best_tflops(matmul, n: int, reps: int) -> float:
+    """TFLOP/s of the fastest of ``reps`` timed calls of ``matmul`` (one blocking [n, n] @ [n, n])."""
     matmul()  # compile / warm up
     best = float("inf")
     for _ in range(reps):
