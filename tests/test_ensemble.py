@@ -80,10 +80,18 @@ def test_member_alone_equals_member_inside_the_ensemble(trained):
             dropout_rates=(cfg.dropout_rates[i],),
         )
         _, alone = ensemble.train_ensemble(actx, acfg)
-    a = jax.tree.leaves(jax.tree.map(lambda x: np.asarray(x[0]), alone.params))
-    b = jax.tree.leaves(jax.tree.map(lambda x: np.asarray(x[i]), state.params))
-    for x, y in zip(a, b):
-        np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+    # Two programs on two meshes sum in another order, and Adam amplifies round-off where a gradient is near
+    # zero, so compare each member's *update* from the shared init, relative to its size: member i alone is
+    # member i of the ensemble to round-off, and much closer to it than to any other member.
+    init = jax.tree.leaves(jax.tree.map(np.asarray, ens.shared_init))
+    alone_update = np.concatenate([(np.asarray(x[0]) - z).ravel() for x, z in zip(jax.tree.leaves(alone.params), init)])
+    updates = [
+        np.concatenate([(np.asarray(x[j]) - z).ravel() for x, z in zip(jax.tree.leaves(state.params), init)])
+        for j in range(cfg.num_members)
+    ]
+    dist = [np.linalg.norm(alone_update - u) / np.linalg.norm(u) for u in updates]
+    assert dist[i] < 1e-3, dist
+    assert dist[i] < 0.01 * min(d for j, d in enumerate(dist) if j != i), dist
 
 
 STAGE = ENS + [helpers.stages("rm_ensemble"), "EnsembleConfig.num_steps = 10"]
