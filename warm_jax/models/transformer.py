@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any, NamedTuple
 
@@ -193,36 +194,92 @@ def dropout(x, rate, key):
 
 class AttentionMask(NamedTuple):
     """Which keys each query sees. ``dense`` [B, T, S] bool always; ``lengths`` [B] int32 only when every
-    row is right-padded and there is no cache, where ``dense`` = causal & (key < length)."""
+    row is right-padded and there is no cache, where ``dense`` = causal & (key < length).
+
+    Every query sees at least one key (a pad query sees its own slot, see ``visible_keys``): a fully
+    masked row is 0/0 in a softmax and, in a fused kernel, poisons the backward pass."""
 
     dense: jax.Array
     lengths: jax.Array | None = None
 
 
+def visible_keys(causal, key_mask, own_slot):
+    """[B, T, S] bool: causal [T, S] & key_mask [B, S], plus each query's own slot own_slot [T, S].
+
+    The own slot changes nothing a real token computes (a real query sees its own key already, and
+    no real query sees a pad key), but it leaves no pad query with an empty row. jax's cuDNN path
+    turns the mask into a bias of −2**41 in bfloat16; the backward pass rebuilds an empty row's
+    probabilities as exp(s − 2**41 − logsumexp), where float32 keeps no digit of s, so the row's
+    gradient is inf·0 = NaN — and every left-padded prompt has such rows.
+    """
+    return (causal[None] & key_mask[:, None, :]) | own_slot[None]
+
+
+# jax's fused attention needs even lengths with a mask when training (jax 0.10-0.11), and the cuDNN
+# kernels tile by 64; lengths are padded up to a multiple of this and the padding masked.
+FUSED_LENGTH_MULTIPLE = 64
+# The head dims jax's cuDNN path accepts (Hopper and later: ≤ 256; earlier GPUs: ≤ 128), multiples of 8.
+FUSED_MAX_HEAD_DIM = 256
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def fused_attention(q, k, v, mask: AttentionMask, implementation: str | None = "cudnn"):
+    """jax.nn.dot_product_attention with T and S padded to ``FUSED_LENGTH_MULTIPLE`` (any length works).
+
+    Padded keys are masked; padded queries see their own slot and are cut off the result. Shapes as
+    ``attend``. ``implementation`` is passed on ('cudnn', or None for jax's choice; on the CPU jax's XLA
+    implementation takes the same masks and lengths, which is how the tests check the padding).
+    """
+    b, t, h, hd = q.shape
+    s = k.shape[1]
+    tp = -(-t // FUSED_LENGTH_MULTIPLE) * FUSED_LENGTH_MULTIPLE
+    sp = -(-s // FUSED_LENGTH_MULTIPLE) * FUSED_LENGTH_MULTIPLE
+    q, k, v = _pad_axis(q, 1, tp), _pad_axis(k, 1, sp), _pad_axis(v, 1, sp)
+    if mask.lengths is not None:
+        # The kernel builds causal & (key < length) itself, forward and backward, from the lengths;
+        # an empty row (length 0: a row of padding only) sees key 0 instead.
+        out = jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, key_value_seq_lengths=jnp.maximum(mask.lengths, 1), implementation=implementation
+        )
+    else:
+        dense = _pad_axis(_pad_axis(mask.dense, 1, tp), 2, sp)
+        dense = (
+            dense | (jnp.arange(tp)[:, None] == jnp.arange(sp)[None, :])[None] & (jnp.arange(tp) >= t)[None, :, None]
+        )
+        # An explicit [B, H, T, S] mask: a broadcast head dim does not survive vmap's batching rule.
+        full = jnp.broadcast_to(dense[:, None], (b, h, tp, sp))
+        out = jax.nn.dot_product_attention(q, k, v, mask=full, implementation=implementation)
+    return out[:, :t]
+
+
 def attend(q, k, v, mask: AttentionMask, implementation: str = "xla"):
     """Grouped-query attention. q [B, T, H, D], k/v [B, S, K, D] → [B, T, H, D].
 
-    'xla' is a plain einsum softmax (float32 scores); 'cudnn'/'auto' use jax.nn.dot_product_attention
-    (its fused cuDNN kernel, or whatever jax picks for 'auto'). A fully masked row (a pad query) attends uniformly instead of NaN.
+    'xla' is a plain einsum softmax (float32 scores); 'cudnn' is jax's fused cuDNN kernel (through
+    ``fused_attention``, which accepts any length); 'auto' is the same call with jax's own choice of kernel
+    (in jax 0.10-0.11 always its XLA implementation).
     """
-    impl = "cudnn" if implementation == "cudnn" else None
-    if implementation in ("cudnn", "auto") and mask.lengths is not None:
-        # The same mask as ``dense`` for every query, a pad query (t >= length) included: it sees the
-        # keys s < length. The fused kernel builds it from the lengths instead of reading a dense
-        # [B, H, T, S] bias in every layer, forward and backward.
-        return jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, key_value_seq_lengths=mask.lengths, implementation=impl
+    hd = q.shape[-1]
+    if implementation == "cudnn" and (hd > FUSED_MAX_HEAD_DIM or hd % 8):
+        logging.getLogger(__name__).warning(
+            "attention: head dim %d is not one jax's cuDNN kernel takes (a multiple of 8, at most %d); "
+            "using XLA attention for this model",
+            hd,
+            FUSED_MAX_HEAD_DIM,
         )
-    mask = mask.dense
+        implementation = "xla"
     if implementation in ("cudnn", "auto"):
-        # An explicit [B, H, T, S] mask: a broadcast head dim does not survive vmap's batching rule.
-        full = jnp.broadcast_to(mask[:, None], (q.shape[0], q.shape[2], mask.shape[1], mask.shape[2]))
-        return jax.nn.dot_product_attention(q, k, v, mask=full, implementation=impl)
+        return fused_attention(q, k, v, mask, "cudnn" if implementation == "cudnn" else None)
     b, t, h, hd = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(hd).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask.dense[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     # (The fused kernel's output needs no name: the remat policy keeps that kernel's outputs.)
     return checkpoint_name(jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd), "attn_out")
@@ -389,7 +446,8 @@ class Decoder(nnx.Module):
             t = tokens.shape[1]
             causal = jnp.tril(jnp.ones((t, t), bool))
             mask = AttentionMask(
-                causal[None] & (token_mask[:, None, :] > 0), jnp.sum(token_mask, axis=1) if right_padded else None
+                visible_keys(causal, token_mask > 0, jnp.eye(t, dtype=bool)),
+                jnp.sum(token_mask, axis=1) if right_padded else None,
             )
         else:
             idx = cache["index"]
@@ -399,7 +457,7 @@ class Decoder(nnx.Module):
             s = key_mask.shape[1]
             q_slot = idx + jnp.arange(tokens.shape[1])
             causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
-            mask = AttentionMask(causal[None] & key_mask[:, None, :])
+            mask = AttentionMask(visible_keys(causal, key_mask, jnp.arange(s)[None, :] == q_slot[:, None]))
         # prevent_cse guards an unrolled remat against XLA merging the recompute into the forward; a scan
         # body cannot be merged that way, and the guard would only cost speed there (jax.checkpoint docs).
         run = (
