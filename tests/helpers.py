@@ -207,13 +207,13 @@ def wait_all(procs, timeout: float = 900) -> dict:
     return out
 
 
-def restore_tree(ckpt_dir: str):
-    """(step, numpy tree) of the latest step of a Checkpointer directory, read without a target."""
+def restore_tree(ckpt_dir: str, step: int | None = None):
+    """(step, numpy tree) of a step (default: the latest) of a Checkpointer directory, read without a target."""
     from warm_jax.checkpoints import Checkpointer
 
     ck = Checkpointer(ckpt_dir, read_only=True)
     try:
-        state, _, step = ck.restore(None)
+        state, _, step = ck.restore(None, step=step)
     finally:
         ck.close()
     import jax

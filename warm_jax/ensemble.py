@@ -114,7 +114,14 @@ def linear_probe(params, graphdef, source, cfg: EnsembleConfig, *, batch_size: i
         (w, _), _ = jax.lax.scan(body, (w, tx.init(w)), None, length=cfg.lp_steps)
         return w
 
+    if not np.isfinite(np.asarray(diff)).all():
+        raise loop.NonFiniteUpdateError("[rm_ensemble] linear probe: the pretrained features are non-finite")
     kernel = fit(jnp.asarray(head["kernel"], jnp.float32))
+    if not np.isfinite(np.asarray(kernel)).all():
+        raise loop.NonFiniteUpdateError(
+            f"[rm_ensemble] linear probe: the head went non-finite (EnsembleConfig.lp_learning_rate = "
+            f"{cfg.lp_learning_rate}, lp_steps = {cfg.lp_steps})"
+        )
     acc = float(jnp.mean((diff @ kernel[:, 0]) > 0))
     return {"kernel": kernel.astype(head["kernel"].dtype), "bias": head["bias"]}, acc
 
@@ -162,7 +169,9 @@ def ensemble_step_fn(graphdef, tx, cfg: EnsembleConfig, state_sh, batch_sh, memb
 
     def step(state, batch, dropout_rates):
         state, metrics = vstep(state, batch, dropout_rates)
-        metrics["finite"] = jnp.all(metrics["finite"])  # one verdict for the loop
+        # One verdict for the loop; which members skipped goes into its error.
+        metrics["member_finite"] = metrics["finite"]
+        metrics["finite"] = jnp.all(metrics["finite"])
         return state, metrics
 
     return jax.jit(
@@ -390,4 +399,5 @@ def run_control(ctx: RunContext) -> None:
     ens, state = train_ensemble(ctx, cfg, stage="rm_control", ckpt_dir=ctx.path("rm_control", "ckpt"))
     curves = evaluation.pair_interpolation(ctx, ens.graphdef, state.params, ens.param_specs, dataset_dir(ctx, cfg))
     if jax.process_index() == 0:
-        io_utils.atomic_write_json(ctx.path("rm_control", "lmc.json"), curves)
+        updates = loop.read_updates(ctx.path("rm_control", "ckpt"))
+        io_utils.atomic_write_json(ctx.path("rm_control", "lmc.json"), {**curves, "updates": updates})

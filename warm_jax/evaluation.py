@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from warm_jax import averaging, checkpoint_averaging, checkpoints, ensemble, io_utils, params_io, reward, sharding
+from warm_jax import averaging, checkpoint_averaging, checkpoints, ensemble, io_utils, loop, params_io, reward, sharding
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
@@ -331,7 +331,7 @@ def lmc_curves(scorer: Scorer, pa, pb, splits, lambdas, members=(0, 1)) -> dict:
 @register_stage("rm_eval")
 def run(ctx: RunContext, cfg: EvalConfig | None = None) -> None:
     cfg = cfg or EvalConfig()
-    result = evaluate_rms(ctx, cfg)
+    result = {**evaluate_rms(ctx, cfg), "updates": loop.read_updates(ctx.path("rm", "ckpt"))}
     if jax.process_index() == 0:
         io_utils.atomic_write_json(ctx.path("rm", "eval.json"), result)
     w, e = result["rm"]["warm"]["acc"], result["rm"]["ens"]["acc"]

@@ -46,8 +46,24 @@ def build_summary(workdir: str) -> dict:
     rl = _load(os.path.join(workdir, "rl", "results.json"))
     if rl:
         summary["rl"] = rl
+    updates = training_updates(workdir)
+    if updates:
+        summary["updates"] = updates
     summary["claims"] = claims_lib.check_all(summary)
     return summary
+
+
+def training_updates(workdir: str) -> dict[str, dict]:
+    """Applied and skipped updates of every training run in the workdir (``loop.updates_path``), by run."""
+    found = {}
+    for parent in (workdir, os.path.join(workdir, "rl")):
+        if not os.path.isdir(parent):
+            continue
+        for name in sorted(os.listdir(parent)):
+            path = os.path.join(parent, name, "updates.json")
+            if os.path.isfile(path):
+                found[os.path.relpath(os.path.join(parent, name), workdir)] = io_utils.read_json(path)
+    return found
 
 
 # ----------------------------------------------------------------------------- figures
@@ -189,6 +205,19 @@ def markdown(summary: dict, figs: list[str]) -> str:
                 f"- win rate {name}: {w['value']:.3f} (95% CI {w['ci95'][0]:.3f}–{w['ci95'][1]:.3f}, "
                 f"{w['n_prompts']} prompts)"
             )
+        lines.append("")
+    if "updates" in summary:
+        lines += [
+            "## Training updates",
+            "",
+            "Updates whose loss or gradient was non-finite are skipped (the state is kept) and counted.",
+            "",
+            _row(["run", "applied", "skipped", "first skipped steps"]),
+            _row(["---"] * 4),
+        ]
+        for name, u in summary["updates"].items():
+            skipped = u["skipped"] if not u["skipped"] else f"**{u['skipped']}**"
+            lines.append(_row([name, u["applied"], skipped, ", ".join(map(str, u["skipped_steps"][:10])) or "–"]))
         lines.append("")
     if summary.get("claims"):
         lines += [

@@ -63,7 +63,7 @@ def select(pred, new, old):
 
 
 def guarded_update(state: TrainState, loss, grads, tx: optax.GradientTransformation, *, debug_nan_step: int = -1):
-    """One optimizer update that is skipped in-graph when the loss or a gradient is non-finite.
+    """One optimizer update that is skipped in-graph when the loss, a gradient or a new parameter is non-finite.
 
     The step counter still advances (so the data iterator and the step key move on), but params
     and optimizer state keep their old values. ``debug_nan_step`` (tests) poisons the loss and
@@ -73,7 +73,9 @@ def guarded_update(state: TrainState, loss, grads, tx: optax.GradientTransformat
     loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & all_finite(grads)
+    # The new params too: an optimizer can overflow finite gradients (a huge learning rate, a tiny second
+    # moment), and a non-finite state must never be kept or saved.
+    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
     new = state.replace(
         step=state.step + 1,
         params=select(finite, params, state.params),

@@ -15,7 +15,8 @@ checkpointed), SIGTERM and metrics. Every ``eval_every`` steps the policy is sam
 held-out prompts with a fixed key (so runs against different rewards are comparable) and
 judged by the proxy reward, the oracle and the KL.
 
-Outputs: WORKDIR/rl/<reward>/ckpt/, metrics/rl_<reward>.jsonl, WORKDIR/rl/results.json.
+Outputs: WORKDIR/rl/<reward>/ckpt/ and updates.json (applied and skipped updates),
+metrics/rl_<reward>.jsonl, WORKDIR/rl/results.json.
 """
 
 from __future__ import annotations
@@ -499,7 +500,10 @@ def run(ctx: RunContext, cfg: ReinforceConfig | None = None) -> None:
         log.info("[reinforce] %s: %.1fs", name, time.time() - t0)
     if jax.process_index() == 0:
         result = {
-            "runs": {n: run_curve(ctx.workdir, n) for n in cfg.rewards},
+            "runs": {
+                n: {**run_curve(ctx.workdir, n), "updates": loop.read_updates(ctx.path("rl", n, "ckpt"))}
+                for n in cfg.rewards
+            },
             "win_rate": win_rates(ctx.workdir, list(cfg.rewards)),
             "config": dataclasses.asdict(cfg),
         }
