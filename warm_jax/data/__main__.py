@@ -4,7 +4,8 @@
   python -m warm_jax.data show DIR
 
 `prepare` writes a TFDS dataset directory (see `warm_jax.data.builders`); bad input stops it with a message naming
-file, line and field, exit status 1 and nothing at DIR, unless --skip_invalid (then bad records are counted).
+file, line and field, exit status 1 and nothing at DIR, unless --skip_invalid (then bad records are counted; an input
+file left with no valid record still stops it). Every failure is one line on stderr; --verbose adds the traceback.
 `--format=builtin` asks `warm_jax.data.builtin_pairs.generate_splits` for the built-in task's pairs;
 `--builtin_option KEY=VALUE` (repeatable, values parsed as JSON when they parse) are passed to it as keywords,
 together with ``input_path`` (--input, may be omitted) and ``seed``.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 import textwrap
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from warm_jax import cli_errors
 from warm_jax.data import builders
 from warm_jax.data import pipeline
 from warm_jax.data import preference as pref
@@ -32,8 +35,26 @@ FORMATS = ("builtin", "tldr", "hh", "jsonl")
 DEFAULT_FLIP = {"builtin": 0.25, "tldr": 0.0, "hh": 0.0, "jsonl": 0.0}
 
 
-class CliError(Exception):
+class CliError(cli_errors.UserError):
     """A problem with the command line or its environment; printed without a traceback."""
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Every numeric option in range, before anything is read or written; the error names the flag."""
+    checks = []
+    if args.command == "prepare":
+        checks = [
+            ("--max_prompt_len", args.max_prompt_len, lambda v: v >= 1, "a positive integer"),
+            ("--max_response_len", args.max_response_len, lambda v: v >= 1, "a positive integer"),
+            ("--seed", args.seed, lambda v: v >= 0, "a non-negative integer"),
+            ("--flip_fraction", args.flip_fraction, lambda v: v is None or 0.0 <= v <= 1.0, "a number in [0, 1]"),
+            ("--validation_fraction", args.validation_fraction, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+        ]
+    elif args.command == "show":
+        checks = [("--num_examples", args.num_examples, lambda v: v >= 0, "a non-negative integer")]
+    for flag, value, ok, want in checks:
+        if (isinstance(value, float) and math.isnan(value)) or not ok(value):
+            raise CliError(f"{flag}={value} is out of range: expected {want}")
 
 
 def _load_tokenizer(path: str | os.PathLike) -> pref.TokenizerLike:
@@ -60,7 +81,16 @@ def _builtin_options(items: Sequence[str]) -> dict[str, Any]:
 def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if args.tokenizer is None:
         raise CliError("--tokenizer is required: the dataset is tokenised with the model's tokenizer")
+    if args.format != "builtin" and args.input is None:
+        raise CliError(f"--input is required for --format={args.format}")
+    builders.check_output(args.output, overwrite=args.overwrite)  # before any (long) reading or sampling
     tokenizer = _load_tokenizer(args.tokenizer)
+    least = 1 + len(pref.bos_ids(tokenizer))
+    if args.max_prompt_len < least:
+        raise CliError(
+            f"--max_prompt_len={args.max_prompt_len} leaves no room for the prompt after the tokenizer's BOS token; "
+            f"use at least {least}"
+        )
     flip = DEFAULT_FLIP[args.format] if args.flip_fraction is None else args.flip_fraction
     common = dict(
         tokenizer=tokenizer,
@@ -85,8 +115,6 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         return builders.write_preference_dataset(
             args.output, splits, source="builtin", source_files=[args.input] if args.input else [], **common
         )
-    if args.input is None:
-        raise CliError(f"--input is required for --format={args.format}")
     return builders.prepare_dataset(
         args.format, args.input, args.output, validation_fraction=args.validation_fraction, **common
     )
@@ -117,6 +145,13 @@ def show(
     `warm_jax.data.tokenizers` can load it), so they show what the model sees; otherwise the stored texts are shown.
     """
     meta = pipeline.load_metadata(dataset_dir)
+    if not meta["splits"]:
+        raise CliError(f"{dataset_dir}: the dataset has no splits (nothing was written to it); prepare it again")
+    if split is not None and split not in meta["splits"]:
+        raise CliError(f"{dataset_dir} has no split '{split}'; it has {sorted(meta['splits'])}")
+    split = split or ("train" if "train" in meta["splits"] else next(iter(meta["splits"])))
+    if meta["splits"][split]["num_examples"] == 0:
+        raise CliError(f"{dataset_dir}: split '{split}' has no examples; prepare the dataset again")
     lines = [
         f"dataset {dataset_dir}",
         f"  source: {meta['source']}  files: {len(meta['source_files'])}",
@@ -132,18 +167,18 @@ def show(
         lines += [
             f"    {key:16s} {_fmt_stats(s[key])}" for key in ("prompt_length", "chosen_length", "rejected_length")
         ]
+        identical = s.get("num_identical_after_truncation")  # datasets written before such pairs were refused
         lines += [
-            f"    truncated: {s['num_truncated']}  identical after truncation: {s['num_identical_after_truncation']}"
+            f"    truncated: {s['num_truncated']}" + (f"  identical after truncation: {identical}" if identical else "")
         ]
     skipped = meta["skipped"]
     lines += [f"  skipped records: {skipped['total']} {skipped['by_reason'] if skipped['total'] else ''}".rstrip()]
     lines += [f"    {m}" for m in skipped["first_messages"][:5]]
-    if tokenizer is None and meta.get("tokenizer_dir"):
+    if tokenizer is None and meta["tokenizer_dir"]:
         try:
-            tokenizer = _load_tokenizer(Path(dataset_dir) / meta["tokenizer_dir"])
-        except Exception:  # pylint: disable=broad-except
-            tokenizer = None  # a summary is still useful with the stored texts
-    split = split or ("train" if "train" in meta["splits"] else next(iter(meta["splits"])))
+            tokenizer = _load_tokenizer(Path(dataset_dir) / builders.TOKENIZER_DIR)
+        except cli_errors.expected_errors() as e:
+            lines += [f"  (saved tokenizer not loaded, showing stored texts: {cli_errors.describe(e)})"]
     source = pipeline.load_split(dataset_dir, split)
     how = "decoded from tokens" if tokenizer is not None else "stored text"
     lines += [f"  {min(num_examples, len(source))} examples from '{split}' ({how}):"]
@@ -198,22 +233,31 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("dataset_dir")
     s.add_argument("--split", default=None)
     s.add_argument("--num_examples", type=int, default=3)
+    for p in (parser, *sub.choices.values()):
+        # Accepted before or after the command; a subcommand's default must not reset the top-level flag.
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            default=False if p is parser else argparse.SUPPRESS,
+            help="show the Python traceback of a failure",
+        )
     return parser
 
 
+def _run(args: argparse.Namespace) -> None:
+    _check_flags(args)
+    if args.command == "prepare":
+        meta = _prepare(args)
+        counts = {k: v["num_examples"] for k, v in meta["splits"].items()}
+        print(f"wrote {args.output}: {counts}; skipped {meta['skipped']['total']}")
+    else:
+        print(show(args.dataset_dir, num_examples=args.num_examples, split=args.split))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "prepare":
-            meta = _prepare(args)
-            counts = {k: v["num_examples"] for k, v in meta["splits"].items()}
-            print(f"wrote {args.output}: {counts}; skipped {meta['skipped']['total']}")
-        else:
-            print(show(args.dataset_dir, num_examples=args.num_examples, split=args.split))
-    except (pref.PreferenceDataError, CliError, FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli_errors.guarded(lambda: _run(args), verbose=args.verbose or cli_errors.verbose_requested(argv))
 
 
 if __name__ == "__main__":

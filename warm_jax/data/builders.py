@@ -7,7 +7,9 @@ real formats (TL;DR, HH-RLHF, generic JSON lines) from local files and calls it.
 
 TFDS writes ArrayRecord without TensorFlow through `GeneratorBasedBuilder` (its example serializer uses TFDS's own
 copy of the tf.Example protos). Output is built in a hidden sibling directory and renamed into place only once
-complete, so a failure never leaves a partial dataset where a finished one is expected.
+complete, so a failure never leaves a partial dataset where a finished one is expected. ``dataset_info.json`` and
+``features.json`` are for TFDS users only: `warm_jax.data.pipeline.load_split` reads the shards with `features`
+built in code, so that a dataset folder never names code to import.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import glob
 import io
 import json
+import numbers
 import os
 import re
 import shutil
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from warm_jax.cli_errors import UserError
 from warm_jax.data import preference as pref
 
 METADATA_FILE = "preference_metadata.json"
@@ -35,6 +39,9 @@ TOKENIZER_DIR = "tokenizer"
 DATASET_NAME = "preference_pairs"
 FORMAT_VERSION = 1
 INPUT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+SPLIT_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+# TFDS's shard names, `{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}`; the reader finds a split's shards by it.
+SHARD_PATTERN = DATASET_NAME + r"-(?P<split>" + SPLIT_NAME + r")\.array_record-(?P<shard>\d{5})-of-(?P<count>\d{5})"
 STORED_FIELDS = (
     "chosen_tokens",
     "rejected_tokens",
@@ -80,7 +87,6 @@ class _SplitStats:
     def __init__(self) -> None:
         self.lengths: dict[str, list[int]] = {"prompt_length": [], "chosen_length": [], "rejected_length": []}
         self.truncated = {"prompt": 0, "chosen": 0, "rejected": 0}
-        self.identical_tokens = 0
         self.flipped = 0
 
     def add(self, ex: Mapping[str, Any]) -> None:
@@ -88,7 +94,6 @@ class _SplitStats:
             values.append(int(ex[key]))
         for key in self.truncated:
             self.truncated[key] += int(ex[f"{key}_truncated"])
-        self.identical_tokens += int(np.array_equal(ex["chosen_tokens"], ex["rejected_tokens"]))
         self.flipped += int(ex["flipped"])
 
     def to_json(self, configured_flip: float) -> dict[str, Any]:
@@ -109,13 +114,11 @@ class _SplitStats:
                 "max": int(v.max()),
             }
         out["num_truncated"] = dict(self.truncated)
-        # Pairs whose responses differ only past max_response_len: the model cannot tell them apart.
-        out["num_identical_after_truncation"] = self.identical_tokens
         return out
 
 
 class PreferencePairs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """TFDS builder over in-memory, already validated pairs; examples are tokenised as they are written."""
+    """TFDS builder over in-memory pairs, already validated and tokenised (see `_collect`)."""
 
     VERSION = tfds.core.Version("1.0.0")
     # TFDS looks for a checksums file beside the builder's code; nothing is downloaded here, and resolving the path
@@ -125,22 +128,19 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def __init__(
         self,
         *,
-        pairs: Mapping[str, Sequence[pref.PreferencePair]],
+        examples: Mapping[str, Sequence[_Example]],
         flips: Mapping[str, np.ndarray],
-        tokenizer: pref.TokenizerLike,
-        max_prompt_len: int,
-        max_response_len: int,
+        seq_len: int,
         description: str,
         **kwargs: Any,
     ):
-        self._pairs, self._flips, self._tokenizer = pairs, flips, tokenizer
-        self._max_prompt_len, self._max_response_len = max_prompt_len, max_response_len
+        self._examples, self._flips, self._seq_len = examples, flips, seq_len
         self._description = description
-        self.stats = {split: _SplitStats() for split in pairs}
+        self.stats = {split: _SplitStats() for split in examples}
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        seq_len = pref.sequence_length(self._max_prompt_len, self._max_response_len)
+        seq_len = self._seq_len
         # Shuffling off: `index` must equal the position in the split, and flips were drawn for that order.
         return self.dataset_info_from_configs(
             description=self._description, features=features(seq_len), disable_shuffling=True
@@ -148,12 +148,12 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
         del dl_manager
-        return {split: self._generate_examples(split) for split in self._pairs}
+        return {split: self._generate_examples(split) for split in self._examples}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
-        for i, (pair, flipped) in enumerate(zip(self._pairs[split], self._flips[split])):
-            shown = pair.swapped() if flipped else pair  # "chosen" is what the training label prefers
-            ex = pref.tokenize_pair(shown, self._tokenizer, self._max_prompt_len, self._max_response_len)
+        for i, ((pair, tokens), flipped) in enumerate(zip(self._examples[split], self._flips[split])):
+            # "chosen" is what the training label prefers; tokenize_pair(pair.swapped()) == _swapped(tokens).
+            shown, ex = (pair.swapped(), _swapped(tokens)) if flipped else (pair, dict(tokens))
             ex.update(
                 flipped=np.bool_(flipped),
                 index=np.int64(i),
@@ -165,6 +165,14 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             )
             self.stats[split].add(ex)
             yield i, {k: ex[k] for k in STORED_FIELDS}
+
+
+def check_flip_fraction(flip_fraction: float | Mapping[str, float]) -> None:
+    items = flip_fraction.items() if isinstance(flip_fraction, Mapping) else [(None, flip_fraction)]
+    for split, value in items:
+        name = "flip_fraction" if split is None else f"flip_fraction[{split!r}]"
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 def _flip_fractions(flip_fraction: float | Mapping[str, float], splits: Iterable[str]) -> dict[str, float]:
@@ -181,23 +189,78 @@ def _flip_fractions(flip_fraction: float | Mapping[str, float], splits: Iterable
     return {s: float(fractions.get(s, 0.0)) for s in splits}
 
 
+_Example = tuple[pref.PreferencePair, dict[str, np.ndarray]]  # a valid pair and its `tokenize_pair` arrays
+
+
+def _swapped(tokens: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = dict(tokens)
+    for key in ("tokens", "length", "truncated"):
+        out[f"chosen_{key}"], out[f"rejected_{key}"] = tokens[f"rejected_{key}"], tokens[f"chosen_{key}"]
+    return out
+
+
 def _collect(
-    split: str, records: Iterable[Mapping[str, Any] | pref.PreferencePair], skip_log: pref.SkipLog | None
-) -> list[pref.PreferencePair]:
+    split: str,
+    records: Iterable[Mapping[str, Any] | pref.PreferencePair],
+    skip_log: pref.SkipLog | None,
+    tokenizer: pref.TokenizerLike,
+    max_prompt_len: int,
+    max_response_len: int,
+) -> list[_Example]:
+    """Validates and tokenises `records`; a pair the model could not tell apart (same tokens) is invalid too."""
     out = []
     for i, record in enumerate(records):
         try:
             if isinstance(record, pref.PreferencePair):
-                pair = pref.check_pair(record, pref._Where(record.origin or f"<{split}>", i))
+                pair = pref.check_pair(record, pref.where_of(record, split, i))
             else:
                 pair = pref.pair_from_record(record, split, i)
+            tokens = pref.tokenize_pair(pair, tokenizer, max_prompt_len, max_response_len)
+            if np.array_equal(tokens["chosen_tokens"], tokens["rejected_tokens"]):
+                raise pref.where_of(pair, split, i).error(
+                    "chosen/rejected",
+                    f"chosen and rejected have the same tokens once cut to max_response_len={max_response_len}",
+                    "identical_after_truncation",
+                )
         except pref.PreferenceDataError as err:
             if skip_log is None:
                 raise
             skip_log.add(err)
             continue
-        out.append(pair)
+        out.append((pair, tokens))
     return out
+
+
+def check_output(output_dir: str | os.PathLike, *, overwrite: bool) -> Path:
+    """The absolute output path; refuses early what the final rename would fail on or wrongly destroy."""
+    output = Path(output_dir).absolute()
+    if output.exists():
+        if not output.is_dir():
+            raise UserError(f"output {output} is an existing file, not a directory; choose another output path")
+        if any(output.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{output} already exists and is not empty; pass overwrite=True (--overwrite)")
+            if not (output / METADATA_FILE).is_file():
+                raise UserError(
+                    f"output {output} is a non-empty directory but not a warm_jax dataset (no {METADATA_FILE}); "
+                    "overwrite replaces only a dataset, choose another output path"
+                )
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"output {output}: {parent} is a file, not a directory")
+    return output
+
+
+def check_lengths(tokenizer: pref.TokenizerLike, max_prompt_len: int, max_response_len: int) -> None:
+    """Both lengths must leave room for at least one token of text."""
+    for name, value, least, why in (
+        ("max_prompt_len", max_prompt_len, 1 + len(pref.bos_ids(tokenizer)), " (one for BOS, one for the prompt)"),
+        ("max_response_len", max_response_len, 1, ""),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}{why if least > 1 else ''}, got {value!r}")
 
 
 def write_preference_dataset(
@@ -220,7 +283,9 @@ def write_preference_dataset(
 
     Args:
       splits: split name -> records ``{prompt, chosen, rejected[, score_chosen, score_rejected]}`` (or
-        `PreferencePair`s). All records are validated before anything is written.
+        `PreferencePair`s). All records are validated and tokenised before anything is written; a pair whose
+        responses are identical up to whitespace, or whose token sequences are identical once cut to
+        `max_response_len`, is invalid. A split left with no valid record raises `UserError`.
       flip_fraction: fraction of labels to swap; a float applies to 'train' only, a dict gives it per split.
         Exactly ``round(fraction * n)`` examples are flipped, chosen by a permutation seeded with `seed`.
       skip_invalid: skip bad records (counted in the metadata) instead of raising `PreferenceDataError`.
@@ -231,18 +296,27 @@ def write_preference_dataset(
     Returns:
       The metadata dict that is also written to ``preference_metadata.json``.
     """
-    output = Path(output_dir).absolute()
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output} already exists and is not empty; pass overwrite=True (--overwrite)")
+    output = check_output(output_dir, overwrite=overwrite)
+    check_lengths(tokenizer, max_prompt_len, max_response_len)
+    check_flip_fraction(flip_fraction)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     for split in splits:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", split):
+        if not isinstance(split, str) or not re.fullmatch(SPLIT_NAME, split):
             raise ValueError(f"split name {split!r} is not a valid TFDS split name")
     if skip_log is None:
         skip_log = pref.SkipLog()
-    pairs = {split: _collect(split, records, skip_log if skip_invalid else None) for split, records in splits.items()}
-    for split, items in pairs.items():
-        if not items:
-            raise ValueError(f"split '{split}' has no valid examples (skipped: {skip_log.to_json()['by_reason']})")
+    where = ", ".join(os.fspath(f) for f in source_files) or f"<{source} records>"
+    if not splits:
+        raise UserError(f"{where}: no valid records ({skip_log.summary()})")
+    pairs: dict[str, list[_Example]] = {}
+    for split, records in splits.items():
+        mark = skip_log.mark()
+        pairs[split] = _collect(
+            split, records, skip_log if skip_invalid else None, tokenizer, max_prompt_len, max_response_len
+        )
+        if not pairs[split]:
+            raise UserError(f"{where}: split '{split}' has no valid records ({skip_log.summary(since=mark)})")
     fractions = _flip_fractions(flip_fraction, pairs)
     flips = {split: pref.flip_mask(len(items), fractions[split], seed, split) for split, items in pairs.items()}
 
@@ -253,11 +327,9 @@ def write_preference_dataset(
         # TFDS prints a 'Downloading and preparing' banner.
         with _no_tfds_tempdirs(), contextlib.redirect_stdout(io.StringIO()):
             builder = PreferencePairs(
-                pairs=pairs,
+                examples=pairs,
                 flips=flips,
-                tokenizer=tokenizer,
-                max_prompt_len=max_prompt_len,
-                max_response_len=max_response_len,
+                seq_len=pref.sequence_length(max_prompt_len, max_response_len),
                 description=f"Preference pairs from {source}.",
                 data_dir=os.fspath(tmp),
                 file_format="array_record",
@@ -349,13 +421,32 @@ def read_format(
     """Reads every pair of a real format into splits; carves 'validation' out of 'train' when there is none."""
     if fmt not in pref.PARSERS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(pref.PARSERS)}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
     splits: dict[str, list[pref.PreferencePair]] = {}
     files = input_files(fmt, input_path)
     for file_split, path in files:
+        mark = skip_log.mark() if skip_log is not None else None
+        count = 0
         for record_split, pair in pref.read_pairs(path, fmt, skip_log):
             splits.setdefault(record_split or file_split or "train", []).append(pair)
+            count += 1
+        if not count:  # an empty file, or (with skip_log) one whose every record was bad
+            why = (
+                skip_log.summary(since=mark)
+                if skip_log is not None and skip_log.counts != mark[0]
+                else "the file holds no records"
+            )
+            raise UserError(f"{path}: no valid records ({why})")
     if "validation" not in splits and validation_fraction > 0 and "train" in splits:
+        n = len(splits["train"])
         splits["train"], splits["validation"] = pref.carve_validation(splits["train"], validation_fraction, seed)
+        if not splits["validation"] or not splits["train"]:
+            raise UserError(
+                f"{input_path}: validation_fraction={validation_fraction} of the {n} valid 'train' records leaves "
+                f"{len(splits['train'])} for train and {len(splits['validation'])} for validation; both need at "
+                "least one (use 0 for no validation split)"
+            )
     return splits, [p for _, p in files]
 
 
@@ -374,6 +465,9 @@ def prepare_dataset(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Reads `input_path` in format `fmt` ('tldr', 'hh', 'jsonl') and writes the dataset; returns its metadata."""
+    check_output(output_dir, overwrite=overwrite)  # before the (long) reading
+    check_lengths(tokenizer, max_prompt_len, max_response_len)
+    check_flip_fraction(flip_fraction)
     skip_log = pref.SkipLog()
     splits, files = read_format(
         fmt, input_path, validation_fraction=validation_fraction, seed=seed, skip_log=skip_log if skip_invalid else None

@@ -23,6 +23,7 @@ import numpy as np
 
 from warm_jax import oracle as oracle_lib
 from warm_jax.data import builders, builtin_text
+from warm_jax.data import preference as pref
 from warm_jax.data.tokenizers import Tokenizer
 from warm_jax.policy import sampler
 from warm_jax.stages import RunContext, register_stage
@@ -56,6 +57,19 @@ class PairsConfig:
             raise ValueError(f"PairsConfig.label must be 'argmax' or 'bt', got {self.label!r}")
         if not 0.0 <= self.length_cue < 1.0:
             raise ValueError(f"PairsConfig.length_cue must be in [0, 1), got {self.length_cue}")
+        for name in (
+            "num_train",
+            "num_validation",
+            "num_ood",
+            "max_prompt_len",
+            "max_response_len",
+            "sample_batch_size",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PairsConfig.{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.flip_fraction <= 1.0:
+            raise ValueError(f"PairsConfig.flip_fraction must be in [0, 1], got {self.flip_fraction}")
 
 
 def encode_prompts(prompts, tok: Tokenizer, max_len: int):
@@ -87,7 +101,7 @@ def label_pairs(prompts, a, b, scorer: oracle_lib.Oracle, cfg: PairsConfig, rng:
         a_wins = rng.random(len(sa)) < p_a
     records = []
     for i in range(len(prompts)):
-        if abs(sa[i] - sb[i]) < cfg.min_score_gap or a[i] == b[i] or not a[i] or not b[i]:
+        if abs(sa[i] - sb[i]) < cfg.min_score_gap or pref.same_text(a[i], b[i]) or not a[i].strip() or not b[i].strip():
             continue
         win, lose, sw, sl = (a[i], b[i], sa[i], sb[i]) if a_wins[i] else (b[i], a[i], sb[i], sa[i])
         records.append(
@@ -131,6 +145,10 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
 
     if input_path is None:
         raise ValueError("--format=builtin needs --input=WORKDIR of a finished `pretrain` stage")
+    known = {f.name for f in dataclasses.fields(PairsConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown PairsConfig option(s) {unknown} (--builtin_option); known: {sorted(known)}")
     cfg = dataclasses.replace(PairsConfig(), **overrides)
     ctx = RunContext(workdir=input_path, mesh=mesh or runtime.make_mesh(), seed=seed)
     model_cfg, graphdef, params, _, tok = pretrain.load_params(ctx)
@@ -183,7 +201,7 @@ def run(ctx: RunContext, cfg: PairsConfig | None = None) -> None:
         tok_dir = ctx.path("tokenizer")
         from warm_jax.data.tokenizers import load_tokenizer
 
-        builders.write_preference_dataset(
+        meta = builders.write_preference_dataset(
             ctx.path("data"),
             splits,
             tokenizer=load_tokenizer(tok_dir),
@@ -194,4 +212,8 @@ def run(ctx: RunContext, cfg: PairsConfig | None = None) -> None:
             source="builtin",
             extra_metadata={"pairs_config": dataclasses.asdict(cfg)},
             overwrite=True,
+            # Sampled pairs whose tokens coincide once cut to max_response_len teach nothing: drop and count them.
+            skip_invalid=True,
         )
+        if meta["skipped"]["total"]:
+            log.warning("[data] skipped %d pairs: %s", meta["skipped"]["total"], meta["skipped"]["by_reason"])

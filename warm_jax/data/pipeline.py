@@ -13,8 +13,12 @@ uninterrupted one would. The state can be restored on a different process count 
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import json
+import operator
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from warm_jax.cli_errors import UserError
 from warm_jax.data import preference as pref
 
 DEFAULT_FIELDS = (
@@ -38,26 +43,213 @@ STATE_VERSION = 1
 _ORDER_KEYS = ("num_examples", "global_batch_size", "seed", "num_members", "shuffle", "drop_remainder")
 
 
-def load_split(dataset_dir: str | os.PathLike, split: str) -> Sequence[dict[str, Any]]:
-    """Random-access data source over one split: ``len(src)``, ``src[i]`` and ``src.__getitems__(indices)``.
+class SplitNotFoundError(UserError, KeyError):
+    """The dataset has no such split (a KeyError for callers that look splits up like keys)."""
 
-    Examples are dicts of numpy values; text fields come back as UTF-8 bytes.
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """One shard file to read whole; the shape of `array_record_data_source.FileInstruction` (no recount)."""
+
+    filename: str
+    skip: int
+    take: int
+    examples_in_shard: int
+
+
+class SplitSource(Sequence):
+    """Random access over the ArrayRecord shards of one split: ``len(src)``, ``src[i]``, ``src.__getitems__(keys)``.
+
+    Records are decoded with the feature spec in `warm_jax.data.builders.features`, built here from the stored
+    ``seq_len``: nothing that the dataset's own files name (``features.json``, ``dataset_info.json``) is imported or
+    even read, so a dataset folder cannot run code. Examples are dicts of numpy values (Python scalars for scalar
+    fields, int32[seq_len] token arrays); text fields come back as UTF-8 bytes.
     """
-    import tensorflow_datasets as tfds  # lazy: slow to import, and only readers need it
 
-    builder = tfds.builder_from_directory(os.fspath(dataset_dir))
-    if split not in builder.info.splits:
-        raise KeyError(f"{dataset_dir} has no split '{split}'; it has {sorted(builder.info.splits)}")
-    return builder.as_data_source(split=split)
+    def __init__(self, shards: Sequence[_Shard], seq_len: int, name: str):
+        from array_record.python import array_record_data_source  # lazy, like every reader dependency
+
+        self._shards = list(shards)
+        self._ends = np.cumsum([s.take for s in self._shards]).tolist()
+        self._seq_len = seq_len
+        self._name = name
+        self._source = array_record_data_source.ArrayRecordDataSource(self._shards)
+        self._features = None
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __repr__(self) -> str:
+        return f"SplitSource({self._name}, {len(self)} examples)"
+
+    def _key(self, key: Any) -> int:
+        i = operator.index(key)
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self._name}: index {key} is out of range for {len(self)} examples")
+        return i
+
+    def _where(self, i: int) -> str:
+        shard = bisect.bisect_right(self._ends, i)
+        return f"{self._shards[shard].filename}: record {i - (self._ends[shard - 1] if shard else 0)}"
+
+    def _decode(self, record: bytes, i: int) -> dict[str, Any]:
+        if self._features is None:
+            from warm_jax.data import builders
+
+            self._features = builders.features(self._seq_len)
+        try:
+            return self._features.deserialize_example_np(record)
+        except Exception as e:  # pylint: disable=broad-except  # any failure here means damaged bytes in the file
+            raise UserError(f"{self._where(i)}: cannot decode it ({type(e).__name__}: {e})") from e
+
+    def __getitem__(self, key: Any) -> dict[str, Any]:  # type: ignore[override]
+        i = self._key(key)
+        try:
+            record = self._source[i]
+        except RuntimeError as e:  # the reader's error for a damaged chunk
+            raise UserError(f"{self._where(i)}: unreadable ({e})") from e
+        return self._decode(record, i)
+
+    def __getitems__(self, keys: Sequence[int]) -> list[dict[str, Any]]:
+        keys = [self._key(k) for k in keys]
+        if not keys:
+            return []
+        try:
+            records = self._source.__getitems__(keys)
+        except RuntimeError:
+            for i in keys:  # find the damaged record, to name it
+                self[i]
+            raise
+        return [self._decode(r, i) for r, i in zip(records, keys)]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_features": None}  # rebuilt on first use after unpickling
+
+
+def _shard_records(path: Path) -> int:
+    from array_record.python import array_record_module
+
+    reader = array_record_module.ArrayRecordReader(os.fspath(path))
+    try:
+        if reader.ok():
+            return reader.num_records()
+    finally:
+        try:
+            reader.close()
+        except RuntimeError as e:  # the reader keeps its error until it is closed
+            raise UserError(f"{path}: not a readable ArrayRecord file ({e or 'damaged or truncated'})") from None
+    raise UserError(f"{path}: not a readable ArrayRecord file")
+
+
+def load_split(dataset_dir: str | os.PathLike, split: str) -> SplitSource:
+    """Random-access data source over one split (see `SplitSource`), checked against the dataset's metadata."""
+    from warm_jax.data import builders
+
+    meta = load_metadata(dataset_dir)
+    if split not in meta["splits"]:
+        raise SplitNotFoundError(f"{dataset_dir} has no split '{split}'; it has {sorted(meta['splits'])}")
+    expected = meta["splits"][split]["num_examples"]
+    if expected == 0:
+        raise UserError(f"{dataset_dir}: split '{split}' has no examples")
+    found: dict[int, set[int]] = {}
+    for path in Path(dataset_dir).iterdir():
+        m = re.fullmatch(builders.SHARD_PATTERN, path.name)
+        if m and m["split"] == split:
+            found.setdefault(int(m["count"]), set()).add(int(m["shard"]))
+    if len(found) != 1 or set(range(next(iter(found)))) != next(iter(found.values())):
+        have = sorted(p.name for p in Path(dataset_dir).glob(f"{builders.DATASET_NAME}-{split}.*"))
+        raise UserError(f"{dataset_dir}: split '{split}' does not have a complete set of shard files; found {have}")
+    count = next(iter(found))
+    shards = []
+    for k in range(count):
+        path = Path(dataset_dir) / f"{builders.DATASET_NAME}-{split}.array_record-{k:05d}-of-{count:05d}"
+        n = _shard_records(path)
+        shards.append(_Shard(os.fspath(path), 0, n, n))
+    total = sum(s.take for s in shards)
+    if total != expected:
+        raise UserError(
+            f"{dataset_dir}: split '{split}' has {total} records in its shard files but {builders.METADATA_FILE} "
+            f"says {expected}; a shard is truncated or was replaced"
+        )
+    return SplitSource(shards, meta["seq_len"], f"{dataset_dir}:{split}")
 
 
 def load_metadata(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    """The dataset's ``preference_metadata.json``, checked; an error names the file and the field at fault."""
     from warm_jax.data import builders
 
     path = Path(dataset_dir) / builders.METADATA_FILE
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {dataset_dir} is not a dataset written by warm_jax.data")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    _check_metadata(meta, path, builders)
+    return meta
+
+
+_NUMBER = (int, float)
+_STATS_KEYS = ("mean", "min", "p50", "p95", "max")
+
+
+def _field(obj: Any, key: str, kinds: type | tuple[type, ...], path: Path, prefix: str = "") -> Any:
+    """``obj[key]`` if it has one of `kinds` (never a bool unless asked), else `UserError` naming the field."""
+    name = f"{prefix}{key}"
+    if key not in obj:
+        raise UserError(f"{path}: field '{name}' is missing")
+    value, kinds = obj[key], kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        want = "/".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise UserError(f"{path}: field '{name}': expected {want}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _check_metadata(meta: Any, path: Path, builders: Any) -> None:
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    version = _field(meta, "format_version", int, path)
+    if version != builders.FORMAT_VERSION:
+        raise UserError(f"{path}: field 'format_version' is {version}; this reader knows {builders.FORMAT_VERSION}")
+    _field(meta, "source", str, path)
+    if not all(isinstance(f, str) for f in _field(meta, "source_files", list, path)):
+        raise UserError(f"{path}: field 'source_files': expected a list of strings")
+    _field(meta, "tokenizer", dict, path)
+    if _field(meta, "tokenizer_dir", (str, type(None)), path) not in (None, builders.TOKENIZER_DIR):
+        raise UserError(f"{path}: field 'tokenizer_dir' must be null or {builders.TOKENIZER_DIR!r}")
+    lengths = {k: _field(meta, k, int, path) for k in ("max_prompt_len", "max_response_len", "seq_len")}
+    if min(lengths.values()) < 1 or lengths["seq_len"] != lengths["max_prompt_len"] + lengths["max_response_len"]:
+        raise UserError(f"{path}: fields {lengths} are inconsistent (seq_len = max_prompt_len + max_response_len >= 2)")
+    for name, s in _field(meta, "splits", dict, path).items():
+        prefix = f"splits.{name}."
+        if not re.fullmatch(builders.SPLIT_NAME, name):
+            raise UserError(f"{path}: field 'splits': {name!r} is not a split name")
+        if not isinstance(s, dict):
+            raise UserError(f"{path}: field 'splits.{name}': expected object, got {type(s).__name__}")
+        for key in ("num_examples", "num_flipped"):
+            if _field(s, key, int, path, prefix) < 0:
+                raise UserError(f"{path}: field '{prefix}{key}' is negative")
+        for key in ("flip_fraction", "configured_flip_fraction"):
+            _field(s, key, _NUMBER, path, prefix)
+        _field(s, "num_truncated", dict, path, prefix)
+        for key in ("prompt_length", "chosen_length", "rejected_length"):
+            stats = _field(s, key, dict, path, prefix)
+            for k in _STATS_KEYS:
+                _field(stats, k, _NUMBER, path, f"{prefix}{key}.")
+    skipped = _field(meta, "skipped", dict, path)
+    _field(skipped, "total", int, path, "skipped.")
+    _field(skipped, "by_reason", dict, path, "skipped.")
+    _field(skipped, "first_messages", list, path, "skipped.")
 
 
 def _read(source: Sequence[Mapping[str, Any]], indices: np.ndarray, fields: Sequence[str]) -> dict[str, np.ndarray]:

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from warm_jax.cli_errors import UserError
+
 # TL;DR's `split` field -> our split names. valid2 holds the comparisons OpenAI kept for final evaluation; news
 # (CNN/DM) items, recognised by their `article`, are a different distribution and go to `ood` whatever their split.
 TLDR_SPLITS = {"train": "train", "valid1": "validation", "valid2": "test"}
@@ -47,12 +49,13 @@ REASONS = (
     "bad_choice",
     "empty_text",
     "identical_responses",
+    "identical_after_truncation",
     "no_common_prompt",
 )
 
 
-class PreferenceDataError(ValueError):
-    """A record that cannot be used; the message reads ``file:line: field 'x': reason``."""
+class PreferenceDataError(UserError, ValueError):
+    """A record that cannot be used; the message reads ``file:line: field 'x': reason [code]``."""
 
     def __init__(self, path: str | os.PathLike, line: int, field: str, reason: str, code: str):
         self.path, self.line, self.field, self.reason, self.code = os.fspath(path), line, field, reason, code
@@ -100,6 +103,19 @@ class SkipLog:
     def to_json(self) -> dict[str, Any]:
         return {"total": self.total, "by_reason": dict(sorted(self.counts.items())), "first_messages": self.messages}
 
+    def summary(self, since: tuple[collections.Counter, int] | None = None) -> str:
+        """One line: ``N skipped: reason n, ...; first: message`` (only what was added after `since`)."""
+        counts, first = (self.counts, 0) if since is None else (self.counts - since[0], since[1])
+        if not counts:
+            return "none skipped"
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        head = f"{sum(counts.values())} skipped: {reasons}"
+        return f"{head}; first: {self.messages[first]}" if first < len(self.messages) else head
+
+    def mark(self) -> tuple[collections.Counter, int]:
+        """A point to pass to `summary(since=...)`."""
+        return self.counts.copy(), len(self.messages)
+
 
 class TokenizerLike(Protocol):
     """The part of `warm_jax.data.tokenizers.Tokenizer` that the data code uses."""
@@ -116,50 +132,54 @@ class TokenizerLike(Protocol):
 
 
 # ----------------------------------------------------------------------------------------------------- reading
+def _raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """``(line_number, bytes)`` of a plain or gzip file; a damaged gzip stream raises `UserError` naming the file."""
+    name = os.fspath(path)
+    compressed = name.endswith(".gz")
+    line_no = 0
+    with (gzip.open if compressed else open)(path, "rb") as f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+                # A broken stream cannot be resynchronised, so this is fatal even when bad records are skipped.
+                kind = "truncated gzip file" if isinstance(e, EOFError) else "not a gzip file, or a damaged one"
+                where = f"after line {line_no}" if line_no else "before the first complete line"
+                raise UserError(f"{name}: {kind}: reading stopped {where} ({e})") from e
+            line_no += 1
+            yield line_no, raw
+
+
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any] | PreferenceDataError]]:
     """Yields ``(line_number, object)`` for each non-blank line, or ``(line_number, error)`` for a bad one.
 
     Errors are yielded rather than raised so that a caller that skips them can carry on with the next line.
-    Lines are decoded as strict UTF-8 here (not by `open`) so that the error can point at the line.
+    Lines are decoded as strict UTF-8 here (not by `open`) so that the error can point at the line. A file that
+    cannot be read at all (a broken gzip stream) raises `UserError`.
     """
-    opener = gzip.open if os.fspath(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield (
-                    line_no,
-                    PreferenceDataError(
-                        path,
-                        line_no,
-                        "<line>",
-                        f"invalid UTF-8 at byte {e.start}: {raw[e.start : e.start + 4]!r}",
-                        "invalid_utf8",
-                    ),
-                )
-                continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield (
-                    line_no,
-                    PreferenceDataError(
-                        path, line_no, "<line>", f"malformed JSON: {e.msg} at column {e.colno}", "malformed_json"
-                    ),
-                )
-                continue
-            if not isinstance(obj, dict):
-                yield (
-                    line_no,
-                    PreferenceDataError(
-                        path, line_no, "<line>", f"expected a JSON object, got {type(obj).__name__}", "wrong_type"
-                    ),
-                )
-                continue
-            yield line_no, obj
+    for line_no, raw in _raw_lines(path):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            reason = f"invalid UTF-8 at byte {e.start}: {raw[e.start : e.start + 4]!r}"
+            yield line_no, PreferenceDataError(path, line_no, "<line>", reason, "invalid_utf8")
+            continue
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            reason = f"malformed JSON: {e.msg} at column {e.colno}"
+            yield line_no, PreferenceDataError(path, line_no, "<line>", reason, "malformed_json")
+            continue
+        if not isinstance(obj, dict):
+            reason = f"expected a JSON object, got {type(obj).__name__}"
+            yield line_no, PreferenceDataError(path, line_no, "<line>", reason, "wrong_type")
+            continue
+        yield line_no, obj
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,16 +210,30 @@ def _score(obj: Mapping[str, Any], key: str, where: _Where) -> float:
     return float(_get(obj, key, where, (int, float)))
 
 
+def same_text(a: str, b: str) -> bool:
+    """Whether two texts are equal once runs of whitespace are collapsed and the ends stripped."""
+    return a.split() == b.split()
+
+
 def check_pair(
     pair: PreferencePair, where: _Where, fields: tuple[str, str, str] = ("prompt", "chosen", "rejected")
 ) -> PreferencePair:
-    """Rejects empty (or whitespace-only) texts and pairs whose two responses are identical."""
+    """Rejects empty (or whitespace-only) texts and pairs whose two responses are identical up to whitespace."""
     for name, text in zip(fields, (pair.prompt, pair.chosen, pair.rejected)):
         if not text.strip():
             raise where.error(name, "empty text", "empty_text")
-    if pair.chosen == pair.rejected:
-        raise where.error(f"{fields[1]}/{fields[2]}", "chosen and rejected are identical", "identical_responses")
+    if same_text(pair.chosen, pair.rejected):
+        how = "" if pair.chosen == pair.rejected else " after whitespace normalisation"
+        raise where.error(f"{fields[1]}/{fields[2]}", f"chosen and rejected are identical{how}", "identical_responses")
     return pair
+
+
+def where_of(pair: PreferencePair, split: str, i: int) -> _Where:
+    """Where `pair` came from (its ``file:line`` origin), for messages; ``<split>:i`` when it has none."""
+    path, sep, line = pair.origin.rpartition(":")
+    if sep and line.isdigit():
+        return _Where(path, int(line))
+    return _Where(pair.origin or f"<{split}>", i)
 
 
 def parse_tldr(obj: Mapping[str, Any], where: _Where) -> tuple[str, PreferencePair]:
@@ -303,6 +337,11 @@ def sequence_length(max_prompt_len: int, max_response_len: int) -> int:
     return max_prompt_len + max_response_len
 
 
+def bos_ids(tokenizer: TokenizerLike) -> list[int]:
+    """The tokens put before every prompt: ``[bos_id]`` when the tokenizer adds one, else none."""
+    return [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+
+
 def tokenize_pair(
     pair: PreferencePair, tokenizer: TokenizerLike, max_prompt_len: int, max_response_len: int
 ) -> dict[str, np.ndarray]:
@@ -314,7 +353,7 @@ def tokenize_pair(
     int32 scalars (real tokens; the reward is read at ``length - 1``) and ``prompt_truncated``/
     ``chosen_truncated``/``rejected_truncated`` bools (for statistics, not stored).
     """
-    bos = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    bos = bos_ids(tokenizer)
     room = max_prompt_len - len(bos)
     if room < 1:
         raise ValueError(f"max_prompt_len={max_prompt_len} leaves no room for the prompt after BOS")
