@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -148,3 +150,48 @@ def test_results_json_is_plain_json(bf16_run):
     for rel in ("rl/results.json", "rm/eval.json", "report/summary.json"):
         with open(os.path.join(bf16_run, rel)) as f:
             json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"{rel}: {c}"))
+
+
+CHECK = os.path.join(helpers.REPO, "scripts", "gpu_pipeline_check.py")
+
+
+def _check(out: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, CHECK, f"--out={out}", *args],
+        env=helpers.subprocess_env(),
+        cwd=helpers.REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_the_accelerator_check_script_collects_a_finished_run_and_fails_loudly(bf16_run, tmp_path):
+    """scripts/gpu_pipeline_check.py on the finished bf16 run (every stage skips): stage times, report,
+    summary, REINFORCE results and its verdict land in one folder; a failing run, an overrun and a missing
+    GGUF each exit non-zero with the reason."""
+    flags = helpers.train_cmd(
+        bf16_run, helpers.TINY + helpers.TINY_POLICY + [helpers.stages(*helpers.ALL_STAGES), BF16] + RL
+    )[3:]
+    out = str(tmp_path / "out")
+    proc = _check(out, "--preset=none", "--", *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == sorted(
+        ["check.json", "report.md", "rl_results.json", "stage_times.json", "summary.json", "train.log"]
+    )
+    times = io_utils.read_json(os.path.join(out, "stage_times.json"))
+    assert set(helpers.ALL_STAGES) <= set(times) and all(times[s] >= 0 for s in helpers.ALL_STAGES)
+    check = io_utils.read_json(os.path.join(out, "check.json"))
+    assert check["verdict"] == "ok" and check["final_kl"]["warm"] > 0
+    speed = check["reinforce"]["warm"]
+    assert speed["seconds_per_update"] > 0 and speed["generated_tokens_per_s"] > 0
+
+    bad = _check(
+        str(tmp_path / "bad"), "--preset=none", "--", f"--workdir={tmp_path / 'w'}", "--gin_bindings=Nope.x = 1"
+    )
+    assert bad.returncode == 1 and "FAILED: warm_jax.train exited" in bad.stderr, bad.stderr[-2000:]
+    assert io_utils.read_json(str(tmp_path / "bad" / "check.json"))["verdict"] == "failed"
+    slow = _check(str(tmp_path / "slow"), "--preset=none", "--limit_s=1", "--", *flags)
+    assert slow.returncode == 1 and "overran its 1 s limit" in slow.stderr
+    missing = _check(str(tmp_path / "gguf"), "--gguf=/nonexistent.gguf")
+    assert missing.returncode == 1 and "/nonexistent.gguf" in missing.stderr and "is not a file" in missing.stderr

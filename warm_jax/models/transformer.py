@@ -128,8 +128,9 @@ def _kernel(cfg: ModelConfig, key, name: str, shape, axes, std):
     return _param(key, shape, axes, std, jnp.dtype(cfg.param_dtype))
 
 
-def project(x, w, out_first: bool = False):
+def project(x, w, out_first: bool = False, out_dtype=None):
     """x [B, T, *in] through kernel w → [B, T, *out]; w is [*in, *out], or [*out, *in] if ``out_first``.
+    ``out_dtype`` (e.g. float32 from bfloat16 inputs) is the product's accumulation and result dtype.
 
     Out-first is for decoding a few rows on XLA:CPU: a product with the weights on the left and the
     rows on the right ([N, K] · [M, K]ᵀ → [N, M]) streams each weight once, while [M, K] · [K, N]
@@ -139,10 +140,10 @@ def project(x, w, out_first: bool = False):
     """
     n_in = x.ndim - 2
     if not out_first:
-        return jnp.tensordot(x, w, n_in)
+        return jnp.tensordot(x, w, n_in, preferred_element_type=out_dtype)
     b, t = x.shape[:2]
     out_shape = w.shape[: w.ndim - n_in]
-    yt = jnp.dot(w.reshape(math.prod(out_shape), -1), x.reshape(b * t, -1).T)  # [N, M]
+    yt = jnp.dot(w.reshape(math.prod(out_shape), -1), x.reshape(b * t, -1).T, preferred_element_type=out_dtype)
     return jax.lax.optimization_barrier(yt).T.reshape(b, t, *out_shape)
 
 
@@ -516,13 +517,14 @@ class Decoder(nnx.Module):
         return self.final_norm(x), new_cache
 
     def logits(self, hidden):
-        """[B, T, d] → float32 [B, T, V]."""
+        """[B, T, d] → float32 [B, T, V], accumulated in float32 whatever the activations' dtype (a bfloat16
+        logit keeps ~3 significant digits: too few for log-probabilities, their ratios and the KL)."""
         out_first = self.cfg.out_first_kernels
         if self.cfg.tie_embeddings:  # the table [V, d] is an out-first kernel already
             w = self.embed[...] if out_first else self.embed[...].T
         else:
             w = self.lm_head[...]
-        return project(hidden, w.astype(hidden.dtype), out_first).astype(jnp.float32)
+        return project(hidden, w.astype(hidden.dtype), out_first, out_dtype=jnp.float32)
 
     def reward(self, hidden, token_mask):
         """Scalar reward at the last real token. hidden [B, T, d], token_mask [B, T] → [B] f32."""
