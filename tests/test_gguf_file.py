@@ -62,6 +62,8 @@ def test_bad_files_name_the_file_and_the_fault(tmp_path):
         "magic.gguf": (b"GGML" + raw[4:], "not a GGUF file"),
         "version.gguf": (raw[:4] + (1).to_bytes(4, "little") + raw[8:], "version 1 is not supported"),
         "header.gguf": (raw[:200], "truncated"),
+        "empty.gguf": (b"", "empty file"),
+        "tiny.gguf": (b"GG", "not a GGUF file"),
     }
     for name, (content, match) in cases.items():
         path = tmp_path / name

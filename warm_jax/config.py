@@ -1,13 +1,24 @@
-"""gin plumbing, kept in one place: search paths, parsing with clear errors, operative config."""
+"""gin plumbing, kept in one place: search paths, parsing with clear errors, the configuration records.
+
+A run writes WORKDIR/config.gin (its parsed configuration). Each stage keeps its own record in
+WORKDIR/config/ (written by ``stages``): the parsed configuration when it starts, the operative one
+(every value it read, defaults included) when it finishes. :func:`compare` says which bindings a rerun changes
+against such a record; :data:`RUN_ONLY` lists the few that never count.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from tokenize import TokenError
+from typing import Any
 
 import gin
+from gin import config_parser
 
 from warm_jax import io_utils
 
@@ -24,6 +35,24 @@ class _QuietSearchPathLogs(logging.Filter):
 
 class ConfigError(ValueError):
     """A gin file or binding is wrong; the message names it."""
+
+
+class ConfigMismatchError(ConfigError):
+    """A rerun's configuration differs from the one a stage of the workdir ran with; nothing was touched."""
+
+
+# Bindings that change how a run goes, not what it computes; a rerun may change them freely.
+RUN_ONLY = frozenset(
+    {
+        "run_pipeline.stages",  # which stages this invocation runs (adding one must work)
+        "make_mesh.shape",  # checkpoints restore onto any mesh; the math is the same up to rounding
+        "make_mesh.devices",
+        "LoopConfig.log_every",  # how often metrics are written
+        "LoopConfig.save_interval_steps",  # which steps are saved: a resume is bitwise exact from any of them
+        "LoopConfig.max_to_keep",  # retention of old steps (PretrainConfig.keep_steps is compared)
+        "LoopConfig.async_save",  # whether a save blocks the loop
+    }
+)
 
 
 def register_all() -> None:
@@ -49,12 +78,28 @@ def parse(
     logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=False)
-    except (ValueError, KeyError, NameError, TypeError, AttributeError, ImportError) as e:
-        # gin's message already names the binding and file:line; keep it, say where it came from.
-        raise ConfigError(f"invalid gin configuration: {e}") from e
+        gin.finalize()  # checks that every %MACRO and @reference is defined
+    except (ValueError, KeyError, NameError, TypeError, AttributeError, ImportError, SyntaxError, TokenError) as e:
+        # gin's message names the binding and file:line, except for a malformed binding: find that one.
+        bad = _first_malformed(gin_bindings)
+        where = f" (--gin_bindings={bad!r})" if bad is not None else ""
+        # The undefined-macro error quotes the whole configuration after this; the name is enough.
+        message = str(e).split(" in config string:")[0]
+        if isinstance(e, TokenError):
+            message = f"{e.args[0]} (an unclosed bracket or quote?)"
+        raise ConfigError(f"invalid gin configuration{where}: {message}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
-    gin.finalize()
+
+
+def _first_malformed(gin_bindings: Sequence[str]) -> str | None:
+    """The first binding that does not parse on its own (syntax only), or None."""
+    for b in gin_bindings:
+        try:
+            list(config_parser.ConfigParser(b, _Delegate()))
+        except Exception:  # noqa: BLE001 - SyntaxError, tokenize.TokenError...
+            return b
+    return None
 
 
 def _search_paths(extra: Sequence[str]) -> list[str]:
@@ -70,9 +115,142 @@ def _find(path: str, search_paths: Sequence[str]) -> str | None:
     return None
 
 
-def write_config(workdir: str, *, operative: bool) -> str:
-    """Writes WORKDIR/config.gin: the parsed config at start, the operative one at the end."""
-    text = gin.operative_config_str() if operative else gin.config_str()
+def write_config(workdir: str) -> str:
+    """Writes WORKDIR/config.gin: the parsed configuration of the latest run that was let into ``workdir``.
+
+    Each stage's own record (what it ran with) is WORKDIR/config/<stage>.gin; see ``stages``.
+    """
+    header = "# The configuration of the latest run in this workdir; each stage's own is config/<stage>.gin."
     path = os.path.join(workdir, "config.gin")
-    io_utils.atomic_write_text(path, text)
+    io_utils.atomic_write_text(path, record_text(header))
     return path
+
+
+def record_text(header: str, *, operative: bool = False) -> str:
+    """The parsed configuration (or the operative one: every value read so far, defaults included),
+    below a comment ``header`` and the time."""
+    body = gin.operative_config_str() if operative else gin.config_str()
+    return f"{header}\n# Written {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}.\n\n{body}"
+
+
+# ------------------------------------------------------------------------------ comparing configurations
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """A ``@configurable`` reference (or an unresolved ``%MACRO``), compared and shown as written."""
+
+    text: str
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+@dataclasses.dataclass(frozen=True)
+class _Macro:
+    name: str
+
+
+class _Delegate(config_parser.ParserDelegate):
+    def configurable_reference(self, scoped_configurable_name, evaluate):
+        return _Ref(f"@{scoped_configurable_name}{'()' if evaluate else ''}")
+
+    def macro(self, macro_name):
+        return _Macro(macro_name)
+
+
+UNSET = _Ref("unset")
+
+
+def bindings(text: str, source: str) -> dict[str, Any]:
+    """``'[scope/]Configurable.param' -> value`` of every binding in a gin text, macros resolved.
+
+    ``source`` names the text in errors. Imports and includes are ignored: a record is self-contained.
+    """
+    values: dict[str, Any] = {}
+    macros: dict[str, Any] = {}
+    try:
+        for st in config_parser.ConfigParser(text, _Delegate()):
+            if not isinstance(st, config_parser.BindingStatement):
+                continue
+            name = f"{st.scope}/{st.selector}" if st.scope else st.selector
+            if st.arg_name:
+                values[f"{name}.{st.arg_name}"] = st.value
+            else:
+                macros[name] = st.value
+    except Exception as e:  # noqa: BLE001 - gin's parser raises SyntaxError, tokenize.TokenError, ValueError...
+        raise ConfigError(f"{source}: not a readable gin configuration: {e}") from e
+
+    def resolve(v: Any, depth: int = 0) -> Any:
+        if isinstance(v, _Macro):
+            if v.name not in macros or depth > 32:
+                return _Ref(f"%{v.name}")
+            return resolve(macros[v.name], depth + 1)
+        if isinstance(v, (list, tuple)):
+            return type(v)(resolve(x, depth) for x in v)
+        if isinstance(v, dict):
+            return {k: resolve(x, depth) for k, x in v.items()}
+        return v
+
+    return {k: resolve(v) for k, v in values.items()}
+
+
+def _configurable(key: str) -> str:
+    """'scope/warm_jax.loop.LoopConfig.log_every' -> 'LoopConfig' (scope and module dropped)."""
+    selector = key.rsplit(".", 1)[0]
+    return selector.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+
+
+def run_only(key: str) -> bool:
+    return f"{_configurable(key)}.{key.rsplit('.', 1)[-1]}" in RUN_ONLY
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """One binding a rerun changes: ``old`` is what the stage ran with, ``new`` the rerun's (or UNSET)."""
+
+    key: str
+    old: Any
+    new: Any
+    old_is_default: bool = False
+
+    def __str__(self) -> str:
+        old = "unset (the default)" if self.old is UNSET else f"= {self.old!r}"
+        if self.old_is_default:
+            old += " (the default)"
+        new = "unset (the default)" if self.new is UNSET else repr(self.new)
+        return f"{self.key} {old}, now {new}"
+
+
+def compare(
+    recorded: str,
+    current: str,
+    *,
+    operative: str | None = None,
+    source: str = "the record",
+    operative_source: str = "the operative record",
+) -> list[Difference]:
+    """The bindings of ``current`` that differ from ``recorded`` (both parsed configurations), sorted.
+
+    operative: the stage's operative record, when it finished. Then only the configurables in it (those
+      the stage, or a stage before it in the same process, called) are compared, and a binding that is
+      now set to the value the stage used by default is no change. Without it (an unfinished stage) every
+      binding is compared. Bindings in :data:`RUN_ONLY` never count.
+    """
+    old = bindings(recorded, source)
+    new = bindings(current, "the current configuration")
+    used: Mapping[str, Any] | None = None
+    if operative is not None:
+        used = bindings(operative, operative_source)
+    used_configurables = None if used is None else {_configurable(k) for k in used}
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if run_only(key) or (used_configurables is not None and _configurable(key) not in used_configurables):
+            continue
+        before, after = old.get(key, UNSET), new.get(key, UNSET)
+        if before is UNSET and used is not None and key in used:  # unset then: compare with the default it used
+            if after is not UNSET and after != used[key]:
+                out.append(Difference(key, used[key], after, old_is_default=True))
+        elif before != after:
+            out.append(Difference(key, before, after))
+    return out

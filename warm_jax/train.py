@@ -1,10 +1,16 @@
-"""Entry point: ``python -m warm_jax.train --gin_file=gin/quickstart.gin --workdir=DIR``."""
+"""Entry point: ``python -m warm_jax.train --gin_file=gin/quickstart.gin --workdir=DIR``.
+
+An expected failure (a bad gin file or binding, a configuration that differs from the one the
+workdir's stages ran with, an unusable workdir, a stage's missing input) ends with one line
+``error: ...`` on stderr and a non-zero exit: 2 for the configuration, 1 otherwise. ``--verbose``
+(or WARM_JAX_VERBOSE=1) adds the traceback.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
+import traceback
 
 from absl import app, flags
 
@@ -17,6 +23,13 @@ flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of pr
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "multi-process: this process's id.")
 flags.DEFINE_integer("init_timeout_s", 300, "multi-process: seconds to wait for all processes.")
+flags.DEFINE_string(
+    "rerun_from",
+    None,
+    "rerun this listed stage and every stage after it, even if they finished or ran with another "
+    "configuration; their old outputs move to WORKDIR/superseded/<UTC time>/ first.",
+)
+flags.DEFINE_bool("verbose", False, "show the Python traceback of an expected failure.")
 
 
 def main(argv):
@@ -25,7 +38,14 @@ def main(argv):
     # Orbax and jax log every checkpoint operation at INFO through absl; keep the terminal readable.
     for noisy in ("absl", "jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from warm_jax import config, host_memory, runtime, stages
+    from warm_jax import cli_errors
+
+    verbose = FLAGS.verbose or cli_errors.verbose_requested()
+    return cli_errors.guarded(lambda: _train(verbose), verbose=verbose)
+
+
+def _train(verbose: bool) -> int:
+    from warm_jax import cli_errors, config, host_memory, loop, runtime, stages
 
     logging.getLogger("warm_jax.train").info(host_memory.describe())
 
@@ -33,18 +53,18 @@ def main(argv):
         runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.init_timeout_s)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     try:
         config.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+        stages.run_pipeline(workdir=FLAGS.workdir, rerun_from=FLAGS.rerun_from)
     except config.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    if runtime.is_main_process():
-        config.write_config(FLAGS.workdir, operative=False)
-    stages.run_pipeline(workdir=FLAGS.workdir)
-    if runtime.is_main_process():
-        config.write_config(FLAGS.workdir, operative=True)
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {cli_errors.describe(e)}", file=sys.stderr)
+        return 2
+    except loop.NonFiniteUpdateError as e:  # the message names the stage and step; a result, not a bug
+        raise cli_errors.UserError(str(e)) from e
+    return 0
 
 
 def run():

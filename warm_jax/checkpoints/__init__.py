@@ -353,26 +353,38 @@ class Checkpointer:
             verify(state, read_manifests(step_dir), str(step_dir))
         return state, (restored[_DATA] if has_data else None), step
 
-    def _saved_paths(self, step: int) -> set[str]:
-        """Leaf paths of the saved state: from the manifest (every process's lists every leaf), else
-        from Orbax's metadata, which opens every array's TensorStore (~1 ms per array)."""
+    def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """Leaf path -> global shape of the saved state: from the manifest (every process's lists every
+        leaf), else from Orbax's metadata, which opens every array's TensorStore (~1 ms per array)."""
         try:
             manifests = read_manifests(self.step_dir(step))
         except CheckpointCorruptError:  # unreadable: restore's verification reports it
             manifests = {}
         for manifest in manifests.values():
-            if isinstance(manifest, dict) and isinstance(manifest.get("leaves"), dict):
-                return set(manifest["leaves"])
-        return {p for p, _ in named_leaves(self.saved_abstract_state(step))}
+            leaves = manifest.get("leaves") if isinstance(manifest, dict) else None
+            if isinstance(leaves, dict) and all(isinstance(e, dict) and "shape" in e for e in leaves.values()):
+                return {p: tuple(e["shape"]) for p, e in leaves.items()}
+        return {p: tuple(x.shape) for p, x in named_leaves(self.saved_abstract_state(step))}
 
     def _check_structure(self, target: PyTree, step: int) -> None:
-        """Leaf paths must match the saved ones; a mismatch is the caller's error, not corruption."""
-        saved = self._saved_paths(step)
-        wanted = {p for p, _ in named_leaves(target)}
-        if saved != wanted:
+        """Leaf paths and shapes must match the saved ones; a mismatch is the caller's error (a model or
+        optimizer configured differently from the one that saved), not corruption, so restore() does not
+        fall back to an older step but says so."""
+        saved = self._saved_shapes(step)
+        wanted = {p: tuple(x.shape) for p, x in named_leaves(target)}
+        if saved.keys() != wanted.keys():
             raise CheckpointError(
                 f"{self.step_dir(step)}: abstract_state does not match the saved state: missing from the "
-                f"checkpoint {sorted(wanted - saved)[:10]}, not in abstract_state {sorted(saved - wanted)[:10]}"
+                f"checkpoint {sorted(wanted.keys() - saved.keys())[:10]}, not in abstract_state "
+                f"{sorted(saved.keys() - wanted.keys())[:10]}"
+            )
+        differ = [p for p in sorted(wanted) if wanted[p] != saved[p]]
+        if differ:
+            shown = ", ".join(f"'{p}' requested {list(wanted[p])}, saved {list(saved[p])}" for p in differ[:5])
+            more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
+            raise CheckpointError(
+                f"{self.step_dir(step)}: the requested shapes differ from the saved ones ({shown}{more}); "
+                "was the checkpoint written with another model or ensemble configuration?"
             )
 
     def _locate_read_failure(self, target: PyTree, step: int, error: Exception) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,8 @@ def read(path: str | Path) -> GGUFFile:
     """Parses ``path``'s header; tensor payloads stay in the (read-only) memory map."""
     path = str(path)
     with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:  # mmap refuses an empty file with a message that names none
+            raise GGUFFormatError(f"{path}: empty file (0 bytes), not a GGUF file")
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     p = _Parser(m, path)
     if m[:4] != MAGIC:
