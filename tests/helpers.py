@@ -82,8 +82,8 @@ def run_in_process(workdir: str, bindings: list[str]):
         gin.clear_config()
 
 
-def train_cmd(workdir: str, bindings: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "warm_jax.train", f"--workdir={workdir}"]
+def train_cmd(workdir: str, bindings: list[str], flags: tuple[str, ...] = ()) -> list[str]:
+    cmd = [sys.executable, "-m", "warm_jax.train", f"--workdir={workdir}", *flags]
     return cmd + [f"--gin_bindings={b}" for b in bindings]
 
 
@@ -95,9 +95,16 @@ def subprocess_env(devices: int = 8) -> dict:
     return env
 
 
-def run_train(workdir: str, bindings: list[str], *, timeout: float = 600, check: bool = True):
+def run_train(
+    workdir: str, bindings: list[str], *, flags: tuple[str, ...] = (), timeout: float = 600, check: bool = True
+):
     proc = subprocess.run(
-        train_cmd(workdir, bindings), env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout
+        train_cmd(workdir, bindings, flags),
+        env=subprocess_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"train exited {proc.returncode}:\n{proc.stderr[-4000:]}")

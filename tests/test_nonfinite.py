@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -61,32 +62,25 @@ def test_bfloat16_pipeline_applies_every_update_and_moves_every_model(bf16_run):
     assert io_utils.read_json(os.path.join(wd, "rm", "eval.json"))["updates"]["applied"] == 12
 
 
-def _rerun_stage(src: str, dst: str, stage: str, outputs: tuple[str, ...]) -> None:
-    """A copy of a finished workdir with one stage's outputs removed, so that stage runs again."""
-    shutil.copytree(src, dst)
-    for rel in (stage, *outputs):
-        shutil.rmtree(os.path.join(dst, rel), ignore_errors=True)
-
-
 @pytest.mark.parametrize(
-    "stage, bindings, outputs, diagnostic",
+    "stage, bindings, diagnostic",
     [
-        ("pretrain", ["PretrainConfig.learning_rate = 1e30"], ("pretrain",), "grad_norm="),
-        ("rm_ensemble", ["EnsembleConfig.learning_rates = (1e30,)"], ("rm",), "non-finite member(s) [0, 1, 2, 3]"),
-        ("reinforce", ["ReinforceConfig.learning_rate = 1e30", "ReinforceConfig.num_steps = 12"], ("rl",), "proxy="),
+        ("pretrain", ["PretrainConfig.learning_rate = 1e30"], "grad_norm="),
+        ("rm_ensemble", ["EnsembleConfig.learning_rates = (1e30,)"], "non-finite member(s) [0, 1, 2, 3]"),
+        ("reinforce", ["ReinforceConfig.learning_rate = 1e30", "ReinforceConfig.num_steps = 12"], "proxy="),
     ],
 )
-def test_a_stage_whose_updates_all_go_nonfinite_stops_naming_it(
-    bf16_run, tmp_path, stage, bindings, outputs, diagnostic
-):
+def test_a_stage_whose_updates_all_go_nonfinite_stops_naming_it(bf16_run, tmp_path, stage, bindings, diagnostic):
     """A learning rate of 1e30: the first update overflows the parameters; every later one is non-finite and
     skipped, and after 10 in a row (the default) `python -m warm_jax.train` exits non-zero naming the stage,
     'non-finite' and what went non-finite; no updates.json is written and the last good checkpoint stays."""
     wd = str(tmp_path / "wd")
-    _rerun_stage(bf16_run, wd, stage, outputs)
-    run_stages = ("pretrain",) if stage == "pretrain" else (stage,)
+    shutil.copytree(bf16_run, wd)
     proc = helpers.run_train(
-        wd, helpers.TINY + helpers.TINY_POLICY + [helpers.stages(*run_stages), BF16] + RL + bindings, check=False
+        wd,
+        helpers.TINY + helpers.TINY_POLICY + [helpers.stages(stage), BF16] + RL + bindings,
+        flags=(f"--rerun_from={stage}",),
+        check=False,
     )
     assert proc.returncode != 0
     err = proc.stderr
@@ -102,9 +96,8 @@ def test_a_stage_whose_updates_all_go_nonfinite_stops_naming_it(
 
 
 def test_one_nonfinite_member_is_named_and_the_counts_survive_a_resume(base_workdir, tmp_path):
-    """Member 1 diverges (lr 1e30) while the others train: every step from its overflow on is skipped for the
-    ensemble's verdict, the error names member 1 only; with a higher limit the run finishes, records the
-    skipped steps, and a resumed run restores the same counts."""
+    """Member 1 diverges (lr 1e30) while the others train: every step from its overflow on counts as skipped, the
+    error names member 1 only; with a higher limit a run preempted mid-way resumes with the counts it saved."""
     bad = ["EnsembleConfig.learning_rates = (3e-3, 1e30, 3e-3, 3e-3)", helpers.stages("rm_ensemble"), helpers.MESH_8]
     wd = str(tmp_path / "abort")
     shutil.copytree(base_workdir, wd)
@@ -112,14 +105,14 @@ def test_one_nonfinite_member_is_named_and_the_counts_survive_a_resume(base_work
     assert proc.returncode != 0 and "non-finite member(s) [1]" in proc.stderr, proc.stderr[-3000:]
     assert "3 non-finite update(s) in a row up to step 4" in proc.stderr, proc.stderr[-3000:]
 
-    wd = str(tmp_path / "finish")
+    wd = str(tmp_path / "resume")
     shutil.copytree(base_workdir, wd)
-    until = helpers.TINY + bad + ["LoopConfig.max_consecutive_skips = 100", "EnsembleConfig.num_steps = 8"]
-    helpers.run_train(wd, until)
-    first = io_utils.read_json(os.path.join(wd, "rm", "updates.json"))
-    assert first == {"applied": 1, "skipped": 7, "skipped_steps": [2, 3, 4, 5, 6, 7, 8], "member_skipped": [0, 7, 0, 0]}
-    os.remove(os.path.join(wd, "rm_ensemble", "DONE.json"))
-    helpers.run_train(wd, helpers.TINY + bad + ["LoopConfig.max_consecutive_skips = 100"])  # resumes at 8 → 12
+    run = helpers.TINY + bad + ["LoopConfig.max_consecutive_skips = 100"]
+    ckpt = os.path.join(wd, "rm", "ckpt")
+    proc = helpers.run_until_then_signal(wd, run, ckpt_dir=ckpt, sig=signal.SIGTERM, min_step=4)
+    assert proc.returncode == 0 and "preempted" in proc.stderr, proc.stderr[-3000:]
+    assert not os.path.exists(os.path.join(wd, "rm", "updates.json"))
+    helpers.run_train(wd, run)  # resumes from the preemption save with the counts it saved
     assert io_utils.read_json(os.path.join(wd, "rm", "updates.json")) == {
         "applied": 1,
         "skipped": 11,
