@@ -12,13 +12,17 @@ params only) and reduced over the member axis on device. ``--top_m`` keeps the M
 best ``--select_split`` accuracy in ``--accuracies`` (an rm_eval ``eval.json`` or a JSON object
 member → accuracy or member → {split: accuracy}). The output is a ``save_params`` checkpoint,
 written to a temporary sibling and renamed when complete. Prints a JSON summary to stdout.
-Exit 1, with the reason on stderr and no output directory, when members cannot be averaged.
+Exit 1, with one line on stderr naming the file, field or flag at fault (the traceback too with
+``--verbose``), and the output untouched, when members cannot be averaged: bad or missing inputs,
+bad --weights, an --output that is a file or one of the inputs. ``--overwrite`` replaces the output
+atomically (the old one is removed only once the new one is complete).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -27,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from warm_jax import averaging, checkpoint_averaging, checkpoints, io_utils, runtime, sharding
+from warm_jax import averaging, checkpoint_averaging, checkpoints, cli_errors, io_utils, params_io, runtime, sharding
 from warm_jax.models import transformer as tr
 
 
@@ -72,7 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--mesh", type=_mesh_shape, default=None, help="mesh shape, e.g. data=-1 (default all on data)")
     p.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (atomically)")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an error too")
     return p.parse_args(argv)
 
 
@@ -104,7 +109,14 @@ def load_accuracies(path: str, split: str) -> dict[str, float]:
     """member name → accuracy on ``split`` from an rm_eval eval.json or a plain JSON object."""
     data = io_utils.read_json(path)
     if isinstance(data, dict) and "rm" in data:  # rm_eval's eval.json
-        data = {str(m["id"]): m["acc"] for m in data["rm"]["members"]}
+        try:
+            data = {str(m["id"]): m["acc"] for m in data["rm"]["members"]}
+        except (KeyError, TypeError) as e:
+            raise averaging.MergeError(
+                f"{path}: field 'rm.members' must list {{'id', 'acc'}} objects ({e!r})"
+            ) from None
+    if not isinstance(data, dict):
+        raise averaging.MergeError(f"{path}: expected a JSON object member → accuracy, got {type(data).__name__}")
     out = {}
     for name, v in data.items():
         if isinstance(v, dict):
@@ -113,6 +125,8 @@ def load_accuracies(path: str, split: str) -> dict[str, float]:
                     f"{path}: member {name!r} has no accuracy for split {split!r} (has {sorted(v)})"
                 )
             v = v[split]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise averaging.MergeError(f"{path}: member {name!r}: accuracy {v!r} is not a finite number")
         out[str(name)] = float(v)
     return out
 
@@ -131,16 +145,63 @@ def _select(names: list[str], args) -> tuple[list[int], dict[str, float] | None]
         return list(range(len(names))), {n: acc[n] for n in names}
     if args.weights is not None:
         raise averaging.MergeError("--weights and --top_m cannot be combined")
+    if not 1 <= args.top_m <= len(names):
+        raise averaging.MergeError(f"--top_m={args.top_m} must be between 1 and the number of members ({len(names)})")
     return averaging.select_top_m([acc[n] for n in names], args.top_m), {n: acc[n] for n in names}
+
+
+def check_weights(weights: list[float] | None, k: int) -> None:
+    """--weights: one finite, non-negative weight per member, not all zero, with a finite sum."""
+    if weights is None:
+        return
+    flag = "--weights=" + ",".join(f"{x:g}" for x in weights)
+    if len(weights) != k:
+        raise cli_errors.UserError(f"{flag}: {len(weights)} weight(s) for {k} member(s)")
+    bad = [x for x in weights if not math.isfinite(x) or x < 0]
+    if bad:
+        raise cli_errors.UserError(f"{flag}: every weight must be a finite number >= 0 (not {bad[0]:g})")
+    if sum(weights) == 0:
+        raise cli_errors.UserError(f"{flag}: the weights are all zero")
+    if not math.isfinite(sum(weights)):
+        raise cli_errors.UserError(f"{flag}: the weights' sum overflows to infinity; scale them down")
+
+
+def check_paths(args) -> str:
+    """The resolved --output, refused up front when it is, contains or lies inside one of the
+    --checkpoint inputs (symlinks and relative paths resolved), when it is a file, or when it
+    exists without --overwrite."""
+    output = os.path.realpath(args.output)
+    for ckpt in args.checkpoint:
+        io_utils.recover(ckpt)
+        if not os.path.exists(ckpt):
+            raise cli_errors.UserError(f"--checkpoint={ckpt}: no such directory")
+        if not os.path.isdir(ckpt):
+            raise cli_errors.UserError(f"--checkpoint={ckpt}: a file, not a checkpoint directory")
+        real = os.path.realpath(ckpt)
+        if real == output:
+            why = f"is the same directory ({real}): the merge would replace its own input"
+        elif real.startswith(output + os.sep):
+            why = f"contains it ({real}): replacing --output would delete that input"
+        elif output.startswith(real + os.sep):
+            why = f"lies inside it ({real}): the merge would be written into its own input"
+        else:
+            continue
+        raise cli_errors.UserError(
+            f"--output={args.output} and --checkpoint={ckpt}: the output {why}; choose another --output"
+        )
+    return io_utils.output_directory(args.output, overwrite=args.overwrite)
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def average(args) -> dict:
-    if os.path.exists(args.output) and not args.overwrite:
-        raise FileExistsError(f"output {args.output} already exists (pass --overwrite)")
-    mesh = runtime.make_mesh(args.mesh)
+    output = check_paths(args)
+    try:
+        mesh = runtime.make_mesh(args.mesh)
+    except ValueError as e:
+        mesh_flag = ",".join(f"{k}={v}" for k, v in (args.mesh or {}).items())
+        raise cli_errors.UserError(f"--mesh={mesh_flag}: {cli_errors.describe(e)}") from None
     stacked = [d for d in args.checkpoint if is_stacked(d)]
     t0 = time.perf_counter()
     if stacked:
@@ -149,7 +210,7 @@ def average(args) -> dict:
         ckpt_dir = args.checkpoint[0]
         model_json = args.model_json or find_model_json(ckpt_dir)
         meta = io_utils.read_json(model_json)
-        model_cfg = tr.ModelConfig(**meta["model"])
+        model_cfg = params_io.model_config_from_json(meta, model_json)
         params_m, step = checkpoint_averaging.restore_stacked_params(ckpt_dir, mesh, model_cfg)
         m = jax.tree_util.tree_leaves(params_m)[0].shape[0]
         ids = args.members if args.members is not None else list(range(m))
@@ -159,6 +220,7 @@ def average(args) -> dict:
         names = [str(i) for i in ids]
         chosen, accs = _select(names, args)
         names = [names[i] for i in chosen]
+        check_weights(args.weights, len(names))
         w = averaging.normalize_weights(args.weights, len(names))
         full = np.zeros(m, np.float32)
         full[[int(n) for n in names]] = w
@@ -172,15 +234,20 @@ def average(args) -> dict:
     else:
         if args.members is not None:
             raise averaging.MergeError("--members selects from a stacked checkpoint; list member directories instead")
+        if args.model_json is not None:
+            raise averaging.MergeError(
+                f"--model_json={args.model_json} applies to a stacked checkpoint; member directories have their own"
+            )
         dirs = list(args.checkpoint)
         chosen, accs = _select([os.path.basename(os.path.normpath(d)) for d in dirs], args)
         dirs = [dirs[i] for i in chosen]
+        check_weights(args.weights, len(dirs))
         model_cfg, _, params, info = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh, weights=args.weights)
         members, w, hashes = info["members"], info["weights"], info["hashes"]
         tokenizer = info["meta"][dirs[0]].get("tokenizer")
     t_avg = time.perf_counter() - t0
     checkpoint_averaging.write_merged(
-        args.output,
+        output,
         params,
         model_cfg=model_cfg,
         members=members,
@@ -190,25 +257,25 @@ def average(args) -> dict:
         tokenizer_dir=tokenizer,
     )
     return {
-        "output": os.path.abspath(args.output),
+        "output": output,
         "members": members,
         "weights": [float(x) for x in w],
-        "sha256": io_utils.read_json(os.path.join(args.output, "model.json"))["merge"]["sha256"],
+        "sha256": io_utils.read_json(os.path.join(output, "model.json"))["merge"]["sha256"],
         "average_s": round(t_avg, 3),
         "total_s": round(time.perf_counter() - t0, 3),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        out = average(args)
-    except (averaging.MergeError, checkpoints.CheckpointError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def _run(args) -> int:
+    out = average(args)
     json.dump(out, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return cli_errors.guarded(lambda: _run(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,9 @@ def normalize_weights(weights: Sequence[float] | None, k: int) -> np.ndarray:
     if w.shape != (k,):
         raise MergeError(f"{w.size} weights given for {k} members")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise MergeError(f"weights must be finite, non-negative and not all zero, got {list(w)}")
+        raise MergeError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
+    if not np.isfinite(w.sum()):
+        raise MergeError(f"weights {w.tolist()} sum to infinity in float64; scale them down")
     return w / w.sum()
 
 

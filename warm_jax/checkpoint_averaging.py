@@ -187,13 +187,17 @@ class _PackedFold:
 
 
 def _read_model_json(directory: str) -> dict:
-    path = os.path.join(directory, "model.json")
-    if not os.path.isfile(path):
+    """model.json of a member directory, checked (its model config builds): errors name the file and field."""
+    io_utils.recover(directory)
+    if not os.path.isdir(directory):
+        what = "is a file, not a directory" if os.path.exists(directory) else "does not exist"
+        raise MergeError(f"{directory}: {what} (expected a params checkpoint directory: model.json + ckpt/)")
+    if not os.path.isfile(os.path.join(directory, "model.json")):
         raise MergeError(
             f"{directory}: not a params checkpoint (no model.json); a stacked ensemble "
             "checkpoint (WORKDIR/rm/ckpt) is read with restore_stacked_params"
         )
-    return io_utils.read_json(path)
+    return params_io.read_model_json(directory)[0]
 
 
 def _check_configs(cfgs: Mapping[str, dict]) -> None:
@@ -578,6 +582,10 @@ def restore_stacked_params(ckpt_dir: str, mesh, model_cfg: tr.ModelConfig, *, st
                 item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
             ),
         )
+    except Exception as e:  # Orbax/TensorStore raise bare Exceptions for missing or truncated files
+        raise checkpoints.CheckpointCorruptError(
+            f"{step_dir}: cannot read the params: {checkpoints.short_error(e)}"
+        ) from e
     finally:
         reader.close()
     _verify_subtree(restored, step_dir)

@@ -8,7 +8,8 @@ Across replicates (runs of the same gin file with different ``SEED``):
 
   python -m warm_jax.claims /tmp/warm_repro_0 /tmp/warm_repro_1 /tmp/warm_repro_2
 
-(each argument a run's workdir, its report/ folder or a summary.json).
+(each argument a run's workdir, its report/ folder or a summary.json; ``--verbose`` shows the traceback
+of an error).
 """
 
 from __future__ import annotations
@@ -229,23 +230,49 @@ def across_runs(claims_by_run: Mapping[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _read_claims(arg: str) -> tuple[str, list[dict]]:
+    """(summary.json path, its claims) for a run's workdir, its report/ folder or a summary.json."""
+    from warm_jax import cli_errors, io_utils
+
+    candidates = [arg, os.path.join(arg, "summary.json"), os.path.join(arg, "report", "summary.json")]
+    path = next((c for c in candidates if os.path.isfile(c)), None)
+    if path is None:
+        raise cli_errors.UserError(
+            f"{arg}: no claims section (no summary.json at {', '.join(candidates)}); run the report stage first"
+        )
+    data = io_utils.read_json(path)  # a parse error names the file
+    claims = data.get("claims") if isinstance(data, dict) else None
+    if claims is None:
+        raise cli_errors.UserError(f"{path}: no claims section; run the report stage first")
+    if not isinstance(claims, list) or not all(
+        isinstance(c, dict) and {"id", "holds", "numbers"} <= c.keys() for c in claims
+    ):
+        raise cli_errors.UserError(f"{path}: field 'claims' must be a list of {{id, holds, numbers}} objects")
+    try:
+        across_runs({arg: claims})  # a claim's numbers that its headline cannot format: name the file
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise cli_errors.UserError(f"{path}: a claim's numbers are incomplete ({type(e).__name__}: {e})") from None
+    return path, claims
+
+
 def main(argv: list[str]) -> int:
+    from warm_jax import cli_errors
+
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
     if not argv:
         print(__doc__)
         return 2
-    claims_by_run = {}
-    for arg in argv:
-        # A run's workdir, its report/ folder, or a summary.json.
-        candidates = [arg, os.path.join(arg, "summary.json"), os.path.join(arg, "report", "summary.json")]
-        path = next((c for c in candidates if os.path.isfile(c)), candidates[-1])
-        try:
-            with open(path) as f:
-                claims_by_run[os.path.basename(os.path.normpath(arg))] = json.load(f)["claims"]
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            print(f"error: {path}: no claims section ({type(e).__name__}: {e}); run the report stage first")
-            return 1
-    print(across_runs(claims_by_run))
-    return 0
+
+    def run() -> int:
+        claims_by_run = {}
+        for arg in argv:
+            _, claims = _read_claims(arg)
+            claims_by_run[os.path.basename(os.path.normpath(arg))] = claims
+        print(across_runs(claims_by_run))
+        return 0
+
+    return cli_errors.guarded(run, verbose=verbose)
 
 
 if __name__ == "__main__":

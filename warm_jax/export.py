@@ -18,7 +18,9 @@ HF-format tokenizer directory, ``tokenizer.json`` + ``tokenizer_config.json``; `
   exact. The value head has no HF counterpart and is not exported.
 
 ``warm_jax.models.pretrained.load_pretrained(OUTPUT)`` reads either kind back with the same outputs. The
-output is written to a temporary sibling and renamed, so it only ever holds a finished export.
+output is written to a temporary sibling and renamed, so it only ever holds a finished export (``--overwrite``
+removes the old one only once the new one is complete). A bad input gives one line on stderr naming the file,
+field or flag, and exit status 1 (the traceback too with ``--verbose``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from warm_jax import io_utils
+from warm_jax import cli_errors, io_utils
 from warm_jax.data.tokenizers import Tokenizer, load_tokenizer
 from warm_jax.models import transformer as tr
 from warm_jax.models.pretrained import REWARD_BIAS_KEY, hf_layer_names
@@ -135,8 +137,21 @@ def export_hf(checkpoint: str, output: str, *, kind: str = "causal_lm", overwrit
 
     if kind not in KINDS:
         raise ValueError(f"--kind={kind!r}; known: {list(KINDS)}")
+    io_utils.recover(checkpoint)
+    if not os.path.isdir(checkpoint):
+        what = "is a file, not a directory" if os.path.exists(checkpoint) else "does not exist"
+        raise FileNotFoundError(f"{checkpoint}: {what} (expected a save_params checkpoint: model.json + ckpt/)")
     if not os.path.isfile(os.path.join(checkpoint, "model.json")):
         raise FileNotFoundError(f"{checkpoint}: no model.json (not a save_params checkpoint)")
+    src, dst = os.path.realpath(checkpoint), os.path.realpath(output)
+    for overlaps, why in (
+        (src == dst, f"is the same directory ({src}): the export would replace its own input"),
+        (src.startswith(dst + os.sep), f"contains it ({src}): replacing the output would delete the input"),
+        (dst.startswith(src + os.sep), f"lies inside it ({src}): the export would be written into its input"),
+    ):
+        if overlaps:
+            raise ValueError(f"output {output} and checkpoint {checkpoint}: the output {why}; choose another output")
+    io_utils.output_directory(output, overwrite=overwrite)  # a file or an existing output: refused before any work
     # Export is a host-side conversion: one device holds the whole tree.
     mesh = runtime.make_mesh({"data": 1}, devices=jax.local_devices()[:1])
     cfg, _, params, meta = load_params_checkpoint(checkpoint, mesh)
@@ -162,14 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="output directory (written atomically)")
     parser.add_argument("--kind", default="causal_lm", choices=KINDS, help="HF model class to target")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error too")
     args = parser.parse_args(argv)
-    try:
-        path = export_hf(args.checkpoint, args.output, kind=args.kind, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+
+    def run() -> int:
+        print(export_hf(args.checkpoint, args.output, kind=args.kind, overwrite=args.overwrite))
+        return 0
+
+    return cli_errors.guarded(run, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -6,20 +6,22 @@ Prints one JSON object to stdout:
    "sha256": tree_sha256 of the restored state, "verified": whether the manifest check ran and passed,
    "meta": the step's meta item or null}
 The state is read from the checkpoint's own metadata onto one local CPU device, whatever mesh wrote it.
-Exit code 1, with the reason on stderr, for a missing directory, a directory without finished steps, an
-unknown step or a step that does not match its manifest.
+A params checkpoint (``model.json`` + ``ckpt/``) is described through its ``ckpt/``. Exit code 1, with one
+line on stderr naming the directory (the traceback too with ``--verbose``), for a missing directory, a file,
+a directory without finished steps, an unknown step or a step that does not match its manifest.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 import numpy as np
 
-from warm_jax import checkpoints
+from warm_jax import checkpoints, cli_errors, io_utils
 
 
 def param_count(leaves: list[tuple[str, Any]]) -> int:
@@ -30,6 +32,11 @@ def param_count(leaves: list[tuple[str, Any]]) -> int:
 
 def describe(directory: str, step: int | None = None) -> dict[str, Any]:
     """The JSON-able description of one step of the checkpoint directory `directory` (default: latest)."""
+    io_utils.recover(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise checkpoints.CheckpointError(f"{directory}: a file, not a checkpoint directory")
+    if os.path.isfile(os.path.join(directory, "model.json")) and os.path.isdir(os.path.join(directory, "ckpt")):
+        directory = os.path.join(directory, "ckpt")  # a params checkpoint: its Orbax directory
     ckpt = checkpoints.Checkpointer(directory, read_only=True, async_save=False)
     try:
         steps = ckpt.all_steps()
@@ -55,15 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m warm_jax.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="checkpoint directory (the parent of the step directories)")
     parser.add_argument("--step", type=int, default=None, help="step to describe (default: latest that verifies)")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error too")
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         out = describe(args.directory, args.step)
-    except checkpoints.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    json.dump(out, sys.stdout, indent=1)
-    sys.stdout.write("\n")
-    return 0
+        json.dump(out, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+
+    return cli_errors.guarded(run, verbose=args.verbose)
 
 
 if __name__ == "__main__":

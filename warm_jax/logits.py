@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from warm_jax import cli_errors
 from warm_jax.models import transformer as tr
 
 PAD_MULTIPLE = 64
@@ -83,6 +84,61 @@ def greedy_continuations(
     return outs
 
 
+def _load(args):
+    """(graphdef, params, tokenizer) of --model; a failure names --model (and the file, where known)."""
+    from safetensors import SafetensorError
+
+    from warm_jax.models.pretrained import load_pretrained
+
+    try:
+        _, graphdef, params, tokenizer = load_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype)
+    except (*cli_errors.expected_errors(), SafetensorError) as e:
+        msg = cli_errors.describe(e)
+        raise cli_errors.UserError(msg if args.model in msg else f"--model={args.model}: {msg}") from e
+    return graphdef, params, tokenizer
+
+
+def run(args) -> int:
+    try:
+        if not jnp.issubdtype(jnp.dtype(args.dtype), jnp.floating):
+            raise TypeError
+    except TypeError:
+        raise cli_errors.UserError(
+            f"--dtype={args.dtype}: not a floating-point dtype (e.g. float32, bfloat16)"
+        ) from None
+    if args.greedy < 0:
+        raise cli_errors.UserError(f"--greedy={args.greedy}: must be >= 0")
+    out = args.output if args.output.endswith(".npy") else args.output + ".npy"
+    if os.path.isdir(out):
+        raise cli_errors.UserError(f"--output={args.output}: {out} is a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise cli_errors.UserError(
+            f"--output={args.output}: directory {os.path.dirname(os.path.abspath(out))} does not exist"
+        )
+    graphdef, params, tokenizer = _load(args)
+    ids = tokenizer.encode_prompt(args.text)
+    if not ids:
+        raise cli_errors.UserError(f"--text={args.text!r}: no tokens (empty text, and the tokenizer adds no BOS)")
+    forward = make_forward(graphdef)
+    length = padded_length(len(ids) + args.greedy)
+    logits = text_logits(forward, params, ids, length=length)
+    # np.save appends .npy itself; write beside the target and rename so no half-written file is left.
+    tmp = out[: -len(".npy")] + ".tmp.npy"
+    try:
+        np.save(tmp, logits)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
+    report = {"token_ids": ids, "shape": list(logits.shape), "output": out}
+    if args.greedy:
+        report["greedy_ids"] = greedy_continuations(forward, params, [ids], args.greedy, length=length)[0]
+        report["greedy_text"] = tokenizer.decode(report["greedy_ids"])
+    print(json.dumps(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m warm_jax.logits", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="'smollm2-135m' or a HF-format Llama directory")
@@ -90,30 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="where to write the float32 logits [T, vocab] (.npy)")
     parser.add_argument("--dtype", default="float32", help="parameter/activation dtype (default float32)")
     parser.add_argument("--greedy", type=int, default=0, help="also print this many greedy continuation ids")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error too")
     args = parser.parse_args(argv)
-
-    from warm_jax.models.pretrained import load_pretrained
-
-    try:
-        _, graphdef, params, tokenizer = load_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    ids = tokenizer.encode_prompt(args.text)
-    forward = make_forward(graphdef)
-    length = padded_length(len(ids) + args.greedy)
-    logits = text_logits(forward, params, ids, length=length)
-    out = args.output if args.output.endswith(".npy") else args.output + ".npy"
-    # np.save appends .npy itself; write beside the target and rename so no half-written file is left.
-    tmp = out[: -len(".npy")] + ".tmp.npy"
-    np.save(tmp, logits)
-    os.replace(tmp, out)
-    report = {"token_ids": ids, "shape": list(logits.shape), "output": out}
-    if args.greedy:
-        report["greedy_ids"] = greedy_continuations(forward, params, [ids], args.greedy, length=length)[0]
-        report["greedy_text"] = tokenizer.decode(report["greedy_ids"])
-    print(json.dumps(report))
-    return 0
+    return cli_errors.guarded(lambda: run(args), verbose=args.verbose)
 
 
 if __name__ == "__main__":
