@@ -102,4 +102,4 @@ def test_across_runs_table_counts_replicates(tmp_path, capsys):
     assert "| `bon` | 1/2 | yes: gaps N≥8 +0.100, +0.250 | **no**: gaps N≥8 -1.000, -1.000 |" in table
     assert "| `rl` | 2/2 |" in table
     assert claims.main([str(tmp_path / "missing")]) == 1
-    assert "no claims section" in capsys.readouterr().out
+    assert "no claims section" in capsys.readouterr().err

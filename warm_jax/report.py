@@ -237,13 +237,16 @@ def markdown(summary: dict, figs: list[str]) -> str:
 
 @register_stage("report")
 def run(ctx: RunContext) -> None:
-    if jax.process_index() != 0:
-        return
-    summary = build_summary(ctx.workdir)
+    main = jax.process_index() == 0
     out = ctx.path("report")
-    os.makedirs(out, exist_ok=True)
-    figs = figures(summary, out)
-    io_utils.atomic_write_json(os.path.join(out, "summary.json"), summary)
-    io_utils.atomic_write_text(os.path.join(out, "report.md"), markdown(summary, figs))
-    log.info("[report] %s", os.path.join(out, "report.md"))
-    print(json.dumps({c["id"]: c["holds"] for c in summary["claims"]}))
+    # The whole folder at once (every process takes part in the replace; process 0 writes): a crash leaves the
+    # old report or the new one, never a mix of their files.
+    with io_utils.atomic_directory(out, overwrite=True) as tmp:
+        if main:
+            summary = build_summary(ctx.workdir)
+            figs = figures(summary, tmp)
+            io_utils.atomic_write_json(os.path.join(tmp, "summary.json"), summary)
+            io_utils.atomic_write_text(os.path.join(tmp, "report.md"), markdown(summary, figs))
+    if main:
+        log.info("[report] %s", os.path.join(out, "report.md"))
+        print(json.dumps({c["id"]: c["holds"] for c in summary["claims"]}))

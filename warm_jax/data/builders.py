@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from warm_jax import io_utils
 from warm_jax.cli_errors import UserError
 from warm_jax.data import preference as pref
 
@@ -234,6 +235,7 @@ def _collect(
 def check_output(output_dir: str | os.PathLike, *, overwrite: bool) -> Path:
     """The absolute output path; refuses early what the final rename would fail on or wrongly destroy."""
     output = Path(output_dir).absolute()
+    io_utils.recover(os.fspath(output))  # a dataset an interrupted replace moved aside comes back first
     if output.exists():
         if not output.is_dir():
             raise UserError(f"output {output} is an existing file, not a directory; choose another output path")
@@ -356,7 +358,7 @@ def write_preference_dataset(
             tokenizer.save(os.fspath(built / TOKENIZER_DIR))
             metadata["tokenizer_dir"] = TOKENIZER_DIR
         (built / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        _replace_dir(built, output)
+        io_utils.replace_directory(os.fspath(built), os.fspath(output))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return metadata
@@ -377,17 +379,6 @@ def _no_tfds_tempdirs():
         for d in set(glob.glob(pattern)) - before:
             with contextlib.suppress(OSError):  # not empty (someone else's): leave it
                 os.rmdir(d)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Renames `src` to `dst`; an existing `dst` is moved aside first and deleted only after the rename."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 # ------------------------------------------------------------------------------------------- real formats
