@@ -56,7 +56,7 @@ SUPERSEDED = "superseded"  # where --rerun_from moves old outputs
 _EXTRA_OUTPUTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("tokenizer",),
     "import_model": ("pretrain", "tokenizer"),
-    "rm_ensemble": ("rm/ckpt", "rm/members", "rm/ensemble.json"),
+    "rm_ensemble": ("rm/ckpt", "rm/members", "rm/ensemble.json", "rm/updates.json"),
     "rm_eval": ("rm/warm", "rm/eval.json"),
     "reinforce": ("rl", "metrics/rl_*.jsonl", "tensorboard/rl_*"),
 }
