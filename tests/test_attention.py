@@ -77,8 +77,8 @@ def test_fused_path_pads_any_length_and_matches_xla_attention(t, layout, dtype):
 
 
 def test_no_query_row_is_empty_and_real_rows_are_unchanged():
-    """Every query of every layout sees ≥ 1 key; the own slot that guarantees it changes no real token's
-    attention output, bit for bit (a real query never sees a pad key)."""
+    """Every query of every layout sees ≥ 1 key; the own slot that guarantees it is given only to queries that
+    would see nothing, and changes no real token's attention output, bit for bit."""
     for layout in ("right", "left", "mixed"):
         token_mask = _token_mask(layout, 4, 9)
         dense = np.asarray(_mask(token_mask, False).dense)
@@ -87,6 +87,8 @@ def test_no_query_row_is_empty_and_real_rows_are_unchanged():
         without = causal[None] & (token_mask[:, None, :] > 0)
         real = token_mask > 0
         np.testing.assert_array_equal(dense[real], without[real])
+        if layout == "right":  # a right-padded pad query keeps the keys before it, as the length mask has it
+            np.testing.assert_array_equal(dense, without)
         qkv = _qkv(4, 9, jnp.float32)
         a = np.asarray(tr.attend(*qkv, tr.AttentionMask(jnp.asarray(dense)), "xla"))
         b = np.asarray(tr.attend(*qkv, tr.AttentionMask(jnp.asarray(without)), "xla"))

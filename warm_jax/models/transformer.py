@@ -197,23 +197,24 @@ class AttentionMask(NamedTuple):
     """Which keys each query sees. ``dense`` [B, T, S] bool always; ``lengths`` [B] int32 only when every
     row is right-padded and there is no cache, where ``dense`` = causal & (key < length).
 
-    Every query sees at least one key (a pad query sees its own slot, see ``visible_keys``): a fully
-    masked row is 0/0 in a softmax and, in a fused kernel, poisons the backward pass."""
+    Every query sees at least one key (a pad query that would see none sees its own slot, see
+    ``visible_keys``): a fully masked row is 0/0 in a softmax and, in a fused kernel, poisons the backward."""
 
     dense: jax.Array
     lengths: jax.Array | None = None
 
 
 def visible_keys(causal, key_mask, own_slot):
-    """[B, T, S] bool: causal [T, S] & key_mask [B, S], plus each query's own slot own_slot [T, S].
+    """[B, T, S] bool: causal [T, S] & key_mask [B, S]; a query that would see no key sees its own slot own_slot [T, S].
 
-    The own slot changes nothing a real token computes (a real query sees its own key already, and
-    no real query sees a pad key), but it leaves no pad query with an empty row. jax's cuDNN path
-    turns the mask into a bias of −2**41 in bfloat16; the backward pass rebuilds an empty row's
-    probabilities as exp(s − 2**41 − logsumexp), where float32 keeps no digit of s, so the row's
-    gradient is inf·0 = NaN — and every left-padded prompt has such rows.
+    Only pad queries can see nothing (a real query sees its own key), so nothing a real token computes
+    changes, and a right-padded pad query keeps the keys before it (as the length mask gives it). But no
+    row is left empty: jax's cuDNN path turns the mask into a bias of −2**41 in bfloat16, and the backward
+    pass rebuilds an empty row's probabilities as exp(s − 2**41 − logsumexp), where float32 keeps no digit
+    of s, so the row's gradient is inf·0 = NaN — and every left-padded prompt has such rows.
     """
-    return (causal[None] & key_mask[:, None, :]) | own_slot[None]
+    visible = causal[None] & key_mask[:, None, :]
+    return visible | (own_slot[None] & ~visible.any(axis=-1, keepdims=True))
 
 
 # jax's fused attention needs even lengths with a mask when training (jax 0.10-0.11), and the cuDNN
