@@ -1,8 +1,24 @@
 """The paper's findings as checks on a run's own numbers (report's ``claims`` section).
 
-Each check returns ``{"id", "holds", "numbers", "statement"}`` or None when the run lacks the
-stage it needs. Thresholds are the ones issue 9 states; accuracies are fractions, so
-0.5 point = 0.005.
+Every claim is judged by paired bootstrap 95% confidence intervals (``stats.py``: 2,000 resamples,
+numpy seed 0, percentile intervals), never by a point estimate against a fixed threshold:
+
+* reward-model claims resample the preference pairs of a split, the two models compared scored on
+  the same pairs (per-pair margins in rm/eval_examples.npz and rm_control/lmc_examples.npz);
+* ``bon`` resamples the Best-of-N prompts (per-prompt oracle rewards of the choices, bon/per_prompt.npz);
+* ``rl`` resamples the held-out eval prompts (per-prompt oracle rewards per eval step,
+  rl/<reward>/eval_scores/) and takes the win rate's interval over the win-rate prompts.
+
+A statistic that takes a max or min over λ, M, N or steps is recomputed inside every resample, so its
+interval carries the selection. Each CI is a marginal 95% interval; a claim that needs several
+(validation and ood) needs each. Accuracy tolerances are ``TOLERANCE`` = 1 point.
+
+Each check returns ``{"id", "status", "holds", "reason", "statement", "numbers", "ci"}`` or None when the
+run lacks the stage it needs. ``status`` is "holds", "fails" or "not tested" (the evidence is missing or
+cannot decide: no negative control, one member, no interior λ, no N ≥ 8, no hacking to protect against,
+per-example files absent); ``holds`` is True only for "holds". ``ci`` maps each quantity judged to
+{"value", "ci95": [lo, hi], "se", "n", "unit"} ("pt": accuracy as a fraction, shown ×100; "reward";
+"rate"); ``numbers`` holds the same values and a few counts as plain scalars.
 
 Across replicates (runs of the same gin file with different ``SEED``):
 
@@ -14,198 +30,393 @@ of an error).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from warm_jax import stats
+
 POINT = 0.01
-CHECKS: dict[str, Callable[[dict], dict | None]] = {}
+TOLERANCE = 1 * POINT  # accuracy: "no barrier", "not worse", "matched" mean within 1 pt, judged by the CI
+SCALING_MAX_M = 6  # the paper's WARM-by-M curve goes to M = 6
+BON_MIN_N = 8
+HOLDS, FAILS, NOT_TESTED = "holds", "fails", "not tested"
+STATUSES = (HOLDS, FAILS, NOT_TESTED)
+EVAL_SPLITS = ("validation", "ood")
+
+CHECKS: dict[str, Callable[[dict, Mapping], dict | None]] = {}
+STATEMENTS: dict[str, str] = {
+    "lmc": (
+        "no accuracy barrier between the two interpolated members: 95% CI upper bound of the barrier "
+        "(max over interior λ of chord − acc(θ(λ))) < 1 pt on validation and on ood; and the random-init "
+        "control shows one: its barrier's CI lower bound > 1 pt on validation or ood"
+    ),
+    "wa_close_to_ens": (
+        "WARM is not worse than ENS of the same members (M ≥ 2): 95% CI lower bound of acc(WARM) − acc(ENS) "
+        "> −1 pt on validation and on ood"
+    ),
+    "memorisation": (
+        "at matched fit to the clean labels (CI lower bound of WARM − ENS on train_clean > −1 pt, else not "
+        "tested), WARM fits fewer flipped labels than ENS: CI upper bound of WARM − ENS on train_corrupted < 0"
+    ),
+    "m_scaling": (
+        f"WARM's ood accuracy never falls as M grows best-first to min(M, {SCALING_MAX_M}): CI upper bound of "
+        "the largest drop below an earlier M < 1 pt; and WARM at that M beats the mean member: CI lower bound "
+        "of the difference > 0"
+    ),
+    "bon": (
+        f"Best-of-N picks better samples with WARM than with the best member at every N ≥ {BON_MIN_N}: CI lower "
+        "bound of min over those N of the mean oracle gap (over prompts) > 0"
+    ),
+    "rl": (
+        "given that the best-member policy hacks (CI lower bound of its eval oracle peak − final > 0, its proxy "
+        "no lower at the end; else not tested), the WARM policy peaks higher (CI lower bound of peak − peak > 0) "
+        "and wins (win-rate CI lower bound > 0.5)"
+    ),
+}
+
+
+class NotTested(Exception):
+    """The evidence a claim needs is missing or degenerate; the message says which."""
 
 
 def check(name: str):
     def deco(fn):
-        CHECKS[name] = fn
-        return fn
+        def run(s: dict, ev: Mapping) -> dict | None:
+            try:
+                return fn(s, ev)
+            except NotTested as e:
+                return _claim(name, NOT_TESTED, reason=str(e))
+            except ValueError as e:  # per-example data the statistics refuse (shapes, non-finite values)
+                return _claim(name, NOT_TESTED, reason=f"per-example data unusable: {e}")
+
+        CHECKS[name] = run
+        return run
 
     return deco
 
 
-def _claim(cid, holds, numbers, statement):
-    return {"id": cid, "holds": bool(holds), "numbers": numbers, "statement": statement}
+def _claim(cid: str, status: str, *, reason: str = "", ci: dict | None = None, numbers: dict | None = None) -> dict:
+    ci = ci or {}
+    nums = {k: v["value"] for k, v in ci.items()}
+    nums.update(numbers or {})
+    return {
+        "id": cid,
+        "status": status,
+        "holds": status == HOLDS,
+        "reason": reason,
+        "statement": STATEMENTS[cid],
+        "numbers": nums,
+        "ci": ci,
+    }
 
 
-def _chord_gap(lambdas, accs) -> float:
-    """min over λ of acc(λ) − the straight line between the endpoints (negative = below)."""
-    lam, acc = np.asarray(lambdas), np.asarray(accs)
-    line = (1 - lam) * acc[0] + lam * acc[-1]
-    return float(np.min(acc - line))
+def _entry(res: dict, unit: str) -> dict:
+    return {"value": res["value"], "ci95": res["ci95"], "se": res["se"], "n": res["n"], "unit": unit}
+
+
+def _source(ev: Mapping, name: str, what: str) -> Mapping:
+    """The per-example arrays of one stage; NotTested naming why they are absent."""
+    src = ev.get(name)
+    if isinstance(src, Mapping):
+        return src
+    raise NotTested(f"no per-example {what}" + (f" ({src})" if isinstance(src, str) and src else ""))
+
+
+def _arr(src: Mapping, key: str) -> np.ndarray:
+    if key not in src:
+        raise NotTested(f"per-example data lacks '{key}' (rerun the stage that writes it)")
+    return np.asarray(src[key])
+
+
+def _pt(x: float) -> str:
+    return f"{100 * x:+.2f} pt"
+
+
+# ----------------------------------------------------------------------------- statistics (of resampled means)
+
+
+def barrier_statistic(lambdas):
+    """max over interior λ of (chord between the endpoints − acc(λ)), of means [..., L] → [...]."""
+    lam = np.asarray(lambdas, np.float64)
+    t = (lam - lam[0]) / (lam[-1] - lam[0])
+
+    def stat(m):
+        line = (1 - t) * m[..., :1] + t * m[..., -1:]
+        return np.max((line - m)[..., 1:-1], axis=-1)
+
+    return stat
+
+
+def worst_drop(m):
+    """Largest fall below the best earlier entry along the last axis (negative: it always rose). [..., K] → [...]."""
+    prev_best = np.maximum.accumulate(m, axis=-1)[..., :-1]
+    return np.max(prev_best - m[..., 1:], axis=-1)
+
+
+def _barrier_ci(margins_ln, lambdas) -> dict:
+    """Bootstrap CI of the accuracy barrier from per-pair margins [L, N]."""
+    return stats.bootstrap_ci([stats.correctness(margins_ln).T], barrier_statistic(lambdas))
+
+
+def _acc_diff_ci(margins_a, margins_b) -> dict:
+    return stats.paired_bootstrap_ci(stats.correctness(margins_a), stats.correctness(margins_b))
+
+
+# ----------------------------------------------------------------------------- the claims
 
 
 @check("lmc")
-def lmc(s):
+def lmc(s, ev):
     if "lmc" not in s:
         return None
     l = s["lmc"]
-    gaps = {sp: _chord_gap(l["lambdas"], l["weight_interp"][sp]) for sp in ("validation", "ood")}
-    holds = all(g >= -0.5 * POINT for g in gaps.values())
-    numbers = {f"min_gap_{k}": v for k, v in gaps.items()}
+    lambdas = [float(x) for x in l["lambdas"]]
+    n_members = len(s["rm"]["members"]) if "rm" in s else len(set(l["members"]))
+    if n_members < 2 or len(set(l["members"])) < 2:
+        raise NotTested("fewer than two members: a member interpolated with itself has no barrier to find")
+    if len(lambdas) < 3:
+        raise NotTested(f"EvalConfig.lmc_lambdas = {len(lambdas)}: no interior λ between the endpoints")
     ctrl = s.get("negative_control")
-    if ctrl:
-        cg = {sp: _chord_gap(ctrl["lambdas"], ctrl["weight_interp"][sp]) for sp in ("validation", "ood")}
-        numbers.update({f"control_min_gap_{k}": v for k, v in cg.items()})
-        control_barrier = min(cg.values()) < -0.5 * POINT
-        numbers["control_shows_barrier"] = control_barrier
-        holds = holds and control_barrier
-    return _claim(
-        "lmc",
-        holds,
-        numbers,
-        "θ(λ) stays within 0.5 pt of the chord on validation and ood; random-init control shows a barrier",
-    )
+    if not ctrl:
+        raise NotTested("no negative control was run (stage rm_control): nothing shows the test can see a barrier")
+    c_lambdas = [float(x) for x in ctrl["lambdas"]]
+    if len(c_lambdas) < 3:
+        raise NotTested(f"the negative control has {len(c_lambdas)} λ: no interior point")
+    rm, cx = _source(ev, "rm", "margins from rm_eval"), _source(ev, "control", "margins from rm_control")
+    ci = {}
+    for sp in EVAL_SPLITS:
+        ci[f"barrier_{sp}"] = _entry(_barrier_ci(_arr(rm, f"{sp}/lmc_weight"), lambdas), "pt")
+    for sp in EVAL_SPLITS:
+        ci[f"control_barrier_{sp}"] = _entry(_barrier_ci(_arr(cx, f"{sp}/lmc_weight"), c_lambdas), "pt")
+    flat = all(ci[f"barrier_{sp}"]["ci95"][1] < TOLERANCE for sp in EVAL_SPLITS)
+    control = any(ci[f"control_barrier_{sp}"]["ci95"][0] > TOLERANCE for sp in EVAL_SPLITS)
+    why = []
+    if not flat:
+        why.append(
+            "the members' barrier CI reaches 1 pt on "
+            + ", ".join(sp for sp in EVAL_SPLITS if ci[f"barrier_{sp}"]["ci95"][1] >= TOLERANCE)
+        )
+    if not control:
+        why.append(
+            "the random-init control shows no barrier beyond 1 pt: this task cannot tell connected models from unconnected ones"
+        )
+    numbers = {"members": ",".join(str(m) for m in l["members"]), "lambdas": len(lambdas)}
+    return _claim("lmc", HOLDS if flat and control else FAILS, reason="; ".join(why), ci=ci, numbers=numbers)
+
+
+def _chosen_m(s) -> int:
+    m = int(s["rm"]["warm"]["M"])
+    if m < 2:
+        raise NotTested(f"WARM averages M = {m} member(s): it is that member, and ENS equals it")
+    return m
 
 
 @check("wa_close_to_ens")
-def wa_close_to_ens(s):
-    if "lmc" not in s:
+def wa_close_to_ens(s, ev):
+    if "rm" not in s:
         return None
-    l = s["lmc"]
-    i = int(np.argmin(np.abs(np.asarray(l["lambdas"]) - 0.5)))
-    diffs = {sp: l["weight_interp"][sp][i] - l["pred_interp"][sp][i] for sp in ("validation", "ood")}
-    return _claim(
-        "wa_close_to_ens",
-        all(abs(d) <= POINT for d in diffs.values()),
-        {f"wa_minus_ens_{k}": v for k, v in diffs.items()},
-        "|acc(WA, λ=0.5) − acc(ENS, λ=0.5)| ≤ 1 pt on validation and ood",
-    )
+    m = _chosen_m(s)
+    rm = _source(ev, "rm", "margins from rm_eval")
+    ci = {
+        f"wa_minus_ens_{sp}": _entry(_acc_diff_ci(_arr(rm, f"{sp}/warm"), _arr(rm, f"{sp}/ens")), "pt")
+        for sp in EVAL_SPLITS
+    }
+    worse = [sp for sp in EVAL_SPLITS if ci[f"wa_minus_ens_{sp}"]["ci95"][0] <= -TOLERANCE]
+    reason = f"WARM may be worse than ENS by 1 pt or more on {', '.join(worse)}" if worse else ""
+    return _claim("wa_close_to_ens", FAILS if worse else HOLDS, reason=reason, ci=ci, numbers={"M": m})
 
 
 @check("memorisation")
-def memorisation(s):
+def memorisation(s, ev):
     if "rm" not in s:
         return None
-    w, e = s["rm"]["warm"]["acc"], s["rm"]["ens"]["acc"]
-    holds = w["train_corrupted"] < e["train_corrupted"] and w["ood"] >= e["ood"]
-    return _claim(
-        "memorisation",
-        holds,
-        {
-            "warm_corrupted": w["train_corrupted"],
-            "ens_corrupted": e["train_corrupted"],
-            "warm_ood": w["ood"],
-            "ens_ood": e["ood"],
-        },
-        "WA fits fewer flipped labels than ENS (train_corrupted: WA < ENS) and WA ≥ ENS on ood",
-    )
+    m = _chosen_m(s)
+    rm = _source(ev, "rm", "margins from rm_eval")
+    warm_c, ens_c = _arr(rm, "train_corrupted/warm"), _arr(rm, "train_corrupted/ens")
+    if warm_c.size == 0:
+        raise NotTested("no flipped labels in the training set (train_corrupted is empty)")
+    clean = _entry(_acc_diff_ci(_arr(rm, "train_clean/warm"), _arr(rm, "train_clean/ens")), "pt")
+    corrupted = _entry(_acc_diff_ci(warm_c, ens_c), "pt")
+    ci = {"wa_minus_ens_train_clean": clean, "wa_minus_ens_train_corrupted": corrupted}
+    numbers = {"M": m, "n_flipped": int(warm_c.size)}
+    if clean["ci95"][0] <= -TOLERANCE:
+        return _claim(
+            "memorisation",
+            NOT_TESTED,
+            reason=f"not matched: WARM may fit the clean labels worse than ENS by 1 pt or more "
+            f"(train_clean CI low {_pt(clean['ci95'][0])}), so fewer flipped labels could be under-fitting",
+            ci=ci,
+            numbers=numbers,
+        )
+    fewer = corrupted["ci95"][1] < 0
+    reason = "" if fewer else "the train_corrupted CI of WARM − ENS does not lie below 0"
+    return _claim("memorisation", HOLDS if fewer else FAILS, reason=reason, ci=ci, numbers=numbers)
 
 
 @check("m_scaling")
-def m_scaling(s):
+def m_scaling(s, ev):
     if "rm" not in s:
         return None
-    by_m = s["rm"]["warm_by_m"]
-    accs = [r["acc"]["ood"] for r in by_m[:6]]
-    worst_drop = max([0.0] + [max(accs[:k]) - accs[k] for k in range(1, len(accs))])
-    mean_member = float(np.mean([m["acc"]["ood"] for m in s["rm"]["members"]]))
-    holds = worst_drop <= 0.5 * POINT and accs[-1] > mean_member
-    return _claim(
-        "m_scaling",
-        holds,
-        {"warm_ood_by_m": accs, "worst_drop": worst_drop, "mean_member_ood": mean_member, "M_max": len(accs)},
-        "WARM ood accuracy never falls > 0.5 pt as M grows best-first (to 6), and WARM M_max beats the mean member",
-    )
+    m = len(s["rm"]["members"])
+    if m < 2:
+        raise NotTested("one member: there is no M to grow")
+    k = min(m, SCALING_MAX_M)
+    rm = _source(ev, "rm", "margins from rm_eval")
+    by_m = stats.correctness(_arr(rm, "ood/warm_by_m")[:k]).T  # [N, k]
+    mean_member = stats.correctness(_arr(rm, "ood/members")).mean(0)  # [N]: per pair, the members' mean
+    drop = _entry(stats.bootstrap_ci([by_m], worst_drop), "pt")
+    beats = _entry(stats.paired_bootstrap_ci(by_m[:, -1], mean_member), "pt")
+    ci = {"worst_drop_ood": drop, f"warm_m{k}_minus_mean_member_ood": beats}
+    why = []
+    if drop["ci95"][1] >= TOLERANCE:
+        why.append("WARM's ood accuracy may fall by 1 pt or more as M grows")
+    if beats["ci95"][0] <= 0:
+        why.append(f"WARM at M = {k} does not beat the mean member beyond its CI")
+    return _claim("m_scaling", FAILS if why else HOLDS, reason="; ".join(why), ci=ci, numbers={"M_max": k})
 
 
 @check("bon")
-def bon(s):
+def bon(s, ev):
     b = s.get("bon")
-    if not b or "warm" not in b["oracle"] or "member_best" not in b["oracle"]:
+    if not b:
         return None
+    if "warm" not in b["oracle"] or "member_best" not in b["oracle"]:
+        raise NotTested("Best-of-N did not select with both 'warm' and 'member_best'")
     n = np.asarray(b["n"])
-    w, m = np.asarray(b["oracle"]["warm"]), np.asarray(b["oracle"]["member_best"])
-    sel = n >= 8
-    gap_last = float(w[-1] - m[-1])
-    holds = bool(np.all(w[sel] >= m[sel])) and gap_last > 0
-    return _claim(
-        "bon",
-        holds,
-        {"gaps_n_ge_8": [float(x) for x in (w - m)[sel]], "gap_at_max_n": gap_last},
-        "BoN oracle reward with WARM ≥ best member at every N ≥ 8, gap at the largest N > 0",
-    )
+    big = n >= BON_MIN_N
+    if not big.any():
+        raise NotTested(f"no N ≥ {BON_MIN_N} (BonConfig.n_values = {list(map(int, n))})")
+    src = _source(ev, "bon", "oracle rewards from bon")
+    if list(map(int, _arr(src, "n"))) != list(map(int, n)):
+        raise NotTested("bon/per_prompt.npz does not hold the N of results.json")
+    w, mb = _arr(src, "oracle/warm")[big].T, _arr(src, "oracle/member_best")[big].T  # [P, K]
+    ci = {
+        f"gap_n{int(v)}": _entry(stats.paired_bootstrap_ci(w[:, i], mb[:, i]), "reward") for i, v in enumerate(n[big])
+    }
+    ci["min_gap"] = _entry(stats.paired_bootstrap_ci(w, mb, lambda a, c: np.min(a - c, axis=-1)), "reward")
+    ok = ci["min_gap"]["ci95"][0] > 0
+    reason = "" if ok else f"at some N ≥ {BON_MIN_N} WARM's choices are not better beyond the CI"
+    return _claim("bon", HOLDS if ok else FAILS, reason=reason, ci=ci, numbers={"n_prompts": int(w.shape[0])})
 
 
 @check("rl")
-def rl(s):
+def rl(s, ev):
     r = s.get("rl")
-    if not r or "warm" not in r.get("runs", {}) or "member_best" not in r["runs"]:
+    if not r:
         return None
-    single, warm = r["runs"]["member_best"], r["runs"]["warm"]
-    o, p = np.asarray(single["oracle"]), np.asarray(single["proxy"])
-    peak = int(np.argmax(o))
-    hacked = peak < len(o) - 1 and o[-1] < o[peak] and p[-1] >= p[peak]
-    warm_peak = float(np.max(warm["oracle"]))
+    runs = r.get("runs", {})
+    if "warm" not in runs or "member_best" not in runs:
+        raise NotTested("REINFORCE did not train against both 'warm' and 'member_best'")
+    src = _source(ev, "rl", "eval scores from reinforce")
+    per = {}
+    for name in ("member_best", "warm"):
+        one = src.get(name)
+        if not isinstance(one, Mapping):
+            raise NotTested(f"no per-prompt eval scores of the '{name}' policy" + (f" ({one})" if one else ""))
+        per[name] = one
+    single, warm = _arr(per["member_best"], "oracle"), _arr(per["warm"], "oracle")  # [S, P]
+    if single.shape[1] != warm.shape[1]:
+        raise NotTested("the two policies were evaluated on different prompts")
+    if single.shape[0] < 2:
+        raise NotTested("the best-member policy was evaluated at fewer than two steps")
+    hacked = _entry(stats.bootstrap_ci([single.T], lambda m: np.max(m, axis=-1) - m[..., -1]), "reward")
+    peak = int(np.argmax(single.mean(1)))
+    proxy = _arr(per["member_best"], "proxy").mean(1)
+    proxy_rise = float(proxy[-1] - proxy[peak])
+    steps = _arr(per["member_best"], "step")
+    numbers = {
+        "single_oracle_peak_step": int(steps[peak]),
+        "single_proxy_peak_to_last": proxy_rise if np.isfinite(proxy_rise) else None,
+    }
+    ci = {"single_peak_minus_final": hacked}
     wr = r.get("win_rate", {}).get("warm_vs_member_best")
-    wins = wr is not None and wr["value"] > 0.5 and wr["ci95"][0] > 0.5
-    holds = hacked and warm_peak > float(o[peak]) and wins
-    return _claim(
-        "rl",
-        holds,
-        {
-            "single_oracle_peak_step": int(single["step"][peak]),
-            "single_oracle_peak": float(o[peak]),
-            "single_oracle_last": float(o[-1]),
-            "single_proxy_peak_to_last": float(p[-1] - p[peak]),
-            "warm_oracle_peak": warm_peak,
-            "win_rate": None if wr is None else wr["value"],
-            "win_rate_ci_low": None if wr is None else wr["ci95"][0],
-        },
-        "single-RM policy hacks (oracle rises then falls while proxy rises); WARM peaks higher and wins > 0.5 (CI)",
+    if wr is not None:
+        ci["win_rate"] = {"value": wr["value"], "ci95": wr["ci95"], "se": None, "n": wr["n_prompts"], "unit": "rate"}
+    if not (hacked["ci95"][0] > 0 and np.isfinite(proxy_rise) and proxy_rise >= 0):
+        what = "its oracle's fall from the peak is within the CI" if hacked["ci95"][0] <= 0 else "its proxy fell too"
+        return _claim(
+            "rl",
+            NOT_TESTED,
+            reason=f"premise unmet: the best-member policy shows no reward hacking ({what})",
+            ci=ci,
+            numbers=numbers,
+        )
+    ci["warm_peak_minus_single_peak"] = _entry(
+        stats.paired_bootstrap_ci(warm.T, single.T, lambda a, b: np.max(a, axis=-1) - np.max(b, axis=-1)), "reward"
     )
+    if wr is None:
+        return _claim(
+            "rl",
+            NOT_TESTED,
+            reason="no win rate of the WARM policy over the best-member policy",
+            ci=ci,
+            numbers=numbers,
+        )
+    why = []
+    if ci["warm_peak_minus_single_peak"]["ci95"][0] <= 0:
+        why.append("the WARM policy's oracle peak is not higher beyond the CI")
+    if wr["ci95"][0] <= 0.5:
+        why.append("the win rate's CI reaches 0.5")
+    return _claim("rl", FAILS if why else HOLDS, reason="; ".join(why), ci=ci, numbers=numbers)
 
 
-def check_all(summary: dict) -> list[dict]:
+def check_all(summary: dict, evidence: Mapping | None = None) -> list[dict]:
+    """The claims a run's stages allow. ``evidence``: the per-example arrays (``report.load_evidence``):
+    {"rm": eval_examples.npz, "control": lmc_examples.npz, "bon": per_prompt.npz,
+    "rl": {reward: {"step" [S], "oracle" [S, P], "proxy" [S, P]}}}; a source that could not be read
+    is a string saying why. Without it every claim that needs it is "not tested"."""
+    evidence = evidence or {}
     out = []
     for fn in CHECKS.values():
-        c = fn(summary)
+        c = fn(summary, evidence)
         if c is not None:
             out.append(c)
     return out
 
 
-# The numbers that decide each claim, in points (accuracy) or reward units, for the across-runs table.
-HEADLINES: dict[str, Callable[[dict], str]] = {
-    "lmc": lambda n: (
-        f"gap val {100 * n['min_gap_validation']:+.2f} / ood {100 * n['min_gap_ood']:+.2f} pt; control "
-        + (
-            f"{100 * n['control_min_gap_validation']:+.2f} / {100 * n['control_min_gap_ood']:+.2f} pt"
-            if "control_min_gap_ood" in n
-            else "absent"
-        )
-    ),
-    "wa_close_to_ens": lambda n: (
-        f"WA−ENS val {100 * n['wa_minus_ens_validation']:+.2f} / ood {100 * n['wa_minus_ens_ood']:+.2f} pt"
-    ),
-    "memorisation": lambda n: (
-        f"corrupted WA {n['warm_corrupted']:.3f} vs ENS {n['ens_corrupted']:.3f}; "
-        f"ood WA−ENS {100 * (n['warm_ood'] - n['ens_ood']):+.2f} pt"
-    ),
-    "m_scaling": lambda n: (
-        f"worst drop {100 * n['worst_drop']:.2f} pt; M={n['M_max']} {n['warm_ood_by_m'][-1]:.3f} "
-        f"vs mean member {n['mean_member_ood']:.3f}"
-    ),
-    "bon": lambda n: f"gaps N≥8 {', '.join(f'{g:+.3f}' for g in n['gaps_n_ge_8'])}",
-    "rl": lambda n: (
-        f"single peak at step {n['single_oracle_peak_step']} ({n['single_oracle_peak']:.3f} → "
-        f"{n['single_oracle_last']:.3f}); WARM peak {n['warm_oracle_peak']:.3f}; win "
-        + ("n/a" if n["win_rate"] is None else f"{n['win_rate']:.3f} (CI low {n['win_rate_ci_low']:.3f})")
-    ),
-}
+# ----------------------------------------------------------------------------- tables
+
+
+def status_of(c: Mapping) -> str:
+    """A claim's status; summaries written before statuses existed say only ``holds``."""
+    st = c.get("status")
+    return st if st in STATUSES else (HOLDS if c.get("holds") else FAILS)
+
+
+def format_value(x, unit: str) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:+.2f}" if unit == "pt" else f"{x:.3f}" if unit == "rate" else f"{x:+.3f}"
+
+
+def format_ci(name: str, e: Mapping) -> str:
+    """``name +0.40 [−0.30, +1.10] pt`` (accuracy in points; rewards and rates as they are)."""
+    unit = e.get("unit", "")
+    lo, hi = e["ci95"]
+    suffix = " pt" if unit == "pt" else ""
+    return f"{name} {format_value(e['value'], unit)} [{format_value(lo, unit)}, {format_value(hi, unit)}]{suffix}"
+
+
+def cell(c: Mapping) -> str:
+    """One claim of one run: its status, then each CI (or the numbers of an old summary), then the reason."""
+    st = status_of(c)
+    label = {HOLDS: "holds", FAILS: "**fails**", NOT_TESTED: "*not tested*"}[st]
+    if "ci" in c:
+        body = "; ".join(format_ci(k, e) for k, e in c["ci"].items())
+    else:
+        body = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c["numbers"].items())
+    parts = [label + (f": {body}" if body else "")]
+    if c.get("reason"):
+        parts.append(f"({c['reason']})")
+    return " ".join(parts).replace("|", "\\|")
 
 
 def across_runs(claims_by_run: Mapping[str, list[dict]]) -> str:
-    """Markdown: one row per claim — how many runs it held in, then each run's verdict and numbers."""
+    """Markdown: one row per claim — in how many runs it held of those that tested it, then each run's
+    status, 95% CIs and reason."""
     runs = list(claims_by_run)
     by_id: dict[str, dict[str, dict]] = {}
     for run, claims in claims_by_run.items():
@@ -216,18 +427,24 @@ def across_runs(claims_by_run: Mapping[str, list[dict]]) -> str:
         "|---|---|" + "---|" * len(runs),
     ]
     for cid, per_run in by_id.items():
-        held = sum(c["holds"] for c in per_run.values())
-        cells = []
-        for run in runs:
-            c = per_run.get(run)
-            if c is None:
-                cells.append("—")
-                continue
-            fmt = HEADLINES.get(cid)
-            nums = fmt(c["numbers"]) if fmt else json.dumps(c["numbers"])
-            cells.append(f"{'yes' if c['holds'] else '**no**'}: {nums}")
-        lines.append(f"| `{cid}` | {held}/{len(per_run)} | " + " | ".join(cells) + " |")
+        st = [status_of(c) for c in per_run.values()]
+        tested = sum(x != NOT_TESTED for x in st)
+        held = f"{st.count(HOLDS)}/{tested} tested"
+        if tested < len(st):
+            held += f", {len(st) - tested} not tested"
+        cells = [cell(per_run[r]) if r in per_run else "—" for r in runs]
+        lines.append(f"| `{cid}` | {held} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _valid_claim(c) -> bool:
+    if not (isinstance(c, dict) and {"id", "holds", "numbers"} <= c.keys() and isinstance(c["numbers"], dict)):
+        return False
+    ci = c.get("ci", {})
+    return isinstance(ci, dict) and all(
+        isinstance(e, dict) and "value" in e and isinstance(e.get("ci95"), list) and len(e["ci95"]) == 2
+        for e in ci.values()
+    )
 
 
 def _read_claims(arg: str) -> tuple[str, list[dict]]:
@@ -244,12 +461,13 @@ def _read_claims(arg: str) -> tuple[str, list[dict]]:
     claims = data.get("claims") if isinstance(data, dict) else None
     if claims is None:
         raise cli_errors.UserError(f"{path}: no claims section; run the report stage first")
-    if not isinstance(claims, list) or not all(
-        isinstance(c, dict) and {"id", "holds", "numbers"} <= c.keys() for c in claims
-    ):
-        raise cli_errors.UserError(f"{path}: field 'claims' must be a list of {{id, holds, numbers}} objects")
+    if not isinstance(claims, list) or not all(_valid_claim(c) for c in claims):
+        raise cli_errors.UserError(
+            f"{path}: field 'claims' must be a list of {{id, holds, numbers}} objects (with 'ci' entries "
+            "{value, ci95: [lo, hi]})"
+        )
     try:
-        across_runs({arg: claims})  # a claim's numbers that its headline cannot format: name the file
+        across_runs({arg: claims})  # a claim's numbers that the table cannot format: name the file
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise cli_errors.UserError(f"{path}: a claim's numbers are incomplete ({type(e).__name__}: {e})") from None
     return path, claims

@@ -6,7 +6,18 @@ and of ENS (mean of the members' rewards), on ``train_clean``, ``train_corrupted
 (training) labels, so HIGHER means MORE memorisation of label noise. Also: ensemble
 disagreement, calibration (ECE of σ(r⁺ − r⁻)), linear mode connectivity between two members,
 and the merged RM's reward statistics (for reward normalisation in RL). Writes the merged RM to
-WORKDIR/rm/warm and the numbers to WORKDIR/rm/eval.json.
+WORKDIR/rm/warm, the numbers to WORKDIR/rm/eval.json and the per-pair reward margins r⁺ − r⁻ (float32)
+that every claim's bootstrap interval is computed from to WORKDIR/rm/eval_examples.npz, keyed
+``<split>/<model>``:
+
+  members    [M, N]  each member (row i is member ``member_ids[i]``)
+  warm, ens  [N]     WARM and ENS of the chosen members (``chosen``: their ids)
+  warm_by_m  [M, N]  WARM of the best-first top k, k = 1 … M (``order``: ids best-first)
+  ens_by_m   [M, N]  ENS of the same
+  lmc_weight [L, N]  θ(λ) = (1−λ)θ_a + λθ_b at ``lambdas`` (``lmc_members``: the ids a, b)
+  lmc_pred   [L, N]  the prediction mix (1−λ)r_a + λr_b
+
+eval.json's accuracies are the means of ``stats.correctness`` of exactly these margins.
 """
 
 from __future__ import annotations
@@ -22,7 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from warm_jax import averaging, checkpoint_averaging, checkpoints, ensemble, io_utils, loop, params_io, reward, sharding
+from warm_jax import (
+    averaging,
+    checkpoint_averaging,
+    checkpoints,
+    ensemble,
+    io_utils,
+    loop,
+    params_io,
+    reward,
+    sharding,
+    stats,
+)
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
@@ -30,6 +52,10 @@ from warm_jax.stages import RunContext, register_stage
 log = logging.getLogger(__name__)
 
 SPLITS = ("train_clean", "train_corrupted", "validation", "ood")
+EXAMPLES_FILE = "eval_examples.npz"  # beside eval.json
+CONTROL_EXAMPLES_FILE = "lmc_examples.npz"  # beside the negative control's lmc.json
+
+RewardPairs = tuple[np.ndarray, np.ndarray]  # (r_chosen [N], r_rejected [N])
 
 
 @gin.configurable
@@ -44,6 +70,10 @@ class EvalConfig:
     max_examples: int | None = None  # per split, for quick runs
     ece_bins: int = 10
     dataset_dir: str | None = None
+
+    def __post_init__(self):
+        if self.lmc_lambdas < 2:
+            raise ValueError(f"EvalConfig.lmc_lambdas must be at least 2 (the two endpoints), got {self.lmc_lambdas}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -60,13 +90,18 @@ def load_eval_splits(dataset_dir: str, max_examples: int | None = None) -> dict[
         out = {k: np.concatenate([b[k][b["valid"]] for b in batches]) for k in fields}
         return out
 
-    train = read("train")
-    flipped = train["flipped"].astype(bool)
+    return split_by_flips(read("train"), read("validation"), read("ood"), max_examples)
+
+
+def split_by_flips(train: dict, validation: dict, ood: dict, max_examples: int | None = None) -> dict[str, dict]:
+    """The four evaluation splits: train cut in two by its recorded flip mask (``train["flipped"]``), the
+    flipped pairs kept with their flipped (training) labels; each split cut to ``max_examples``."""
+    flipped = np.asarray(train["flipped"]).astype(bool)
     splits = {
         "train_clean": {k: v[~flipped] for k, v in train.items()},
         "train_corrupted": {k: v[flipped] for k, v in train.items()},
-        "validation": read("validation"),
-        "ood": read("ood"),
+        "validation": validation,
+        "ood": ood,
     }
     if max_examples:
         splits = {s: {k: v[:max_examples] for k, v in d.items()} for s, d in splits.items()}
@@ -126,10 +161,14 @@ class Scorer:
 # ----------------------------------------------------------------------------- metrics
 
 
+def margins(r_c, r_r) -> np.ndarray:
+    """Per-pair reward margin r⁺ − r⁻ as stored in eval_examples.npz: [N], [N] → [N] float32."""
+    return (np.asarray(r_c) - np.asarray(r_r)).astype(np.float32)
+
+
 def accuracy(r_c, r_r) -> float:
-    """Fraction of pairs with r⁺ > r⁻ (ties count half)."""
-    d = np.asarray(r_c) - np.asarray(r_r)
-    return float(np.mean((d > 0) + 0.5 * (d == 0)))
+    """Fraction of pairs with r⁺ > r⁻ (ties count half), from the float32 margins."""
+    return float(np.mean(stats.correctness(margins(r_c, r_r))))
 
 
 def bt_loss(r_c, r_r) -> float:
@@ -160,6 +199,166 @@ def split_metrics(r_c, r_r, bins) -> dict:
     return {"acc": accuracy(r_c, r_r), "loss": bt_loss(r_c, r_r), "ece": ece(r_c, r_r, bins)}
 
 
+# ----------------------------------------------------------------------------- from rewards to results
+
+
+def measure(
+    member_r: dict[str, RewardPairs],
+    ids: list[int],
+    cfg: EvalConfig,
+    score_warm,
+    score_interp,
+) -> tuple[dict, dict[str, np.ndarray], list[int]]:
+    """eval.json's numbers and eval_examples.npz's margins from rewards (host arrays; no model here).
+
+    member_r: {split: (r_chosen [M, N], r_rejected [M, N])}, row i the member ``ids[i]``.
+    score_warm(idx, split) → RewardPairs of the uniform weight average of the members at indices ``idx``.
+    score_interp(a, b, lam) → {split: RewardPairs} of (1−λ)θ_a + λθ_b (members at indices a, b).
+    Returns (result, examples, chosen): eval.json's content (without 'updates' and 'examples'), the
+    margins keyed ``<split>/<model>`` (module docstring) and the indices WARM averages.
+    """
+    m = len(ids)
+    splits = list(member_r)
+    members = [{"id": ids[i], "acc": {s: accuracy(rc[i], rr[i]) for s, (rc, rr) in member_r.items()}} for i in range(m)]
+    order = sorted(range(m), key=lambda i: -members[i]["acc"][cfg.select_split])
+    cache: dict = {}
+
+    def warm_r(idx, split) -> RewardPairs:
+        # The average depends on the set only (uniform weights), so the best-first top M and 'all' share it.
+        key = (frozenset(idx), split)
+        if key not in cache:
+            cache[key] = score_warm(sorted(idx), split)
+        return cache[key]
+
+    def ens_r(idx, split) -> RewardPairs:
+        rc, rr = member_r[split]
+        return rc[list(idx)].mean(0), rr[list(idx)].mean(0)
+
+    def metrics_of(fn, idx) -> dict:
+        return {s: split_metrics(*fn(idx, s), cfg.ece_bins) for s in splits}
+
+    warm_by_m, ens_by_m = [], []
+    for k in range(1, m + 1):
+        warm_by_m.append({"M": k, "members": [ids[i] for i in order[:k]], **_acc_view(metrics_of(warm_r, order[:k]))})
+        ens_by_m.append({"M": k, **_acc_view(metrics_of(ens_r, order[:k]))})
+
+    if cfg.warm_selection == "all":
+        chosen = list(range(m))
+    elif cfg.warm_selection == "top_m":
+        chosen = order[: cfg.top_m or m]
+    elif cfg.warm_selection == "greedy":
+        chosen = averaging.greedy_soup(order, lambda idx: accuracy(*warm_r(idx, cfg.select_split)))
+    else:
+        raise ValueError(f"EvalConfig.warm_selection must be 'all', 'top_m' or 'greedy', got {cfg.warm_selection!r}")
+
+    # Disagreement: std over members of the reward margin, averaged over pairs.
+    disagreement = {s: float(np.mean(np.std(rc - rr, axis=0))) for s, (rc, rr) in member_r.items()}
+
+    # Reward statistics on validation (chosen and rejected together) for RL normalisation.
+    best = order[0]
+    rc, rr = member_r["validation"]
+    reward_stats = {
+        "warm": _stats(np.concatenate(warm_r(chosen, "validation"))),
+        "member_best": _stats(np.concatenate([rc[best], rr[best]])),
+        "ens": _stats(np.concatenate(ens_r(chosen, "validation"))),
+    }
+
+    # Linear mode connectivity between two members (default: the two best).
+    a, b = cfg.lmc_members or (order[0], order[1] if m > 1 else order[0])
+    lmc, lmc_margins = lmc_curves(
+        lambda lam: score_interp(a, b, lam), np.linspace(0.0, 1.0, cfg.lmc_lambdas), (ids[a], ids[b])
+    )
+
+    examples: dict[str, np.ndarray] = {
+        "member_ids": np.asarray(ids, np.int64),
+        "order": np.asarray([ids[i] for i in order], np.int64),
+        "chosen": np.asarray([ids[i] for i in chosen], np.int64),
+        "lambdas": np.asarray(lmc["lambdas"], np.float64),
+        "lmc_members": np.asarray(lmc["members"], np.int64),
+    }
+    for s, (rc, rr) in member_r.items():
+        examples[f"{s}/members"] = np.stack([margins(rc[i], rr[i]) for i in range(m)])
+        examples[f"{s}/warm"] = margins(*warm_r(chosen, s))
+        examples[f"{s}/ens"] = margins(*ens_r(chosen, s))
+        examples[f"{s}/warm_by_m"] = np.stack([margins(*warm_r(order[:k], s)) for k in range(1, m + 1)])
+        examples[f"{s}/ens_by_m"] = np.stack([margins(*ens_r(order[:k], s)) for k in range(1, m + 1)])
+        examples[f"{s}/lmc_weight"] = lmc_margins[s]["weight"]
+        examples[f"{s}/lmc_pred"] = lmc_margins[s]["pred"]
+
+    result = {
+        "rm": {
+            "members": members,
+            "order": [ids[i] for i in order],
+            "warm": {"M": len(chosen), "members": [ids[i] for i in chosen], **_acc_view(metrics_of(warm_r, chosen))},
+            "ens": {"M": len(chosen), **_acc_view(metrics_of(ens_r, chosen))},
+            "warm_by_m": warm_by_m,
+            "ens_by_m": ens_by_m,
+            "disagreement": disagreement,
+            "note": "train_corrupted accuracy is measured against the flipped (training) labels: higher = more memorisation",
+        },
+        "lmc": lmc,
+        "best_member": ids[best],
+        "members": ids,
+        "reward_stats": reward_stats,
+    }
+    return result, examples, chosen
+
+
+def lmc_curves(score_at, lambdas, members=(0, 1)) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """Accuracy/loss of θ(λ) = (1−λ)θ_a + λθ_b and of the prediction mix (1−λ)r_a + λr_b, per split.
+
+    score_at(lam) → {split: RewardPairs} of θ(λ) (θ(0) = θ_a and θ(1) = θ_b exactly). Returns (the
+    curves as in eval.json's 'lmc', {split: {"weight": [L, N], "pred": [L, N]}} float32 margins).
+    """
+    lambdas = [float(x) for x in lambdas]
+    cache: dict[float, dict] = {}
+
+    def at(lam):
+        if lam not in cache:
+            cache[lam] = score_at(lam)
+        return cache[lam]
+
+    weight = {lam: at(lam) for lam in lambdas}
+    ra, rb = at(0.0), at(1.0)
+    curves: dict[str, dict] = {k: {} for k in ("wa", "wl", "pa", "pl")}
+    margins_out: dict[str, dict[str, np.ndarray]] = {}
+    for s in ra:
+        (ca, xa), (cb, xb) = (tuple(np.asarray(v) for v in r[s]) for r in (ra, rb))
+        pred = [((1 - lam) * ca + lam * cb, (1 - lam) * xa + lam * xb) for lam in lambdas]
+        curves["wa"][s] = [accuracy(*weight[lam][s]) for lam in lambdas]
+        curves["wl"][s] = [bt_loss(*weight[lam][s]) for lam in lambdas]
+        curves["pa"][s] = [accuracy(*r) for r in pred]
+        curves["pl"][s] = [bt_loss(*r) for r in pred]
+        margins_out[s] = {
+            "weight": np.stack([margins(*weight[lam][s]) for lam in lambdas]),
+            "pred": np.stack([margins(*r) for r in pred]),
+        }
+    curve = {
+        "members": [int(m) for m in members],
+        "lambdas": lambdas,
+        "weight_interp": curves["wa"],
+        "weight_interp_loss": curves["wl"],
+        "pred_interp": curves["pa"],
+        "pred_interp_loss": curves["pl"],
+        "barrier": {s: averaging.barrier_height(lambdas, v) for s, v in curves["wa"].items()},
+        # A loss barrier is the same shape upside down: loss above the line between the endpoints.
+        "loss_barrier": {s: averaging.barrier_height(lambdas, [-x for x in v]) for s, v in curves["wl"].items()},
+    }
+    return curve, margins_out
+
+
+def _acc_view(metrics: dict) -> dict:
+    return {
+        "acc": {s: v["acc"] for s, v in metrics.items()},
+        "loss": {s: v["loss"] for s, v in metrics.items()},
+        "ece": {s: v["ece"] for s, v in metrics.items()},
+    }
+
+
+def _stats(x) -> dict:
+    return {"mean": float(np.mean(x)), "std": float(np.std(x) + 1e-6)}
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -183,7 +382,10 @@ def load_members(ctx: RunContext):
     return model_cfg, graphdef, stack(*members), specs, [int(d) for d in member_dirs]
 
 
-def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> dict:
+def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.ndarray]]:
+    """Scores every split with the members, their averages and the interpolation; writes rm/warm.
+
+    Returns (eval.json's content without 'updates'/'examples', the per-pair margins)."""
     data_dir = cfg.dataset_dir or ctx.path("data")
     splits = load_eval_splits(data_dir, cfg.max_examples)
     model_cfg, graphdef, stacked, specs, ids = load_members(ctx)
@@ -191,69 +393,39 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> dict:
     scorer = Scorer(graphdef, ctx.mesh, cfg.batch_size)
     single_sh = sharding.named(ctx.mesh, specs)
 
-    # Members and ENS: one vmapped pass per split.
-    member_r = {s: scorer.stacked_pairs(stacked, d) for s, d in splits.items()}  # ([M,N], [M,N])
-    members = [{"id": ids[i], "acc": {s: accuracy(rc[i], rr[i]) for s, (rc, rr) in member_r.items()}} for i in range(m)]
-    order = sorted(range(m), key=lambda i: -members[i]["acc"][cfg.select_split])
-
-    def ens_of(idx):
-        return {s: split_metrics(rc[idx].mean(0), rr[idx].mean(0), cfg.ece_bins) for s, (rc, rr) in member_r.items()}
+    last_warm: dict = {}  # the latest average, reused while its splits are scored
 
     def warm_params(idx):
-        w = np.zeros(m, np.float32)
-        w[list(idx)] = 1.0 / len(idx)
-        return averaging.mean_stacked(stacked, jnp.asarray(w), out_shardings=single_sh)
+        key = frozenset(int(i) for i in idx)
+        if key not in last_warm:
+            w = np.zeros(m, np.float32)
+            w[list(key)] = 1.0 / len(key)
+            last_warm.clear()
+            last_warm[key] = averaging.mean_stacked(stacked, jnp.asarray(w), out_shardings=single_sh)
+        return last_warm[key]
 
-    def warm_of(idx):
-        p = warm_params(idx)
-        return {s: split_metrics(*scorer.pairs(p, d), cfg.ece_bins) for s, d in splits.items()}, p
+    slices: dict = {}
 
-    warm_by_m, ens_by_m = [], []
-    for k in range(1, m + 1):
-        wm, _ = warm_of(order[:k])
-        warm_by_m.append({"M": k, "members": [ids[i] for i in order[:k]], **_acc_view(wm)})
-        ens_by_m.append({"M": k, **_acc_view(ens_of(order[:k]))})
+    def score_interp(a, b, lam):
+        for i in (a, b):
+            if i not in slices:
+                slices[i] = ensemble.member_slice(stacked, i, ctx.mesh, specs)
+        p = averaging.interpolate(slices[a], slices[b], lam)
+        return {s: scorer.pairs(p, d) for s, d in splits.items()}
 
-    if cfg.warm_selection == "all":
-        chosen = list(range(m))
-    elif cfg.warm_selection == "top_m":
-        chosen = order[: cfg.top_m or m]
-    elif cfg.warm_selection == "greedy":
-        sel_data = splits[cfg.select_split]
-        chosen = averaging.greedy_soup(order, lambda idx: accuracy(*scorer.pairs(warm_params(idx), sel_data)))
-    else:
-        raise ValueError(f"EvalConfig.warm_selection must be 'all', 'top_m' or 'greedy', got {cfg.warm_selection!r}")
-    warm_metrics, warm_p = warm_of(chosen)
-    ens_metrics = ens_of(chosen)
+    # Members and ENS: one vmapped pass per split.
+    member_r = {s: scorer.stacked_pairs(stacked, d) for s, d in splits.items()}  # ([M,N], [M,N])
+    result, examples, chosen = measure(
+        member_r, ids, cfg, lambda idx, s: scorer.pairs(warm_params(idx), splits[s]), score_interp
+    )
 
-    # Disagreement: std over members of the reward margin, averaged over pairs.
-    disagreement = {s: float(np.mean(np.std(rc - rr, axis=0))) for s, (rc, rr) in member_r.items()}
-
-    # Reward statistics on validation (chosen and rejected together) for RL normalisation.
-    val = splits["validation"]
-    wc, wr = scorer.pairs(warm_p, val)
-    best = order[0]
-    rc, rr = member_r["validation"]
-    ens_all = np.concatenate([rc[chosen].mean(0), rr[chosen].mean(0)])
-    reward_stats = {
-        "warm": _stats(np.concatenate([wc, wr])),
-        "member_best": _stats(np.concatenate([rc[best], rr[best]])),
-        "ens": _stats(ens_all),
-    }
-
-    # Linear mode connectivity between two members (default: the two best).
-    a, b = cfg.lmc_members or (order[0], order[1] if m > 1 else order[0])
-    lambdas = np.linspace(0.0, 1.0, cfg.lmc_lambdas)
-    pa, pb = (ensemble.member_slice(stacked, i, ctx.mesh, specs) for i in (a, b))
-    lmc = lmc_curves(scorer, pa, pb, splits, lambdas, (ids[a], ids[b]))
-
-    accuracies = {ids[i]: members[i]["acc"] for i in range(m)}
+    accuracies = {ids[i]: result["rm"]["members"][i]["acc"] for i in range(m)}
     hashes = {
         ids[i]: checkpoints.tree_sha256(host_copy(ensemble.member_slice(stacked, i, ctx.mesh, specs))) for i in range(m)
     }
     checkpoint_averaging.write_merged(
         ctx.path("rm", "warm"),
-        warm_p,
+        warm_params(chosen),
         model_cfg=model_cfg,
         members=[ids[i] for i in chosen],
         weights=[1.0 / len(chosen)] * len(chosen),
@@ -261,23 +433,7 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> dict:
         hashes=hashes,
         tokenizer_dir=ctx.path("tokenizer"),
     )
-    result = {
-        "rm": {
-            "members": members,
-            "order": [ids[i] for i in order],
-            "warm": {"M": len(chosen), "members": [ids[i] for i in chosen], **_acc_view(warm_metrics)},
-            "ens": {"M": len(chosen), **_acc_view(ens_metrics)},
-            "warm_by_m": warm_by_m,
-            "ens_by_m": ens_by_m,
-            "disagreement": disagreement,
-            "note": "train_corrupted accuracy is measured against the flipped (training) labels: higher = more memorisation",
-        },
-        "lmc": lmc,
-        "best_member": ids[best],
-        "members": ids,
-        "reward_stats": reward_stats,
-    }
-    return result
+    return result, examples
 
 
 def host_copy(tree):
@@ -287,53 +443,33 @@ def host_copy(tree):
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
-def _acc_view(metrics: dict) -> dict:
-    return {
-        "acc": {s: v["acc"] for s, v in metrics.items()},
-        "loss": {s: v["loss"] for s, v in metrics.items()},
-        "ece": {s: v["ece"] for s, v in metrics.items()},
-    }
+def write_results(directory: str, name: str, result: dict, examples: dict[str, np.ndarray], examples_file: str) -> dict:
+    """Writes the margins to DIRECTORY/EXAMPLES_FILE, then DIRECTORY/NAME with their SHA-256 (process 0 only)."""
+    sha = stats.write_arrays(os.path.join(directory, examples_file), examples)
+    result = {**result, "examples": {"file": examples_file, "sha256": sha}}
+    io_utils.atomic_write_json(os.path.join(directory, name), result)
+    return result
 
 
-def _stats(x) -> dict:
-    return {"mean": float(np.mean(x)), "std": float(np.std(x) + 1e-6)}
+def read_examples(results_dir: str, results: dict) -> dict[str, np.ndarray]:
+    """The per-pair margins a results file (eval.json, the control's lmc.json) points to.
+
+    Raises stats.StaleArraysError when the results predate them or the file does not match."""
+    ref = results.get("examples")
+    if not isinstance(ref, dict) or "file" not in ref:
+        raise stats.StaleArraysError(
+            f"{results_dir}: the results file records no per-pair margins (written before they were: rerun the stage)"
+        )
+    return stats.read_arrays(os.path.join(results_dir, ref["file"]), ref.get("sha256"))
 
 
-def lmc_curves(scorer: Scorer, pa, pb, splits, lambdas, members=(0, 1)) -> dict:
-    """Accuracy/loss of θ(λ) = (1−λ)θ_a + λθ_b and of the prediction mix (1−λ)r_a + λr_b, per split."""
-
-    def acc_loss(r_c, r_r):
-        return {"accuracy": accuracy(r_c, r_r), "loss": bt_loss(r_c, r_r)}
-
-    def rewards(p):
-        return {s: scorer.pairs(p, d) for s, d in splits.items()}
-
-    curve = averaging.interpolation_curve(
-        pa,
-        pb,
-        lambda p: {s: acc_loss(*r) for s, r in rewards(p).items()},
-        lambdas,
-        rewards_fn=rewards,
-        eval_pred_fn=acc_loss,
-    )
-    return {
-        "members": [int(m) for m in members],
-        "lambdas": curve["lambdas"],
-        "weight_interp": {s: v["accuracy"] for s, v in curve["weight"].items()},
-        "weight_interp_loss": {s: v["loss"] for s, v in curve["weight"].items()},
-        "pred_interp": {s: v["accuracy"] for s, v in curve["pred"].items()},
-        "pred_interp_loss": {s: v["loss"] for s, v in curve["pred"].items()},
-        "barrier": curve["barrier"],
-        "loss_barrier": curve["loss_barrier"],
-    }
-
-
-@register_stage("rm_eval")
+@register_stage("rm_eval", outputs=("rm/warm", "rm/eval.json", f"rm/{EXAMPLES_FILE}"))
 def run(ctx: RunContext, cfg: EvalConfig | None = None) -> None:
     cfg = cfg or EvalConfig()
-    result = {**evaluate_rms(ctx, cfg), "updates": loop.read_updates(ctx.path("rm", "ckpt"))}
+    result, examples = evaluate_rms(ctx, cfg)
+    result = {**result, "updates": loop.read_updates(ctx.path("rm", "ckpt"))}
     if jax.process_index() == 0:
-        io_utils.atomic_write_json(ctx.path("rm", "eval.json"), result)
+        write_results(ctx.path("rm"), "eval.json", result, examples, EXAMPLES_FILE)
     w, e = result["rm"]["warm"]["acc"], result["rm"]["ens"]["acc"]
     log.info(
         "[rm_eval] WARM %s | ENS %s", {k: round(v, 3) for k, v in w.items()}, {k: round(v, 3) for k, v in e.items()}
@@ -341,9 +477,25 @@ def run(ctx: RunContext, cfg: EvalConfig | None = None) -> None:
 
 
 def pair_interpolation(ctx: RunContext, graphdef, stacked, specs, data_dir: str, cfg: EvalConfig | None = None) -> dict:
-    """LMC curves between members 0 and 1 of a stacked [2, ...] tree (the negative control)."""
+    """LMC curves between members 0 and 1 of a stacked [2, ...] tree (the negative control).
+
+    Process 0 also writes their per-pair margins ('<split>/lmc_weight', '<split>/lmc_pred' [L, N],
+    'lambdas') to WORKDIR/rm_control/CONTROL_EXAMPLES_FILE; the returned curves name it under 'examples'.
+    """
     cfg = cfg or EvalConfig()
     splits = load_eval_splits(data_dir, cfg.max_examples)
     scorer = Scorer(graphdef, ctx.mesh, cfg.batch_size)
     pa, pb = (ensemble.member_slice(stacked, i, ctx.mesh, specs) for i in (0, 1))
-    return lmc_curves(scorer, pa, pb, splits, np.linspace(0.0, 1.0, cfg.lmc_lambdas))
+
+    def score_at(lam):
+        p = averaging.interpolate(pa, pb, lam)
+        return {s: scorer.pairs(p, d) for s, d in splits.items()}
+
+    curves, lmc_margins = lmc_curves(score_at, np.linspace(0.0, 1.0, cfg.lmc_lambdas))
+    if jax.process_index() == 0:
+        examples = {"lambdas": np.asarray(curves["lambdas"], np.float64)}
+        for s, mm in lmc_margins.items():
+            examples[f"{s}/lmc_weight"], examples[f"{s}/lmc_pred"] = mm["weight"], mm["pred"]
+        sha = stats.write_arrays(ctx.path("rm_control", CONTROL_EXAMPLES_FILE), examples)
+        curves["examples"] = {"file": CONTROL_EXAMPLES_FILE, "sha256": sha}
+    return curves

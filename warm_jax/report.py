@@ -2,7 +2,9 @@
 
 Each section comes from the file its stage wrote (rm/eval.json, bon/results.json,
 rl/results.json); a section whose stage did not run is left out. The ``claims`` section checks
-the paper's findings against this run's own numbers (see ``claims.py``).
+the paper's findings against this run's own numbers with paired bootstrap intervals over the
+per-example results those stages wrote beside them (``load_evidence``; see ``claims.py``): each
+claim's status ("holds", "fails", "not tested") and 95% CIs are in summary.json and report.md.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from warm_jax import claims as claims_lib  # noqa: E402
-from warm_jax import io_utils  # noqa: E402
+from warm_jax import evaluation, io_utils, stats  # noqa: E402
+from warm_jax.policy import bon as bon_lib  # noqa: E402
+from warm_jax.policy import reinforce  # noqa: E402
 from warm_jax.stages import RunContext, register_stage  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -49,8 +53,40 @@ def build_summary(workdir: str) -> dict:
     updates = training_updates(workdir)
     if updates:
         summary["updates"] = updates
-    summary["claims"] = claims_lib.check_all(summary)
+    summary["claims"] = claims_lib.check_all(summary, load_evidence(workdir, ev, control, bon, rl))
+    summary["claims_method"] = {
+        "interval": "paired percentile bootstrap over examples (pairs; prompts for bon and rl)",
+        "level": stats.LEVEL,
+        "resamples": stats.N_BOOT,
+        "seed": stats.SEED,
+        "accuracy_tolerance": claims_lib.TOLERANCE,
+    }
     return summary
+
+
+def load_evidence(workdir: str, ev: dict | None, control: dict | None, bon: dict | None, rl: dict | None) -> dict:
+    """The per-example arrays the claims resample, by source; a source that cannot be read is a string
+    saying why (the claims that need it are then "not tested")."""
+
+    def attempt(fn):
+        try:
+            return fn()
+        except (stats.StaleArraysError, OSError, ValueError, KeyError) as e:
+            return f"{type(e).__name__}: {e}" if not isinstance(e, stats.StaleArraysError) else str(e)
+
+    out: dict = {}
+    if ev:
+        out["rm"] = attempt(lambda: evaluation.read_examples(os.path.join(workdir, "rm"), ev))
+    if control:
+        out["control"] = attempt(lambda: evaluation.read_examples(os.path.join(workdir, "rm_control"), control))
+    if bon:
+        out["bon"] = attempt(lambda: bon_lib.read_per_prompt(os.path.join(workdir, "bon"), bon))
+    if rl:
+        out["rl"] = {
+            name: attempt(lambda name=name, r=r: reinforce.read_eval_scores(workdir, name, r["step"]))
+            for name, r in rl.get("runs", {}).items()
+        }
+    return out
 
 
 def training_updates(workdir: str) -> dict[str, dict]:
@@ -118,10 +154,12 @@ def figures(summary: dict, out: str) -> list[str]:
         bon = summary["bon"]
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for name, ys in bon["oracle"].items():
-            ax.plot(bon["n"], ys, "o-", label=name)
+            se = bon.get("oracle_se", {}).get(name)
+            err = None if se is None else [0.0 if e is None else e for e in se]
+            ax.errorbar(bon["n"], ys, yerr=err, fmt="o-", capsize=3, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("N (KL = log N − (N−1)/N)")
-        ax.set_ylabel("oracle reward of the choice")
+        ax.set_ylabel("oracle reward of the choice (± s.e.)")
         ax.set_title("Best-of-N")
         ax.legend(fontsize=8)
         made.append(_fig(os.path.join(out, "bon.png")))
@@ -195,9 +233,17 @@ def markdown(summary: dict, figs: list[str]) -> str:
             _row(["N", "KL", *bon["oracle"].keys()]),
             _row(["---"] * (2 + len(bon["oracle"]))),
         ]
+        se = bon.get("oracle_se", {})
+
+        def with_se(name, i):
+            e = se.get(name, [None] * len(bon["n"]))[i]
+            return f"{bon['oracle'][name][i]:.3f}" + ("" if e is None else f" ± {e:.3f}")
+
         for i, n in enumerate(bon["n"]):
-            lines.append(_row([n, f"{bon['kl'][i]:.2f}", *(f"{v[i]:.3f}" for v in bon["oracle"].values())]))
+            lines.append(_row([n, f"{bon['kl'][i]:.2f}", *(with_se(name, i) for name in bon["oracle"])]))
         lines.append("")
+        if se:
+            lines += [f"Mean over {bon['num_prompts']} prompts ± its standard error over prompts.", ""]
     if "rl" in summary:
         lines += ["## REINFORCE", ""]
         for name, w in summary["rl"].get("win_rate", {}).items():
@@ -220,15 +266,31 @@ def markdown(summary: dict, figs: list[str]) -> str:
             lines.append(_row([name, u["applied"], skipped, ", ".join(map(str, u["skipped_steps"][:10])) or "–"]))
         lines.append("")
     if summary.get("claims"):
+        method = summary.get("claims_method", {})
         lines += [
             "## The paper's claims, checked on this run",
             "",
-            _row(["claim", "holds", "numbers"]),
-            _row(["---", "---", "---"]),
+            "Each claim is judged by paired bootstrap 95% intervals over the evaluation pairs (prompts for Best-of-N",
+            f"and RL; {method.get('resamples', stats.N_BOOT)} resamples, seed {method.get('seed', stats.SEED)}); "
+            "accuracy differences are in points. A claim whose evidence is missing or cannot decide is *not tested*.",
+            "",
+            _row(["claim", "status", "95% CIs", "why"]),
+            _row(["---"] * 4),
         ]
         for c in summary["claims"]:
-            nums = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in c["numbers"].items())
-            lines.append(_row([f"`{c['id']}`: {c['statement']}", "yes" if c["holds"] else "**no**", nums]))
+            st = claims_lib.status_of(c)
+            status = {"holds": "holds", "fails": "**fails**", "not tested": "*not tested*"}[st]
+            cis = "; ".join(claims_lib.format_ci(k, e) for k, e in c.get("ci", {}).items()) or "–"
+            lines.append(
+                _row(
+                    [
+                        f"`{c['id']}`: {c['statement']}",
+                        status,
+                        cis.replace("|", "\\|"),
+                        (c.get("reason") or "–").replace("|", "\\|"),
+                    ]
+                )
+            )
         lines.append("")
     for f in figs:
         lines += [f"![{f}]({f})", ""]
@@ -249,4 +311,4 @@ def run(ctx: RunContext) -> None:
             io_utils.atomic_write_text(os.path.join(tmp, "report.md"), markdown(summary, figs))
     if main:
         log.info("[report] %s", os.path.join(out, "report.md"))
-        print(json.dumps({c["id"]: c["holds"] for c in summary["claims"]}))
+        print(json.dumps({c["id"]: c["status"] for c in summary["claims"]}))

@@ -5,6 +5,12 @@ groups of N samples that the Nmax samples split into (the best sample of each gr
 proxy reward is judged by the oracle, and the oracle scores are averaged over groups and
 prompts), which gives every N the same samples and a lower-variance estimate than taking only
 the first N. KL(BoN ‖ policy) = log N − (N − 1)/N.
+
+results.json holds, per reward and N, the mean over prompts of the oracle reward of the choice
+(``oracle``) and its standard error over prompts (``oracle_se``); the per-prompt values
+(``oracle/<reward>`` [len(n), num_prompts], float64, each prompt's mean over its groups) are in
+bon/per_prompt.npz, whose SHA-256 results.json records under ``per_prompt``. The claims' bootstrap
+intervals resample these prompts.
 """
 
 from __future__ import annotations
@@ -12,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 
 import gin
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from warm_jax import io_utils, oracle as oracle_lib, pretrain, sharding
+from warm_jax import io_utils, oracle as oracle_lib, pretrain, sharding, stats
 from warm_jax.data import builtin_pairs, builtin_text
 from warm_jax.data.tokenizers import Tokenizer
 from warm_jax.policy import rewards as rewards_lib
@@ -29,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # Prompt-stream offsets, distinct from the `data` stage's, so policy prompts are fresh draws.
 PROMPT_STREAM = {"bon": 7_003, "rl_train": 7_001, "rl_eval": 7_002}
+PER_PROMPT_FILE = "per_prompt.npz"
 
 
 @gin.configurable
@@ -105,22 +113,28 @@ def score_rewards(
     return np.concatenate(r_all), np.concatenate(s_all)
 
 
-def best_of_n(proxy, gold, n: int) -> tuple[float, float]:
-    """Mean (oracle, proxy) of the proxy-best sample over disjoint groups of ``n``.
+def best_of_n_per_prompt(proxy, gold, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt, the mean (oracle, proxy) of the proxy-best sample over its disjoint groups of ``n``.
 
-    proxy, gold: [num_prompts, Nmax]. Groups: columns [g·n, (g+1)·n) for g < Nmax // n.
+    proxy, gold: [num_prompts, Nmax]. Groups: columns [g·n, (g+1)·n) for g < Nmax // n. Returns [num_prompts] x 2.
     """
     p, nmax = proxy.shape
     groups = nmax // n
     if groups == 0:
         raise ValueError(f"N={n} exceeds the {nmax} samples drawn per prompt")
-    pr = proxy[:, : groups * n].reshape(p, groups, n)
-    go = gold[:, : groups * n].reshape(p, groups, n)
+    pr = np.asarray(proxy)[:, : groups * n].reshape(p, groups, n)
+    go = np.asarray(gold)[:, : groups * n].reshape(p, groups, n)
     pick = np.argmax(pr, axis=-1)[..., None]
-    return float(np.take_along_axis(go, pick, -1).mean()), float(np.take_along_axis(pr, pick, -1).mean())
+    return np.take_along_axis(go, pick, -1)[..., 0].mean(1), np.take_along_axis(pr, pick, -1)[..., 0].mean(1)
 
 
-def run_bon(ctx: RunContext, cfg: BonConfig) -> dict:
+def best_of_n(proxy, gold, n: int) -> tuple[float, float]:
+    """Mean (oracle, proxy) of the proxy-best sample over disjoint groups of ``n`` and over prompts."""
+    go, pr = best_of_n_per_prompt(proxy, gold, n)
+    return float(go.mean()), float(pr.mean())
+
+
+def run_bon(ctx: RunContext, cfg: BonConfig) -> tuple[dict, dict[str, np.ndarray]]:
     model_cfg, graphdef, params, _, tok = pretrain.load_params(ctx)
     nmax = max(cfg.n_values)
     texts, ptoks, pmask = make_prompts(tok, cfg.num_prompts, ctx.seed + PROMPT_STREAM["bon"], cfg.max_prompt_len)
@@ -170,18 +184,40 @@ def run_bon(ctx: RunContext, cfg: BonConfig) -> dict:
         "temperature": cfg.temperature,
         "oracle_mean_all_samples": float(gold.mean()),
     }
+    per_prompt = {"n": np.asarray(cfg.n_values, np.int64)}
+    result["oracle_se"] = {}
     for name in cfg.rewards:
         proxy = proxies[name].reshape(cfg.num_prompts, nmax)
-        pairs = [best_of_n(proxy, gold, n) for n in cfg.n_values]
-        result["oracle"][name] = [g for g, _ in pairs]
-        result["proxy"][name] = [p for _, p in pairs]
-        log.info("[bon] %s: oracle %s", name, [round(g, 4) for g, _ in pairs])
+        rows = [best_of_n_per_prompt(proxy, gold, n) for n in cfg.n_values]
+        per_prompt[f"oracle/{name}"] = np.stack([g for g, _ in rows]).astype(np.float64)
+        result["oracle"][name] = [float(g.mean()) for g, _ in rows]
+        result["oracle_se"][name] = [stats.standard_error(g) for g, _ in rows]
+        result["proxy"][name] = [float(p.mean()) for _, p in rows]
+        log.info("[bon] %s: oracle %s", name, [round(v, 4) for v in result["oracle"][name]])
+    return result, per_prompt
+
+
+def write_results(directory: str, result: dict, per_prompt: dict[str, np.ndarray]) -> dict:
+    """bon/per_prompt.npz, then bon/results.json naming it with its SHA-256 (process 0 only)."""
+    sha = stats.write_arrays(os.path.join(directory, PER_PROMPT_FILE), per_prompt)
+    result = {**result, "per_prompt": {"file": PER_PROMPT_FILE, "sha256": sha}}
+    io_utils.atomic_write_json(os.path.join(directory, "results.json"), result)
     return result
+
+
+def read_per_prompt(directory: str, result: dict) -> dict[str, np.ndarray]:
+    """The per-prompt oracle rewards results.json points to ({'n', 'oracle/<reward>'}).
+
+    Raises stats.StaleArraysError when the results predate them or the file does not match."""
+    ref = result.get("per_prompt")
+    if not isinstance(ref, dict) or "file" not in ref:
+        raise stats.StaleArraysError(f"{directory}: results.json records no per-prompt rewards (rerun bon)")
+    return stats.read_arrays(os.path.join(directory, ref["file"]), ref.get("sha256"))
 
 
 @register_stage("bon")
 def run(ctx: RunContext, cfg: BonConfig | None = None) -> None:
     cfg = cfg or BonConfig()
-    result = run_bon(ctx, cfg)
+    result, per_prompt = run_bon(ctx, cfg)
     if jax.process_index() == 0:
-        io_utils.atomic_write_json(ctx.path("bon", "results.json"), result)
+        write_results(ctx.path("bon"), result, per_prompt)

@@ -16,7 +16,10 @@ held-out prompts with a fixed key (so runs against different rewards are compara
 judged by the proxy reward, the oracle and the KL.
 
 Outputs: WORKDIR/rl/<reward>/ckpt/ and updates.json (applied and skipped updates),
-metrics/rl_<reward>.jsonl, WORKDIR/rl/results.json.
+metrics/rl_<reward>.jsonl, WORKDIR/rl/results.json; per prompt, for the claims' bootstrap intervals:
+rl/<reward>/eval_scores/<step>.json (oracle and proxy reward on the held-out eval prompts, the same
+prompts and sampling key for every reward, at step 0 and every eval step) and
+rl/<reward>/winrate_scores.json (the final policy's oracle reward on the win-rate prompts).
 """
 
 from __future__ import annotations
@@ -343,6 +346,40 @@ def evaluate_policy(setup: Setup, params, reward_fn, prompts: PromptSet, key) ->
     }
 
 
+EVAL_SCORES_DIR = "eval_scores"
+
+
+def write_eval_scores(run_dir: str, step: int, ev: dict[str, np.ndarray]) -> None:
+    """Per-prompt oracle and proxy reward of one eval (process 0); a non-finite value is stored as null."""
+
+    def plain(x):
+        return [float(v) if np.isfinite(v) else None for v in np.asarray(x, np.float64)]
+
+    io_utils.atomic_write_json(
+        os.path.join(run_dir, EVAL_SCORES_DIR, f"{int(step)}.json"),
+        {"step": int(step), "oracle": plain(ev["oracle"]), "proxy": plain(ev["proxy"])},
+    )
+
+
+def read_eval_scores(workdir: str, name: str, steps) -> dict[str, np.ndarray]:
+    """{"step" [S], "oracle" [S, P], "proxy" [S, P]} of the run against ``name`` at ``steps`` (null → NaN).
+
+    Raises FileNotFoundError when a step has no per-prompt record (a run from before they were written)."""
+    rows = [io_utils.read_json(os.path.join(workdir, "rl", name, EVAL_SCORES_DIR, f"{int(s)}.json")) for s in steps]
+    return {
+        "step": np.asarray([int(r["step"]) for r in rows], np.int64),
+        "oracle": np.asarray([r["oracle"] for r in rows], np.float64),
+        "proxy": np.asarray([r["proxy"] for r in rows], np.float64),
+    }
+
+
+def read_winrate_scores(workdir: str, name: str) -> np.ndarray:
+    """The final policy's oracle reward per win-rate prompt [P]."""
+    return np.asarray(
+        io_utils.read_json(os.path.join(workdir, "rl", name, "winrate_scores.json"))["oracle"], np.float64
+    )
+
+
 def _summary(ev: dict[str, np.ndarray], prefix: str = "eval_") -> dict[str, float]:
     return {f"{prefix}{k}": float(np.mean(v)) for k, v in ev.items()}
 
@@ -428,6 +465,7 @@ def train_one(setup: Setup, name: str) -> TrainState:
     if not os.path.exists(initial):
         ev = evaluate_policy(setup, setup.ref_params, reward_fn, setup.eval_prompts, eval_key(setup))
         if jax.process_index() == 0:
+            write_eval_scores(run_dir, 0, ev)
             io_utils.atomic_write_json(initial, {"step": 0, **_summary(ev)})
 
     runner = StepRunner(setup, reward_fn)
@@ -440,9 +478,10 @@ def train_one(setup: Setup, name: str) -> TrainState:
             toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))
             extra["oracle"] = float(np.mean(setup.oracle.score(bon.oracle_texts(setup.tok, texts, toks))))
         if step % cfg.eval_every == 0 or step == cfg.num_steps:
-            extra.update(
-                _summary(evaluate_policy(setup, runner.params, reward_fn, setup.eval_prompts, eval_key(setup)))
-            )
+            ev = evaluate_policy(setup, runner.params, reward_fn, setup.eval_prompts, eval_key(setup))
+            if jax.process_index() == 0:
+                write_eval_scores(run_dir, step, ev)
+            extra.update(_summary(ev))
         return extra
 
     base = loop.LoopConfig()

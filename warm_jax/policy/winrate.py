@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from warm_jax import stats
+
 
 def wins(scores_a, scores_b) -> np.ndarray:
     """Per-prompt outcome for A: 1 (A scored higher), 0.5 (tie), 0 (B higher). [N], [N] → [N]."""
@@ -13,14 +15,13 @@ def wins(scores_a, scores_b) -> np.ndarray:
     return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
 
 
-def win_rate(scores_a, scores_b, *, num_bootstrap: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+def win_rate(
+    scores_a, scores_b, *, num_bootstrap: int = stats.N_BOOT, seed: int = stats.SEED, level: float = 0.95
+) -> dict:
     """Fraction of shared prompts where A beats B (ties count half), with a percentile bootstrap
-    interval over prompts. Returns {"value", "ci95": [lo, hi], "n_prompts"}."""
+    interval over prompts (``stats.bootstrap_ci``). Returns {"value", "ci95": [lo, hi], "n_prompts"}."""
     w = wins(scores_a, scores_b)
-    n = len(w)
-    if n == 0:
+    if len(w) == 0:
         raise ValueError("win rate over zero prompts")
-    rng = np.random.default_rng(seed)
-    means = w[rng.integers(0, n, size=(num_bootstrap, n))].mean(1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"value": float(w.mean()), "ci95": [float(lo), float(hi)], "n_prompts": int(n)}
+    ci = stats.bootstrap_ci([w], n_boot=num_bootstrap, seed=seed, level=level)
+    return {"value": float(w.mean()), "ci95": ci["ci95"], "n_prompts": int(len(w))}
