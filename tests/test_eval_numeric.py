@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from warm_jax import claims, evaluation, report, stats
+from warm_jax import claims, evaluation, io_utils, report, stats
 from warm_jax.policy import bon, reinforce, winrate
 from warm_jax.stages import RunContext
 
@@ -74,14 +74,14 @@ def test_correctness_counts_ties_half():
 
 def test_arrays_round_trip_and_a_changed_file_is_refused(tmp_path):
     path = str(tmp_path / "x.npz")
-    sha = stats.write_arrays(path, {"validation/warm": np.arange(3, dtype=np.float32)})
-    got = stats.read_arrays(path, sha)
+    sha = io_utils.write_arrays(path, {"validation/warm": np.arange(3, dtype=np.float32)})
+    got = io_utils.read_arrays(path, sha)
     assert list(got) == ["validation/warm"] and got["validation/warm"].dtype == np.float32
-    stats.write_arrays(path, {"validation/warm": np.zeros(3, np.float32)})
-    with pytest.raises(stats.StaleArraysError, match="does not match"):
-        stats.read_arrays(path, sha)
-    with pytest.raises(stats.StaleArraysError, match="missing"):
-        stats.read_arrays(str(tmp_path / "nope.npz"))
+    io_utils.write_arrays(path, {"validation/warm": np.zeros(3, np.float32)})
+    with pytest.raises(io_utils.StaleArraysError, match="does not match"):
+        io_utils.read_arrays(path, sha)
+    with pytest.raises(io_utils.StaleArraysError, match="missing"):
+        io_utils.read_arrays(str(tmp_path / "nope.npz"))
 
 
 # ----------------------------------------------------------------------------- rm_eval's metrics
@@ -393,7 +393,7 @@ def test_report_claims_without_evidence_are_not_tested(tmp_path):
     write_run(wd)
     # No control; bon's per-prompt file changed after results.json recorded it; one eval step's scores missing.
     shutil.rmtree(os.path.join(wd, "rm_control"))
-    stats.write_arrays(os.path.join(wd, "bon", bon.PER_PROMPT_FILE), {"n": np.asarray([1, 8, 64])})
+    io_utils.write_arrays(os.path.join(wd, "bon", bon.PER_PROMPT_FILE), {"n": np.asarray([1, 8, 64])})
     os.remove(os.path.join(wd, "rl", "warm", reinforce.EVAL_SCORES_DIR, "10.json"))
     summary = report.build_summary(wd)
     got = {c["id"]: c for c in summary["claims"]}

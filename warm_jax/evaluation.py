@@ -445,7 +445,7 @@ def host_copy(tree):
 
 def write_results(directory: str, name: str, result: dict, examples: dict[str, np.ndarray], examples_file: str) -> dict:
     """Writes the margins to DIRECTORY/EXAMPLES_FILE, then DIRECTORY/NAME with their SHA-256 (process 0 only)."""
-    sha = stats.write_arrays(os.path.join(directory, examples_file), examples)
+    sha = io_utils.write_arrays(os.path.join(directory, examples_file), examples)
     result = {**result, "examples": {"file": examples_file, "sha256": sha}}
     io_utils.atomic_write_json(os.path.join(directory, name), result)
     return result
@@ -454,13 +454,13 @@ def write_results(directory: str, name: str, result: dict, examples: dict[str, n
 def read_examples(results_dir: str, results: dict) -> dict[str, np.ndarray]:
     """The per-pair margins a results file (eval.json, the control's lmc.json) points to.
 
-    Raises stats.StaleArraysError when the results predate them or the file does not match."""
+    Raises io_utils.StaleArraysError when the results predate them or the file does not match."""
     ref = results.get("examples")
     if not isinstance(ref, dict) or "file" not in ref:
-        raise stats.StaleArraysError(
+        raise io_utils.StaleArraysError(
             f"{results_dir}: the results file records no per-pair margins (written before they were: rerun the stage)"
         )
-    return stats.read_arrays(os.path.join(results_dir, ref["file"]), ref.get("sha256"))
+    return io_utils.read_arrays(os.path.join(results_dir, ref["file"]), ref.get("sha256"))
 
 
 @register_stage("rm_eval", outputs=("rm/warm", "rm/eval.json", f"rm/{EXAMPLES_FILE}"))
@@ -496,6 +496,6 @@ def pair_interpolation(ctx: RunContext, graphdef, stacked, specs, data_dir: str,
         examples = {"lambdas": np.asarray(curves["lambdas"], np.float64)}
         for s, mm in lmc_margins.items():
             examples[f"{s}/lmc_weight"], examples[f"{s}/lmc_pred"] = mm["weight"], mm["pred"]
-        sha = stats.write_arrays(ctx.path("rm_control", CONTROL_EXAMPLES_FILE), examples)
+        sha = io_utils.write_arrays(ctx.path("rm_control", CONTROL_EXAMPLES_FILE), examples)
         curves["examples"] = {"file": CONTROL_EXAMPLES_FILE, "sha256": sha}
     return curves

@@ -12,6 +12,8 @@ params checkpoints) puts it back.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import logging
 import os
@@ -19,16 +21,20 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Mapping
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to a temporary sibling, syncs it, then renames it to ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,6 +42,35 @@ def atomic_write_text(path: str, text: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+class StaleArraysError(ValueError):
+    """A per-example file is missing or does not match the SHA-256 its stage's JSON recorded."""
+
+
+def write_arrays(path: str, arrays: Mapping[str, np.ndarray]) -> str:
+    """Writes ``arrays`` as an uncompressed .npz at ``path`` atomically; returns the file's SHA-256."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_arrays(path: str, sha256: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz from ``write_arrays``; with ``sha256``, refuses a file whose bytes differ."""
+    if not os.path.isfile(path):
+        raise StaleArraysError(f"{path}: missing")
+    with open(path, "rb") as f:
+        data = f.read()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise StaleArraysError(f"{path}: does not match the SHA-256 its results file recorded")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def atomic_write_json(path: str, obj) -> None:

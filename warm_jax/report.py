@@ -71,8 +71,8 @@ def load_evidence(workdir: str, ev: dict | None, control: dict | None, bon: dict
     def attempt(fn):
         try:
             return fn()
-        except (stats.StaleArraysError, OSError, ValueError, KeyError) as e:
-            return f"{type(e).__name__}: {e}" if not isinstance(e, stats.StaleArraysError) else str(e)
+        except (io_utils.StaleArraysError, OSError, ValueError, KeyError) as e:
+            return f"{type(e).__name__}: {e}" if not isinstance(e, io_utils.StaleArraysError) else str(e)
 
     out: dict = {}
     if ev:

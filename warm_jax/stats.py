@@ -10,17 +10,13 @@ oracle reward over prompts), so a resample needs only how often it drew each exa
 ``means = counts @ x / N``. The interval is the 2.5th and 97.5th percentile of the resampled
 statistic (numpy's linear quantiles); the run's own value is the statistic of the full data.
 
-Per-example results live beside the stage's JSON in an ``.npz`` written atomically
-(``write_arrays``); the JSON records its SHA-256, and ``read_arrays`` refuses a file that does not match.
+Per-example results live beside the stage's JSON in an ``.npz`` (``io_utils.write_arrays``); the JSON
+records its SHA-256, and ``io_utils.read_arrays`` refuses a file that does not match.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -133,42 +129,3 @@ def standard_error(x) -> float | None:
     if len(a) < 2:
         return None
     return float(np.std(a, ddof=1) / np.sqrt(len(a)))
-
-
-# ----------------------------------------------------------------------------- per-example arrays on disk
-
-
-def write_arrays(path: str, arrays: Mapping[str, np.ndarray]) -> str:
-    """Writes ``arrays`` as an uncompressed .npz at ``path`` atomically; returns the file's SHA-256."""
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    data = buf.getvalue()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return hashlib.sha256(data).hexdigest()
-
-
-class StaleArraysError(ValueError):
-    """A per-example file is missing or does not match the SHA-256 its stage's JSON recorded."""
-
-
-def read_arrays(path: str, sha256: str | None = None) -> dict[str, np.ndarray]:
-    """The arrays of an .npz from ``write_arrays``; with ``sha256``, refuses a file whose bytes differ."""
-    if not os.path.isfile(path):
-        raise StaleArraysError(f"{path}: missing")
-    with open(path, "rb") as f:
-        data = f.read()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise StaleArraysError(f"{path}: does not match the SHA-256 its results file recorded")
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}

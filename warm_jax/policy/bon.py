@@ -199,7 +199,7 @@ def run_bon(ctx: RunContext, cfg: BonConfig) -> tuple[dict, dict[str, np.ndarray
 
 def write_results(directory: str, result: dict, per_prompt: dict[str, np.ndarray]) -> dict:
     """bon/per_prompt.npz, then bon/results.json naming it with its SHA-256 (process 0 only)."""
-    sha = stats.write_arrays(os.path.join(directory, PER_PROMPT_FILE), per_prompt)
+    sha = io_utils.write_arrays(os.path.join(directory, PER_PROMPT_FILE), per_prompt)
     result = {**result, "per_prompt": {"file": PER_PROMPT_FILE, "sha256": sha}}
     io_utils.atomic_write_json(os.path.join(directory, "results.json"), result)
     return result
@@ -208,11 +208,11 @@ def write_results(directory: str, result: dict, per_prompt: dict[str, np.ndarray
 def read_per_prompt(directory: str, result: dict) -> dict[str, np.ndarray]:
     """The per-prompt oracle rewards results.json points to ({'n', 'oracle/<reward>'}).
 
-    Raises stats.StaleArraysError when the results predate them or the file does not match."""
+    Raises io_utils.StaleArraysError when the results predate them or the file does not match."""
     ref = result.get("per_prompt")
     if not isinstance(ref, dict) or "file" not in ref:
-        raise stats.StaleArraysError(f"{directory}: results.json records no per-prompt rewards (rerun bon)")
-    return stats.read_arrays(os.path.join(directory, ref["file"]), ref.get("sha256"))
+        raise io_utils.StaleArraysError(f"{directory}: results.json records no per-prompt rewards (rerun bon)")
+    return io_utils.read_arrays(os.path.join(directory, ref["file"]), ref.get("sha256"))
 
 
 @register_stage("bon")
