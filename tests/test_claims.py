@@ -308,7 +308,7 @@ def test_across_runs_table_counts_replicates(tmp_path, capsys):
     lmc_row = next(line for line in table.splitlines() if line.startswith("| `lmc` |"))
     assert lmc_row.startswith("| `lmc` | 2/2 tested, 1 not tested | holds: barrier_validation +0.00 [+0.00, +0.00] pt;")
     assert lmc_row.endswith(
-        "| *not tested* (no negative control was run (stage rm_control): nothing shows the test can see a barrier) |"
+        "| *not tested* (no negative control (no permuted member in rm_eval, no rm_control stage): nothing shows the test can see a barrier) |"
     )
     assert "| `rl` | 3/3 tested |" in table
     assert claims.main([str(tmp_path / "missing")]) == 1
@@ -323,3 +323,33 @@ def test_across_runs_reads_summaries_from_before_statuses(tmp_path, capsys):
     (d / "summary.json").write_text(json.dumps({"claims": old}))
     assert claims.main([str(d)]) == 0
     assert "| `bon` | 0/1 tested | **fails**: gap_at_max_n=-0.5 |" in capsys.readouterr().out
+
+
+def _with_permutation_control(s, e, shrink: float):
+    """The run with a permuted-member control whose interior margins are the real pair's times ``shrink``:
+    the same accuracy everywhere (same signs), a loss barrier when ``shrink`` < 1."""
+    s, e = copy.deepcopy(s), copy.deepcopy(e)
+    s["permutation_control"] = {"lambdas": LAM}
+    for sp in SPLITS:
+        w = e["rm"][f"{sp}/lmc_weight"].copy()
+        w[1:-1] *= shrink
+        e["rm"][f"{sp}/perm_weight"] = w
+    return s, e
+
+
+def test_lmc_judges_the_permutation_control_first_and_sees_its_loss_barrier():
+    """A permuted member shows no accuracy barrier (its margins keep their signs) but a loss barrier: the
+    claim holds on it, with its accuracy and loss barriers and the real pair's in the CIs; a permutation
+    control with no barrier at all fails the claim even though the random-init control shows one."""
+    s, e = run()
+    got = by_id(*_with_permutation_control(s, e, shrink=0.05))["lmc"]
+    assert got["status"] == "holds" and got["numbers"]["control"] == "permuted", got
+    ci = got["ci"]
+    assert ci["permuted_barrier_ood"]["ci95"] == [0.0, 0.0]  # accuracy: no barrier
+    # BT loss of a ±1 margin is log(1 + e^∓1) = 0.313 / 1.313; at ±0.05, 0.669 / 0.719. With 70% of pairs right
+    # the loss rises by (0.7·0.669 + 0.3·0.719) − (0.7·0.313 + 0.3·1.313) = 0.0705 nats above the chord.
+    assert ci["permuted_loss_barrier_ood"]["value"] == pytest.approx(0.0705, abs=1e-3)
+    assert ci["permuted_loss_barrier_ood"]["ci95"][0] > claims.LOSS_TOLERANCE
+    assert ci["loss_barrier_ood"]["value"] == pytest.approx(0.0) and "random_init_barrier_ood" in ci
+    flat = by_id(*_with_permutation_control(s, e, shrink=1.0))["lmc"]
+    assert flat["status"] == "fails" and "permuted control shows no barrier" in flat["reason"]

@@ -357,7 +357,7 @@ def test_report_summary_and_markdown_from_stage_files(tmp_path):
     assert got["m_scaling"]["ci"]["worst_drop_ood"]["value"] == pytest.approx(-0.01)  # rises 1 pt per member
     # LMC: θ(½) (WARM of two) lies 7-8 pt above the chord of two members 6 pt below the base; the control
     # 20 pt below its chord.
-    assert got["lmc"]["ci"]["control_barrier_ood"]["value"] == pytest.approx(0.2)
+    assert got["lmc"]["ci"]["random_init_barrier_ood"]["value"] == pytest.approx(0.2)
     assert got["lmc"]["ci"]["barrier_ood"]["ci95"][1] < 0
     # Best-of-N: exact gaps, the N = 8 one without spread; the N = 64 one straddles 0.
     assert got["bon"]["ci"]["gap_n8"]["ci95"] == pytest.approx([0.1, 0.1])
@@ -377,7 +377,7 @@ def test_report_summary_and_markdown_from_stage_files(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| `rl`"))
     assert "| *not tested* | single_peak_minus_final " in row and "premise unmet" in row
     row = next(line for line in md.splitlines() if line.startswith("| `lmc`"))
-    assert "| holds | barrier_validation " in row and "control_barrier_ood +20.00 [" in row
+    assert "| holds | barrier_validation " in row and "random_init_barrier_ood +20.00 [" in row
     assert "bon.png" in md and os.path.exists(os.path.join(wd, "report", "bon.png"))
 
     # With hacking in the REINFORCE curves, rl is tested (and holds: WARM peaks higher and wins).
@@ -402,7 +402,7 @@ def test_report_claims_without_evidence_are_not_tested(tmp_path):
     assert got["rl"]["status"] == "not tested" and "10.json" in got["rl"]["reason"]
     assert all(not c["holds"] for c in (got["lmc"], got["bon"], got["rl"]))
     md = report.markdown(summary, [])
-    assert "| *not tested* | – | no negative control was run" in md
+    assert "| *not tested* | – | no negative control (no permuted member in rm_eval" in md
     # A run from before per-example results (eval.json names no margins): every RM claim is not tested.
     ev = json.load(open(os.path.join(wd, "rm", "eval.json")))
     ev.pop("examples")

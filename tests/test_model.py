@@ -240,3 +240,22 @@ def test_dropout_keeps_one_minus_rate_unbiased_per_member_rate():
     dropped = y[2] == 0
     both = (dropped[..., :16] & dropped[..., 17:33]).mean()
     assert abs(both - 0.25) < 0.02, both
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["per_layer", "scanned"])
+def test_permuted_hidden_units_compute_the_same_function_from_other_weights(scan):
+    """The LMC negative control's member: every layer's MLP units reordered — logits and reward unchanged up to
+    the rounding of reordered sums, while most MLP weights moved and nothing else did."""
+    cfg = dataclasses.replace(CFG, scan_layers=scan)
+    graphdef = tr.abstract_model(cfg)[0]
+    params = tr.init_params(cfg, jax.random.key(0))
+    permuted = jax.jit(tr.permute_hidden_units)(params, jax.random.key(5))
+    toks, mask = _left_pad([[5, 6, 7, 8], [9, 10]], 5)
+    for fn in (lambda m: m(toks, mask), lambda m: m.reward(m.hidden(toks, mask)[0], mask)):
+        helpers.assert_close_to_scale(fn(tr.bind(graphdef, permuted)), fn(tr.bind(graphdef, params)), rel=1e-5)
+    flat_a = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    flat_b = dict(jax.tree_util.tree_flatten_with_path(permuted)[0])
+    for path, a in flat_a.items():
+        name = jax.tree_util.keystr(path)
+        moved = not np.array_equal(np.asarray(a), np.asarray(flat_b[path]))
+        assert moved == ("['mlp']" in name), name

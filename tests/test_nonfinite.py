@@ -59,7 +59,12 @@ def test_bfloat16_pipeline_applies_every_update_and_moves_every_model(bf16_run):
     assert rl["updates"]["applied"] == 4 and rl["updates"]["skipped"] == 0
     assert rl["step"][-1] == 4 and rl["kl"][0] == 0.0 and rl["kl"][-1] > 0, rl["kl"]
     assert all(np.isfinite(rl[k]).all() for k in ("kl", "oracle", "proxy"))
-    assert io_utils.read_json(os.path.join(wd, "rm", "eval.json"))["updates"]["applied"] == 12
+    ev = io_utils.read_json(os.path.join(wd, "rm", "eval.json"))
+    assert ev["updates"]["applied"] == 12
+    # The LMC negative control made from a permuted member rides along: its curves and per-pair margins.
+    assert set(ev["permutation_control"]["loss_barrier"]) == {"train_clean", "train_corrupted", "validation", "ood"}
+    examples = io_utils.read_arrays(os.path.join(wd, "rm", ev["examples"]["file"]), ev["examples"]["sha256"])
+    assert examples["ood/perm_weight"].shape == examples["ood/lmc_weight"].shape
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ from warm_jax import stats
 
 POINT = 0.01
 TOLERANCE = 1 * POINT  # accuracy: "no barrier", "not worse", "matched" mean within 1 pt, judged by the CI
+LOSS_TOLERANCE = 0.01  # nats: a control "shows a loss barrier" when its CI lies above this
 SCALING_MAX_M = 6  # the paper's WARM-by-M curve goes to M = 6
 BON_MIN_N = 8
 HOLDS, FAILS, NOT_TESTED = "holds", "fails", "not tested"
@@ -50,8 +51,10 @@ CHECKS: dict[str, Callable[[dict, Mapping], dict | None]] = {}
 STATEMENTS: dict[str, str] = {
     "lmc": (
         "no accuracy barrier between the two interpolated members: 95% CI upper bound of the barrier "
-        "(max over interior λ of chord − acc(θ(λ))) < 1 pt on validation and on ood; and the random-init "
-        "control shows one: its barrier's CI lower bound > 1 pt on validation or ood"
+        "(max over interior λ of chord − acc(θ(λ))) < 1 pt on validation and on ood; and the negative control "
+        "shows one — a copy of the second member with its hidden units permuted (the same function in another "
+        "basin), else the random-init pair: CI lower bound of its accuracy barrier > 1 pt or of its loss "
+        "barrier > 0.01 nats on validation or ood"
     ),
     "wa_close_to_ens": (
         "WARM is not worse than ENS of the same members (M ≥ 2): 95% CI lower bound of acc(WARM) − acc(ENS) "
@@ -168,6 +171,12 @@ def _acc_diff_ci(margins_a, margins_b) -> dict:
 # ----------------------------------------------------------------------------- the claims
 
 
+def _loss_barrier_ci(margins_ln, lambdas) -> dict:
+    """Bootstrap CI of the loss barrier (max over interior λ of BT loss − chord, nats) from margins [L, N]."""
+    loss = np.logaddexp(0.0, -np.asarray(margins_ln, np.float64))  # −log σ(margin) per pair
+    return stats.bootstrap_ci([-loss.T], barrier_statistic(lambdas))
+
+
 @check("lmc")
 def lmc(s, ev):
     if "lmc" not in s:
@@ -179,20 +188,39 @@ def lmc(s, ev):
         raise NotTested("fewer than two members: a member interpolated with itself has no barrier to find")
     if len(lambdas) < 3:
         raise NotTested(f"EvalConfig.lmc_lambdas = {len(lambdas)}: no interior λ between the endpoints")
-    ctrl = s.get("negative_control")
-    if not ctrl:
-        raise NotTested("no negative control was run (stage rm_control): nothing shows the test can see a barrier")
-    c_lambdas = [float(x) for x in ctrl["lambdas"]]
-    if len(c_lambdas) < 3:
-        raise NotTested(f"the negative control has {len(c_lambdas)} λ: no interior point")
-    rm, cx = _source(ev, "rm", "margins from rm_eval"), _source(ev, "control", "margins from rm_control")
+    # The controls, primary first: (name, λ, per-example source, margins key).
+    controls = []
+    if "permutation_control" in s:
+        controls.append(("permuted", s["permutation_control"]["lambdas"], "rm", "perm_weight"))
+    if s.get("negative_control"):
+        controls.append(("random_init", s["negative_control"]["lambdas"], "control", "lmc_weight"))
+    if not controls:
+        raise NotTested(
+            "no negative control (no permuted member in rm_eval, no rm_control stage): nothing shows the test can "
+            "see a barrier"
+        )
+    sources = {"rm": "margins from rm_eval", "control": "margins from rm_control"}
     ci = {}
+    rm = _source(ev, "rm", sources["rm"])
     for sp in EVAL_SPLITS:
         ci[f"barrier_{sp}"] = _entry(_barrier_ci(_arr(rm, f"{sp}/lmc_weight"), lambdas), "pt")
-    for sp in EVAL_SPLITS:
-        ci[f"control_barrier_{sp}"] = _entry(_barrier_ci(_arr(cx, f"{sp}/lmc_weight"), c_lambdas), "pt")
+        ci[f"loss_barrier_{sp}"] = _entry(_loss_barrier_ci(_arr(rm, f"{sp}/lmc_weight"), lambdas), "nats")
+    for name, c_lambdas, src, key in controls:
+        c_lambdas = [float(x) for x in c_lambdas]
+        if len(c_lambdas) < 3:
+            raise NotTested(f"the {name} control has {len(c_lambdas)} λ: no interior point")
+        margins_src = _source(ev, src, sources[src])
+        for sp in EVAL_SPLITS:
+            m = _arr(margins_src, f"{sp}/{key}")
+            ci[f"{name}_barrier_{sp}"] = _entry(_barrier_ci(m, c_lambdas), "pt")
+            ci[f"{name}_loss_barrier_{sp}"] = _entry(_loss_barrier_ci(m, c_lambdas), "nats")
+    primary = controls[0][0]
     flat = all(ci[f"barrier_{sp}"]["ci95"][1] < TOLERANCE for sp in EVAL_SPLITS)
-    control = any(ci[f"control_barrier_{sp}"]["ci95"][0] > TOLERANCE for sp in EVAL_SPLITS)
+    control = any(
+        ci[f"{primary}_barrier_{sp}"]["ci95"][0] > TOLERANCE
+        or ci[f"{primary}_loss_barrier_{sp}"]["ci95"][0] > LOSS_TOLERANCE
+        for sp in EVAL_SPLITS
+    )
     why = []
     if not flat:
         why.append(
@@ -201,9 +229,10 @@ def lmc(s, ev):
         )
     if not control:
         why.append(
-            "the random-init control shows no barrier beyond 1 pt: this task cannot tell connected models from unconnected ones"
+            f"the {primary} control shows no barrier (accuracy beyond 1 pt or loss beyond {LOSS_TOLERANCE} nats): "
+            "this task cannot tell connected models from unconnected ones"
         )
-    numbers = {"members": ",".join(str(m) for m in l["members"]), "lambdas": len(lambdas)}
+    numbers = {"members": ",".join(str(m) for m in l["members"]), "lambdas": len(lambdas), "control": primary}
     return _claim("lmc", HOLDS if flat and control else FAILS, reason="; ".join(why), ci=ci, numbers=numbers)
 
 

@@ -16,6 +16,8 @@ that every claim's bootstrap interval is computed from to WORKDIR/rm/eval_exampl
   ens_by_m   [M, N]  ENS of the same
   lmc_weight [L, N]  θ(λ) = (1−λ)θ_a + λθ_b at ``lambdas`` (``lmc_members``: the ids a, b)
   lmc_pred   [L, N]  the prediction mix (1−λ)r_a + λr_b
+  perm_weight [L, N] θ(λ) with θ_b's hidden units permuted (tr.permute_hidden_units): the same function in
+                     another basin, the negative control of linear mode connectivity
 
 eval.json's accuracies are the means of ``stats.correctness`` of exactly these margins.
 """
@@ -26,6 +28,7 @@ import dataclasses
 import functools
 import logging
 import os
+import zlib
 
 import gin
 import jax
@@ -208,12 +211,15 @@ def measure(
     cfg: EvalConfig,
     score_warm,
     score_interp,
+    score_interp_permuted=None,
 ) -> tuple[dict, dict[str, np.ndarray], list[int]]:
     """eval.json's numbers and eval_examples.npz's margins from rewards (host arrays; no model here).
 
     member_r: {split: (r_chosen [M, N], r_rejected [M, N])}, row i the member ``ids[i]``.
     score_warm(idx, split) → RewardPairs of the uniform weight average of the members at indices ``idx``.
     score_interp(a, b, lam) → {split: RewardPairs} of (1−λ)θ_a + λθ_b (members at indices a, b).
+    score_interp_permuted(a, b, lam): the same with θ_b's hidden units permuted (the same function in another
+    basin: the negative control of LMC, 'permutation_control'); None skips it.
     Returns (result, examples, chosen): eval.json's content (without 'updates' and 'examples'), the
     margins keyed ``<split>/<model>`` (module docstring) and the indices WARM averages.
     """
@@ -269,6 +275,12 @@ def measure(
         lambda lam: score_interp(a, b, lam), np.linspace(0.0, 1.0, cfg.lmc_lambdas), (ids[a], ids[b])
     )
 
+    control = None
+    if score_interp_permuted is not None and a != b:
+        control, control_margins = lmc_curves(
+            lambda lam: score_interp_permuted(a, b, lam), np.linspace(0.0, 1.0, cfg.lmc_lambdas), (ids[a], ids[b])
+        )
+
     examples: dict[str, np.ndarray] = {
         "member_ids": np.asarray(ids, np.int64),
         "order": np.asarray([ids[i] for i in order], np.int64),
@@ -284,6 +296,8 @@ def measure(
         examples[f"{s}/ens_by_m"] = np.stack([margins(*ens_r(order[:k], s)) for k in range(1, m + 1)])
         examples[f"{s}/lmc_weight"] = lmc_margins[s]["weight"]
         examples[f"{s}/lmc_pred"] = lmc_margins[s]["pred"]
+        if control is not None:
+            examples[f"{s}/perm_weight"] = control_margins[s]["weight"]
 
     result = {
         "rm": {
@@ -297,6 +311,7 @@ def measure(
             "note": "train_corrupted accuracy is measured against the flipped (training) labels: higher = more memorisation",
         },
         "lmc": lmc,
+        **({"permutation_control": control} if control is not None else {}),
         "best_member": ids[best],
         "members": ids,
         "reward_stats": reward_stats,
@@ -406,17 +421,25 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
 
     slices: dict = {}
 
-    def score_interp(a, b, lam):
+    def score_interp(a, b, lam, permuted=False):
         for i in (a, b):
             if i not in slices:
                 slices[i] = ensemble.member_slice(stacked, i, ctx.mesh, specs)
-        p = averaging.interpolate(slices[a], slices[b], lam)
+        if permuted and ("permuted", b) not in slices:
+            key = jax.random.fold_in(jax.random.key(ctx.seed), zlib.crc32(b"permutation_control"))
+            slices["permuted", b] = jax.jit(tr.permute_hidden_units)(slices[b], key)
+        p = averaging.interpolate(slices[a], slices["permuted", b] if permuted else slices[b], lam)
         return {s: scorer.pairs(p, d) for s, d in splits.items()}
 
     # Members and ENS: one vmapped pass per split.
     member_r = {s: scorer.stacked_pairs(stacked, d) for s, d in splits.items()}  # ([M,N], [M,N])
     result, examples, chosen = measure(
-        member_r, ids, cfg, lambda idx, s: scorer.pairs(warm_params(idx), splits[s]), score_interp
+        member_r,
+        ids,
+        cfg,
+        lambda idx, s: scorer.pairs(warm_params(idx), splits[s]),
+        score_interp,
+        functools.partial(score_interp, permuted=True),
     )
 
     accuracies = {ids[i]: result["rm"]["members"][i]["acc"] for i in range(m)}

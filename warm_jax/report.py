@@ -40,6 +40,8 @@ def build_summary(workdir: str) -> dict:
     if ev:
         summary["rm"] = ev["rm"]
         summary["lmc"] = ev["lmc"]
+        if "permutation_control" in ev:
+            summary["permutation_control"] = ev["permutation_control"]
         summary["reward_stats"] = ev["reward_stats"]
     control = _load(os.path.join(workdir, "rm_control", "lmc.json"))
     if control:
@@ -185,6 +187,13 @@ def _row(cells):
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _barriers(who: str, curve: dict) -> str:
+    """One line: a curve's accuracy barrier (points below the chord) and loss barrier (nats above it) per split."""
+    acc = ", ".join(f"{s} {100 * v:.2f}" for s, v in curve["barrier"].items())
+    loss = ", ".join(f"{s} {v:.4f}" for s, v in curve.get("loss_barrier", {}).items())
+    return f"{who}: accuracy barrier (points below the straight line) {acc}; loss barrier (nats above it) {loss}.  "
+
+
 def markdown(summary: dict, figs: list[str]) -> str:
     lines = ["# warm_jax report", ""]
     if "rm" in summary:
@@ -212,14 +221,15 @@ def markdown(summary: dict, figs: list[str]) -> str:
         b = summary["negative_control"]["barrier"]
         lines_ctrl = ", ".join(f"{s} {100 * v:.2f}" for s, v in b.items())
     if "lmc" in summary:
-        b = summary["lmc"]["barrier"]
-        lines += [
-            "## Linear mode connectivity",
-            "",
-            f"Members {summary['lmc']['members']}: barrier height (accuracy points below the straight line) "
-            + ", ".join(f"{s} {100 * v:.2f}" for s, v in b.items()),
-            "",
-        ]
+        lines += ["## Linear mode connectivity", "", _barriers(f"Members {summary['lmc']['members']}", summary["lmc"])]
+        if "permutation_control" in summary:
+            lines.append(
+                _barriers(
+                    "Permutation control (the second member with its hidden units permuted)",
+                    summary["permutation_control"],
+                )
+            )
+        lines.append("")
         if "negative_control" in summary:
             lines += [
                 f"Negative control (two RMs from different random inits, no pretraining): barrier {lines_ctrl}.",

@@ -618,6 +618,35 @@ def _stack(leaves):
     return np.stack(leaves) if all(isinstance(x, np.ndarray) for x in leaves) else jnp.stack(leaves)
 
 
+def permute_hidden_units(params: dict, key) -> dict:
+    """The same function with every layer's MLP hidden units in another order (a key-drawn permutation per
+    layer): w_gate/w_up columns and w_down rows move together, so every output is unchanged up to float
+    rounding of the reordered sums, while the weights sit in another basin. Averaging such a copy with
+    another member is the negative control of linear mode connectivity. Either layer layout; in-first
+    kernels (the training layout). Works under jit.
+    """
+
+    def permute(mlp, k):
+        f = mlp["w_up"].shape[-1]
+        perm = jax.random.permutation(k, f)
+        return {
+            **mlp,
+            "w_gate": jnp.take(mlp["w_gate"], perm, axis=-1),
+            "w_up": jnp.take(mlp["w_up"], perm, axis=-1),
+            "w_down": jnp.take(mlp["w_down"], perm, axis=-2),
+        }
+
+    if "layers" in params:  # [L, ...]: one permutation per layer
+        n = params["layers"]["mlp"]["w_up"].shape[0]
+        mlp = jax.vmap(permute)(params["layers"]["mlp"], jax.random.split(key, n))
+        return {**params, "layers": {**params["layers"], "mlp": mlp}}
+    out = dict(params)
+    names = sorted((k for k in params if k.startswith("layer_")), key=lambda k: int(k.split("_")[1]))
+    for name, k in zip(names, jax.random.split(key, len(names))):
+        out[name] = {**params[name], "mlp": permute(params[name]["mlp"], k)}
+    return out
+
+
 def stack_layers(params: dict, n_layers: int) -> dict:
     """Per-layer params ('layer_0' ... 'layer_{L-1}') -> the ``scan_layers`` layout ('layers', [L, ...]).
 
