@@ -7,7 +7,10 @@ numpy seed 0, percentile intervals), never by a point estimate against a fixed t
   the same pairs (per-pair margins in rm/eval_examples.npz and rm_control/lmc_examples.npz);
 * ``bon`` resamples the Best-of-N prompts (per-prompt oracle rewards of the choices, bon/per_prompt.npz);
 * ``rl`` resamples the held-out eval prompts (per-prompt oracle rewards per eval step,
-  rl/<reward>/eval_scores/) and takes the win rate's interval over the win-rate prompts.
+  rl/<reward>/eval_scores/) and takes the win rate's interval over the win-rate prompts;
+* ``warp`` resamples the same held-out eval prompts: the WARP front (warp/front_examples.npz, every
+  iteration and η) against the single policies' eval steps (rl/<reward>/eval_scores/, init- and
+  EMA-anchored runs against WARP's reward), both held to one KL budget (``warp_matched``).
 
 A statistic that takes a max or min over λ, M, N or steps is recomputed inside every resample, so its
 interval carries the selection. Each CI is a marginal 95% interval; a claim that needs several
@@ -37,12 +40,14 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from warm_jax import stats
+from warm_jax.policy import winrate
 
 POINT = 0.01
 TOLERANCE = 1 * POINT  # accuracy: "no barrier", "not worse", "matched" mean within 1 pt, judged by the CI
 LOSS_TOLERANCE = 0.01  # nats: a control "shows a loss barrier" when its CI lies above this
 SCALING_MAX_M = 6  # the paper's WARM-by-M curve goes to M = 6
 BON_MIN_N = 8
+WARP_KL_SLACK = 1e-6  # a point "within the KL budget" may exceed it by float rounding only
 HOLDS, FAILS, NOT_TESTED = "holds", "fails", "not tested"
 STATUSES = (HOLDS, FAILS, NOT_TESTED)
 EVAL_SPLITS = ("validation", "ood")
@@ -77,6 +82,12 @@ STATEMENTS: dict[str, str] = {
         "given that the best-member policy hacks (CI lower bound of its eval oracle peak − final > 0, its proxy "
         "no lower at the end; else not tested), the WARM policy peaks higher (CI lower bound of peak − peak > 0) "
         "and wins (win-rate CI lower bound > 0.5)"
+    ),
+    "warp": (
+        "WARP's KL–reward front lies above the single policies' (REINFORCE against the same reward, init- and "
+        "EMA-anchored, every eval step) at matched KL: with both held to the same KL budget (the smaller of the "
+        "two families' largest mean KL to the SFT policy), the best WARP point's mean oracle reward minus the best "
+        "single point's has a 95% CI lower bound > 0 (the best points re-chosen in every resample of the eval prompts)"
     ),
 }
 
@@ -392,10 +403,118 @@ def rl(s, ev):
     return _claim("rl", FAILS if why else HOLDS, reason="; ".join(why), ci=ci, numbers=numbers)
 
 
+def warp_matched(s: Mapping, ev: Mapping) -> dict:
+    """The WARP and single-policy points compared at matched KL, with their per-prompt oracle rewards.
+
+    s: a summary with a ``warp`` section ({"reward", "front": [{"iteration", "eta" [E], "kl" [E], ...}],
+    "single": {run: {"step" [S], "kl" [S], ...}}}); ev: the evidence, ``ev["warp"]`` holding
+    "iter<k>/oracle" [E, P] and ``ev["rl"][run]`` {"step" [S], "oracle" [S, P]}. The KL budget is the
+    smaller of the two families' largest mean KL; a point is a candidate when its mean KL is within it
+    (candidates are chosen by mean KL, which the bootstrap does not resample). Returns {"kl_budget",
+    "warp": {"labels" [(iteration, η)], "kl" [Kw], "oracle" [P, Kw]}, "single": {"labels" [(run, step)],
+    "kl" [Ks], "oracle" [P, Ks]}, "best_warp", "best_single" (indices of the highest mean oracle)}.
+    Raises NotTested when the evidence is missing or cannot be matched.
+    """
+    w = s.get("warp") or {}
+    front, single = w.get("front") or [], w.get("single") or {}
+    if not front:
+        raise NotTested("no WARP front (the warp stage wrote no iteration)")
+    if not single:
+        raise NotTested(f"no single-policy REINFORCE run against WARP's reward '{w.get('reward')}' to compare with")
+    src = _source(ev, "warp", "oracle rewards of the WARP front")
+    w_labels, w_kl, w_oracle = [], [], []
+    for it in front:
+        k = int(it["iteration"])
+        oracle = _arr(src, f"iter{k}/oracle")  # [E, P]
+        if oracle.shape[0] != len(it["eta"]) or len(it["kl"]) != len(it["eta"]):
+            raise NotTested(f"WARP iteration {k}: the per-prompt rewards do not hold the η of results.json")
+        w_labels += [(k, float(e)) for e in it["eta"]]
+        w_kl += [float(x) for x in it["kl"]]
+        w_oracle.append(oracle)
+    rl_src = _source(ev, "rl", "eval scores from reinforce")
+    s_labels, s_kl, s_oracle = [], [], []
+    for run, r in single.items():
+        one = rl_src.get(run)
+        if not isinstance(one, Mapping):
+            raise NotTested(f"no per-prompt eval scores of the single policy '{run}'" + (f" ({one})" if one else ""))
+        if list(map(int, _arr(one, "step"))) != list(map(int, r["step"])) or len(r["kl"]) != len(r["step"]):
+            raise NotTested(f"the per-prompt eval scores of '{run}' are not at the steps of its curve")
+        s_labels += [(run, int(st)) for st in r["step"]]
+        s_kl += [float(x) for x in r["kl"]]
+        s_oracle.append(_arr(one, "oracle"))
+    prompts = {a.shape[1] if a.ndim == 2 else None for a in w_oracle + s_oracle}
+    if len(prompts) != 1 or None in prompts:
+        raise NotTested(
+            f"WARP and the single policies were evaluated on different prompts (counts {sorted(map(str, prompts))})"
+        )
+    w_mat = np.concatenate(w_oracle, axis=0).T  # [P, Kw]
+    s_mat = np.concatenate(s_oracle, axis=0).T  # [P, Ks]
+    w_kl_a, s_kl_a = np.asarray(w_kl, np.float64), np.asarray(s_kl, np.float64)
+    if not (np.all(np.isfinite(w_kl_a)) and np.all(np.isfinite(s_kl_a))):
+        raise NotTested("a non-finite mean KL among the points")
+    if not (np.all(np.isfinite(w_mat)) and np.all(np.isfinite(s_mat))):
+        raise NotTested("a non-finite per-prompt oracle reward among the points")
+    budget = float(min(w_kl_a.max(), s_kl_a.max()))
+    if budget <= 0:
+        raise NotTested(
+            f"no KL to match at: the largest mean KL of one family is {budget:.4g} (a policy that never "
+            "moved from the SFT policy)"
+        )
+    w_in, s_in = w_kl_a <= budget + WARP_KL_SLACK, s_kl_a <= budget + WARP_KL_SLACK
+    if not w_in.any() or not s_in.any():
+        who = "WARP" if not w_in.any() else "the single policies"
+        raise NotTested(f"no point of {who} lies within the KL budget {budget:.4g}")
+    out = {"kl_budget": budget}
+    for name, labels, kl, mat, keep in (
+        ("warp", w_labels, w_kl_a, w_mat, w_in),
+        ("single", s_labels, s_kl_a, s_mat, s_in),
+    ):
+        mat = mat[:, keep]
+        out[name] = {"labels": [lb for lb, k in zip(labels, keep) if k], "kl": kl[keep], "oracle": mat}
+        out[f"best_{name}"] = int(np.argmax(mat.mean(0)))
+    return out
+
+
+def _best_max_difference(a, b):
+    """max over a's candidates of their mean − the same of b's: [..., Ka], [..., Kb] → [...]."""
+    return np.max(a, axis=-1) - np.max(b, axis=-1)
+
+
+@check("warp")
+def warp(s, ev):
+    if "warp" not in s:
+        return None
+    m = warp_matched(s, ev)
+    wm, sm = m["warp"], m["single"]
+    ci = {
+        "best_warp_minus_best_single": _entry(
+            stats.paired_bootstrap_ci(wm["oracle"], sm["oracle"], _best_max_difference), "reward"
+        )
+    }
+    bw, bs = m["best_warp"], m["best_single"]
+    wr = winrate.win_rate(wm["oracle"][:, bw], sm["oracle"][:, bs])
+    ci["win_rate"] = {"value": wr["value"], "ci95": wr["ci95"], "se": None, "n": wr["n_prompts"], "unit": "rate"}
+    (it, eta), (run, step) = wm["labels"][bw], sm["labels"][bs]
+    numbers = {
+        "kl_budget": m["kl_budget"],
+        "best_warp_iteration": it,
+        "best_warp_eta": eta,
+        "best_warp_kl": float(wm["kl"][bw]),
+        "best_single_run": run,
+        "best_single_step": step,
+        "best_single_kl": float(sm["kl"][bs]),
+        "n_warp_points": len(wm["labels"]),
+        "n_single_points": len(sm["labels"]),
+    }
+    above = ci["best_warp_minus_best_single"]["ci95"][0] > 0
+    reason = "" if above else "the best WARP point's oracle reward is not higher beyond the CI at matched KL"
+    return _claim("warp", HOLDS if above else FAILS, reason=reason, ci=ci, numbers=numbers)
+
+
 def check_all(summary: dict, evidence: Mapping | None = None) -> list[dict]:
     """The claims a run's stages allow. ``evidence``: the per-example arrays (``report.load_evidence``):
     {"rm": eval_examples.npz, "control": lmc_examples.npz, "bon": per_prompt.npz,
-    "rl": {reward: {"step" [S], "oracle" [S, P], "proxy" [S, P]}}}; a source that could not be read
+    "rl": {reward: {"step" [S], "oracle" [S, P], "proxy" [S, P]}}, "warp": front_examples.npz}; a source that could not be read
     is a string saying why. Without it every claim that needs it is "not tested"."""
     evidence = evidence or {}
     out = []

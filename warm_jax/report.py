@@ -1,7 +1,10 @@
 """Stage `report`: report/summary.json, report/report.md and PNG figures from the stages' outputs.
 
 Each section comes from the file its stage wrote (rm/eval.json, bon/results.json,
-rl/results.json); a section whose stage did not run is left out. The ``claims`` section checks
+rl/results.json, warp/results.json); a section whose stage did not run is left out. The ``warp``
+section holds WARP's KL–reward front per iteration (η, KL to the SFT policy, oracle and proxy reward),
+the single policies' REINFORCE trajectories against the same reward, and, at matched KL
+(``claims.warp_matched``), the best point of each with win rates of the best WARP point over them. The ``claims`` section checks
 the paper's findings against this run's own numbers with paired bootstrap intervals over the
 per-example results those stages wrote beside them (``load_evidence``; see ``claims.py``): each
 claim's status ("holds", "fails", "not tested") and 95% CIs are in summary.json and report.md.
@@ -15,6 +18,7 @@ import os
 
 import jax
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from warm_jax import claims as claims_lib  # noqa: E402
 from warm_jax import evaluation, io_utils, stats  # noqa: E402
 from warm_jax.policy import bon as bon_lib  # noqa: E402
-from warm_jax.policy import reinforce  # noqa: E402
+from warm_jax.policy import reinforce, warp as warp_lib, winrate  # noqa: E402
 from warm_jax.stages import RunContext, register_stage  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -52,10 +56,16 @@ def build_summary(workdir: str) -> dict:
     rl = _load(os.path.join(workdir, "rl", "results.json"))
     if rl:
         summary["rl"] = rl
+    warp = warp_lib.read_results(workdir)
+    if warp:
+        summary["warp"] = warp_section(warp, rl)
     updates = training_updates(workdir)
     if updates:
         summary["updates"] = updates
-    summary["claims"] = claims_lib.check_all(summary, load_evidence(workdir, ev, control, bon, rl))
+    evidence = load_evidence(workdir, ev, control, bon, rl, warp)
+    if warp:
+        summary["warp"].update(warp_matched_section(summary, evidence))
+    summary["claims"] = claims_lib.check_all(summary, evidence)
     summary["claims_method"] = {
         "interval": "paired percentile bootstrap over examples (pairs; prompts for bon and rl)",
         "level": stats.LEVEL,
@@ -66,7 +76,9 @@ def build_summary(workdir: str) -> dict:
     return summary
 
 
-def load_evidence(workdir: str, ev: dict | None, control: dict | None, bon: dict | None, rl: dict | None) -> dict:
+def load_evidence(
+    workdir: str, ev: dict | None, control: dict | None, bon: dict | None, rl: dict | None, warp: dict | None = None
+) -> dict:
     """The per-example arrays the claims resample, by source; a source that cannot be read is a string
     saying why (the claims that need it are then "not tested")."""
 
@@ -88,7 +100,59 @@ def load_evidence(workdir: str, ev: dict | None, control: dict | None, bon: dict
             name: attempt(lambda name=name, r=r: reinforce.read_eval_scores(workdir, name, r["step"]))
             for name, r in rl.get("runs", {}).items()
         }
+    if warp:
+        out["warp"] = attempt(lambda: warp_lib.read_front_examples(warp))
     return out
+
+
+def warp_section(warp: dict, rl: dict | None) -> dict:
+    """WARP's front per iteration and the single policies' trajectories against the same reward.
+
+    The single policies are the ``reinforce`` runs ``warp.single_runs(reward)`` names (anchored to the
+    SFT policy, or to their own EMA) that this workdir holds; each point is one eval step."""
+    reward = warp["reward"]
+    runs = (rl or {}).get("runs", {})
+    single = {
+        name: {"anchor": anchor, **{k: runs[name][k] for k in ("step", "kl", "oracle", "proxy")}}
+        for name, anchor in warp_lib.single_runs(reward).items()
+        if name in runs
+    }
+    front = [{k: it[k] for k in ("iteration", "eta", "kl", "oracle", "proxy", "length")} for it in warp["iterations"]]
+    return {"reward": reward, "source": warp["source"], "config": warp["config"], "front": front, "single": single}
+
+
+def warp_matched_section(summary: dict, evidence: dict) -> dict:
+    """The best WARP and single points within one KL budget, and win rates of that WARP point (oracle, per
+    eval prompt, bootstrap CIs) over the best single point overall and over each single run's best."""
+    try:
+        m = claims_lib.warp_matched(summary, evidence)
+    except (claims_lib.NotTested, ValueError) as e:
+        return {"matched": None, "not_matched": str(e)}
+    wm, sm = m["warp"], m["single"]
+    bw = m["best_warp"]
+
+    def point(part, i, keys):
+        return {
+            **dict(zip(keys, part["labels"][i])),
+            "kl": float(part["kl"][i]),
+            "oracle": float(part["oracle"][:, i].mean()),
+        }
+
+    best_warp = point(wm, bw, ("iteration", "eta"))
+    best_single = point(sm, m["best_single"], ("run", "step"))
+    win_rates = {"best_warp_vs_best_single": winrate.win_rate(wm["oracle"][:, bw], sm["oracle"][:, m["best_single"]])}
+    for run in summary["warp"]["single"]:
+        cols = [i for i, (r, _) in enumerate(sm["labels"]) if r == run]
+        if cols:
+            best = cols[int(np.argmax(sm["oracle"][:, cols].mean(0)))]
+            win_rates[f"best_warp_vs_{run}"] = {
+                **winrate.win_rate(wm["oracle"][:, bw], sm["oracle"][:, best]),
+                "single": point(sm, best, ("run", "step")),
+            }
+    return {
+        "matched": {"kl_budget": m["kl_budget"], "best_warp": best_warp, "best_single": best_single},
+        "win_rates": win_rates,
+    }
 
 
 def training_updates(workdir: str) -> dict[str, dict]:
@@ -177,7 +241,37 @@ def figures(summary: dict, out: str) -> list[str]:
             ax.set_xlabel("KL(π ‖ π_ref)")
         axes[0].legend(fontsize=8)
         made.append(_fig(os.path.join(out, "rl.png")))
+    if "warp" in summary:
+        made.append(warp_figure(summary["warp"], os.path.join(out, "warp_front.png")))
     return made
+
+
+def warp_figure(w: dict, path: str) -> str:
+    """Oracle and proxy reward vs KL: WARP's front per iteration (η marked) and the single policies' trajectories."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for it in w["front"]:
+        for ax, key in zip(axes, ("oracle", "proxy")):
+            ax.plot(it["kl"], it[key], "o-", label=f"WARP iteration {it['iteration']} (η = 0 … 1)")
+            for eta, x, y in zip(it["eta"], it["kl"], it[key]):
+                if eta in (0.0, 1.0):
+                    ax.annotate(f"η={eta:g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    for name, r in w["single"].items():
+        style = "s--" if r["anchor"] == "init" else "^:"
+        for ax, key in zip(axes, ("oracle", "proxy")):
+            ax.plot(r["kl"], r[key], style, label=f"REINFORCE '{name}' (anchor: {r['anchor']}, every eval step)")
+    m = w.get("matched")
+    if m:
+        axes[0].axvline(m["kl_budget"], color="gray", ls=":", lw=1, label="matched KL budget")
+        axes[0].plot([m["best_warp"]["kl"]], [m["best_warp"]["oracle"]], "*", ms=14, color="k", label="best WARP point")
+        axes[0].plot(
+            [m["best_single"]["kl"]], [m["best_single"]["oracle"]], "P", ms=11, color="k", label="best single point"
+        )
+    axes[0].set_title(f"oracle reward vs KL (reward: {w['reward']})")
+    axes[1].set_title("proxy reward vs KL")
+    for ax in axes:
+        ax.set_xlabel("KL(π ‖ π_SFT), mean over eval prompts")
+    axes[0].legend(fontsize=7)
+    return _fig(path)
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -262,6 +356,8 @@ def markdown(summary: dict, figs: list[str]) -> str:
                 f"{w['n_prompts']} prompts)"
             )
         lines.append("")
+    if "warp" in summary:
+        lines += warp_markdown(summary["warp"])
     if "updates" in summary:
         lines += [
             "## Training updates",
@@ -305,6 +401,54 @@ def markdown(summary: dict, figs: list[str]) -> str:
     for f in figs:
         lines += [f"![{f}]({f})", ""]
     return "\n".join(lines)
+
+
+def warp_markdown(w: dict) -> list[str]:
+    lines = [
+        f"## WARP (policies merged by SLERP, then LITI towards each iteration's init; reward: {w['reward']})",
+        "",
+        "KL is to the SFT policy, mean over the held-out eval prompts; rewards are means over the same prompts.",
+        "",
+        _row(["iteration", "η", "KL", "oracle", "proxy"]),
+        _row(["---"] * 5),
+    ]
+    for it in w["front"]:
+        for i, eta in enumerate(it["eta"]):
+            lines.append(
+                _row(
+                    [
+                        it["iteration"],
+                        f"{eta:g}",
+                        f"{it['kl'][i]:.3f}",
+                        f"{it['oracle'][i]:.3f}",
+                        f"{it['proxy'][i]:.3f}",
+                    ]
+                )
+            )
+    lines.append("")
+    for name, r in w["single"].items():
+        best = int(np.argmax(r["oracle"]))
+        lines.append(
+            f"- single policy '{name}' (anchor: {r['anchor']}): {len(r['step'])} eval points, KL up to "
+            f"{max(r['kl']):.3f}; best oracle {r['oracle'][best]:.3f} at step {r['step'][best]} (KL {r['kl'][best]:.3f})"
+        )
+    m = w.get("matched")
+    if m:
+        bw, bs = m["best_warp"], m["best_single"]
+        lines.append(
+            f"- at matched KL (budget {m['kl_budget']:.3f}): best WARP point iteration {bw['iteration']}, "
+            f"η = {bw['eta']:g} (KL {bw['kl']:.3f}, oracle {bw['oracle']:.3f}); best single point '{bs['run']}' "
+            f"step {bs['step']} (KL {bs['kl']:.3f}, oracle {bs['oracle']:.3f})"
+        )
+        for name, wr in w.get("win_rates", {}).items():
+            lines.append(
+                f"- win rate {name}: {wr['value']:.3f} (95% CI {wr['ci95'][0]:.3f}–{wr['ci95'][1]:.3f}, "
+                f"{wr['n_prompts']} prompts)"
+            )
+    elif w.get("not_matched"):
+        lines.append(f"- not compared at matched KL: {w['not_matched']}")
+    lines.append("")
+    return lines
 
 
 @register_stage("report")

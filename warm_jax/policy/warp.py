@@ -1,0 +1,271 @@
+"""Stage `warp`: Weight Averaged Rewarded Policies (Ramé et al., 2024, arXiv 2406.16768).
+
+Per iteration k, from that iteration's init θ_k (θ_0 = the SFT policy):
+
+1. M policies trained by REINFORCE against ``WarpConfig.reward``, each KL-anchored to an exponential
+   moving average of itself, as one vmapped program (``policy_ensemble.train_policies``);
+2. merged by ``WarpConfig.merge_method`` (SLERP of the task vectors θ_i − θ_k by default,
+   ``merge_methods.merge_stacked``) into θ_merged, checkpointed (the η = 1 point);
+3. interpolated back towards θ_k: LITI θ(η) = θ_k + η·(θ_merged − θ_k) for every η of
+   ``WarpConfig.etas``; each point sampled on the held-out eval prompts with the fixed eval key of the
+   ``reinforce`` stage (the same prompts and key as the single policies) and scored by the oracle, the
+   proxy reward and the KL to the *original* SFT policy — the front of iteration k;
+4. θ_{k+1} = θ(``next_eta``), checkpointed, starts the next iteration.
+
+Every part is kept as it finishes, so a rerun resumes where the last one stopped: the policies resume
+from their own checkpoints, and a finished merge, η point or next init is read back, not recomputed.
+
+Outputs (WORKDIR/warp/): iter_<k>/policies/ (the M policies, ``policy_ensemble``'s layout),
+iter_<k>/merged/ and iter_<k>/next_init/ (``params_io`` checkpoints: exportable with
+``python -m warm_jax.export --kind=causal_lm`` like any policy), iter_<k>/front/<i>.json (η point i,
+per prompt), results.json (the front per iteration: η, KL, oracle, proxy, length) and
+front_examples.npz (per-prompt "iter<k>/oracle|proxy|kl" [E, P], for the claims' bootstrap), named in
+results.json with its SHA-256.
+
+`policy_merge` is the merge alone, as its own stage: it merges the M policies the `policy_ensemble`
+stage trained from the SFT policy and evaluates the same η grid (one WARP iteration split into two
+stages, so each keeps its own DONE.json, configuration record and --rerun_from); it writes
+policy_merge/ in the same format, read by the report when there is no `warp` stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import gin
+import jax
+import numpy as np
+
+from warm_jax import io_utils, params_io, sharding
+from warm_jax.policy import reinforce
+from warm_jax.policy import rewards as rewards_lib
+from warm_jax.stages import RunContext, register_stage
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+FRONT_EXAMPLES = "front_examples.npz"
+SOURCES = ("warp", "policy_merge")  # the report reads the first that ran
+ANCHORS = {"": "init", "_ema": "ema"}  # suffix of a `reinforce` run's name → its KL anchor
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class WarpConfig:
+    reward: str = "warm"  # one of rewards.REWARD_NAMES: the reward every WARP policy is trained against
+    iterations: int = 2
+    num_policies: int = 2  # M, merged per iteration
+    etas: tuple[float, ...] = tuple(i / 10 for i in range(11))  # the LITI grid: θ_k + η·(θ_merged − θ_k)
+    next_eta: float = 0.3  # the LITI point that starts the next iteration
+    merge_method: str = "slerp"  # a method of merge_methods.merge_stacked
+
+    def __post_init__(self):
+        if self.reward not in rewards_lib.REWARD_NAMES:
+            raise ValueError(f"WarpConfig.reward = {self.reward!r}; choose from {rewards_lib.REWARD_NAMES}")
+        if self.iterations < 1:
+            raise ValueError(f"WarpConfig.iterations = {self.iterations} must be >= 1")
+        if self.num_policies < 2:
+            raise ValueError(f"WarpConfig.num_policies = {self.num_policies} must be >= 2 (a merge needs two policies)")
+        etas = [float(e) for e in self.etas]
+        if not etas or any(not 0.0 <= e <= 1.0 for e in etas) or sorted(set(etas)) != etas:
+            raise ValueError(f"WarpConfig.etas = {tuple(self.etas)} must be distinct, increasing values in [0, 1]")
+        if not 0.0 <= self.next_eta <= 1.0:
+            raise ValueError(f"WarpConfig.next_eta = {self.next_eta} must lie in [0, 1]")
+
+
+def single_runs(reward: str) -> dict[str, str]:
+    """The `reinforce` runs WARP against ``reward`` is compared with: run name → KL anchor."""
+    return {f"{reward}{suffix}": anchor for suffix, anchor in ANCHORS.items()}
+
+
+# ----------------------------------------------------------------------------- merge and LITI
+
+
+def _merge_fn(setup: reinforce.Setup, method: str):
+    """θ_merged = merge of the stacked policies [M, ...] relative to ``base``, on the policy's shardings."""
+    from warm_jax import merge_methods
+
+    param_sh = sharding.named(setup.ctx.mesh, setup.param_specs)
+    return jax.jit(
+        lambda stacked, base: merge_methods.merge_stacked(stacked, method=method, base=base), out_shardings=param_sh
+    )
+
+
+def _liti_fn(setup: reinforce.Setup):
+    """θ(η) = base + η·(merged − base), on the policy's shardings (the eval sampler never recompiles)."""
+    from warm_jax import merge_methods
+
+    param_sh = sharding.named(setup.ctx.mesh, setup.param_specs)
+    return jax.jit(lambda base, merged, eta: merge_methods.liti(base, merged, eta), out_shardings=param_sh)
+
+
+def save_policy(setup: reinforce.Setup, directory: str, params, meta: dict) -> None:
+    params_io.save_params(
+        directory, params, model_cfg=setup.model_cfg, meta=meta, tokenizer_dir=_tokenizer_dir(setup.ctx)
+    )
+
+
+def load_policy(setup: reinforce.Setup, directory: str):
+    return params_io.load_params_checkpoint(directory, setup.ctx.mesh)[2]
+
+
+def _tokenizer_dir(ctx: RunContext) -> str:
+    return ctx.path(io_utils.read_json(ctx.path("pretrain", "model.json"))["tokenizer"])
+
+
+def _finished(directory: str) -> bool:
+    io_utils.recover(directory)
+    return os.path.isfile(os.path.join(directory, "model.json"))
+
+
+def evaluate_front(setup, reward_fn, base, merged, etas, front_dir: str) -> dict[str, np.ndarray]:
+    """Every LITI point between ``base`` and ``merged`` on the held-out eval prompts.
+
+    Each point is written to front_dir/<i>.json as it finishes and read back on a rerun. Returns
+    {"eta" [E], "oracle" | "proxy" | "kl" | "length" [E, P]} (KL to the SFT policy, setup.ref_params).
+    """
+    liti = _liti_fn(setup)
+    rows = []
+    for i, eta in enumerate(etas):
+        path = os.path.join(front_dir, f"{i}.json")
+        if os.path.exists(path):
+            row = io_utils.read_json(path)
+            if abs(row["eta"] - float(eta)) > 1e-12:
+                raise ValueError(f"{path}: holds η = {row['eta']}, not {eta} (WarpConfig.etas changed?)")
+        else:
+            params = liti(base, merged, np.float32(eta))
+            ev = reinforce.evaluate_policy(setup, params, reward_fn, setup.eval_prompts, reinforce.eval_key(setup))
+            row = {"eta": float(eta), **{k: np.asarray(v, np.float64).tolist() for k, v in ev.items()}}
+            if jax.process_index() == 0:
+                io_utils.atomic_write_json(path, row)
+            log.info(
+                "[warp] η = %.2f: KL %.3f, oracle %.3f, proxy %.3f",
+                eta,
+                np.mean(ev["kl"]),
+                np.mean(ev["oracle"]),
+                np.mean(ev["proxy"]),
+            )
+        rows.append(row)
+    out = {"eta": np.asarray([r["eta"] for r in rows])}
+    for k in ("oracle", "proxy", "kl", "length"):
+        out[k] = np.asarray([r[k] for r in rows], np.float64)
+    return out
+
+
+def front_record(iteration: int, front: dict[str, np.ndarray], **extra) -> dict:
+    """One iteration of results.json: η and the means over prompts of KL, oracle, proxy and length."""
+    means = {k: [float(x) for x in np.mean(front[k], axis=1)] for k in ("kl", "oracle", "proxy", "length")}
+    return {"iteration": iteration, "eta": [float(e) for e in front["eta"]], **means, **extra}
+
+
+def write_results(directory: str, iterations: list[dict], fronts: list[dict], **extra) -> dict:
+    """front_examples.npz, then results.json naming it with its SHA-256 (process 0 only)."""
+    arrays = {}
+    for it, front in zip(iterations, fronts):
+        for k in ("oracle", "proxy", "kl"):
+            arrays[f"iter{it['iteration']}/{k}"] = front[k]
+    sha = io_utils.write_arrays(os.path.join(directory, FRONT_EXAMPLES), arrays)
+    result = {"iterations": iterations, **extra, "per_prompt": {"file": FRONT_EXAMPLES, "sha256": sha}}
+    io_utils.atomic_write_json(os.path.join(directory, RESULTS), result)
+    return result
+
+
+def read_results(workdir: str) -> dict | None:
+    """The WARP results of the first of ``SOURCES`` that ran in ``workdir`` ("source" names it), else None."""
+    for source in SOURCES:
+        path = os.path.join(workdir, source, RESULTS)
+        if os.path.exists(path):
+            return {**io_utils.read_json(path), "source": source, "directory": os.path.dirname(path)}
+    return None
+
+
+def read_front_examples(result: dict) -> dict[str, np.ndarray]:
+    """The per-prompt arrays results.json names ("iter<k>/oracle|proxy|kl" [E, P]).
+
+    Raises io_utils.StaleArraysError when the file is missing or does not match its SHA-256."""
+    ref = result.get("per_prompt")
+    if not isinstance(ref, dict) or "file" not in ref:
+        raise io_utils.StaleArraysError(f"{result['directory']}: results.json records no per-prompt front")
+    return io_utils.read_arrays(os.path.join(result["directory"], ref["file"]), ref.get("sha256"))
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def _setup(ctx: RunContext, cfg: WarpConfig):
+    rl_cfg = reinforce.ReinforceConfig()
+    setup = reinforce.build(ctx, rl_cfg)
+    reward_fn = rewards_lib.load_reward(
+        ctx, cfg.reward, conservative_lambda=rl_cfg.conservative_lambda, normalise=rl_cfg.normalise_reward
+    )
+    return setup, reward_fn
+
+
+def run_iteration(setup, reward_fn, cfg: WarpConfig, k: int, init, it_dir: str):
+    """One WARP iteration from ``init``; returns (record, front, next init)."""
+    from warm_jax.policy import policy_ensemble
+
+    merged_dir, next_dir = os.path.join(it_dir, "merged"), os.path.join(it_dir, "next_init")
+    meta = {
+        "warp_iteration": k,
+        "merge_method": cfg.merge_method,
+        "num_policies": cfg.num_policies,
+        "reward": cfg.reward,
+    }
+    if _finished(merged_dir):
+        merged = load_policy(setup, merged_dir)
+    else:
+        t0 = time.time()
+        stacked = policy_ensemble.train_policies(
+            setup,
+            reward=cfg.reward,
+            num_policies=cfg.num_policies,
+            init_params=init,
+            run_dir=os.path.join(it_dir, "policies"),
+            anchor="ema",
+            stage=f"warp_iter{k}",
+        )
+        log.info("[warp] iteration %d: %d policies trained in %.1fs", k, cfg.num_policies, time.time() - t0)
+        merged = _merge_fn(setup, cfg.merge_method)(stacked, init)
+        del stacked
+        save_policy(setup, merged_dir, merged, {**meta, "eta": 1.0})
+    front = evaluate_front(setup, reward_fn, init, merged, cfg.etas, os.path.join(it_dir, "front"))
+    if _finished(next_dir):
+        nxt = load_policy(setup, next_dir)
+    else:
+        nxt = _liti_fn(setup)(init, merged, np.float32(cfg.next_eta))
+        save_policy(setup, next_dir, nxt, {**meta, "eta": cfg.next_eta})
+    record = front_record(
+        k,
+        front,
+        merged=os.path.relpath(merged_dir, setup.ctx.workdir),
+        next_init=os.path.relpath(next_dir, setup.ctx.workdir),
+    )
+    return record, front, nxt
+
+
+@register_stage("warp", outputs=("metrics/warp_iter*.jsonl", "tensorboard/warp_iter*"))
+def run(ctx: RunContext, cfg: WarpConfig | None = None) -> None:
+    cfg = cfg or WarpConfig()
+    setup, reward_fn = _setup(ctx, cfg)
+    init = setup.ref_params
+    records, fronts = [], []
+    for k in range(cfg.iterations):
+        record, front, init = run_iteration(setup, reward_fn, cfg, k, init, ctx.path("warp", f"iter_{k}"))
+        records.append(record)
+        fronts.append(front)
+        best = int(np.argmax(record["oracle"]))
+        log.info(
+            "[warp] iteration %d: best oracle %.3f at η = %g (KL %.3f)",
+            k,
+            record["oracle"][best],
+            record["eta"][best],
+            record["kl"][best],
+        )
+    if jax.process_index() == 0:
+        write_results(
+            ctx.path("warp"), records, fronts, reward=cfg.reward, next_eta=cfg.next_eta, config=dataclasses.asdict(cfg)
+        )
