@@ -1,7 +1,8 @@
 """Preference dataset CLI.
 
-  python -m warm_jax.data prepare --format={builtin,tldr,hh,jsonl} --input=PATH --output=DIR --tokenizer=TOK
-  python -m warm_jax.data show DIR
+  warm-data prepare --format={builtin,tldr,hh,jsonl,hf} --input=PATH --output=DIR --tokenizer=TOK
+  warm-data show DIR
+  (or python -m warm_jax.data ...)
 
 `prepare` writes a TFDS dataset directory (see `warm_jax.data.builders`); bad input stops it with a message naming
 file, line and field, exit status 1 and nothing at DIR, unless --skip_invalid (then bad records are counted; an input
@@ -9,6 +10,11 @@ file left with no valid record still stops it). Every failure is one line on std
 `--format=builtin` asks `warm_jax.data.builtin_pairs.generate_splits` for the built-in task's pairs;
 `--builtin_option KEY=VALUE` (repeatable, values parsed as JSON when they parse) are passed to it as keywords,
 together with ``input_path`` (--input, may be omitted) and ``seed``.
+`--format=hf` reads Hugging Face ``datasets`` tables (Parquet files, Arrow ``save_to_disk`` folders, JSON lines) with
+TRL's ``chosen``/``rejected``/``prompt`` columns (see `warm_jax.data.hf_tables`); conversations are rendered with
+--chat_template (a .gguf, tokenizer_config.json, .jinja or a folder holding one, or 'default'), by default the
+tokenizer's own template, else the built-in one (`warm_jax.data.chat_template`). `show` prints the texts of such a
+dataset as stored, chat template applied (decoding tokens would drop the template's special tokens).
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ from warm_jax.data import builders
 from warm_jax.data import pipeline
 from warm_jax.data import preference as pref
 
-FORMATS = ("builtin", "tldr", "hh", "jsonl")
+FORMATS = ("builtin", "tldr", "hh", "jsonl", "hf")
 # Flips are the built-in task's corruption study (the paper swaps 25% of training labels); real data is kept as is
 # unless asked.
-DEFAULT_FLIP = {"builtin": 0.25, "tldr": 0.0, "hh": 0.0, "jsonl": 0.0}
+DEFAULT_FLIP = {"builtin": 0.25, "tldr": 0.0, "hh": 0.0, "jsonl": 0.0, "hf": 0.0}
 
 
 class CliError(cli_errors.UserError):
@@ -83,6 +89,8 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError("--tokenizer is required: the dataset is tokenised with the model's tokenizer")
     if args.format != "builtin" and args.input is None:
         raise CliError(f"--input is required for --format={args.format}")
+    if args.chat_template is not None and args.format != "hf":
+        raise CliError(f"--chat_template applies to --format=hf only, not --format={args.format}")
     builders.check_output(args.output, overwrite=args.overwrite)  # before any (long) reading or sampling
     tokenizer = _load_tokenizer(args.tokenizer)
     least = 1 + len(pref.bos_ids(tokenizer))
@@ -115,6 +123,10 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
         return builders.write_preference_dataset(
             args.output, splits, source="builtin", source_files=[args.input] if args.input else [], **common
         )
+    if args.format == "hf":
+        from warm_jax.data import chat_template  # pylint: disable=g-import-not-at-top
+
+        common["chat_template"] = chat_template.resolve(args.chat_template, args.tokenizer)
     return builders.prepare_dataset(
         args.format, args.input, args.output, validation_fraction=args.validation_fraction, **common
     )
@@ -171,16 +183,28 @@ def show(
         lines += [
             f"    truncated: {s['num_truncated']}" + (f"  identical after truncation: {identical}" if identical else "")
         ]
+        if s.get("subset_counts"):
+            lines += [f"    subsets: {s['subset_counts']}"]
     skipped = meta["skipped"]
     lines += [f"  skipped records: {skipped['total']} {skipped['by_reason'] if skipped['total'] else ''}".rstrip()]
     lines += [f"    {m}" for m in skipped["first_messages"][:5]]
-    if tokenizer is None and meta["tokenizer_dir"]:
+    template = meta.get("extra", {}).get("chat_template")
+    templated = bool(template and template.get("rows_rendered"))
+    if template:
+        lines += [
+            f"  chat template: {template['source']} (sha256 {template['sha256'][:12]}), applied to "
+            f"{template['rows_rendered']} of {template['rows_rendered'] + template['rows_plain']} records read"
+        ]
+    if templated:
+        tokenizer = None  # the stored texts hold the template's special tokens, which decoding drops
+    elif tokenizer is None and meta["tokenizer_dir"]:
         try:
             tokenizer = _load_tokenizer(Path(dataset_dir) / builders.TOKENIZER_DIR)
         except cli_errors.expected_errors() as e:
             lines += [f"  (saved tokenizer not loaded, showing stored texts: {cli_errors.describe(e)})"]
     source = pipeline.load_split(dataset_dir, split)
     how = "decoded from tokens" if tokenizer is not None else "stored text"
+    how = "stored text, chat template applied" if templated else how
     lines += [f"  {min(num_examples, len(source))} examples from '{split}' ({how}):"]
     for i in range(min(num_examples, len(source))):
         ex = source[i]
@@ -204,11 +228,16 @@ def show(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m warm_jax.data", description=__doc__.split("\n\n")[0])
+    prog = "warm-data" if os.path.basename(sys.argv[0]) == "warm-data" else "python -m warm_jax.data"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="write a preference dataset")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--input", help="file or directory of JSON lines (builtin: passed to generate_splits)")
+    p.add_argument(
+        "--input",
+        help="file or directory of JSON lines; for hf a Parquet/Arrow/JSON-lines file, a save_to_disk folder or a "
+        "folder of Parquet files (builtin: passed to generate_splits)",
+    )
     p.add_argument("--output", required=True, help="dataset directory to create")
     p.add_argument("--tokenizer", help="tokenizer path, as warm_jax.data.tokenizers.load_tokenizer takes it")
     p.add_argument("--max_prompt_len", type=int, default=256)
@@ -229,6 +258,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_invalid", action="store_true", help="skip and count bad records instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
     p.add_argument("--builtin_option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--chat_template",
+        default=None,
+        metavar="PATH|default",
+        help="hf only: template for chat-message columns: a .gguf, tokenizer_config.json, .jinja or a folder holding "
+        "one; 'default' for the built-in one; omitted: the tokenizer's own, else the built-in one",
+    )
     s = sub.add_parser("show", help="summarise a dataset")
     s.add_argument("dataset_dir")
     s.add_argument("--split", default=None)

@@ -36,6 +36,8 @@ from warm_jax.cli_errors import UserError
 from warm_jax.data import preference as pref
 
 METADATA_FILE = "preference_metadata.json"
+# Per-example subset names (split -> [name of example i]), written only when the source has a subset column.
+SUBSETS_FILE = "subsets.json"
 TOKENIZER_DIR = "tokenizer"
 DATASET_NAME = "preference_pairs"
 FORMAT_VERSION = 1
@@ -89,13 +91,15 @@ class _SplitStats:
         self.lengths: dict[str, list[int]] = {"prompt_length": [], "chosen_length": [], "rejected_length": []}
         self.truncated = {"prompt": 0, "chosen": 0, "rejected": 0}
         self.flipped = 0
+        self.subsets: list[str] = []
 
-    def add(self, ex: Mapping[str, Any]) -> None:
+    def add(self, ex: Mapping[str, Any], subset: str = "") -> None:
         for key, values in self.lengths.items():
             values.append(int(ex[key]))
         for key in self.truncated:
             self.truncated[key] += int(ex[f"{key}_truncated"])
         self.flipped += int(ex["flipped"])
+        self.subsets.append(subset)
 
     def to_json(self, configured_flip: float) -> dict[str, Any]:
         n = len(self.lengths["prompt_length"])
@@ -115,6 +119,8 @@ class _SplitStats:
                 "max": int(v.max()),
             }
         out["num_truncated"] = dict(self.truncated)
+        if any(self.subsets):
+            out["subset_counts"] = {k: self.subsets.count(k) for k in sorted(set(self.subsets))}
         return out
 
 
@@ -164,7 +170,7 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 chosen=shown.chosen,
                 rejected=shown.rejected,
             )
-            self.stats[split].add(ex)
+            self.stats[split].add(ex, shown.subset)
             yield i, {k: ex[k] for k in STORED_FIELDS}
 
 
@@ -357,11 +363,31 @@ def write_preference_dataset(
         if callable(getattr(tokenizer, "save", None)):
             tokenizer.save(os.fspath(built / TOKENIZER_DIR))
             metadata["tokenizer_dir"] = TOKENIZER_DIR
+        subsets = {s: builder.stats[s].subsets for s in pairs if any(builder.stats[s].subsets)}
+        if subsets:
+            (built / SUBSETS_FILE).write_text(json.dumps(subsets) + "\n")
         (built / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         io_utils.replace_directory(os.fspath(built), os.fspath(output))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return metadata
+
+
+def load_subsets(dataset_dir: str | os.PathLike, split: str) -> list[str] | None:
+    """The subset name of each example of `split` (by ``index``), or None when the source had no subsets."""
+    path = Path(dataset_dir) / SUBSETS_FILE
+    if not path.is_file():
+        return None
+    try:
+        subsets = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable JSON ({e})") from None
+    names = subsets.get(split) if isinstance(subsets, dict) else None
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}: field {split!r} must be a list of strings")
+    return names
 
 
 @contextlib.contextmanager
@@ -429,6 +455,13 @@ def read_format(
                 else "the file holds no records"
             )
             raise UserError(f"{path}: no valid records ({why})")
+    return with_validation(splits, validation_fraction, seed, input_path), [p for _, p in files]
+
+
+def with_validation(
+    splits: dict[str, list[pref.PreferencePair]], validation_fraction: float, seed: int, input_path: Any
+) -> dict[str, list[pref.PreferencePair]]:
+    """`splits` with 'validation' carved out of 'train' when there is none (and the fraction is positive)."""
     if "validation" not in splits and validation_fraction > 0 and "train" in splits:
         n = len(splits["train"])
         splits["train"], splits["validation"] = pref.carve_validation(splits["train"], validation_fraction, seed)
@@ -438,7 +471,7 @@ def read_format(
                 f"{len(splits['train'])} for train and {len(splits['validation'])} for validation; both need at "
                 "least one (use 0 for no validation split)"
             )
-    return splits, [p for _, p in files]
+    return splits
 
 
 def prepare_dataset(
@@ -454,15 +487,44 @@ def prepare_dataset(
     validation_fraction: float = 0.05,
     skip_invalid: bool = False,
     overwrite: bool = False,
+    chat_template: Any = None,
 ) -> dict[str, Any]:
-    """Reads `input_path` in format `fmt` ('tldr', 'hh', 'jsonl') and writes the dataset; returns its metadata."""
+    """Reads `input_path` in format `fmt` ('tldr', 'hh', 'jsonl', 'hf') and writes the dataset; returns its metadata.
+
+    `chat_template` (a `chat_template.ChatTemplate`, 'hf' only) renders conversations; None is the built-in default.
+    """
     check_output(output_dir, overwrite=overwrite)  # before the (long) reading
     check_lengths(tokenizer, max_prompt_len, max_response_len)
     check_flip_fraction(flip_fraction)
     skip_log = pref.SkipLog()
-    splits, files = read_format(
-        fmt, input_path, validation_fraction=validation_fraction, seed=seed, skip_log=skip_log if skip_invalid else None
-    )
+    extra: dict[str, Any] = {}
+    if fmt == "hf":
+        from warm_jax.data import chat_template as chat_lib  # pylint: disable=g-import-not-at-top
+        from warm_jax.data import hf_tables  # pylint: disable=g-import-not-at-top
+
+        if not 0.0 <= validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        template = chat_template if chat_template is not None else chat_lib.default()
+        splits, files, counts = hf_tables.read_splits(
+            input_path,
+            template=template,
+            strip_bos=bool(pref.bos_ids(tokenizer)),
+            skip_log=skip_log if skip_invalid else None,
+        )
+        splits = with_validation(splits, validation_fraction, seed, input_path)
+        extra["chat_template"] = {
+            **template.describe(),
+            "rows_rendered": counts.rendered,
+            "rows_plain": counts.plain,
+        }
+    else:
+        splits, files = read_format(
+            fmt,
+            input_path,
+            validation_fraction=validation_fraction,
+            seed=seed,
+            skip_log=skip_log if skip_invalid else None,
+        )
     return write_preference_dataset(
         output_dir,
         splits,
@@ -477,6 +539,7 @@ def prepare_dataset(
         skip_log=skip_log,
         overwrite=overwrite,
         extra_metadata={
+            **extra,
             "validation_fraction": validation_fraction,
             **({"split_mapping": {**pref.TLDR_SPLITS, "<news items>": pref.TLDR_NEWS_SPLIT}} if fmt == "tldr" else {}),
         },

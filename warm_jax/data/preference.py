@@ -11,6 +11,9 @@ Formats (one JSON object per line, optionally gzip-compressed):
   * ``hh``    — Anthropic HH-RLHF: ``chosen``/``rejected`` transcripts sharing the dialogue up to the last
     ``"\\n\\nAssistant:"``.
   * ``jsonl`` — generic ``{prompt, chosen, rejected}`` (optional numeric ``score_chosen``/``score_rejected``).
+
+Hugging Face ``datasets`` tables (Parquet, Arrow, JSON lines with TRL's columns) are read by
+`warm_jax.data.hf_tables`, which makes the same pairs and errors.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ REASONS = (
     "identical_responses",
     "identical_after_truncation",
     "no_common_prompt",
+    "template_error",
 )
 
 
@@ -72,6 +76,7 @@ class PreferencePair:
     score_chosen: float = math.nan  # oracle scores where the source has them (built-in task), else NaN
     score_rejected: float = math.nan
     origin: str = ""  # "file:line" (or "split[i]" for in-memory records), for messages
+    subset: str = ""  # the source's subset of the pair (RewardBench's `subset` column), "" when it has none
 
     def swapped(self) -> PreferencePair:
         return dataclasses.replace(
