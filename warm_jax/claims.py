@@ -641,5 +641,14 @@ def main(argv: list[str]) -> int:
     return cli_errors.guarded(run, verbose=verbose)
 
 
+def console_main() -> int:
+    """The ``warm-claims`` command: `main` on the command line's arguments; ``-h``/``--help`` prints the usage."""
+    argv = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    return main(argv)
+
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

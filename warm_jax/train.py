@@ -71,5 +71,15 @@ def run():
     app.run(main)
 
 
+def console_main():
+    """The ``warm-train`` command: `run`, except that ``--help`` prints this module's flags and exits 0 (absl's own
+    help exits 1, which reads as a failure to scripts that check the command)."""
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
+        print(__doc__)
+        print(FLAGS if "--helpfull" in sys.argv[1:] else FLAGS.module_help(sys.modules[__name__]))
+        return 0
+    return run()
+
+
 if __name__ == "__main__":
     run()
