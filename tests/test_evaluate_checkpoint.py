@@ -1,0 +1,175 @@
+"""`warm-eval`: the scores of every kind of reward checkpoint equal rm_eval's eval.json for the same model and
+split; the subset breakdown; one-line errors for bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tests import helpers
+from warm_jax import evaluate_checkpoint, evaluation
+
+SPLITS = ("train_clean", "train_corrupted", "validation", "ood")
+
+
+@pytest.fixture(scope="module")
+def finished(base_workdir, tmp_path_factory):
+    """The tiny workdir trained through rm_ensemble and rm_eval (on the default mesh, data=8), and its eval.json."""
+    wd = str(tmp_path_factory.mktemp("eval") / "wd")
+    shutil.copytree(base_workdir, wd)
+    helpers.run_in_process(
+        wd, helpers.TINY + [helpers.MESH_8, helpers.stages("rm_ensemble", "rm_eval"), "EvalConfig.lmc_lambdas = 2"]
+    )
+    return wd, json.load(open(os.path.join(wd, "rm", "eval.json")))
+
+
+def _eval(tmp_path, capsys, *flags) -> tuple[dict, str]:
+    out = str(tmp_path / "scores.json")
+    assert evaluate_checkpoint.main([*flags, f"--output={out}"]) == 0
+    return json.load(open(out)), capsys.readouterr().out
+
+
+def _view(metrics: dict) -> dict:
+    """acc, loss, ece per split, in eval.json's layout."""
+    return {k: {s: metrics[s][k] for s in SPLITS} for k in ("acc", "loss", "ece")}
+
+
+def _approx(got: dict, want: dict) -> None:
+    for k in ("acc", "loss", "ece"):
+        for s in SPLITS:
+            assert got[k][s] == pytest.approx(want[k][s], rel=1e-5, abs=1e-6), (k, s)
+
+
+def test_warm_checkpoint_scores_equal_eval_json(finished, tmp_path, capsys):
+    wd, want = finished
+    got, table = _eval(tmp_path, capsys, f"--checkpoint={wd}/rm/warm", f"--data={wd}/data")
+    assert got["kind"] == "params" and list(got["metrics"]) == ["model"]
+    assert got["splits"] == {
+        "train": 96,
+        "train_clean": got["splits"]["train_clean"],
+        "train_corrupted": 96 - got["splits"]["train_clean"],
+        "validation": 48,
+        "ood": 48,
+    }
+    m = got["metrics"]["model"]
+    _approx(_view(m), want["rm"]["warm"])
+    # The whole train split mixes both halves: its accuracy is their pair-weighted mean.
+    n = got["splits"]
+    mixed = (m["train_clean"]["acc"] * n["train_clean"] + m["train_corrupted"]["acc"] * n["train_corrupted"]) / 96
+    assert m["train"]["acc"] == pytest.approx(mixed)
+    # The reward statistics on validation are rm_eval's (used to normalise the reward in RL).
+    assert m["validation"]["reward"]["mean"] == pytest.approx(want["reward_stats"]["warm"]["mean"], abs=1e-6)
+    assert m["validation"]["reward"]["std"] == pytest.approx(want["reward_stats"]["warm"]["std"], rel=1e-5)
+    line = next(l for l in table.splitlines() if l.split()[:2] == ["model", "validation"])
+    assert float(line.split()[3]) == pytest.approx(want["rm"]["warm"]["acc"]["validation"], abs=1e-4)
+
+
+def test_member_stack_reports_each_member_ens_and_warm(finished, tmp_path, capsys):
+    wd, want = finished
+    got, table = _eval(tmp_path, capsys, f"--checkpoint={wd}/rm/members", f"--data={wd}/data")
+    assert got["kind"] == "members" and got["members"] == [0, 1, 2, 3]
+    assert set(got["metrics"]) == {"member_0", "member_1", "member_2", "member_3", "ens", "warm"}
+    for entry in want["rm"]["members"]:
+        acc = {s: got["metrics"][f"member_{entry['id']}"][s]["acc"] for s in SPLITS}
+        assert acc == pytest.approx(entry["acc"], abs=1e-9), entry["id"]
+    _approx(_view(got["metrics"]["ens"]), want["rm"]["ens"])
+    _approx(_view(got["metrics"]["warm"]), want["rm"]["warm"])
+    assert sum(l.startswith("member_") for l in table.splitlines()) == 4 * (len(SPLITS) + 1)
+
+
+def test_one_member_alone_and_the_stacked_training_checkpoint(finished, tmp_path, capsys):
+    wd, want = finished
+    member0 = {s: want["rm"]["members"][0]["acc"][s] for s in SPLITS}
+    # One member scored alone (a program without the member axis): the same pairs are right, to round-off.
+    got, _ = _eval(tmp_path, capsys, f"--checkpoint={wd}/rm/members", "--member=0", f"--data={wd}/data")
+    assert list(got["metrics"]) == ["member_0"]
+    assert {s: got["metrics"]["member_0"][s]["acc"] for s in SPLITS} == pytest.approx(member0, abs=1e-9)
+    # The training checkpoint holds the same members, stacked.
+    got, _ = _eval(tmp_path, capsys, f"--checkpoint={wd}/rm/ckpt", f"--data={wd}", "--split=validation,ood")
+    assert got["kind"] == "stacked" and set(got["splits"]) == {"validation", "ood"}
+    for entry in want["rm"]["members"]:
+        for s in ("validation", "ood"):
+            assert got["metrics"][f"member_{entry['id']}"][s]["acc"] == pytest.approx(entry["acc"][s], abs=1e-9)
+
+
+def test_hf_export_scores_as_the_checkpoint_it_came_from(finished, tmp_path, capsys):
+    import tokenizers
+
+    from warm_jax import export
+    from warm_jax.data.tokenizers import HFTokenizer, load_tokenizer
+
+    wd, want = finished
+    hf = str(tmp_path / "hf")
+    assert export.main([f"--checkpoint={wd}/rm/warm", f"--output={hf}", "--kind=reward"]) == 0
+    # The word tokenizer has no HF form, and the importer wants a tokenizer.json: give it one over the same
+    # words (warm-eval scores the dataset's token ids; the tokenizer itself is not used).
+    words = load_tokenizer(os.path.join(wd, "tokenizer"))
+    wl = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({w: i for i, w in enumerate(words.vocab)}, unk_token=words.vocab[0])
+    )
+    HFTokenizer(wl, eos_id=words.eos_id, bos_id=words.bos_id, pad_id=words.pad_id, add_bos=words.add_bos).save(hf)
+    got, _ = _eval(tmp_path, capsys, f"--checkpoint={hf}", f"--data={wd}/data", "--split=validation")
+    assert got["kind"] == "hf"
+    acc = got["metrics"]["model"]["validation"]["acc"]
+    assert acc == pytest.approx(want["rm"]["warm"]["acc"]["validation"], abs=1e-9)
+    # A causal-LM export has no reward head to score with.
+    lm = str(tmp_path / "lm")
+    assert export.main([f"--checkpoint={wd}/rm/warm", f"--output={lm}", "--kind=causal_lm"]) == 0
+    capsys.readouterr()
+    assert evaluate_checkpoint.main([f"--checkpoint={lm}", f"--data={wd}/data"]) == 1
+    assert "has no reward head" in capsys.readouterr().err
+
+
+def test_subset_breakdown_uses_rm_evals_metrics():
+    rng = np.random.default_rng(0)
+    rc, rr = rng.normal(size=40), rng.normal(size=40)
+    names = np.asarray(["chat", "safety"] * 20)
+    got = evaluate_checkpoint.measure({"model": {"test": (rc, rr)}}, {"test": {"subset": names}}, bins=10)
+    entry = got["model"]["test"]
+    assert set(entry["subsets"]) == {"chat", "safety"}
+    for n in ("chat", "safety"):
+        sel = names == n
+        assert entry["subsets"][n]["n"] == 20
+        assert entry["subsets"][n]["acc"] == evaluation.accuracy(rc[sel], rr[sel])
+        assert entry["subsets"][n]["ece"] == evaluation.ece(rc[sel], rr[sel], 10)
+    assert entry["acc"] == evaluation.accuracy(rc, rr) and "subsets" not in got["model"]["test"]["subsets"]["chat"]
+    assert "test/safety" in evaluate_checkpoint.table(got)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--checkpoint={tmp}/nope", "--data={wd}/data"], "error: --checkpoint={tmp}/nope: no such directory"),
+        (["--checkpoint={wd}/rm/eval.json", "--data={wd}/data"], "a file, not a checkpoint directory"),
+        (
+            ["--checkpoint={wd}/metrics", "--data={wd}/data"],
+            "error: --checkpoint={wd}/metrics: not a reward checkpoint",
+        ),
+        (["--checkpoint={wd}/rm/warm", "--data={tmp}"], "error: --data={tmp}: no preference_metadata.json in it"),
+        (["--checkpoint={wd}/rm/warm", "--data={tmp}/nope"], "error: --data={tmp}/nope: no such directory"),
+        (["--checkpoint={wd}/rm/warm", "--data={wd}/data", "--split=test"], "has no split 'test'; it has"),
+        (["--checkpoint={wd}/rm/warm", "--data={wd}/data", "--member=1"], "is one model, not a stack"),
+        (["--checkpoint={wd}/rm/members", "--data={wd}/data", "--member=7"], "--member=7: {wd}/rm/members has members"),
+        (["--checkpoint={wd}/rm/warm", "--data={wd}/data", "--output={tmp}"], "--output={tmp}: a directory"),
+    ],
+)
+def test_bad_inputs_are_one_line_naming_the_path(finished, tmp_path, capsys, flags, message):
+    wd, _ = finished
+    fill = lambda s: s.format(wd=wd, tmp=str(tmp_path))  # noqa: E731
+    assert evaluate_checkpoint.main([fill(f) for f in flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fill(message) in err[0], err
+
+
+def test_a_dataset_of_another_vocabulary_is_refused():
+    splits = {"validation": {"chosen_tokens": np.asarray([[5, 10_000]]), "rejected_tokens": np.asarray([[1, 2]])}}
+    from warm_jax.models import transformer as tr
+
+    with pytest.raises(
+        evaluate_checkpoint.cli_errors.UserError, match=r"--data=D: token ids up to 10000, .* vocab_size 99"
+    ):
+        evaluate_checkpoint._check_vocabulary(splits, tr.ModelConfig(vocab_size=99), "D", "C")
