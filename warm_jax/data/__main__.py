@@ -155,6 +155,8 @@ def show(
 
     Examples are decoded from their stored tokens with `tokenizer` (by default the one saved in the dataset, when
     `warm_jax.data.tokenizers` can load it), so they show what the model sees; otherwise the stored texts are shown.
+    A dataset whose texts were rendered with a chat template always shows the stored texts: decoding drops the
+    special tokens that the template's markup is made of.
     """
     meta = pipeline.load_metadata(dataset_dir)
     if not meta["splits"]:

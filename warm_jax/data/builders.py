@@ -2,8 +2,9 @@
 
 `write_preference_dataset` is the one writer: it validates and tokenises pairs, applies the recorded label flips,
 and writes a TFDS dataset directory (``dataset_info.json``, ``features.json``, ArrayRecord shards per split) plus
-``preference_metadata.json`` and, when the tokenizer can save itself, ``tokenizer/``. `prepare_dataset` reads the
-real formats (TL;DR, HH-RLHF, generic JSON lines) from local files and calls it.
+``preference_metadata.json`` and, when the tokenizer can save itself, ``tokenizer/`` (and ``subsets.json`` when the
+pairs name their subsets). `prepare_dataset` reads the real formats (TL;DR, HH-RLHF, generic JSON lines, and
+Hugging Face tables through `warm_jax.data.hf_tables`) from local files and calls it.
 
 TFDS writes ArrayRecord without TensorFlow through `GeneratorBasedBuilder` (its example serializer uses TFDS's own
 copy of the tf.Example protos). Output is built in a hidden sibling directory and renamed into place only once

@@ -220,7 +220,7 @@ def _arrow_rows(path: Path) -> Iterator[dict[str, Any]]:
                 yield row
                 done += 1
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{path}: reading stopped after row {done - 1}: damaged file ({e})") from None
+        raise UserError(f"{path}: reading stopped at row {done}: damaged file ({e})") from None
 
 
 def iter_rows(table: TableFile) -> Iterator[tuple[_Row, Mapping[str, Any] | TableRecordError]]:
