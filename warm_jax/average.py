@@ -1,9 +1,19 @@
-"""Average reward-model checkpoints into one (WARM): `python -m warm_jax.average`.
+"""Average reward-model checkpoints into one (WARM), or merge them: `python -m warm_jax.average`.
 
   python -m warm_jax.average --checkpoint=W/rm/members/0 --checkpoint=W/rm/members/3 \\
       [--weights=0.5,0.5] --output=OUT
   python -m warm_jax.average --checkpoint=W/rm/ckpt [--members=0,2,5] --output=OUT
   python -m warm_jax.average --checkpoint=W/rm/ckpt --accuracies=W/rm/eval.json --top_m=6 --output=OUT
+  python -m warm_jax.average --method=slerp --base=INIT --checkpoint=A --checkpoint=B [--weights=0.7,0.3] --output=OUT
+  python -m warm_jax.average --method=ties --base=INIT --checkpoint=A --checkpoint=B --density=0.2 --output=OUT
+
+``--method`` picks a method of ``warm_jax.merge_methods``: linear (the default: the weighted mean,
+weights normalised), slerp (SLERP of the task vectors θ_i − base, t = the second weight's share,
+0.5 by default; with more than two members the documented incremental SLERP, which depends on
+the members' order), task_arithmetic (base + scaling·Σ w_i δ_i, weights 1 each by default, not
+normalised), ties (--density, --scaling) and dare (--density, --scaling, --seed). Every method but
+linear needs ``--base``: a params checkpoint directory of the same model (the shared
+initialisation). The output's metadata records the method, its parameters and the base.
 
 Member directories (``model.json`` + ``ckpt/``) are streamed one after the other, a ~64 MB group of
 leaves at a time (memory: the merged model plus two groups, whatever K); a stacked ensemble
@@ -31,7 +41,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from warm_jax import averaging, checkpoint_averaging, checkpoints, cli_errors, io_utils, params_io, runtime, sharding
+from warm_jax import (
+    averaging,
+    checkpoint_averaging,
+    checkpoints,
+    cli_errors,
+    io_utils,
+    merge_methods,
+    params_io,
+    runtime,
+    sharding,
+)
 from warm_jax.models import transformer as tr
 
 
@@ -74,6 +94,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="stacked checkpoint: model.json to build the model from (default: found beside it)",
     )
+    p.add_argument("--method", default="linear", help="merge method: linear, slerp, task_arithmetic, ties or dare")
+    p.add_argument("--base", default=None, help="params checkpoint the task vectors start from (all but linear)")
+    p.add_argument("--density", type=float, default=None, help="ties/dare: fraction of each task vector kept")
+    p.add_argument("--scaling", type=float, default=None, help="task_arithmetic/ties/dare: λ on the merged task vector")
+    p.add_argument("--seed", type=int, default=None, help="dare: seed of the drop masks (default 0)")
     p.add_argument("--mesh", type=_mesh_shape, default=None, help="mesh shape, e.g. data=-1 (default all on data)")
     p.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (atomically)")
@@ -166,17 +191,52 @@ def check_weights(weights: list[float] | None, k: int) -> None:
         raise cli_errors.UserError(f"{flag}: the weights' sum overflows to infinity; scale them down")
 
 
+def check_method(args) -> tuple[merge_methods.MergeMethod, dict, dict]:
+    """(method, its parameters with defaults, the parameters to record) from --method, --base,
+    --density, --scaling and --seed: one line naming the flag when they do not fit together."""
+    try:
+        method = merge_methods.get_merge_method(args.method)
+    except ValueError as e:
+        raise cli_errors.UserError(f"--method={args.method}: {e}") from None
+    given = {k: v for k, v in (("density", args.density), ("scaling", args.scaling)) if v is not None}
+    takes = ", ".join(f"--{k}" for k in sorted(method.defaults)) or "no parameters"
+    for name, value in given.items():
+        if name not in method.defaults:
+            raise cli_errors.UserError(
+                f"--{name}={value:g} does not apply to --method={method.name} (it takes {takes})"
+            )
+    try:
+        params = method.resolve_params(given)
+    except ValueError as e:
+        flag = " ".join(f"--{k}={v:g}" for k, v in given.items())
+        raise cli_errors.UserError(f"{flag}: {e}") from None
+    if args.seed is not None and not method.needs_key:
+        raise cli_errors.UserError(f"--seed={args.seed} applies to --method=dare only, not --method={method.name}")
+    if method.needs_base and args.base is None:
+        raise cli_errors.UserError(
+            f"--method={method.name} needs --base=DIR: the params checkpoint its members were fine-tuned from "
+            "(task vectors are member − base)"
+        )
+    if not method.needs_base and args.base is not None:
+        raise cli_errors.UserError(f"--base={args.base}: --method={method.name} uses no base")
+    recorded = dict(params)
+    if method.needs_key:
+        recorded["seed"] = 0 if args.seed is None else args.seed
+    return method, params, recorded
+
+
 def check_paths(args) -> str:
     """The resolved --output, refused up front when it is, contains or lies inside one of the
-    --checkpoint inputs (symlinks and relative paths resolved), when it is a file, or when it
-    exists without --overwrite."""
+    --checkpoint (or --base) inputs (symlinks and relative paths resolved), when it is a file, or
+    when it exists without --overwrite."""
     output = os.path.realpath(args.output)
-    for ckpt in args.checkpoint:
+    inputs = [("--checkpoint", c) for c in args.checkpoint] + ([("--base", args.base)] if args.base else [])
+    for flag, ckpt in inputs:
         io_utils.recover(ckpt)
         if not os.path.exists(ckpt):
-            raise cli_errors.UserError(f"--checkpoint={ckpt}: no such directory")
+            raise cli_errors.UserError(f"{flag}={ckpt}: no such directory")
         if not os.path.isdir(ckpt):
-            raise cli_errors.UserError(f"--checkpoint={ckpt}: a file, not a checkpoint directory")
+            raise cli_errors.UserError(f"{flag}={ckpt}: a file, not a checkpoint directory")
         real = os.path.realpath(ckpt)
         if real == output:
             why = f"is the same directory ({real}): the merge would replace its own input"
@@ -187,16 +247,30 @@ def check_paths(args) -> str:
         else:
             continue
         raise cli_errors.UserError(
-            f"--output={args.output} and --checkpoint={ckpt}: the output {why}; choose another --output"
+            f"--output={args.output} and {flag}={ckpt}: the output {why}; choose another --output"
+        )
+    if args.base is not None and is_stacked(args.base):
+        raise cli_errors.UserError(
+            f"--base={args.base}: a stacked training checkpoint; --base takes a params checkpoint (model.json + ckpt/)"
         )
     return io_utils.output_directory(args.output, overwrite=args.overwrite)
+
+
+def _method_weights(method: merge_methods.MergeMethod, weights: list[float] | None, k: int) -> np.ndarray:
+    """[k] weights as the method uses them: linear's normalised, the others' as given (their
+    default when None: 1 each)."""
+    if method.name == "linear":
+        return averaging.normalize_weights(weights, k)
+    return method.default_weights(k).astype(np.float64) if weights is None else np.asarray(weights, np.float64)
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def average(args) -> dict:
+    method, params_kw, recorded = check_method(args)
     output = check_paths(args)
+    key = jax.random.key(recorded["seed"]) if method.needs_key else None
     try:
         mesh = runtime.make_mesh(args.mesh)
     except ValueError as e:
@@ -221,12 +295,29 @@ def average(args) -> dict:
         chosen, accs = _select(names, args)
         names = [names[i] for i in chosen]
         check_weights(args.weights, len(names))
-        w = averaging.normalize_weights(args.weights, len(names))
+        w = _method_weights(method, args.weights, len(names))
         full = np.zeros(m, np.float32)
         full[[int(n) for n in names]] = w
-        _, abstract, axes = tr.abstract_model(model_cfg)
-        single = sharding.named(mesh, sharding.tree_specs(axes, abstract, mesh))
-        params = averaging.mean_stacked(params_m, jnp.asarray(full), out_shardings=single)
+        base_sha = None
+        if method.name == "linear":
+            _, abstract, axes = tr.abstract_model(model_cfg)
+            single = sharding.named(mesh, sharding.tree_specs(axes, abstract, mesh))
+            params = averaging.mean_stacked(params_m, jnp.asarray(full), out_shardings=single)
+        else:
+            checkpoint_averaging._check_configs(
+                {
+                    model_json: meta["model"],
+                    f"{args.base}/model.json": checkpoint_averaging._read_model_json(args.base)["model"],
+                }
+            )
+            _, _, base_params, _ = params_io.load_params_checkpoint(args.base, mesh)
+            base_sha = checkpoints.tree_sha256(base_params)
+            # Members left out weigh 0 (no part in any method's merge); a member keeps its index in
+            # the stack, which keys its dare masks.
+            params = merge_methods.merge_stacked(
+                params_m, method=method.name, base=base_params, weights=full, key=key, **params_kw
+            )
+            del base_params
         hashes = {n: checkpoints.tree_sha256(jax.tree.map(lambda x, i=int(n): x[i], params_m)) for n in names}
         del params_m
         members, tokenizer = [f"{ckpt_dir}@{step}[{n}]" for n in names], meta.get("tokenizer")
@@ -242,8 +333,10 @@ def average(args) -> dict:
         chosen, accs = _select([os.path.basename(os.path.normpath(d)) for d in dirs], args)
         dirs = [dirs[i] for i in chosen]
         check_weights(args.weights, len(dirs))
-        model_cfg, _, params, info = checkpoint_averaging.average_checkpoints(dirs, mesh=mesh, weights=args.weights)
-        members, w, hashes = info["members"], info["weights"], info["hashes"]
+        model_cfg, _, params, info = checkpoint_averaging.merge_checkpoints(
+            dirs, mesh=mesh, method=method.name, base=args.base, weights=args.weights, key=key, params=params_kw
+        )
+        members, w, hashes, base_sha = info["members"], info["weights"], info["hashes"], info["base_sha256"]
         tokenizer = info["meta"][dirs[0]].get("tokenizer")
     t_avg = time.perf_counter() - t0
     checkpoint_averaging.write_merged(
@@ -255,15 +348,28 @@ def average(args) -> dict:
         accuracies=accs,
         hashes=hashes,
         tokenizer_dir=tokenizer,
+        method=method.name,
+        method_params=recorded,
+        base=args.base,
+        base_sha256=base_sha,
     )
-    return {
+    summary = {
         "output": output,
+        "method": method.name,
+        "params": recorded,
+        "base": args.base,
         "members": members,
         "weights": [float(x) for x in w],
         "sha256": io_utils.read_json(os.path.join(output, "model.json"))["merge"]["sha256"],
         "average_s": round(t_avg, 3),
         "total_s": round(time.perf_counter() - t0, 3),
     }
+    if method.name == "slerp" and len(members) != 2:
+        summary["note"] = (
+            f"slerp of {len(members)} members: incremental SLERP m_k = slerp(m_k-1, delta_k, w_k / (w_1 + ... + w_k)), "
+            "which depends on the members' order (warm_jax.merge_methods)"
+        )
+    return summary
 
 
 def _run(args) -> int:

@@ -6,6 +6,10 @@ next group is read (TensorStore, into one of two reused host buffers) on a backg
 while this one is checked against its member's hash manifest, placed in the sharded target and
 folded into a float32 running mean (the one of ``averaging``) whose buffer is donated to the
 update, so peak memory is one accumulator plus two groups, whatever K and the model's size.
+``merge_checkpoints`` merges them with any method of ``merge_methods`` (SLERP, task arithmetic,
+TIES, DARE against a base checkpoint), streamed the same way: every member's (and the base's)
+copy of a group of leaves at once, merged leaf by leaf, so memory is the merged model plus
+2·(K + 1) groups.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import PartitionSpec as P
 
-from warm_jax import checkpoints, io_utils, params_io, sharding
+from warm_jax import checkpoints, io_utils, merge_methods, params_io, sharding
 from warm_jax.averaging import MergeError, check_compatible, normalize_weights
 from warm_jax.models import transformer as tr
 
@@ -405,6 +409,61 @@ def _read_group(reader: checkpoints.StateReader | Exception, buffers: dict[str, 
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """K params checkpoints checked against each other and the model their model.json describes.
+
+    metas/steps: per directory, its model.json and latest step; target: {"params": abstract params
+    in the rules' shardings on the mesh}; flat_*: per leaf in tree order; paths: 'params/…' names.
+    """
+
+    metas: dict
+    steps: dict
+    model_cfg: tr.ModelConfig
+    graphdef: Any
+    abstract: PyTree
+    target: PyTree
+    treedef: Any
+    flat_sh: list
+    flat_abstract: list
+    dtypes: list
+    paths: list
+    specs: dict
+
+    @classmethod
+    def open(cls, dirs: list[str], mesh, rules) -> _Inputs:
+        """Reads and checks every model.json and saved tree: MergeError naming the first mismatching
+        leaf (or config field) before any array is read."""
+        metas = {d: _read_model_json(d) for d in dirs}
+        model_cfg = tr.ModelConfig(**metas[dirs[0]]["model"])
+        graphdef, abstract, axes = tr.abstract_model(model_cfg)
+        with concurrent.futures.ThreadPoolExecutor(min(len(dirs), 8), thread_name_prefix="warm-meta") as pool:
+            abstracts = list(pool.map(checkpoint_abstract, dirs))
+        saved = {d: a for d, (a, _) in zip(dirs, abstracts)}
+        steps = {d: step for d, (_, step) in zip(dirs, abstracts)}
+        check_compatible({f"{dirs[0]}/model.json": abstract, **saved})
+        _check_configs({d: m["model"] for d, m in metas.items()})
+        shardings = sharding.named(mesh, sharding.tree_specs(axes, abstract, mesh, rules))
+        target = {"params": sharding.abstract_with_sharding(abstract, shardings)}
+        flat_sh, treedef = jax.tree_util.tree_flatten(shardings)
+        flat_abstract = jax.tree_util.tree_leaves(abstract)
+        paths = [f"params/{checkpoints.leaf_path(p)}" for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+        return cls(
+            metas=metas,
+            steps=steps,
+            model_cfg=model_cfg,
+            graphdef=graphdef,
+            abstract=abstract,
+            target=target,
+            treedef=treedef,
+            flat_sh=flat_sh,
+            flat_abstract=flat_abstract,
+            dtypes=[jnp.dtype(x.dtype) for x in flat_abstract],
+            paths=paths,
+            specs={p: (tuple(x.shape), x.dtype) for p, x in zip(paths, flat_abstract)},
+        )
+
+
 def average_checkpoints(
     dirs: Sequence[str],
     *,
@@ -437,23 +496,10 @@ def average_checkpoints(
     if not dirs:
         raise MergeError("nothing to average: no checkpoint directories")
     w = normalize_weights(weights, len(dirs))
-    metas = {d: _read_model_json(d) for d in dirs}
-    model_cfg = tr.ModelConfig(**metas[dirs[0]]["model"])
-    graphdef, abstract, axes = tr.abstract_model(model_cfg)
-    with concurrent.futures.ThreadPoolExecutor(min(len(dirs), 8), thread_name_prefix="warm-meta") as pool:
-        abstracts = list(pool.map(checkpoint_abstract, dirs))
-    saved = {d: a for d, (a, _) in zip(dirs, abstracts)}
-    steps = {d: step for d, (_, step) in zip(dirs, abstracts)}
-    check_compatible({f"{dirs[0]}/model.json": abstract, **saved})
-    _check_configs({d: m["model"] for d, m in metas.items()})
-
-    shardings = sharding.named(mesh, sharding.tree_specs(axes, abstract, mesh, rules))
-    target = {"params": sharding.abstract_with_sharding(abstract, shardings)}
-    flat_sh, treedef = jax.tree_util.tree_flatten(shardings)
-    flat_abstract = jax.tree_util.tree_leaves(abstract)
-    dtypes = [jnp.dtype(x.dtype) for x in flat_abstract]
-    paths = [f"params/{checkpoints.leaf_path(p)}" for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
-    specs = {p: (tuple(x.shape), x.dtype) for p, x in zip(paths, flat_abstract)}
+    inp = _Inputs.open(dirs, mesh, rules)
+    metas, model_cfg, graphdef, steps, target = inp.metas, inp.model_cfg, inp.graphdef, inp.steps, inp.target
+    flat_sh, treedef, flat_abstract, dtypes = inp.flat_sh, inp.treedef, inp.flat_abstract, inp.dtypes
+    paths, specs = inp.paths, inp.specs
     groups = _leaf_groups(flat_abstract, chunk_bytes)
 
     # Everything on one CPU device in one dtype (a merge on a CPU host): one packed accumulator and
@@ -543,6 +589,128 @@ def average_checkpoints(
     return model_cfg, graphdef, params, info
 
 
+# ----------------------------------------------------------------------------- other merge methods
+
+
+@functools.lru_cache(maxsize=512)
+def _merge_leaf_program(method: str, params: tuple, sharding):
+    """jit(base [...], members: M × [...], weights [M] float32, key | None, name_hash [] uint32) → the
+    leaf merged by ``method`` [...] in ``sharding``: what ``merge_stacked`` computes for that leaf."""
+    m_def = merge_methods.get_merge_method(method)
+    kw = dict(params)
+
+    def fn(base, members, weights, key, name_hash):
+        k = None if key is None else jax.random.fold_in(key, name_hash)
+        return merge_methods.merge_leaf(m_def, base, jnp.stack(members), weights, k, kw)
+
+    return jax.jit(fn, out_shardings=sharding)
+
+
+def merge_checkpoints(
+    dirs: Sequence[str],
+    *,
+    mesh,
+    method: str = "linear",
+    base: str | None = None,
+    weights: Sequence[float] | None = None,
+    key: jax.Array | None = None,
+    params: Mapping[str, float] | None = None,
+    rules=None,
+    chunk_bytes: int = CHUNK_BYTES,
+):
+    """Streams K ``save_params`` checkpoints (and a base) into one, merged by a registered method.
+
+    linear is ``average_checkpoints`` (the running mean, memory flat in K; weights normalised). The
+    other methods (see ``merge_methods``) need every member's copy of a leaf at once: the members
+    and the base are read a group of leaves at a time (``chunk_bytes``; a larger leaf alone), each
+    group checked against its checkpoint's hash manifest, placed in the sharded target, merged leaf
+    by leaf and dropped, while the next group is read on a background thread. Peak memory is the
+    merged model plus 2·(K + 1) groups on the host (and the group's float32 temporaries on the
+    device), not K models. Leaf ``params/a/b`` draws its random numbers (dare) from
+    ``merge_methods.leaf_key(key, 'a/b')``, so the result equals ``merge_stacked`` of the stacked
+    members. Members with weight 0 are read too (their index keys dare's masks).
+
+    Args:
+      dirs: member directories (``model.json`` + ``ckpt/``).
+      mesh: target mesh; params are read and merged in the rules' sharding on it.
+      method: a name in ``merge_methods.MERGE_METHODS``.
+      base: the base directory (same format and model) the task vectors start from; required by
+        every method but linear, which ignores it.
+      weights: one per member, ≥ 0; None: the method's default (uniform / 1 each).
+      key: PRNG key (dare).
+      params: the method's parameters (density, scaling).
+    Returns:
+      (model_cfg, graphdef, params, info); info as ``average_checkpoints``'s plus "method", "params"
+      (the method's parameters with defaults filled in), "base" and "base_sha256" (None for linear).
+    """
+    m_def = merge_methods.get_merge_method(method)
+    kw = m_def.resolve_params(dict(params or {}))
+    if not m_def.needs_base:
+        if base is not None:
+            log.info("merge method %s takes no base; %s is not read", method, base)
+        out = average_checkpoints(dirs, mesh=mesh, weights=weights, rules=rules, chunk_bytes=chunk_bytes)
+        out[3].update(method=method, params=kw, base=None, base_sha256=None)
+        return out
+    dirs = [os.fspath(d) for d in dirs]
+    if not dirs:
+        raise MergeError("nothing to merge: no checkpoint directories")
+    if base is None:
+        raise MergeError(f"merge method '{method}' needs a base checkpoint (the initialisation of the task vectors)")
+    if m_def.needs_key and key is None:
+        raise MergeError(f"merge method '{method}' needs a PRNG key")
+    base = os.fspath(base)
+    w = merge_methods.check_weights(weights, len(dirs), m_def)
+    sources = [base, *dirs]
+    inp = _Inputs.open(sources, mesh, rules)
+    flat_abstract, flat_sh, paths = inp.flat_abstract, inp.flat_sh, inp.paths
+    groups = _leaf_groups(flat_abstract, chunk_bytes)
+    buffer_bytes = max(g.nbytes for g in groups)
+    # Two sets of host buffers, one per source each: group j is read into set j % 2.
+    buffers = [[checkpoints.aligned_empty((buffer_bytes,), np.uint8) for _ in sources] for _ in range(2)]
+    step_dirs = [os.path.join(d, "ckpt", str(inp.steps[d])) for d in sources]
+    names = [np.uint32(merge_methods.path_hash(p[len("params/") :])) for p in paths]
+    kw_items = tuple(sorted(kw.items()))
+    key = key if m_def.needs_key else None
+
+    def hosts(j: int) -> list[dict[str, np.ndarray]]:
+        g = groups[j]
+        return [dict(zip(paths[g.start : g.stop], _leaf_views(b, g, flat_abstract))) for b in buffers[j % 2]]
+
+    def load(j: int, readers: list) -> list:
+        return [_read_group(r, h) for r, h in zip(readers, hosts(j))]
+
+    out: list = [None] * len(flat_abstract)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="warm-read") as loader:
+        readers = [_open_member(sd, inp.specs) for sd in step_dirs]
+        sources_m = [_Member(d, sd, inp.target) for d, sd in zip(sources, step_dirs)]
+        pending = loader.submit(load, 0, readers)
+        for j, g in enumerate(groups):
+            errors = pending.result()
+            pending = loader.submit(load, j + 1, readers) if j + 1 < len(groups) else None
+            host = hosts(j)
+            arrays = [m.take(j, g, e, h, flat_sh[g.start : g.stop]) for m, e, h in zip(sources_m, errors, host)]
+            for k in range(g.start, g.stop):
+                i = k - g.start
+                program = _merge_leaf_program(method, kw_items, flat_sh[k])
+                out[k] = program(arrays[0][i], tuple(a[i] for a in arrays[1:]), w, key, names[k])
+            # The arrays may alias the buffers (CPU), which are read into again two groups on.
+            jax.block_until_ready(out[g.start : g.stop])
+            del arrays, host
+    buffers.clear()  # the host buffers are no longer needed
+    merged = jax.tree_util.tree_unflatten(inp.treedef, out)
+    info = {
+        "members": dirs,
+        "weights": [float(x) for x in np.asarray(w)],
+        "hashes": {d: m.sha256 for d, m in zip(dirs, sources_m[1:])},
+        "meta": {d: inp.metas[d] for d in dirs},
+        "method": method,
+        "params": kw,
+        "base": base,
+        "base_sha256": sources_m[0].sha256,
+    }
+    return inp.model_cfg, inp.graphdef, merged, info
+
+
 # ----------------------------------------------------------------------------- stacked checkpoint
 
 
@@ -615,10 +783,16 @@ def write_merged(
     accuracies: dict | None,
     hashes: dict,
     tokenizer_dir: str | None,
+    method: str = "linear",
+    method_params: dict | None = None,
+    base: str | None = None,
+    base_sha256: str | None = None,
 ) -> None:
     """Writes the merged RM as a ``save_params`` checkpoint (temporary path, renamed when complete).
 
-    Metadata (in model.json and the checkpoint's meta item): {"merge": {"method", "members",
+    Metadata (in model.json and the checkpoint's meta item): {"merge": {"method" (a name in
+    ``merge_methods.MERGE_METHODS``), "params" (its parameters, e.g. density, scaling, seed),
+    "base", "base_sha256" (the base the task vectors start from; None for linear), "members",
     "weights", "accuracies", "member_sha256", "sha256"}} — member keys as strings.
     """
     if len(members) != len(weights):
@@ -631,7 +805,10 @@ def write_merged(
     sha = checkpoints.tree_sha256_of_entries(entries) or checkpoints.tree_sha256(params)
     meta = {
         "merge": {
-            "method": "weight_average",
+            "method": method,
+            "params": dict(method_params or {}),
+            "base": base,
+            "base_sha256": base_sha256,
             "members": [m if isinstance(m, (int, str)) else str(m) for m in members],
             "weights": [float(x) for x in weights],
             "accuracies": strkeys(accuracies),

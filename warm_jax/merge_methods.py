@@ -197,10 +197,15 @@ def trim_top_k(deltas: jax.Array, density: float) -> jax.Array:
     return jnp.where(keep, flat, 0.0).reshape(deltas.shape)
 
 
+def path_hash(path: str) -> int:
+    """CRC-32 of a leaf's name (e.g. 'layer_0/mlp/w_up'), the data ``leaf_key`` folds in."""
+    return zlib.crc32(path.encode())
+
+
 def leaf_key(key: jax.Array, path: str) -> jax.Array:
-    """The key of the leaf named ``path`` (e.g. 'layer_0/mlp/w_up'): fold_in of its name's CRC-32,
-    so a leaf's random numbers do not depend on which leaves are merged before it."""
-    return jax.random.fold_in(key, zlib.crc32(path.encode()))
+    """The key of the leaf named ``path``: fold_in of ``path_hash(path)``, so a leaf's random
+    numbers do not depend on which leaves are merged before it (or streamed from disk)."""
+    return jax.random.fold_in(key, np.uint32(path_hash(path)))
 
 
 # ----------------------------------------------------------------------------- methods
