@@ -3,6 +3,7 @@ split; the subset breakdown; one-line errors for bad inputs."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -18,13 +19,39 @@ SPLITS = ("train_clean", "train_corrupted", "validation", "ood")
 
 @pytest.fixture(scope="module")
 def finished(base_workdir, tmp_path_factory):
-    """The tiny workdir trained through rm_ensemble and rm_eval (on the default mesh, data=8), and its eval.json."""
+    """The tiny workdir trained through rm_ensemble and rm_eval (on the default mesh, data=8), and its eval.json.
+
+    Metrics go to W&B too, offline (when wandb is installed; else one log line says it is not)."""
     wd = str(tmp_path_factory.mktemp("eval") / "wd")
     shutil.copytree(base_workdir, wd)
-    helpers.run_in_process(
-        wd, helpers.TINY + [helpers.MESH_8, helpers.stages("rm_ensemble", "rm_eval"), "EvalConfig.lmc_lambdas = 2"]
-    )
+    bindings = [helpers.MESH_8, helpers.stages("rm_ensemble", "rm_eval"), "EvalConfig.lmc_lambdas = 2"]
+    bindings += ["metrics.writers = ['tensorboard', 'wandb']"]
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    try:
+        helpers.run_in_process(wd, helpers.TINY + bindings)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     return wd, json.load(open(os.path.join(wd, "rm", "eval.json")))
+
+
+def test_the_stages_wandb_run_holds_the_jsonl_scalars(finished):
+    pytest.importorskip("wandb", reason="the wandb package is not installed (pip install 'warm_jax[wandb]')")
+    from tests.test_metric_writers import _read_run
+    from warm_jax import metrics
+
+    wd, _ = finished
+    (folder,) = glob.glob(os.path.join(wd, "wandb", "offline-run-*"))  # rm_eval logs no step metrics
+    run = _read_run(folder)
+    jsonl = {r["step"]: metrics.flat_scalars(r) for r in metrics.read_metrics(wd, "rm_ensemble")}
+    assert run["name"] == "rm_ensemble" and sorted(jsonl) == list(range(2, 13, 2))
+    assert run["history"] == jsonl  # e.g. loss/0 … loss/3, one per member
+    assert run["config"]["EnsembleConfig.num_members"] == 4 and run["config"]["ModelConfig.d_model"] == 32
+    assert glob.glob(os.path.join(wd, "tensorboard", "rm_ensemble", "events.out.tfevents.*"))
 
 
 def _eval(tmp_path, capsys, *flags) -> tuple[dict, str]:
@@ -122,6 +149,31 @@ def test_hf_export_scores_as_the_checkpoint_it_came_from(finished, tmp_path, cap
     capsys.readouterr()
     assert evaluate_checkpoint.main([f"--checkpoint={lm}", f"--data={wd}/data"]) == 1
     assert "has no reward head" in capsys.readouterr().err
+
+
+def test_a_dataset_with_subsets_is_broken_down_by_them(tmp_path, capsys):
+    """A RewardBench-style table (subset column) prepared by warm-data, scored by a model of its vocabulary."""
+    import jax
+
+    from tests.test_hf_data import FIX, TOK, prepare
+    from warm_jax.data.tokenizers import load_tokenizer
+    from warm_jax.models import transformer as tr
+    from warm_jax.params_io import save_params
+
+    rc, data = prepare(tmp_path, FIX / "parquet_chat")
+    assert rc == 0
+    cfg = tr.ModelConfig(
+        vocab_size=load_tokenizer(TOK).vocab_size, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32
+    )
+    ckpt = str(tmp_path / "rm")
+    save_params(ckpt, tr.init_params(cfg, jax.random.key(0)), model_cfg=cfg, meta={}, tokenizer_dir=str(TOK))
+    got, table = _eval(tmp_path, capsys, f"--checkpoint={ckpt}", f"--data={data}")
+    train = got["metrics"]["model"]["train"]
+    assert {k: v["n"] for k, v in train["subsets"].items()} == {"chat": 3, "reasoning": 2, "safety": 1}
+    assert {k: v["n"] for k, v in got["metrics"]["model"]["test"]["subsets"].items()} == {"chat": 1, "reasoning": 1}
+    # The subsets partition the split: their pair-weighted accuracy is the split's.
+    assert sum(v["acc"] * v["n"] for v in train["subsets"].values()) / 6 == pytest.approx(train["acc"])
+    assert "train/safety" in table
 
 
 def test_subset_breakdown_uses_rm_evals_metrics():

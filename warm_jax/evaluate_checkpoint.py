@@ -1,4 +1,4 @@
-"""Score any reward checkpoint on a prepared preference dataset: ``warm-eval`` (``python -m warm_jax.evaluate_checkpoint``).
+"""Score a reward checkpoint on a prepared preference dataset: ``warm-eval`` (python -m warm_jax.evaluate_checkpoint).
 
     warm-eval --checkpoint=WORKDIR/rm/warm --data=WORKDIR/data [--split=validation,ood] [--output=scores.json]
     warm-eval --checkpoint=WORKDIR/rm/members --data=WORKDIR/data             # every member, their ENS and WARM
@@ -18,9 +18,10 @@ For every split (default: all the dataset has) and model: accuracy (r⁺ > r⁻,
 ECE of σ(r⁺ − r⁻) and reward statistics, computed by rm_eval's own functions (``warm_jax.evaluation``), so the
 numbers equal ``rm/eval.json``'s for the same model and split. A split with flipped labels (the built-in
 task's ``train``) is also reported as ``<split>_clean`` and ``<split>_corrupted``, the latter against the
-flipped (training) labels, as rm_eval does. When records carry a ``subset`` field, each split is broken down
-by it too. A table goes to stdout, the JSON to ``--output`` (written atomically). A bad input gives one line
-on stderr naming the path or flag, and exit status 1 (the traceback too with ``--verbose``).
+flipped (training) labels, as rm_eval does. When the dataset names each pair's subset (RewardBench style,
+``subsets.json`` from ``warm-data prepare --format=hf``), each split is broken down by subset too. A table
+goes to stdout, the JSON to ``--output`` (written atomically). A bad input gives one line on stderr naming the
+path or flag, and exit status 1 (the traceback too with ``--verbose``).
 """
 
 from __future__ import annotations
@@ -192,13 +193,20 @@ def find_dataset(path: str) -> str:
 
 
 def read_split(dataset_dir: str, split: str, max_examples: int | None) -> dict[str, np.ndarray]:
-    """One split's pairs as host arrays (``ensemble.RM_FIELDS``, ``flipped``, and ``subset`` as str when stored)."""
+    """One split's pairs as host arrays: ``ensemble.RM_FIELDS``, ``flipped``, and ``subset`` (str [N]) when the
+    dataset names each pair's subset (``subsets.json``, written by ``warm-data prepare`` from a subset column)."""
     src = pipeline.load_split(dataset_dir, split)
-    fields = ensemble.RM_FIELDS + ("flipped",) + ((SUBSET_FIELD,) if SUBSET_FIELD in src[0] else ())
+    fields = ensemble.RM_FIELDS + ("flipped", "index")
     batches = list(pipeline.eval_batches(src, 512, fields=fields, process_index=0, process_count=1))
     out = {k: np.concatenate([b[k][b["valid"]] for b in batches]) for k in fields}
-    if SUBSET_FIELD in out:
-        out[SUBSET_FIELD] = np.asarray([s.decode() if isinstance(s, bytes) else str(s) for s in out[SUBSET_FIELD]])
+    names = builders.load_subsets(dataset_dir, split)
+    if names is not None:
+        if len(names) != len(src):
+            raise cli_errors.UserError(
+                f"{os.path.join(dataset_dir, builders.SUBSETS_FILE)}: split {split!r} names {len(names)} subsets "
+                f"for {len(src)} pairs"
+            )
+        out[SUBSET_FIELD] = np.asarray(names)[out["index"]]
     if max_examples:
         out = {k: v[:max_examples] for k, v in out.items()}
     return out
