@@ -8,13 +8,23 @@ without a recompile), then ONE jitted pure update ``(state, ref, rm, batch) -> (
     loss  = −mean_i Σ_t A_i,t · log π(a_t)  (+ value_coef · MSE(V, R) for the value baseline)
 
 The reward is read at the final token (the RM's scalar head), the KL is a per-sequence sum of
-log-ratios against the frozen reference (the pretrained policy), log π is the temperature-1
+log-ratios against the KL anchor, log π is the temperature-1
 policy (sampling uses ``temperature``, 0.9 as in the paper). A non-finite update is skipped in
 the graph. ``loop.train`` owns resume (the key lives in the state, the prompt iterator is
 checkpointed), SIGTERM and metrics. Every ``eval_every`` steps the policy is sampled on
 held-out prompts with a fixed key (so runs against different rewards are comparable) and
-judged by the proxy reward, the oracle and the KL.
+judged by the proxy reward, the oracle and the KL to the pretrained policy.
 
+KL anchors (``ANCHORS``, chosen per run by ``ReinforceConfig.anchors``):
+
+* ``init``: the frozen reference, the pretrained policy the run starts from (WARM's setting);
+* ``ema``: an exponential moving average of the policy itself (WARP, Ramé et al. 2024, §3),
+  anchor ← (1 − μ)·anchor + μ·θ after each applied update, μ = ``ReinforceConfig.ema_rate``. The
+  anchor starts at the initial policy, lives in the train state (``AnchoredState``, float32
+  whatever the parameters' dtype: a bfloat16 anchor would round μ-sized steps away) and so is
+  checkpointed with it; a skipped update leaves it unchanged.
+
+Runs are named ``<reward>`` (anchor 'init') and ``<reward>_ema`` (anchor 'ema').
 Outputs: WORKDIR/rl/<reward>/ckpt/ and updates.json (applied and skipped updates),
 metrics/rl_<reward>.jsonl, WORKDIR/rl/results.json; per prompt, for the claims' bootstrap intervals:
 rl/<reward>/eval_scores/<step>.json (oracle and proxy reward on the held-out eval prompts, the same
@@ -32,6 +42,7 @@ import os
 import signal
 import time
 
+import flax.struct
 import gin
 import jax
 import jax.numpy as jnp
@@ -45,9 +56,11 @@ from warm_jax.models import transformer as tr
 from warm_jax.policy import advantages, bon, sampler, winrate
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
-from warm_jax.train_state import TrainState, guarded_update, new_state, state_specs
+from warm_jax.train_state import TrainState, guarded_update, new_state, select, state_specs
 
 log = logging.getLogger(__name__)
+
+ANCHORS = ("init", "ema")
 
 
 @gin.configurable
@@ -72,6 +85,9 @@ class ReinforceConfig:
     normalise_reward: bool = True
     conservative_lambda: float = 1.0  # for 'ens_conservative'
     oracle: str = "vader"
+    # KL anchors to train a policy with, one run per reward and anchor (see ANCHORS); WARP's μ for 'ema'.
+    anchors: tuple[str, ...] = ("init",)
+    ema_rate: float = 0.01
     debug_nan_step: int = -1  # tests: poison the loss at this step
     debug_kill_step: int = -1  # tests: SIGKILL this process when this step starts
 
@@ -82,6 +98,64 @@ class ReinforceConfig:
             raise ValueError(f"ReinforceConfig.rewards has unknown {bad}; choose from {rewards_lib.REWARD_NAMES}")
         if self.baseline == "rloo" and self.samples_per_prompt < 2:
             raise ValueError("ReinforceConfig.baseline='rloo' needs samples_per_prompt >= 2")
+        anchors = (self.anchors,) if isinstance(self.anchors, str) else tuple(self.anchors)
+        for a in anchors:
+            check_anchor(a, "ReinforceConfig.anchors")
+        if not anchors or len(set(anchors)) != len(anchors):
+            raise ValueError(f"ReinforceConfig.anchors must name each of {ANCHORS} at most once, got {self.anchors!r}")
+        if not 0.0 <= self.ema_rate <= 1.0:
+            raise ValueError(f"ReinforceConfig.ema_rate must lie in [0, 1] (WARP uses 0.01), got {self.ema_rate}")
+        object.__setattr__(self, "anchors", anchors)
+
+
+def check_anchor(anchor: str, binding: str) -> str:
+    if anchor not in ANCHORS:
+        raise ValueError(f"{binding} = {anchor!r} is not a KL anchor; choose from {ANCHORS}")
+    return anchor
+
+
+def run_name(reward: str, anchor: str) -> str:
+    """A single run's name: the reward for anchor 'init' (the original layout), ``<reward>_ema`` for 'ema'."""
+    return reward if check_anchor(anchor, "anchor") == "init" else f"{reward}_{anchor}"
+
+
+# ----------------------------------------------------------------------------- the EMA anchor
+
+
+@flax.struct.dataclass
+class AnchoredState(TrainState):
+    """A policy's TrainState plus its KL anchor for ``anchor='ema'``: a float32 tree shaped like params."""
+
+    anchor: object = None
+
+    @classmethod
+    def from_state(cls, state: TrainState, anchor) -> AnchoredState:
+        return cls(step=state.step, params=state.params, opt_state=state.opt_state, key=state.key, anchor=anchor)
+
+
+def ema_update(anchor, params, rate):
+    """anchor ← (1 − rate)·anchor + rate·params, leafwise in float32 (anchor float32, params any dtype)."""
+    return jax.tree.map(lambda a, p: (1.0 - rate) * a + rate * p.astype(jnp.float32), anchor, params)
+
+
+def anchor_params(state: AnchoredState, like):
+    """The EMA anchor in the dtypes of ``like`` (the policy's params), for the KL forward pass."""
+    return jax.tree.map(lambda a, p: a.astype(p.dtype), state.anchor, like)
+
+
+def initial_state(params, tx: optax.GradientTransformation, key, anchor: str):
+    """A fresh policy state from ``params`` (copied: the state is donated, ``params`` may be the
+    reference): a TrainState for 'init', an AnchoredState whose anchor is float32 ``params`` for 'ema'."""
+    state = new_state(jax.tree.map(lambda x: x + 0, params), tx, key)
+    if check_anchor(anchor, "anchor") == "ema":
+        return AnchoredState.from_state(state, jax.tree.map(lambda x: x.astype(jnp.float32), params))
+    return state
+
+
+def policy_state_specs(tx: optax.GradientTransformation, abstract_params, param_specs, anchor: str):
+    """PartitionSpecs of ``initial_state``'s result: the anchor is sharded like the params."""
+    specs = state_specs(tx, abstract_params, param_specs)
+    return AnchoredState.from_state(specs, param_specs) if anchor == "ema" else specs
 
 
 # ----------------------------------------------------------------------------- maths
@@ -120,10 +194,24 @@ def _sequences(batch):
 
 
 def reinforce_update(
-    state: TrainState, ref_params, rm_state, batch, *, graphdef, rm_apply, tx, cfg: ReinforceConfig, pad_id: int
+    state: TrainState,
+    ref_params,
+    rm_state,
+    batch,
+    *,
+    graphdef,
+    rm_apply,
+    tx,
+    cfg: ReinforceConfig,
+    pad_id: int,
+    anchor: str = "init",
+    debug_nan_step=None,
 ):
     """One REINFORCE update (pure). batch: prompt_tokens/prompt_mask [B, P] (k consecutive rows
-    per prompt), response_tokens/response_mask [B, N]. Returns (state, scalar metrics)."""
+    per prompt), response_tokens/response_mask [B, N]. The KL is to ``ref_params`` for anchor
+    'init' and to ``state.anchor`` (an AnchoredState's EMA, then updated) for 'ema'.
+    ``debug_nan_step`` (tests; may be traced) overrides ``cfg.debug_nan_step``. Returns (state,
+    scalar metrics)."""
     p = batch["prompt_tokens"].shape[1]
     tokens, mask = _sequences(batch)
     rmask = batch["response_mask"].astype(jnp.float32)
@@ -131,7 +219,8 @@ def reinforce_update(
         batch["prompt_tokens"], batch["prompt_mask"], batch["response_tokens"], batch["response_mask"], pad_id=pad_id
     )
     proxy = jax.lax.stop_gradient(rm_apply(rm_state, rm_tokens, rm_len)[0])
-    ref_logp = jax.lax.stop_gradient(policy_forward(ref_params, graphdef, tokens, mask, p)[0])
+    kl_ref = ref_params if check_anchor(anchor, "anchor") == "init" else anchor_params(state, state.params)
+    ref_logp = jax.lax.stop_gradient(policy_forward(kl_ref, graphdef, tokens, mask, p)[0])
     estimator = advantages.get_estimator(cfg.baseline)
     needs_value = cfg.baseline in advantages.NEEDS_VALUE
 
@@ -154,7 +243,11 @@ def reinforce_update(
         return pg + cfg.value_coef * v_loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new, loss, finite = guarded_update(state, loss, grads, tx, debug_nan_step=cfg.debug_nan_step)
+    nan_step = cfg.debug_nan_step if debug_nan_step is None else debug_nan_step
+    new, loss, finite = guarded_update(state, loss, grads, tx, debug_nan_step=nan_step)
+    if anchor == "ema":
+        # After the update, towards the new params (WARP's order); a skipped update moves nothing.
+        new = new.replace(anchor=select(finite, ema_update(state.anchor, new.params, cfg.ema_rate), state.anchor))
     metrics = {
         "loss": loss,
         "proxy": proxy.mean(),
@@ -214,7 +307,15 @@ class Setup:
     eval_prompts: PromptSet
     winrate_prompts: PromptSet
     oracle: oracle_lib.Oracle
-    compiled: dict  # reward kind → (update, eval_scores)
+    compiled: dict  # (reward kind, anchor) → (update, eval_scores); other programs by their own keys
+
+
+def state_shardings(setup: Setup, anchor: str):
+    """Shardings of a single policy's state for ``anchor`` (see ``initial_state``)."""
+    if anchor == "init":
+        return setup.state_sh
+    abstract = jax.eval_shape(lambda: setup.ref_params)
+    return sharding.named(setup.ctx.mesh, policy_state_specs(setup.tx, abstract, setup.param_specs, anchor))
 
 
 def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
@@ -272,13 +373,15 @@ def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
     )
 
 
-def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn):
-    """(update, eval) jitted for this reward's kind; rewards of one kind share them."""
-    if reward_fn.kind not in setup.compiled:
+def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn, anchor: str = "init"):
+    """(update, eval) jitted for this reward's kind and the KL anchor; rewards of one kind share them."""
+    name = (reward_fn.kind, anchor)
+    if name not in setup.compiled:
         mesh, cfg = setup.ctx.mesh, setup.cfg
         repl = sharding.replicated(mesh)
         param_sh = sharding.named(mesh, setup.param_specs)
         rm_sh = rm_shardings(reward_fn, mesh)
+        state_sh = state_shardings(setup, anchor)
         update = jax.jit(
             functools.partial(
                 reinforce_update,
@@ -287,9 +390,10 @@ def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn):
                 tx=setup.tx,
                 cfg=cfg,
                 pad_id=setup.tok.pad_id,
+                anchor=anchor,
             ),
-            in_shardings=(setup.state_sh, param_sh, rm_sh, setup.batch_sh),
-            out_shardings=(setup.state_sh, repl),
+            in_shardings=(state_sh, param_sh, rm_sh, setup.batch_sh),
+            out_shardings=(state_sh, repl),
             donate_argnums=0,
             compiler_options=runtime.training_compiler_options(),
         )
@@ -297,8 +401,8 @@ def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn):
             functools.partial(eval_scores, graphdef=setup.graphdef, rm_apply=reward_fn.apply, pad_id=setup.tok.pad_id),
             in_shardings=(param_sh, param_sh, rm_sh, setup.batch_sh),
         )
-        setup.compiled[reward_fn.kind] = (update, evaluate)
-    return setup.compiled[reward_fn.kind]
+        setup.compiled[name] = (update, evaluate)
+    return setup.compiled[name]
 
 
 def rm_shardings(reward_fn: rewards_lib.RewardFn, mesh) -> dict:
@@ -395,9 +499,9 @@ class StepRunner:
     the state and batch; the host timings only feed the metrics.
     """
 
-    def __init__(self, setup: Setup, reward_fn: rewards_lib.RewardFn):
+    def __init__(self, setup: Setup, reward_fn: rewards_lib.RewardFn, anchor: str = "init"):
         self.setup, self.reward_fn = setup, reward_fn
-        self.update = compiled_for(setup, reward_fn)[0]
+        self.update = compiled_for(setup, reward_fn, anchor)[0]
         self.rm_state = rm_state_on_mesh(reward_fn, setup.ctx.mesh)
         self.last = None  # (prompt indices [B], response tokens [B, N]) of the latest step, for the oracle
         self.params = None  # the latest params (valid until the next step donates them)
@@ -426,32 +530,37 @@ class StepRunner:
         return state, metrics
 
 
-def train_one(setup: Setup, name: str) -> TrainState:
-    """Trains the policy against reward ``name``; returns the final state (resumes if it can)."""
+def prompt_iterator(setup: Setup, seed: int) -> pipeline.PreferenceIterator:
+    """The training prompts in the order of ``seed``: batches of tokens, mask [b, P] and index [b]."""
+    records = [
+        {"tokens": t, "mask": m, "index": np.int32(i)}
+        for i, (t, m) in enumerate(zip(setup.train_prompts.tokens, setup.train_prompts.mask))
+    ]
+    return pipeline.PreferenceIterator(
+        records,
+        batch_size=setup.cfg.prompts_per_step,
+        seed=seed,
+        fields=("tokens", "mask", "index"),
+        process_index=0,
+        process_count=1,  # every process reads the global batch (see sharding.put_global)
+    )
+
+
+def train_one(setup: Setup, name: str, anchor: str = "init") -> TrainState:
+    """Trains the policy against reward ``name`` with KL ``anchor``; returns the final state (resumes
+    if it can). The run is ``run_name(name, anchor)``; both anchors draw the same keys and prompts."""
     ctx, cfg = setup.ctx, setup.cfg
     reward_fn = rewards_lib.load_reward(
         ctx, name, conservative_lambda=cfg.conservative_lambda, normalise=cfg.normalise_reward
     )
     key = jax.random.fold_in(jax.random.key(ctx.seed), 1 + rewards_lib.REWARD_NAMES.index(name))
+    state_sh = state_shardings(setup, anchor)
     # The policy starts as a copy of the reference (the state is donated; the reference is not).
-    state = jax.jit(lambda p: new_state(jax.tree.map(lambda x: x + 0, p), setup.tx, key), out_shardings=setup.state_sh)(
-        setup.ref_params
-    )
-    abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), setup.state_sh)
+    state = jax.jit(lambda p: initial_state(p, setup.tx, key, anchor), out_shardings=state_sh)(setup.ref_params)
+    abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), state_sh)
 
     k = cfg.samples_per_prompt
-    records = [
-        {"tokens": t, "mask": m, "index": np.int32(i)}
-        for i, (t, m) in enumerate(zip(setup.train_prompts.tokens, setup.train_prompts.mask))
-    ]
-    iterator = pipeline.PreferenceIterator(
-        records,
-        batch_size=cfg.prompts_per_step,
-        seed=ctx.seed,
-        fields=("tokens", "mask", "index"),
-        process_index=0,
-        process_count=1,  # every process reads the global batch (see sharding.put_global)
-    )
+    iterator = prompt_iterator(setup, ctx.seed)
 
     def to_device(b):
         # k consecutive rows per prompt (the layout RLOO's baseline expects).
@@ -460,7 +569,8 @@ def train_one(setup: Setup, name: str) -> TrainState:
         out["texts_index"] = np.repeat(b["index"], k)  # host-side, for the oracle
         return out
 
-    run_dir = ctx.path("rl", name)
+    run = run_name(name, anchor)
+    run_dir = ctx.path("rl", run)
     initial = os.path.join(run_dir, "initial_eval.json")
     if not os.path.exists(initial):
         ev = evaluate_policy(setup, setup.ref_params, reward_fn, setup.eval_prompts, eval_key(setup))
@@ -468,7 +578,7 @@ def train_one(setup: Setup, name: str) -> TrainState:
             write_eval_scores(run_dir, 0, ev)
             io_utils.atomic_write_json(initial, {"step": 0, **_summary(ev)})
 
-    runner = StepRunner(setup, reward_fn)
+    runner = StepRunner(setup, reward_fn, anchor)
 
     def on_log(step: int, host: dict) -> dict:
         extra = {}
@@ -487,7 +597,7 @@ def train_one(setup: Setup, name: str) -> TrainState:
     base = loop.LoopConfig()
     loop_cfg = dataclasses.replace(base, log_every=math.gcd(base.log_every, cfg.eval_every))
     final = loop.train(
-        stage=f"rl_{name}",
+        stage=f"rl_{run}",
         workdir=ctx.workdir,
         state=state,
         abstract_state=abstract_state,
@@ -533,17 +643,19 @@ def win_rates(workdir: str, names) -> dict:
 def run(ctx: RunContext, cfg: ReinforceConfig | None = None) -> None:
     cfg = cfg or ReinforceConfig()
     setup = build(ctx, cfg)
+    runs = []
     for name in cfg.rewards:
-        t0 = time.time()
-        train_one(setup, name)
-        log.info("[reinforce] %s: %.1fs", name, time.time() - t0)
+        for anchor in cfg.anchors:
+            t0 = time.time()
+            train_one(setup, name, anchor)
+            runs.append(run_name(name, anchor))
+            log.info("[reinforce] %s: %.1fs", runs[-1], time.time() - t0)
     if jax.process_index() == 0:
         result = {
             "runs": {
-                n: {**run_curve(ctx.workdir, n), "updates": loop.read_updates(ctx.path("rl", n, "ckpt"))}
-                for n in cfg.rewards
+                n: {**run_curve(ctx.workdir, n), "updates": loop.read_updates(ctx.path("rl", n, "ckpt"))} for n in runs
             },
-            "win_rate": win_rates(ctx.workdir, list(cfg.rewards)),
+            "win_rate": win_rates(ctx.workdir, runs),
             "config": dataclasses.asdict(cfg),
         }
         io_utils.atomic_write_json(ctx.path("rl", "results.json"), result)

@@ -1,0 +1,511 @@
+"""Stage `policy_ensemble`: M policies trained by REINFORCE as ONE jitted, vmapped, sharded step (WARP).
+
+WARP (Ramé et al., 2024, arXiv 2406.16768) trains M policies independently from one initialisation,
+each with its KL anchored to an exponential moving average of itself, then merges them. Here the M
+policies are a leading [M] axis on every leaf of the train state (params, Adam moments, step, key,
+EMA anchor), split over the mesh's 'ensemble' axis exactly as the reward-model ensemble's is, and
+one ``jax.jit(jax.vmap(policy_step, spmd_axis_name='ensemble'))`` does, per policy: sample k
+responses per prompt, score them with the reward (shared, not vmapped), advantages, the update,
+and the EMA anchor update (``reinforce.reinforce_update``). Policies differ by their key and their
+prompt order, both derived by name: ``fold_in(fold_in(key(seed), crc32(stage)), i)`` and
+``policy_seeds``. A policy's non-finite update is skipped in-graph for that policy alone, counted
+per policy (``loop.UpdateCounts.member_skipped``) and logged naming the policy.
+
+Evaluation follows the single runs (``reinforce.train_one``): at step 0 and every ``eval_every``
+steps each policy samples the held-out eval prompts with the same fixed key (one vmapped program),
+judged by the proxy reward, the oracle and the KL to the pretrained policy (``setup.ref_params``).
+
+Outputs under ``run_dir`` (the stage: WORKDIR/rl/policy_ensemble/): ckpt/ (the stacked state),
+updates.json, policies.json (what ``load_policies`` needs), <i>/eval_scores/<step>.json,
+<i>/initial_eval.json and <i>/winrate_scores.json per policy i (read them with
+``reinforce.read_eval_scores(workdir, "policy_ensemble/<i>", steps)``), results.json (per-policy
+eval curves and the update counts); metrics/<stage>.jsonl holds [M] lists per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import signal
+import zlib
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from warm_jax import checkpoints, io_utils, loop, metrics as metrics_lib, runtime, sharding
+from warm_jax.data import pipeline
+from warm_jax.ensemble import StackedIterator
+from warm_jax.policy import bon, reinforce, sampler
+from warm_jax.policy import rewards as rewards_lib
+from warm_jax.stages import RunContext, register_stage
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = ("rl", "policy_ensemble")
+META_FILE = "policies.json"
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class PolicyEnsembleConfig:
+    """M policies against one reward; every other REINFORCE setting comes from ReinforceConfig."""
+
+    num_policies: int = 4
+    reward: str = "warm"  # a name of rewards.REWARD_NAMES
+    anchor: str = "ema"  # the KL anchor, reinforce.ANCHORS (WARP: 'ema', rate ReinforceConfig.ema_rate)
+    debug_nan_policy: int = -1  # tests: poison only this policy at ReinforceConfig.debug_nan_step (-1: all)
+
+    def __post_init__(self):
+        if self.num_policies < 1:
+            raise ValueError(f"PolicyEnsembleConfig.num_policies must be ≥ 1, got {self.num_policies}")
+        if self.reward not in rewards_lib.REWARD_NAMES:
+            raise ValueError(
+                f"PolicyEnsembleConfig.reward = {self.reward!r} is unknown; choose from {rewards_lib.REWARD_NAMES}"
+            )
+        reinforce.check_anchor(self.anchor, "PolicyEnsembleConfig.anchor")
+        if not -1 <= self.debug_nan_policy < self.num_policies:
+            raise ValueError(
+                f"PolicyEnsembleConfig.debug_nan_policy must be -1 or a policy index, got {self.debug_nan_policy}"
+            )
+
+
+# ----------------------------------------------------------------------------- keys and data order
+
+
+def stream_key(seed: int, stage: str):
+    """The named stream of a policy ensemble's keys: fold_in(key(seed), crc32(stage))."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(stage.encode()))
+
+
+def policy_keys(seed: int, stage: str, m: int) -> np.ndarray:
+    """Raw key data [M, 2] (uint32): policy i's key is fold_in(stream_key, i)."""
+    base = stream_key(seed, stage)
+    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(base, i))) for i in range(m)])
+
+
+def policy_seeds(seed: int, stage: str, m: int) -> list[int]:
+    """Prompt-order seeds, one per policy, from the same named stream (distinct for distinct i)."""
+    base = int(zlib.crc32(f"{stage}/prompt_order".encode()))
+    return [(seed * 1_000_003 + base + 7_919 * (i + 1)) % (2**31 - 1) for i in range(m)]
+
+
+# ----------------------------------------------------------------------------- the vmapped programs
+
+
+def policy_step(
+    state,
+    ref_params,
+    rm_state,
+    prompts,
+    nan_step,
+    *,
+    graphdef,
+    model_cfg,
+    samp_cfg: sampler.SamplingConfig,
+    rm_apply,
+    tx,
+    cfg: reinforce.ReinforceConfig,
+    pad_id: int,
+    anchor: str,
+):
+    """ONE policy's step (vmapped by the caller): sample, then ``reinforce_update``.
+
+    prompts: tokens/mask [B, P] (k consecutive rows per prompt); ``ref_params``: the 'init' KL
+    anchor (shared, unused for 'ema'); nan_step: int32 [] (tests; −1 = never). The sampling key is
+    fold_in(state.step_key(), 0), as in ``reinforce.StepRunner``. Returns (state, scalar metrics,
+    response tokens [B, N]).
+    """
+    key = jax.random.fold_in(state.step_key(), 0)
+    gen = sampler.sample(
+        state.params, prompts["tokens"], prompts["mask"], key, graphdef=graphdef, model_cfg=model_cfg, cfg=samp_cfg
+    )
+    batch = {
+        "prompt_tokens": prompts["tokens"],
+        "prompt_mask": prompts["mask"],
+        "response_tokens": gen["tokens"],
+        "response_mask": gen["mask"],
+    }
+    state, metrics = reinforce.reinforce_update(
+        state,
+        ref_params,
+        rm_state,
+        batch,
+        graphdef=graphdef,
+        rm_apply=rm_apply,
+        tx=tx,
+        cfg=cfg,
+        pad_id=pad_id,
+        anchor=anchor,
+        debug_nan_step=nan_step,
+    )
+    return state, metrics, gen["tokens"]
+
+
+def eval_one(
+    params,
+    ref_params,
+    rm_state,
+    prompt_tokens,
+    prompt_mask,
+    key,
+    *,
+    graphdef,
+    model_cfg,
+    samp_cfg,
+    rm_apply,
+    pad_id: int,
+):
+    """ONE policy's eval on shared prompts [B, P] (vmapped by the caller): tokens [B, N], length [B],
+    proxy [B], KL to ``ref_params`` [B]."""
+    gen = sampler.sample(params, prompt_tokens, prompt_mask, key, graphdef=graphdef, model_cfg=model_cfg, cfg=samp_cfg)
+    batch = {
+        "prompt_tokens": prompt_tokens,
+        "prompt_mask": prompt_mask,
+        "response_tokens": gen["tokens"],
+        "response_mask": gen["mask"],
+    }
+    scores = reinforce.eval_scores(
+        params, ref_params, rm_state, batch, graphdef=graphdef, rm_apply=rm_apply, pad_id=pad_id
+    )
+    return {"tokens": gen["tokens"], "length": gen["length"], **scores}
+
+
+def _sampling_config(setup: reinforce.Setup) -> sampler.SamplingConfig:
+    cfg = setup.cfg
+    return sampler.SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=setup.tok.eos_id, pad_id=setup.tok.pad_id
+    )
+
+
+@dataclasses.dataclass
+class Programs:
+    """The stacked layout and the compiled programs of M policies (one per reward kind, anchor, M)."""
+
+    state_sh: object  # stacked state shardings
+    params_sh: object  # stacked params shardings
+    prompts_sh: NamedSharding  # [M, B, P] per-policy prompts
+    shared_sh: NamedSharding  # [B, P] prompts every policy sees
+    member_sh: NamedSharding  # [M]
+    init: object  # (init_params, keys [M, 2]) -> stacked state
+    step: object  # (state, ref_params, rm_state, prompts, nan_steps) -> (state, metrics, tokens [M, B, N])
+    evaluate: object  # (stacked params, ref_params, rm_state, tokens, mask, key) -> dict of [M, B, ...]
+
+
+def stacked_state_shardings(setup: reinforce.Setup, anchor: str):
+    """The stacked [M, ...] state's shardings: every leaf leads with the 'ensemble' mesh axis."""
+    abstract = jax.eval_shape(lambda: setup.ref_params)
+    specs = reinforce.policy_state_specs(setup.tx, abstract, setup.param_specs, anchor)
+    return sharding.named(setup.ctx.mesh, sharding.prefix_ensemble(specs))
+
+
+def programs(setup: reinforce.Setup, reward_fn: rewards_lib.RewardFn, anchor: str) -> Programs:
+    name = ("policy_ensemble", reward_fn.kind, anchor)
+    if name in setup.compiled:
+        return setup.compiled[name]
+    mesh, cfg = setup.ctx.mesh, setup.cfg
+    repl = sharding.replicated(mesh)
+    param_sh = sharding.named(mesh, setup.param_specs)
+    rm_sh = reinforce.rm_shardings(reward_fn, mesh)
+    state_sh = stacked_state_shardings(setup, anchor)
+    params_sh = sharding.named(mesh, sharding.prefix_ensemble(setup.param_specs))
+    prompts_sh = sharding.batch_sharding(mesh, 3, members="stacked")
+    shared_sh = sharding.batch_sharding(mesh, 2, members="shared")
+    member_sh = NamedSharding(mesh, P(sharding.ENSEMBLE))
+    stacked_2d = sharding.batch_sharding(mesh, 2, members="stacked")
+    samp_cfg = _sampling_config(setup)
+    common = dict(
+        graphdef=setup.graphdef,
+        model_cfg=setup.model_cfg,
+        samp_cfg=samp_cfg,
+        rm_apply=reward_fn.apply,
+        pad_id=setup.tok.pad_id,
+    )
+
+    init = jax.jit(
+        jax.vmap(lambda p, key: reinforce.initial_state(p, setup.tx, key, anchor), in_axes=(None, 0)),
+        in_shardings=(param_sh, member_sh),
+        out_shardings=state_sh,
+    )
+    vstep = jax.vmap(
+        functools.partial(policy_step, tx=setup.tx, cfg=cfg, anchor=anchor, **common),
+        in_axes=(0, None, None, 0, 0),
+        spmd_axis_name=sharding.ENSEMBLE,
+    )
+
+    def step(state, ref_params, rm_state, prompts, nan_steps):
+        state, metrics, tokens = vstep(state, ref_params, rm_state, prompts, nan_steps)
+        # One verdict for the loop; which policies skipped goes into its error and the update counts.
+        metrics["member_finite"] = metrics["finite"]
+        metrics["finite"] = jnp.all(metrics["finite"])
+        return state, metrics, tokens
+
+    step = jax.jit(
+        step,
+        in_shardings=(state_sh, param_sh, rm_sh, {"tokens": prompts_sh, "mask": prompts_sh}, member_sh),
+        out_shardings=(state_sh, repl, prompts_sh),
+        donate_argnums=0,
+        compiler_options=runtime.training_compiler_options(),
+    )
+    evaluate = jax.jit(
+        jax.vmap(
+            functools.partial(eval_one, **common),
+            in_axes=(0, None, None, None, None, None),
+            spmd_axis_name=sharding.ENSEMBLE,
+        ),
+        in_shardings=(params_sh, param_sh, rm_sh, shared_sh, shared_sh, repl),
+        out_shardings={"tokens": prompts_sh, "length": stacked_2d, "proxy": stacked_2d, "kl": stacked_2d},
+    )
+    setup.compiled[name] = Programs(state_sh, params_sh, prompts_sh, shared_sh, member_sh, init, step, evaluate)
+    return setup.compiled[name]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_policies(
+    setup: reinforce.Setup, progs: Programs, params, reward_fn, prompts: reinforce.PromptSet, key
+) -> dict[str, np.ndarray]:
+    """Every policy samples ``prompts`` with the same key (chunk at row r: fold_in(key, r), as
+    ``sampler.sample_in_batches``); per policy and prompt: oracle, proxy, KL, length [M, R] (host)."""
+    chunk = sharding.shard_batch_size(setup.eval_chunk, progs.shared_sh)
+    rm_state = reinforce.rm_state_on_mesh(reward_fn, setup.ctx.mesh)
+    outs = {"tokens": [], "length": [], "proxy": [], "kl": []}
+    for start in range(0, len(prompts.tokens), chunk):
+        t, m = prompts.tokens[start : start + chunk], prompts.mask[start : start + chunk]
+        real = len(t)
+        t = np.concatenate([t, np.repeat(t[-1:], chunk - real, 0)])
+        m = np.concatenate([m, np.repeat(m[-1:], chunk - real, 0)])
+        out = progs.evaluate(
+            params,
+            setup.ref_params,
+            rm_state,
+            sharding.put_global(t, progs.shared_sh),
+            sharding.put_global(m, progs.shared_sh),
+            jax.random.fold_in(key, start),
+        )
+        for k in outs:
+            outs[k].append(np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:, :real])
+    host = {k: np.concatenate(v, axis=1) for k, v in outs.items()}
+    gold = np.stack([setup.oracle.score(bon.oracle_texts(setup.tok, prompts.texts, toks)) for toks in host["tokens"]])
+    return {"oracle": gold, "proxy": host["proxy"], "kl": host["kl"], "length": host["length"].astype(np.float32)}
+
+
+def _per_policy(ev: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    return {k: v[i] for k, v in ev.items()}
+
+
+def _summary(ev: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Per-policy means: eval_<k> → [M]."""
+    return {f"eval_{k}": [float(x) for x in np.mean(v, axis=1)] for k, v in ev.items()}
+
+
+def _write_eval(run_dir: str, step: int, ev: dict[str, np.ndarray]) -> None:
+    for i in range(len(ev["oracle"])):
+        reinforce.write_eval_scores(os.path.join(run_dir, str(i)), step, _per_policy(ev, i))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class EnsembleRunner:
+    """The step ``loop.train`` calls: the one vmapped program; keeps the sampled tokens for the
+    training oracle and the latest params for evaluation (valid until the next step donates them)."""
+
+    def __init__(self, setup, progs: Programs, anchor_params, rm_state, nan_steps):
+        self.setup, self.progs = setup, progs
+        self.anchor_params, self.rm_state, self.nan_steps = anchor_params, rm_state, nan_steps
+        self.last = None  # (prompt indices [M, B], response tokens [M, B, N])
+        self.params = None
+
+    def __call__(self, state, batch):
+        cfg = self.setup.cfg
+        if cfg.debug_kill_step >= 0 and loop.scalar_step(state) == cfg.debug_kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        prompts = {"tokens": batch["tokens"], "mask": batch["mask"]}
+        state, metrics, tokens = self.progs.step(state, self.anchor_params, self.rm_state, prompts, self.nan_steps)
+        self.last = (batch["texts_index"], tokens)
+        self.params = state.params
+        return state, metrics
+
+
+def _meta(num_policies: int, anchor: str, reward: str, stage: str, seed: int) -> dict:
+    return {"num_policies": num_policies, "anchor": anchor, "reward": reward, "stage": stage, "seed": seed}
+
+
+def train_policies(
+    setup: reinforce.Setup,
+    *,
+    reward: str,
+    num_policies: int,
+    init_params,
+    run_dir: str,
+    anchor: str,
+    stage: str,
+    num_steps: int | None = None,
+    debug_nan_policy: int = -1,
+):
+    """Trains ``num_policies`` policies from ``init_params`` against ``reward``; returns their
+    stacked final params [M, ...] (sharded with the 'ensemble' axis leading). Resumes from
+    ``run_dir``/ckpt when it has a checkpoint.
+
+    init_params: one policy's params (e.g. the pretrained policy, or WARP's previous LITI point),
+      sharded like ``setup.ref_params``; it is also the 'init' KL anchor and the EMA's start.
+    anchor: 'init' | 'ema' (rate ``setup.cfg.ema_rate``).
+    stage: the metrics stream (metrics/<stage>.jsonl) and the name the policies' keys derive from.
+    num_steps: default ``setup.cfg.num_steps``.
+    debug_nan_policy: tests — the policy poisoned at ``setup.cfg.debug_nan_step`` (−1: all of them).
+    """
+    ctx, cfg = setup.ctx, setup.cfg
+    m = num_policies
+    reinforce.check_anchor(anchor, "anchor")
+    num_steps = cfg.num_steps if num_steps is None else num_steps
+    ens = ctx.mesh.shape.get(sharding.ENSEMBLE, 1)
+    if m % ens:
+        raise ValueError(
+            f"PolicyEnsembleConfig.num_policies = {m} must be a multiple of the mesh's ensemble axis ({ens})"
+        )
+    reward_fn = rewards_lib.load_reward(
+        ctx, reward, conservative_lambda=cfg.conservative_lambda, normalise=cfg.normalise_reward
+    )
+    progs = programs(setup, reward_fn, anchor)
+    keys = sharding.put_global(policy_keys(ctx.seed, stage, m), progs.member_sh)
+    state = progs.init(init_params, keys)
+    abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), progs.state_sh)
+    nan_steps = np.asarray([cfg.debug_nan_step if debug_nan_policy in (-1, i) else -1 for i in range(m)], np.int32)
+    nan_steps = sharding.put_global(nan_steps, progs.member_sh)
+
+    k = cfg.samples_per_prompt
+    iterator = StackedIterator([reinforce.prompt_iterator(setup, s) for s in policy_seeds(ctx.seed, stage, m)])
+
+    def to_device(b):
+        # k consecutive rows per prompt (the layout RLOO's baseline expects), per policy.
+        local = {f: np.repeat(b[f], k, axis=1) for f in ("tokens", "mask")}
+        out = pipeline.to_global(local, progs.prompts_sh)
+        out["texts_index"] = np.repeat(b["index"], k, axis=1)  # host-side, for the oracle
+        return out
+
+    if jax.process_index() == 0:
+        io_utils.atomic_write_json(os.path.join(run_dir, META_FILE), _meta(m, anchor, reward, stage, ctx.seed))
+    key = reinforce.eval_key(setup)
+    initial = os.path.join(run_dir, "initial_eval.json")
+    if not os.path.exists(initial):
+        ev = evaluate_policies(setup, progs, state.params, reward_fn, setup.eval_prompts, key)
+        if jax.process_index() == 0:
+            _write_eval(run_dir, 0, ev)
+            io_utils.atomic_write_json(initial, {"step": 0, **_summary(ev)})
+
+    rm_state = reinforce.rm_state_on_mesh(reward_fn, ctx.mesh)
+    runner = EnsembleRunner(setup, progs, init_params, rm_state, nan_steps)
+
+    def on_log(step: int, host: dict) -> dict:
+        extra = {}
+        if runner.last is not None:
+            idx, toks = runner.last
+            toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))
+            texts = [[setup.train_prompts.texts[j] for j in row] for row in np.asarray(idx)]
+            extra["oracle"] = [
+                float(np.mean(setup.oracle.score(bon.oracle_texts(setup.tok, t, x)))) for t, x in zip(texts, toks)
+            ]
+        if step % cfg.eval_every == 0 or step == num_steps:
+            ev = evaluate_policies(setup, progs, runner.params, reward_fn, setup.eval_prompts, key)
+            if jax.process_index() == 0:
+                _write_eval(run_dir, step, ev)
+            extra.update(_summary(ev))
+        return extra
+
+    base = loop.LoopConfig()
+    loop_cfg = dataclasses.replace(base, log_every=math.gcd(base.log_every, cfg.eval_every))
+    final = loop.train(
+        stage=stage,
+        workdir=ctx.workdir,
+        state=state,
+        abstract_state=abstract_state,
+        step_fn=runner,
+        iterator=iterator,
+        to_device=to_device,
+        num_steps=num_steps,
+        ckpt_dir=os.path.join(run_dir, "ckpt"),
+        cfg=loop_cfg,
+        show=("proxy", "kl", "oracle"),
+        on_log=on_log,
+    )
+    wr = evaluate_policies(setup, progs, final.params, reward_fn, setup.winrate_prompts, jax.random.fold_in(key, 1))
+    if jax.process_index() == 0:
+        step = loop.scalar_step(final)
+        for i in range(m):
+            io_utils.atomic_write_json(
+                os.path.join(run_dir, str(i), "winrate_scores.json"), {"oracle": wr["oracle"][i].tolist(), "step": step}
+            )
+        updates = loop.read_updates(os.path.join(run_dir, "ckpt"))
+        io_utils.atomic_write_json(
+            os.path.join(run_dir, "results.json"),
+            {
+                **_meta(m, anchor, reward, stage, ctx.seed),
+                "policies": curves(ctx.workdir, run_dir, stage, m),
+                "updates": updates,
+                # Per policy (updates.json lists member_skipped only once a policy has skipped one).
+                "policy_skipped": updates.get("member_skipped", [0] * m),
+                "config": dataclasses.asdict(cfg),
+            },
+        )
+    return final.params
+
+
+def curves(workdir: str, run_dir: str, stage: str, m: int) -> list[dict[str, list]]:
+    """Per policy, its held-out eval curve: step 0 (the initial policy) then every eval step."""
+    rows = [io_utils.read_json(os.path.join(run_dir, "initial_eval.json"))]
+    rows += [r for r in metrics_lib.read_metrics(workdir, stage) if "eval_oracle" in r]
+    return [
+        {
+            "step": [int(r["step"]) for r in rows],
+            **{k: [r[f"eval_{k}"][i] for r in rows] for k in ("kl", "oracle", "proxy", "length")},
+        }
+        for i in range(m)
+    ]
+
+
+def load_policies(run_dir: str, setup: reinforce.Setup):
+    """The stacked final params [M, ...] of a finished ``train_policies`` run, on ``setup``'s mesh
+    (the 'ensemble' axis leading). Raises FileNotFoundError when the run has not finished."""
+    meta = io_utils.read_json(os.path.join(run_dir, META_FILE))
+    ckpt_dir = os.path.join(run_dir, "ckpt")
+    loop.read_updates(ckpt_dir)  # written only when the run finished
+    state_sh = stacked_state_shardings(setup, meta["anchor"])
+    m = meta["num_policies"]
+    abstract = jax.eval_shape(
+        jax.vmap(lambda p, key: reinforce.initial_state(p, setup.tx, key, meta["anchor"]), in_axes=(None, 0)),
+        setup.ref_params,
+        jax.ShapeDtypeStruct((m, 2), jnp.uint32),
+    )
+    ck = checkpoints.Checkpointer(ckpt_dir, read_only=True)
+    try:
+        state, _, _ = ck.restore(sharding.abstract_with_sharding(abstract, state_sh))
+    finally:
+        ck.close()
+    return state.params
+
+
+@register_stage("policy_ensemble", outputs=(os.path.join(*RUN_DIR),))
+def run(
+    ctx: RunContext, cfg: PolicyEnsembleConfig | None = None, rl_cfg: reinforce.ReinforceConfig | None = None
+) -> None:
+    """M policies from the pretrained/SFT policy against ``cfg.reward``; writes WORKDIR/rl/policy_ensemble/."""
+    cfg = cfg or PolicyEnsembleConfig()
+    setup = reinforce.build(ctx, rl_cfg or reinforce.ReinforceConfig())
+    train_policies(
+        setup,
+        reward=cfg.reward,
+        num_policies=cfg.num_policies,
+        init_params=setup.ref_params,
+        run_dir=ctx.path(*RUN_DIR),
+        anchor=cfg.anchor,
+        stage="policy_ensemble",
+        debug_nan_policy=cfg.debug_nan_policy,
+    )
