@@ -230,6 +230,23 @@ def test_ties_trims_and_elects_by_mass():
     np.testing.assert_array_equal(out, [3.0, -1.5, 0.0, 4.0, -3.0])
 
 
+def test_top_k_mask_is_lax_top_k_with_ties():
+    rng = np.random.default_rng(3)
+    rows = [
+        rng.standard_normal((3, 1000)),
+        np.round(rng.standard_normal((3, 1000)) * 2) / 2,  # many equal magnitudes
+        np.zeros((3, 1000)),  # all tied at 0
+        np.abs(rng.standard_normal((3, 1000))) * 1e-38,  # subnormals
+    ]
+    for a in rows:
+        a = jnp.abs(jnp.asarray(a, jnp.float32))
+        for k in (1, 7, 200, 999):
+            _, idx = jax.lax.top_k(a, k)
+            want = np.zeros(a.shape, bool)
+            np.put_along_axis(want, np.asarray(idx), True, axis=1)
+            np.testing.assert_array_equal(np.asarray(mm._top_k_mask(a, k)), want, err_msg=f"k={k}")
+
+
 def test_dare_drops_by_leaf_name_and_member():
     base = {"a": np.zeros((200, 50), np.float32), "b": np.zeros((300, 40), np.float32)}
     x = jax.tree.map(lambda b: np.ones((2, *b.shape), np.float32), base)
