@@ -38,7 +38,7 @@ SMOLLM2_135M = dict(
 
 
 def ours_env() -> dict[str, str]:
-    """The environment our side runs with: the one ``python -m warm_jax.train`` gives itself
+    """The environment our side runs with: the one ``warm-train --host_hugepages`` gives itself
     (huge-page malloc where the machine has it; see warm_jax/host_memory.py)."""
     from warm_jax import host_memory
 

@@ -41,7 +41,7 @@ def counted_worker(model_kwargs: dict, pairs: int, seq: int):
 
 
 def default_pages_env() -> dict[str, str]:
-    env = dict(os.environ, **{host_memory.OPT_OUT: "0"})
+    env = {k: v for k, v in os.environ.items() if k != host_memory.OPT_IN}
     items = [i for i in env.get("GLIBC_TUNABLES", "").split(":") if i and i.split("=")[0] != host_memory.TUNABLE]
     env["GLIBC_TUNABLES"] = ":".join(items)
     return env

@@ -1,5 +1,5 @@
-"""`python -m warm_jax.train` re-runs itself once with huge-page malloc (host_memory); libraries and other
-programs never do."""
+"""`warm-train --host_hugepages` (or WARM_JAX_HUGEPAGES=1) re-runs itself once with huge-page malloc
+(host_memory); without the opt-in, and on importing warm_jax, nothing re-executes."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ ON = "glibc.malloc.hugetlb=1"
         ({}, (2, 36), "always", ON),
         ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, (2, 36), "madvise", "glibc.malloc.arena_max=2:" + ON),
         ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise", None),  # the user's choice stands
-        ({"WARM_JAX_HUGEPAGES": "0"}, (2, 36), "madvise", None),
         ({}, (2, 31), "madvise", None),  # glibc without the tunable
         ({}, None, "madvise", None),  # musl or another C library
         ({}, (2, 36), "never", None),
@@ -39,31 +38,16 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
     assert host_memory.thp_mode(str(tmp_path / "missing")) is None
 
 
-@pytest.mark.parametrize(
-    "argv, module",
-    [
-        (["python", "-m", "warm_jax.train", "--gin_file=x"], "warm_jax.train"),
-        (["python", "-u", "-X", "importtime", "-m", "warm_jax.average", "a"], "warm_jax.average"),
-        (["python", "-mwarm_jax.export"], "warm_jax.export"),
-        (["python", "-c", "import warm_jax", "-m", "warm_jax.train"], None),
-        (["python", "script.py", "-m", "warm_jax.train"], None),
-        (["python"], None),
-    ],
-)
-def test_module_run_finds_the_dash_m_module(argv, module):
-    assert host_memory.module_run(argv) == module
-
-
 def _env(**updates) -> dict:
     env = helpers.subprocess_env()
     env.pop("GLIBC_TUNABLES", None)
-    env.pop(host_memory.OPT_OUT, None)
+    env.pop(host_memory.OPT_IN, None)
     return {**env, **updates}
 
 
-def _train_with_missing_gin(tmp_path, **env):
+def _train_with_missing_gin(tmp_path, *flags, **env):
     return subprocess.run(
-        [sys.executable, "-m", "warm_jax.train", "--gin_file=nope.gin", f"--workdir={tmp_path}"],
+        [sys.executable, "-m", "warm_jax.train", "--gin_file=nope.gin", f"--workdir={tmp_path}", *flags],
         env=_env(**env),
         cwd=helpers.REPO,
         capture_output=True,
@@ -72,16 +56,21 @@ def _train_with_missing_gin(tmp_path, **env):
     )
 
 
-def test_train_reruns_itself_with_the_same_arguments(tmp_path):
-    proc = _train_with_missing_gin(tmp_path)
+@pytest.mark.parametrize("flags, env", [(("--host_hugepages",), {}), ((), {"WARM_JAX_HUGEPAGES": "1"})])
+def test_train_opted_in_reruns_itself_with_the_same_arguments(tmp_path, flags, env):
+    proc = _train_with_missing_gin(tmp_path, *flags, **env)
     # The re-executed program got its arguments: it names the missing file and fails as before.
     assert proc.returncode == 2 and "nope.gin" in proc.stderr, proc.stderr
     if host_memory.tunables(_env()) is None:  # this machine cannot have it: the program runs as started
         assert "glibc default pages" in proc.stderr and "re-executed" not in proc.stderr
     else:
         assert f"transparent huge pages (GLIBC_TUNABLES={ON}; re-executed with it)" in proc.stderr, proc.stderr
-    off = _train_with_missing_gin(tmp_path, WARM_JAX_HUGEPAGES="0")
-    assert off.returncode == 2 and "glibc default pages" in off.stderr and "re-executed" not in off.stderr
+
+
+def test_train_without_the_opt_in_runs_as_started(tmp_path):
+    proc = _train_with_missing_gin(tmp_path)
+    assert proc.returncode == 2 and "nope.gin" in proc.stderr, proc.stderr
+    assert "glibc default pages" in proc.stderr and "re-executed" not in proc.stderr, proc.stderr
 
 
 def test_importing_warm_jax_never_reexecutes():
@@ -91,14 +80,3 @@ def test_importing_warm_jax_never_reexecutes():
     )
     assert out.stdout.split() == ["None", "None"], out.stdout
 
-
-def _processes_that_imported_host_memory(module: str) -> int:
-    """How many interpreters ``python -m MODULE --help`` ran (each imports warm_jax.host_memory once)."""
-    argv = [sys.executable, "-X", "importtime", "-m", module, "--help"]
-    out = subprocess.run(argv, env=_env(), cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
-    return sum(line.split("|")[-1].strip() == "warm_jax.host_memory" for line in out.stderr.splitlines())
-
-
-def test_only_train_reexecutes():
-    assert _processes_that_imported_host_memory("warm_jax.average") == 1  # its merge was slower with huge pages
-    assert _processes_that_imported_host_memory("warm_jax.train") == (1 if host_memory.tunables(_env()) is None else 2)

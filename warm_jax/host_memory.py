@@ -1,20 +1,18 @@
-"""Transparent huge pages for host memory: ``python -m warm_jax.train`` re-runs itself with them, once.
+"""Transparent huge pages for host memory: an explicit opt-in for CPU training jobs.
 
 XLA:CPU gives every execution of a compiled program fresh temporary buffers (about 100 MB for the
 quickstart-sized reward-model step, 3.8 GB at SmolLM2-135M) that glibc maps with ``mmap`` and unmaps
-afterwards, so every step faults all of it in again, 4 KB at a time (26k and 977k page faults per
-step). glibc's ``glibc.malloc.hugetlb=1`` tunable makes malloc ask the kernel for transparent huge
-pages (``madvise``) on such mappings: 2 MB pages, 70-230x fewer faults. Measured on the 2-core CPU
-machine (BENCHMARKS.md): the tiny RM step 1.33x faster, the 135M one 1.12x, the quickstart 490 -> 443 s,
-with the same peak memory and the same results. On GPUs and TPUs the step buffers live on the device;
-only host-side allocations change there (not measured).
+afterwards, so every step faults all of it in again, 4 KB at a time. glibc's
+``glibc.malloc.hugetlb=1`` tunable makes malloc ask the kernel for transparent huge pages
+(``madvise``) on such mappings: 2 MB pages, 70-230x fewer faults (BENCHMARKS.md has the speed-ups on
+a 2-core CPU; results are unchanged). On GPUs and TPUs the step buffers live on the device, so the
+setting buys nothing there.
 
-glibc reads tunables only when a process starts, so the programs in ``PROGRAMS`` re-execute
-themselves once, with ``GLIBC_TUNABLES`` extended, before anything heavy is imported (the hook is in
-``warm_jax/__init__.py``). Nothing happens when the kernel has transparent huge pages off, on another
-C library, when ``GLIBC_TUNABLES`` already sets it, or with ``WARM_JAX_HUGEPAGES=0``. Not for
-``warm_jax.average``: its merge + write of K = 4 SmolLM2-sized members took 3.4-5.0 s with huge pages
-against 2.3-2.6 s without (its host buffers are filled once, not re-faulted step after step).
+glibc reads tunables only when a process starts, so ``warm-train --host_hugepages`` (or
+``WARM_JAX_HUGEPAGES=1``) re-executes the command once, with ``GLIBC_TUNABLES`` extended, before jax
+is imported. Nothing happens on another C library, a glibc without the tunable, a kernel with
+transparent huge pages off, or when ``GLIBC_TUNABLES`` already sets it. Importing warm_jax never
+re-executes anything.
 """
 
 from __future__ import annotations
@@ -25,11 +23,10 @@ import sys
 from collections.abc import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb"
-OPT_OUT = "WARM_JAX_HUGEPAGES"  # "0": leave the allocator alone
+OPT_IN = "WARM_JAX_HUGEPAGES"  # "1": ask for huge pages (as --host_hugepages does)
 _DONE = "WARM_JAX_REEXECUTED"  # set in the re-executed process: never a second time
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 _MIN_GLIBC = (2, 35)  # the first glibc with glibc.malloc.hugetlb
-PROGRAMS = ("warm_jax.train",)  # measured faster with it (BENCHMARKS.md); sampling is even
 
 
 def thp_mode(path: str = _THP_MODE) -> str | None:
@@ -67,7 +64,7 @@ def tunables(
     glibc = _glibc_version() if glibc == "detect" else glibc
     thp = thp_mode() if thp == "detect" else thp
     current = environ.get("GLIBC_TUNABLES", "")
-    if environ.get(OPT_OUT) == "0" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return None
     if glibc is None or glibc < _MIN_GLIBC or thp not in ("always", "madvise"):
         return None
@@ -76,8 +73,13 @@ def tunables(
     return f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"
 
 
+def requested(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment opts in (``WARM_JAX_HUGEPAGES=1``)."""
+    return (os.environ if environ is None else environ).get(OPT_IN) == "1"
+
+
 def environ_with_hugepages(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A copy of ``environ`` (default os.environ) as ``python -m warm_jax.train`` runs with it."""
+    """A copy of ``environ`` (default os.environ) with the tunable added where this machine has it."""
     env = dict(os.environ if environ is None else environ)
     value = tunables(env)
     if value is not None:
@@ -99,26 +101,6 @@ def reexec_with_hugepages() -> None:
         return
 
 
-def module_run(orig_argv: list[str]) -> str | None:
-    """The module a ``python [options] -m MODULE ...`` command line runs, else None."""
-    args = iter(orig_argv[1:])
-    for arg in args:
-        if arg == "-m":
-            return next(args, None)
-        if arg.startswith("-m"):
-            return arg[2:]
-        if arg in ("-W", "-X"):  # interpreter options that take a value
-            next(args, None)
-        elif arg == "-c" or not arg.startswith("-"):
-            return None  # a -c program or a script
-    return None
-
-
-def started_as_program() -> bool:
-    """True while runpy imports the warm_jax package for ``python -m`` one of ``PROGRAMS``."""
-    return sys.argv[:1] == ["-m"] and module_run(getattr(sys, "orig_argv", [])) in PROGRAMS
-
-
 def describe() -> str:
     """One line on this process's setting, for the job's log."""
     value = os.environ.get("GLIBC_TUNABLES", "")
@@ -127,5 +109,5 @@ def describe() -> str:
     if on:
         return f"host malloc: transparent huge pages (GLIBC_TUNABLES={value}; {why})"
     return (
-        f"host malloc: glibc default pages (transparent huge pages: {thp_mode()}; {OPT_OUT}={os.environ.get(OPT_OUT)})"
+        f"host malloc: glibc default pages (transparent huge pages: {thp_mode()}; opt in with --host_hugepages)"
     )

@@ -30,10 +30,19 @@ flags.DEFINE_string(
     "configuration; their old outputs move to WORKDIR/superseded/<UTC time>/ first.",
 )
 flags.DEFINE_bool("verbose", False, "show the Python traceback of an expected failure.")
+flags.DEFINE_bool(
+    "host_hugepages",
+    False,
+    "CPU hosts: re-run once with glibc's huge-page malloc (warm_jax/host_memory.py); also WARM_JAX_HUGEPAGES=1.",
+)
 
 
 def main(argv):
     del argv
+    from warm_jax import host_memory  # imports nothing heavy: the re-exec must come before jax
+
+    if FLAGS.host_hugepages or host_memory.requested():
+        host_memory.reexec_with_hugepages()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     # Orbax and jax log every checkpoint operation at INFO through absl; keep the terminal readable.
     for noisy in ("absl", "jax", "orbax"):
