@@ -259,3 +259,22 @@ def test_a_non_finite_policy_update_is_skipped_for_that_policy_and_reported(setu
     ]
     assert any(moved)
     assert np.asarray(at2["step"]).tolist() == [2, 2]
+
+
+def test_the_stage_reads_its_gin_config_and_writes_rl_policy_ensemble(setup, tmp_path):
+    wd = str(tmp_path / "wd")
+    shutil.copytree(setup.ctx.workdir, wd)
+    ctx = RunContext(workdir=wd, mesh=setup.ctx.mesh, seed=setup.ctx.seed)
+    rl = [f"ReinforceConfig.{k} = {v!r}" for k, v in {**TINY_RL, "num_steps": 2}.items()]
+    with helpers.gin_config([*rl, *LOOP, "PolicyEnsembleConfig.num_policies = 3"]):
+        with pytest.raises(ValueError, match=r"num_policies = 3 must be a multiple of the mesh's ensemble axis \(2\)"):
+            policy_ensemble.run(ctx)
+    with helpers.gin_config([*rl, *LOOP, "PolicyEnsembleConfig.num_policies = 2"]):
+        policy_ensemble.run(ctx)
+    out = ctx.path(*policy_ensemble.RUN_DIR)
+    result = json.load(open(os.path.join(out, "results.json")))
+    assert (result["num_policies"], result["anchor"], result["reward"]) == (2, "ema", "warm")
+    assert result["stage"] == "policy_ensemble" and result["policies"][1]["step"] == [0, 2]
+    for i in range(2):
+        assert len(json.load(open(os.path.join(out, str(i), "winrate_scores.json")))["oracle"]) == 8
+    assert os.path.exists(os.path.join(wd, "metrics", "policy_ensemble.jsonl"))

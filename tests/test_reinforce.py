@@ -166,3 +166,30 @@ def test_exact_resume_after_sigkill(ctx, tmp_path):
     assert ra["runs"]["warm"]["step"] == [0, 2, 4] and ra["runs"]["warm"]["kl"][0] == 0.0
     wr = ra["win_rate"]["warm_vs_member_best"]
     assert 0.0 <= wr["ci95"][0] <= wr["value"] <= wr["ci95"][1] <= 1.0 and wr["n_prompts"] == 8
+
+
+def test_the_stage_trains_each_reward_with_each_anchor(ctx, tmp_path):
+    import shutil
+
+    from warm_jax import pretrain
+    from warm_jax.stages import RunContext
+
+    wd = str(tmp_path / "wd")
+    shutil.copytree(ctx.workdir, wd)
+    run_ctx = RunContext(workdir=wd, mesh=ctx.mesh, seed=ctx.seed)
+    cfg = reinforce.ReinforceConfig(**{**TINY_RL, "rewards": ("warm",), "num_steps": 2, "anchors": ("init", "ema")})
+    with helpers.gin_config(["LoopConfig.async_save = False", "LoopConfig.log_every = 2"]):
+        reinforce.run(run_ctx, cfg)
+    result = json.load(open(os.path.join(wd, "rl", "results.json")))
+    # 'init' keeps the run name and layout it always had; 'ema' is the same reward's second run.
+    assert sorted(result["runs"]) == ["warm", "warm_ema"] and list(result["win_rate"]) == ["warm_vs_warm_ema"]
+    assert result["config"]["anchors"] == ["init", "ema"]
+    assert result["runs"]["warm"]["kl"][0] == result["runs"]["warm_ema"]["kl"][0] == 0.0
+    (_, init_state, _), (_, ema_state, _) = _final(wd, "warm"), _final(wd, "warm_ema")
+    assert "anchor" not in init_state and "anchor" in ema_state
+    # The checkpointed anchor is float32, off the reference and short of the policy.
+    ref = jax.tree.map(np.asarray, pretrain.load_params(run_ctx)[2])
+    anchor, params = ema_state["anchor"], ema_state["params"]
+    assert all(a.dtype == np.float32 for a in jax.tree.leaves(anchor))
+    assert any(not np.array_equal(a, r) for a, r in zip(jax.tree.leaves(anchor), jax.tree.leaves(ref)))
+    assert any(not np.allclose(a, p) for a, p in zip(jax.tree.leaves(anchor), jax.tree.leaves(params)))

@@ -375,6 +375,8 @@ def train_policies(
         ctx, reward, conservative_lambda=cfg.conservative_lambda, normalise=cfg.normalise_reward
     )
     progs = programs(setup, reward_fn, anchor)
+    # A previous iteration's point may sit in another layout; the programs take the policy's own.
+    init_params = jax.device_put(init_params, sharding.named(ctx.mesh, setup.param_specs))
     keys = sharding.put_global(policy_keys(ctx.seed, stage, m), progs.member_sh)
     state = progs.init(init_params, keys)
     abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), progs.state_sh)
