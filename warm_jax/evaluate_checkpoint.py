@@ -115,21 +115,21 @@ def load_checkpoint(path: str, mesh, member: int | None = None) -> Loaded:
         raise cli_errors.UserError(f"--checkpoint={path}: no such directory")
     if not os.path.isdir(path):
         raise cli_errors.UserError(f"--checkpoint={path}: a file, not a checkpoint directory")
-    one = member is None
+    whole = member is None  # else one member of a stack
     if os.path.isfile(os.path.join(path, "model.json")):
-        if not one:
+        if not whole:
             raise cli_errors.UserError(f"--member={member}: --checkpoint={path} is one model, not a stack of members")
         model_cfg, graphdef, params, _ = params_io.load_params_checkpoint(path, mesh)
         return Loaded("params", model_cfg, graphdef, params, _specs(model_cfg, mesh))
     if os.path.isfile(os.path.join(path, "config.json")):
-        if not one:
+        if not whole:
             raise cli_errors.UserError(f"--member={member}: --checkpoint={path} is one model, not a stack of members")
         return _load_hf(path, mesh)
     members = _member_dirs(path)
     if members:
         ids = [int(d) for d in members]
         _check_member(member, ids, path)
-        if not one:  # one member's own checkpoint, not the whole stack
+        if not whole:  # one member's own checkpoint, not the whole stack
             model_cfg, graphdef, params, _ = params_io.load_params_checkpoint(os.path.join(path, str(member)), mesh)
             return Loaded("params", model_cfg, graphdef, params, _specs(model_cfg, mesh))
         loaded = [params_io.load_params_checkpoint(os.path.join(path, d), mesh) for d in members]
@@ -154,7 +154,7 @@ def load_checkpoint(path: str, mesh, member: int | None = None) -> Loaded:
         specs = _specs(model_cfg, mesh)
         ids = list(range(jax.tree_util.tree_leaves(stacked)[0].shape[0]))
         _check_member(member, ids, path)
-        if not one:
+        if not whole:
             return Loaded("stacked", model_cfg, graphdef, ensemble.member_slice(stacked, member, mesh, specs), specs)
         return Loaded("stacked", model_cfg, graphdef, stacked, specs, ids)
     raise cli_errors.UserError(
