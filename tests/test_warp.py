@@ -4,12 +4,16 @@ configuration's checks, and the `warp` stage end to end on the tiny workdir (res
 from __future__ import annotations
 
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from warm_jax import claims, io_utils, report, stats
-from warm_jax.policy import reinforce, warp, winrate
+from tests import helpers
+from tests.test_policy import make_tiny_workdir, tiny_mesh
+from warm_jax import claims, export, io_utils, merge_methods, report, stats
+from warm_jax.policy import policy_ensemble, reinforce, warp, winrate
 
 P = 8  # eval prompts
 # A zero-mean per-prompt pattern, so every point's mean oracle is the number it is built from.
@@ -192,6 +196,99 @@ def test_warp_config_names_the_bad_binding():
         ({"num_policies": 1}, "WarpConfig.num_policies"),
         ({"iterations": 0}, "WarpConfig.iterations"),
         ({"reward": "nope"}, "WarpConfig.reward"),
+        ({"merge_method": "nope"}, "WarpConfig.merge_method"),
     ]:
         with pytest.raises(ValueError, match=field):
             warp.WarpConfig(**kw)
+
+
+# ----------------------------------------------------------------------------- the stage end to end (tiny)
+
+RL = dict(
+    rewards=("warm",),
+    num_steps=2,
+    prompts_per_step=4,
+    samples_per_prompt=2,
+    max_prompt_len=8,
+    max_new_tokens=6,
+    num_train_prompts=32,
+    eval_every=2,
+    num_eval_prompts=8,
+    num_winrate_prompts=8,
+    learning_rate=1e-2,
+)
+WARP = dict(iterations=2, num_policies=2, etas=(0.0, 0.5, 1.0), next_eta=0.5)
+LOOP = ["LoopConfig.save_interval_steps = 2", "LoopConfig.async_save = False", "LoopConfig.log_every = 2"]
+
+
+def _run_warp(ctx):
+    with helpers.gin_config(LOOP):
+        warp.run(ctx, warp.WarpConfig(**WARP), reinforce.ReinforceConfig(**RL))
+    return io_utils.read_json(ctx.path("warp", "results.json"))
+
+
+@pytest.fixture(scope="module")
+def warp_run(tmp_path_factory):
+    ctx = make_tiny_workdir(str(tmp_path_factory.mktemp("warp")), tiny_mesh())
+    return ctx, _run_warp(ctx)
+
+
+def test_warp_stage_front_merge_and_next_init(warp_run):
+    ctx, res = warp_run
+    assert [it["iteration"] for it in res["iterations"]] == [0, 1] and res["reward"] == "warm"
+    ex = warp.read_front_examples(warp.read_results(ctx.workdir))
+    assert ex["iter0/kl"].shape == (3, RL["num_eval_prompts"])
+    # η = 0 of iteration 0 is the SFT policy itself: KL exactly 0 on every prompt.
+    assert np.all(ex["iter0/kl"][0] == 0.0)
+    # LITI goes towards each iteration's init: iteration 1's η = 0 is iteration 0's η = next_eta = 0.5, the
+    # same parameters sampled with the same key, so every per-prompt number is the same.
+    for k in ("oracle", "proxy", "kl"):
+        np.testing.assert_array_equal(ex[f"iter1/{k}"][0], ex[f"iter0/{k}"][1])
+    assert res["iterations"][0]["kl"][2] > 1e-4  # the merged policies moved
+    # The checkpoints: the merge is SLERP of the policies relative to the SFT policy, the next init LITI at 0.5.
+    setup = reinforce.build(ctx, reinforce.ReinforceConfig(**RL))
+    stacked = policy_ensemble.load_policies(ctx.path("warp", "iter_0", "policies"), setup)
+    want = merge_methods.merge_stacked(stacked, method="slerp", base=setup.ref_params)
+    merged = warp.load_policy(setup, ctx.path("warp", "iter_0", "merged"))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), merged, want)
+    nxt = warp.load_policy(setup, ctx.path("warp", "iter_0", "next_init"))
+    want = merge_methods.liti(setup.ref_params, merged, 0.5)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), nxt, want)
+    assert io_utils.read_json(ctx.path("warp", "iter_1", "merged", "model.json"))["warp_iteration"] == 1
+    assert os.path.exists(ctx.path("metrics", "warp_iter1.jsonl"))
+    # Exportable like any policy.
+    out = export.export_hf(ctx.path("warp", "iter_1", "merged"), ctx.path("exported"), kind="causal_lm")
+    assert (out / export.WEIGHTS_FILE).stat().st_size > 0
+
+
+def test_warp_stage_resumes_part_by_part(warp_run, monkeypatch):
+    ctx, res = warp_run
+    os.remove(ctx.path("warp", "iter_1", "front", "1.json"))
+    shutil.rmtree(ctx.path("warp", "iter_1", "next_init"))
+    os.remove(ctx.path("warp", "results.json"))
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished merge was retrained")
+
+    with monkeypatch.context() as m:
+        m.setattr(policy_ensemble, "train_policies", no_training)
+        again = _run_warp(ctx)
+    assert again == res  # the missing η point and next init recomputed to the same numbers
+    # Without the merge the finished policies are read back from their checkpoint and merged again.
+    shutil.rmtree(ctx.path("warp", "iter_1", "merged"))
+    shutil.rmtree(ctx.path("warp", "iter_1", "front"))
+    assert _run_warp(ctx) == res
+
+
+def test_policy_merge_stage_is_one_warp_iteration(warp_run):
+    # The policy_ensemble stage's layout holding iteration 0's policies (trained from the SFT policy):
+    # policy_merge gives iteration 0's merge and front, number for number.
+    ctx, res = warp_run
+    shutil.copytree(ctx.path("warp", "iter_0", "policies"), ctx.path(*policy_ensemble.RUN_DIR))
+    with helpers.gin_config(LOOP):
+        warp.run_merge(ctx, warp.WarpConfig(**WARP), reinforce.ReinforceConfig(**RL))
+    got = io_utils.read_json(ctx.path("policy_merge", "results.json"))
+    assert got["reward"] == "warm" and got["config"]["num_policies"] == 2
+    for k in ("eta", "kl", "oracle", "proxy", "length"):
+        assert got["iterations"][0][k] == res["iterations"][0][k]
+    assert warp.read_results(ctx.workdir)["source"] == "warp"  # the warp stage's results come first

@@ -405,7 +405,8 @@ def markdown(summary: dict, figs: list[str]) -> str:
 
 def warp_markdown(w: dict) -> list[str]:
     lines = [
-        f"## WARP (policies merged by SLERP, then LITI towards each iteration's init; reward: {w['reward']})",
+        f"## WARP (policies merged by {w['config'].get('merge_method', 'slerp')}, then LITI towards each iteration's "
+        f"init; reward: {w['reward']})",
         "",
         "KL is to the SFT policy, mean over the held-out eval prompts; rewards are means over the same prompts.",
         "",

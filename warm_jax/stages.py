@@ -45,6 +45,8 @@ _STAGE_MODULES = (
     "warm_jax.evaluation",
     "warm_jax.policy.bon",
     "warm_jax.policy.reinforce",
+    "warm_jax.policy.policy_ensemble",
+    "warm_jax.policy.warp",
     "warm_jax.report",
 )
 

@@ -39,8 +39,8 @@ import gin
 import jax
 import numpy as np
 
-from warm_jax import io_utils, params_io, sharding
-from warm_jax.policy import reinforce
+from warm_jax import io_utils, merge_methods, params_io, sharding
+from warm_jax.policy import policy_ensemble, reinforce
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
 
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 RESULTS = "results.json"
 FRONT_EXAMPLES = "front_examples.npz"
 SOURCES = ("warp", "policy_merge")  # the report reads the first that ran
-ANCHORS = {"": "init", "_ema": "ema"}  # suffix of a `reinforce` run's name → its KL anchor
 
 
 @gin.configurable
@@ -74,32 +73,29 @@ class WarpConfig:
             raise ValueError(f"WarpConfig.etas = {tuple(self.etas)} must be distinct, increasing values in [0, 1]")
         if not 0.0 <= self.next_eta <= 1.0:
             raise ValueError(f"WarpConfig.next_eta = {self.next_eta} must lie in [0, 1]")
+        if self.merge_method not in merge_methods.MERGE_METHODS:
+            known = ", ".join(sorted(merge_methods.MERGE_METHODS))
+            raise ValueError(f"WarpConfig.merge_method = {self.merge_method!r} is unknown; known: {known}")
 
 
 def single_runs(reward: str) -> dict[str, str]:
-    """The `reinforce` runs WARP against ``reward`` is compared with: run name → KL anchor."""
-    return {f"{reward}{suffix}": anchor for suffix, anchor in ANCHORS.items()}
+    """The `reinforce` runs WARP against ``reward`` is compared with (one per KL anchor): run name → anchor."""
+    return {reinforce.run_name(reward, anchor): anchor for anchor in reinforce.ANCHORS}
 
 
 # ----------------------------------------------------------------------------- merge and LITI
 
 
-def _merge_fn(setup: reinforce.Setup, method: str):
-    """θ_merged = merge of the stacked policies [M, ...] relative to ``base``, on the policy's shardings."""
-    from warm_jax import merge_methods
-
-    param_sh = sharding.named(setup.ctx.mesh, setup.param_specs)
-    return jax.jit(
-        lambda stacked, base: merge_methods.merge_stacked(stacked, method=method, base=base), out_shardings=param_sh
-    )
+def merge(setup: reinforce.Setup, stacked, base, method: str):
+    """θ_merged: the stacked policies [M, ...] merged by ``method`` relative to ``base``, placed like one policy."""
+    merged = merge_methods.merge_stacked(stacked, method=method, base=base)
+    return jax.device_put(merged, sharding.named(setup.ctx.mesh, setup.param_specs))
 
 
-def _liti_fn(setup: reinforce.Setup):
-    """θ(η) = base + η·(merged − base), on the policy's shardings (the eval sampler never recompiles)."""
-    from warm_jax import merge_methods
-
-    param_sh = sharding.named(setup.ctx.mesh, setup.param_specs)
-    return jax.jit(lambda base, merged, eta: merge_methods.liti(base, merged, eta), out_shardings=param_sh)
+def liti(setup: reinforce.Setup, base, merged, eta: float):
+    """θ(η) = base + η·(merged − base), placed like one policy (the eval sampler never recompiles)."""
+    out = merge_methods.liti(base, merged, np.float32(eta))
+    return jax.device_put(out, sharding.named(setup.ctx.mesh, setup.param_specs))
 
 
 def save_policy(setup: reinforce.Setup, directory: str, params, meta: dict) -> None:
@@ -127,7 +123,6 @@ def evaluate_front(setup, reward_fn, base, merged, etas, front_dir: str) -> dict
     Each point is written to front_dir/<i>.json as it finishes and read back on a rerun. Returns
     {"eta" [E], "oracle" | "proxy" | "kl" | "length" [E, P]} (KL to the SFT policy, setup.ref_params).
     """
-    liti = _liti_fn(setup)
     rows = []
     for i, eta in enumerate(etas):
         path = os.path.join(front_dir, f"{i}.json")
@@ -136,7 +131,7 @@ def evaluate_front(setup, reward_fn, base, merged, etas, front_dir: str) -> dict
             if abs(row["eta"] - float(eta)) > 1e-12:
                 raise ValueError(f"{path}: holds η = {row['eta']}, not {eta} (WarpConfig.etas changed?)")
         else:
-            params = liti(base, merged, np.float32(eta))
+            params = liti(setup, base, merged, eta)
             ev = reinforce.evaluate_policy(setup, params, reward_fn, setup.eval_prompts, reinforce.eval_key(setup))
             row = {"eta": float(eta), **{k: np.asarray(v, np.float64).tolist() for k, v in ev.items()}}
             if jax.process_index() == 0:
@@ -195,19 +190,31 @@ def read_front_examples(result: dict) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- the stages
 
 
-def _setup(ctx: RunContext, cfg: WarpConfig):
-    rl_cfg = reinforce.ReinforceConfig()
+def _setup(ctx: RunContext, reward: str, rl_cfg: reinforce.ReinforceConfig | None):
+    rl_cfg = rl_cfg or reinforce.ReinforceConfig()
     setup = reinforce.build(ctx, rl_cfg)
     reward_fn = rewards_lib.load_reward(
-        ctx, cfg.reward, conservative_lambda=rl_cfg.conservative_lambda, normalise=rl_cfg.normalise_reward
+        ctx, reward, conservative_lambda=rl_cfg.conservative_lambda, normalise=rl_cfg.normalise_reward
     )
     return setup, reward_fn
 
 
-def run_iteration(setup, reward_fn, cfg: WarpConfig, k: int, init, it_dir: str):
-    """One WARP iteration from ``init``; returns (record, front, next init)."""
-    from warm_jax.policy import policy_ensemble
+def merged_policy(setup, cfg: WarpConfig, init, directory: str, stacked_fn, meta: dict):
+    """The merge of the policies ``stacked_fn()`` returns, relative to ``init``: read from ``directory``
+    when a run finished it, else merged and saved there (the η = 1 point, exportable like any policy)."""
+    if _finished(directory):
+        return load_policy(setup, directory)
+    stacked = stacked_fn()
+    merged = merge(setup, stacked, init, cfg.merge_method)
+    del stacked
+    save_policy(setup, directory, merged, {**meta, "eta": 1.0})
+    return merged
 
+
+def run_iteration(setup, reward_fn, cfg: WarpConfig, k: int, init, it_dir: str):
+    """One WARP iteration from ``init``: M EMA-anchored policies, their merge, the LITI front towards
+    ``init``, the next init. Returns (record, front, next init)."""
+    workdir = setup.ctx.workdir
     merged_dir, next_dir = os.path.join(it_dir, "merged"), os.path.join(it_dir, "next_init")
     meta = {
         "warp_iteration": k,
@@ -215,9 +222,8 @@ def run_iteration(setup, reward_fn, cfg: WarpConfig, k: int, init, it_dir: str):
         "num_policies": cfg.num_policies,
         "reward": cfg.reward,
     }
-    if _finished(merged_dir):
-        merged = load_policy(setup, merged_dir)
-    else:
+
+    def train():
         t0 = time.time()
         stacked = policy_ensemble.train_policies(
             setup,
@@ -229,28 +235,24 @@ def run_iteration(setup, reward_fn, cfg: WarpConfig, k: int, init, it_dir: str):
             stage=f"warp_iter{k}",
         )
         log.info("[warp] iteration %d: %d policies trained in %.1fs", k, cfg.num_policies, time.time() - t0)
-        merged = _merge_fn(setup, cfg.merge_method)(stacked, init)
-        del stacked
-        save_policy(setup, merged_dir, merged, {**meta, "eta": 1.0})
+        return stacked
+
+    merged = merged_policy(setup, cfg, init, merged_dir, train, meta)
     front = evaluate_front(setup, reward_fn, init, merged, cfg.etas, os.path.join(it_dir, "front"))
     if _finished(next_dir):
         nxt = load_policy(setup, next_dir)
     else:
-        nxt = _liti_fn(setup)(init, merged, np.float32(cfg.next_eta))
+        nxt = liti(setup, init, merged, cfg.next_eta)
         save_policy(setup, next_dir, nxt, {**meta, "eta": cfg.next_eta})
-    record = front_record(
-        k,
-        front,
-        merged=os.path.relpath(merged_dir, setup.ctx.workdir),
-        next_init=os.path.relpath(next_dir, setup.ctx.workdir),
-    )
-    return record, front, nxt
+    paths = {"merged": os.path.relpath(merged_dir, workdir), "next_init": os.path.relpath(next_dir, workdir)}
+    return front_record(k, front, **paths), front, nxt
 
 
 @register_stage("warp", outputs=("metrics/warp_iter*.jsonl", "tensorboard/warp_iter*"))
-def run(ctx: RunContext, cfg: WarpConfig | None = None) -> None:
+def run(ctx: RunContext, cfg: WarpConfig | None = None, rl_cfg: reinforce.ReinforceConfig | None = None) -> None:
+    """``cfg.iterations`` WARP iterations from the SFT policy; writes WORKDIR/warp/."""
     cfg = cfg or WarpConfig()
-    setup, reward_fn = _setup(ctx, cfg)
+    setup, reward_fn = _setup(ctx, cfg.reward, rl_cfg)
     init = setup.ref_params
     records, fronts = [], []
     for k in range(cfg.iterations):
@@ -269,3 +271,29 @@ def run(ctx: RunContext, cfg: WarpConfig | None = None) -> None:
         write_results(
             ctx.path("warp"), records, fronts, reward=cfg.reward, next_eta=cfg.next_eta, config=dataclasses.asdict(cfg)
         )
+
+
+@register_stage("policy_merge")
+def run_merge(ctx: RunContext, cfg: WarpConfig | None = None, rl_cfg: reinforce.ReinforceConfig | None = None) -> None:
+    """One WARP merge of the `policy_ensemble` stage's policies (trained from the SFT policy): the merge
+    relative to the SFT policy and its LITI front; writes WORKDIR/policy_merge/ (``WarpConfig.etas``,
+    ``.merge_method``; the reward and M are the ensemble's own)."""
+    cfg = cfg or WarpConfig()
+    run_dir = ctx.path(*policy_ensemble.RUN_DIR)
+    info = io_utils.read_json(os.path.join(run_dir, policy_ensemble.META_FILE))
+    setup, reward_fn = _setup(ctx, info["reward"], rl_cfg)
+    init = setup.ref_params
+    out = ctx.path("policy_merge")
+    meta = {
+        "merge_method": cfg.merge_method,
+        "num_policies": info["num_policies"],
+        "reward": info["reward"],
+        "anchor": info["anchor"],
+    }
+    merged = merged_policy(
+        setup, cfg, init, os.path.join(out, "merged"), lambda: policy_ensemble.load_policies(run_dir, setup), meta
+    )
+    front = evaluate_front(setup, reward_fn, init, merged, cfg.etas, os.path.join(out, "front"))
+    record = front_record(0, front, merged=os.path.relpath(os.path.join(out, "merged"), ctx.workdir))
+    if jax.process_index() == 0:
+        write_results(out, [record], [front], reward=info["reward"], config={**dataclasses.asdict(cfg), **meta})
