@@ -202,10 +202,16 @@ def _top_k_mask(a: jax.Array, k: int) -> jax.Array:
 
     init = (jnp.zeros((m,), jnp.int32), jnp.full((m,), 0x7F800001, jnp.int32))  # 0.0 and just above +inf
     kth, _ = jax.lax.fori_loop(0, 31, halve, init)
-    above = bits > kth[:, None]
-    tied = bits == kth[:, None]
-    room = k - jnp.sum(above, axis=1, keepdims=True)
-    return above | (tied & (jnp.cumsum(tied, axis=1, dtype=jnp.int32) <= room))
+    at_least = bits >= kth[:, None]
+
+    def first_ties(_):  # more entries equal the k-th value than fit: keep the lower indices
+        above = bits > kth[:, None]
+        tied = at_least & ~above
+        room = k - jnp.sum(above, axis=1, keepdims=True)
+        return above | (tied & (jnp.cumsum(tied, axis=1, dtype=jnp.int32) <= room))
+
+    # The running count (a scan as slow as the bisection on XLA:CPU) only when ties need it.
+    return jax.lax.cond(jnp.all(jnp.sum(at_least, axis=1) == k), lambda _: at_least, first_ties, None)
 
 
 def trim_top_k(deltas: jax.Array, density: float) -> jax.Array:
