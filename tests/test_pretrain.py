@@ -25,6 +25,10 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_uninterrupted(tmp_path):
 
     wd = str(tmp_path / "killed")
     ckpt = os.path.join(wd, "pretrain", "ckpt")
+    # An earlier attempt that died before its first checkpoint left a row the fresh start must drop.
+    os.makedirs(os.path.join(wd, "metrics"))
+    with open(os.path.join(wd, "metrics", "pretrain.jsonl"), "w") as f:
+        f.write('{"step": 3, "loss": 99.0}\n')
     proc = helpers.run_until_then_signal(wd, BINDINGS, ckpt_dir=ckpt, sig=signal.SIGKILL, min_step=4)
     assert proc.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(wd, "pretrain", "DONE.json"))
@@ -34,5 +38,6 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_uninterrupted(tmp_path):
     # The resumed metrics file has each step once.
     steps = [r["step"] for r in read_metrics(wd, "pretrain")]
     assert steps == sorted(set(steps))
+    assert 99.0 not in [r["loss"] for r in read_metrics(wd, "pretrain")]
     # The operative config was written.
     assert "PretrainConfig.num_steps = 16" in open(os.path.join(wd, "config.gin")).read()

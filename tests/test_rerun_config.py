@@ -78,6 +78,7 @@ def test_compare_ignores_run_only_settings_and_resolves_macros():
         "run_pipeline.stages": "['pretrain', 'data']",
         "make_mesh.shape": "{'data': 2, 'tensor': 4}",
         "LoopConfig.log_every": "50",
+        "metrics.writers": "['tensorboard', 'wandb']",
     }
     assert config.compare(RECORDED, _current(**run_only)) == []
     (d,) = config.compare(RECORDED, _current(SEED="1"))

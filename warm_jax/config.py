@@ -51,6 +51,10 @@ RUN_ONLY = frozenset(
         "LoopConfig.save_interval_steps",  # which steps are saved: a resume is bitwise exact from any of them
         "LoopConfig.max_to_keep",  # retention of old steps (PretrainConfig.keep_steps is compared)
         "LoopConfig.async_save",  # whether a save blocks the loop
+        "metrics.writers",  # where metrics go besides the JSONL
+        "metrics.wandb_project",
+        "metrics.wandb_entity",
+        "metrics.wandb_mode",
     }
 )
 

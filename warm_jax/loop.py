@@ -165,6 +165,8 @@ def train(
                 counts = UpdateCounts(**saved["updates"])
             writer.truncate_after(step)
             log.info("[%s] resumed from step %d", stage, step)
+        else:  # an attempt that died before its first checkpoint may have logged steps this run repeats
+            writer.truncate_after(0)
         step = scalar_step(state)
         progress = Progress(stage, num_steps, start=step)
         while step < num_steps:
