@@ -122,6 +122,15 @@ def test_vmapped_policy_updates_equal_separate_single_policy_updates(setup):
     for i in range(M):
         assert any(not np.allclose(a[i], p0) for a, p0 in zip(leaves(stacked.anchor), init))
         assert any(not np.allclose(a[i], x[i]) for a, x in zip(leaves(stacked.anchor), leaves(stacked.params)))
+    # Evaluation measures the KL to the reference it is given: none for policy 0 against itself.
+    first = jax.device_put(
+        jax.tree.map(lambda x: x[0], state.params), sharding.named(setup.ctx.mesh, setup.param_specs)
+    )
+    ev = policy_ensemble.evaluate_policies(
+        setup, progs, state.params, reward_fn, setup.eval_prompts, reinforce.eval_key(setup), reference=first
+    )
+    assert ev["kl"].shape == ev["oracle"].shape == (M, setup.cfg.num_eval_prompts)
+    assert np.abs(ev["kl"][0]).max() < 1e-4 and np.abs(ev["kl"][1]).mean() > 1e-2
 
 
 def test_ema_anchor_update_matches_numpy_and_is_the_kl_reference(setup):

@@ -13,13 +13,14 @@ per policy (``loop.UpdateCounts.member_skipped``) and logged naming the policy.
 
 Evaluation follows the single runs (``reinforce.train_one``): at step 0 and every ``eval_every``
 steps each policy samples the held-out eval prompts with the same fixed key (one vmapped program),
-judged by the proxy reward, the oracle and the KL to the pretrained policy (``setup.ref_params``).
+judged by the proxy reward, the oracle and the KL to the pretrained policy (``setup.ref_params``,
+or ``eval_reference``).
 
 Outputs under ``run_dir`` (the stage: WORKDIR/rl/policy_ensemble/): ckpt/ (the stacked state),
-updates.json, policies.json (what ``load_policies`` needs), <i>/eval_scores/<step>.json,
-<i>/initial_eval.json and <i>/winrate_scores.json per policy i (read them with
+updates.json, policies.json (what ``load_policies`` needs), initial_eval.json (step 0, [M] means),
+<i>/eval_scores/<step>.json and <i>/winrate_scores.json per policy i (the stage's read with
 ``reinforce.read_eval_scores(workdir, "policy_ensemble/<i>", steps)``), results.json (per-policy
-eval curves and the update counts); metrics/<stage>.jsonl holds [M] lists per step.
+eval curves, update counts, skips per policy); metrics/<stage>.jsonl holds [M] lists per step.
 """
 
 from __future__ import annotations
@@ -270,10 +271,12 @@ def programs(setup: reinforce.Setup, reward_fn: rewards_lib.RewardFn, anchor: st
 
 
 def evaluate_policies(
-    setup: reinforce.Setup, progs: Programs, params, reward_fn, prompts: reinforce.PromptSet, key
+    setup: reinforce.Setup, progs: Programs, params, reward_fn, prompts: reinforce.PromptSet, key, reference=None
 ) -> dict[str, np.ndarray]:
     """Every policy samples ``prompts`` with the same key (chunk at row r: fold_in(key, r), as
-    ``sampler.sample_in_batches``); per policy and prompt: oracle, proxy, KL, length [M, R] (host)."""
+    ``sampler.sample_in_batches``); per policy and prompt: oracle, proxy, KL to ``reference``
+    (default ``setup.ref_params``), length [M, R] (host)."""
+    reference = setup.ref_params if reference is None else reference
     chunk = sharding.shard_batch_size(setup.eval_chunk, progs.shared_sh)
     rm_state = reinforce.rm_state_on_mesh(reward_fn, setup.ctx.mesh)
     outs = {"tokens": [], "length": [], "proxy": [], "kl": []}
@@ -284,7 +287,7 @@ def evaluate_policies(
         m = np.concatenate([m, np.repeat(m[-1:], chunk - real, 0)])
         out = progs.evaluate(
             params,
-            setup.ref_params,
+            reference,
             rm_state,
             sharding.put_global(t, progs.shared_sh),
             sharding.put_global(m, progs.shared_sh),
@@ -349,6 +352,7 @@ def train_policies(
     anchor: str,
     stage: str,
     num_steps: int | None = None,
+    eval_reference=None,
     debug_nan_policy: int = -1,
 ):
     """Trains ``num_policies`` policies from ``init_params`` against ``reward``; returns their
@@ -360,6 +364,9 @@ def train_policies(
     anchor: 'init' | 'ema' (rate ``setup.cfg.ema_rate``).
     stage: the metrics stream (metrics/<stage>.jsonl) and the name the policies' keys derive from.
     num_steps: default ``setup.cfg.num_steps``.
+    eval_reference: the policy the evaluations' KL is measured to, sharded like ``setup.ref_params``
+      (default: ``setup.ref_params``, the pretrained/SFT policy, so that KLs of WARP iterations that
+      start elsewhere stay on one axis; pass ``init_params`` for the KL to this run's start).
     debug_nan_policy: tests — the policy poisoned at ``setup.cfg.debug_nan_step`` (−1: all of them).
     """
     ctx, cfg = setup.ctx, setup.cfg
@@ -376,7 +383,8 @@ def train_policies(
     )
     progs = programs(setup, reward_fn, anchor)
     # A previous iteration's point may sit in another layout; the programs take the policy's own.
-    init_params = jax.device_put(init_params, sharding.named(ctx.mesh, setup.param_specs))
+    param_sh = sharding.named(ctx.mesh, setup.param_specs)
+    init_params = jax.device_put(init_params, param_sh)
     keys = sharding.put_global(policy_keys(ctx.seed, stage, m), progs.member_sh)
     state = progs.init(init_params, keys)
     abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), progs.state_sh)
@@ -397,8 +405,10 @@ def train_policies(
         io_utils.atomic_write_json(os.path.join(run_dir, META_FILE), _meta(m, anchor, reward, stage, ctx.seed))
     key = reinforce.eval_key(setup)
     initial = os.path.join(run_dir, "initial_eval.json")
+    reference = None if eval_reference is None else jax.device_put(eval_reference, param_sh)
+    evaluate = functools.partial(evaluate_policies, setup, progs, reward_fn=reward_fn, reference=reference)
     if not os.path.exists(initial):
-        ev = evaluate_policies(setup, progs, state.params, reward_fn, setup.eval_prompts, key)
+        ev = evaluate(state.params, prompts=setup.eval_prompts, key=key)
         if jax.process_index() == 0:
             _write_eval(run_dir, 0, ev)
             io_utils.atomic_write_json(initial, {"step": 0, **_summary(ev)})
@@ -416,7 +426,7 @@ def train_policies(
                 float(np.mean(setup.oracle.score(bon.oracle_texts(setup.tok, t, x)))) for t, x in zip(texts, toks)
             ]
         if step % cfg.eval_every == 0 or step == num_steps:
-            ev = evaluate_policies(setup, progs, runner.params, reward_fn, setup.eval_prompts, key)
+            ev = evaluate(runner.params, prompts=setup.eval_prompts, key=key)
             if jax.process_index() == 0:
                 _write_eval(run_dir, step, ev)
             extra.update(_summary(ev))
@@ -438,7 +448,7 @@ def train_policies(
         show=("proxy", "kl", "oracle"),
         on_log=on_log,
     )
-    wr = evaluate_policies(setup, progs, final.params, reward_fn, setup.winrate_prompts, jax.random.fold_in(key, 1))
+    wr = evaluate(final.params, prompts=setup.winrate_prompts, key=jax.random.fold_in(key, 1))
     if jax.process_index() == 0:
         step = loop.scalar_step(final)
         for i in range(m):
