@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="stacked checkpoint: model.json to build the model from (default: found beside it)",
     )
-    p.add_argument("--method", default="linear", help="merge method: linear, slerp, task_arithmetic, ties or dare")
+    p.add_argument("--method", default="linear", help="merge method: " + ", ".join(sorted(merge_methods.MERGE_METHODS)))
     p.add_argument("--base", default=None, help="params checkpoint the task vectors start from (all but linear)")
     p.add_argument("--density", type=float, default=None, help="ties/dare: fraction of each task vector kept")
     p.add_argument("--scaling", type=float, default=None, help="task_arithmetic/ties/dare: λ on the merged task vector")

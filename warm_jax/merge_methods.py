@@ -38,10 +38,11 @@ each method) and, where a method takes them, ``density`` in (0, 1] and ``scaling
 
 Memory, streamed from disk: linear keeps one float32 accumulator of the model plus two groups of
 leaves, whatever M is (``checkpoint_averaging.average_checkpoints``); every method with a base
-holds the merged model plus, per group of leaves (``CHUNK_BYTES``), the M members and the base on
-the host and their float32 copies on the device — O(model + (M + 1)·group), not O(M·model). Within
-one leaf, slerp and task arithmetic need O(M·leaf) float32; ties adds the top-k indices
-(M·density·leaf int32) and dare the masks (M·leaf bool).
+holds the merged model plus, per group of leaves (``CHUNK_BYTES``, ~64 MB), the M members and the
+base on the host, twice (the next group is read while this one is merged), and their float32
+copies on the device — O(model + 2·(M + 1)·group), not O(M·model). Within one leaf, slerp and
+task arithmetic need O(M·leaf) float32; ties adds its masks and a bisection over the magnitudes'
+bits (O(M·leaf)); dare its masks and random bits (O(M·leaf)).
 """
 
 from __future__ import annotations
