@@ -187,7 +187,8 @@ def _sampling_config(setup: reinforce.Setup) -> sampler.SamplingConfig:
 
 @dataclasses.dataclass
 class Programs:
-    """The stacked layout and the compiled programs of M policies (one per reward kind, anchor, M)."""
+    """The stacked layout and the compiled programs of M policies (one set per reward kind and anchor;
+    another M is another shape, traced again by the same jits)."""
 
     state_sh: object  # stacked state shardings
     params_sh: object  # stacked params shardings

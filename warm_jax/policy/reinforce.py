@@ -148,7 +148,8 @@ def initial_state(params, tx: optax.GradientTransformation, key, anchor: str):
     reference): a TrainState for 'init', an AnchoredState whose anchor is float32 ``params`` for 'ema'."""
     state = new_state(jax.tree.map(lambda x: x + 0, params), tx, key)
     if check_anchor(anchor, "anchor") == "ema":
-        return AnchoredState.from_state(state, jax.tree.map(lambda x: x.astype(jnp.float32), params))
+        # A copy of its own too (+ 0): a float32 astype is the input itself, and the state is donated.
+        return AnchoredState.from_state(state, jax.tree.map(lambda x: x.astype(jnp.float32) + 0, params))
     return state
 
 
