@@ -60,7 +60,7 @@ TINY_POLICY = [
     "ReinforceConfig.num_winrate_prompts = 8",
     "EvalConfig.lmc_lambdas = 3",
 ]
-ALL_STAGES = ("pretrain", "data", "rm_ensemble", "rm_control", "rm_eval", "bon", "reinforce", "report")
+ALL_STAGES = ("pretrain", "data", "rm_ensemble", "rm_control", "average", "rm_eval", "bon", "reinforce", "report")
 
 MESH_8 = "make_mesh.shape = {'ensemble': 1, 'data': -1, 'fsdp': 1, 'tensor': 1}"
 MESH_ENS = "make_mesh.shape = {'ensemble': 2, 'data': 2, 'fsdp': 1, 'tensor': 2}"

@@ -344,7 +344,7 @@ def test_builtin_cli_writes_generated_splits_with_real_tokenizer(tmp_path, monke
         }
 
     monkeypatch.setitem(
-        sys.modules, "warm_jax.data.builtin_pairs", types.SimpleNamespace(generate_splits=generate_splits)
+        sys.modules, "warm_jax.task.builtin_pairs", types.SimpleNamespace(generate_splits=generate_splits)
     )
     out = tmp_path / "ds"
     assert (
@@ -377,7 +377,7 @@ def test_builtin_cli_writes_generated_splits_with_real_tokenizer(tmp_path, monke
 
 
 def test_builtin_without_generator_says_so(tmp_path, capsys, cli_tokenizer, monkeypatch):
-    monkeypatch.setitem(sys.modules, "warm_jax.data.builtin_pairs", None)  # as if the module did not exist
+    monkeypatch.setitem(sys.modules, "warm_jax.task.builtin_pairs", None)  # as if the module did not exist
     assert cli.main(["prepare", "--format=builtin", f"--output={tmp_path / 'o'}", "--tokenizer=x"]) == 1
-    assert "warm_jax.data.builtin_pairs.generate_splits" in capsys.readouterr().err
+    assert "warm_jax.task.builtin_pairs.generate_splits" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from warm_jax import claims, evaluation, io_utils, report, stats
+from warm_jax import claims, evaluation, io_utils, report, rm_average, stats
 from warm_jax.policy import bon, reinforce, winrate
 from warm_jax.stages import RunContext
 
@@ -138,10 +138,18 @@ class CubeScorer:
         return {s: (((1 - lam) * t[a] + lam * t[b]) ** 3, np.zeros(t.shape[1])) for s, t in self.theta.items()}
 
 
-def measure(**cfg):
+def measure(**selection):
+    """rm_eval's numbers of the members that the `average` stage's selection (``selection``: AverageConfig) picks."""
     sc = CubeScorer()
-    cfg = evaluation.EvalConfig(lmc_lambdas=3, **cfg)
-    return (*evaluation.measure(sc.members(), IDS, cfg, sc.warm, sc.interp), sc)
+    avg = rm_average.AverageConfig(**selection)
+    members = sc.members()
+    rc, rr = members[avg.select_split]
+    order = rm_average.rank([evaluation.accuracy(rc[i], rr[i]) for i in range(len(IDS))])
+    warm_acc = lambda idx: evaluation.accuracy(*sc.warm(sorted(idx), avg.select_split))  # noqa: E731
+    chosen = rm_average.select_members(order, avg, warm_acc)
+    sc.warm_calls.clear()
+    cfg = evaluation.EvalConfig(lmc_lambdas=3)
+    return (*evaluation.measure(members, IDS, cfg, sc.warm, sc.interp, chosen=chosen), chosen, sc)
 
 
 def test_rm_eval_metrics_on_a_synthetic_scorer_are_known_to_the_number():
@@ -202,14 +210,20 @@ def test_rm_eval_examples_are_the_margins_its_accuracies_come_from():
         assert [mean_acc(d) for d in ex[f"{s}/lmc_pred"]] == result["lmc"]["pred_interp"][s]
 
 
-def test_rm_eval_selections():
+def test_average_selections_and_what_rm_eval_reports_of_them():
     result, _, chosen, _ = measure(warm_selection="top_m", top_m=2)
     assert chosen == [2, 0] and result["rm"]["warm"]["members"] == [12, 10]
     assert result["rm"]["warm"]["acc"]["validation"] == 0.75 and result["rm"]["ens"]["M"] == 2
     # greedy: 12 (0.75), +10 → 0.75 kept (not worse), +11 → 0.875 kept
     assert measure(warm_selection="greedy")[2] == [2, 0, 1]
+    # ranked on ood instead: 10 and 12 tie at 0.75, 10 (listed first) leads
+    assert measure(warm_selection="top_m", top_m=1, select_split="ood")[2] == [0]
     with pytest.raises(ValueError, match="lmc_lambdas"):
         evaluation.EvalConfig(lmc_lambdas=1)
+    with pytest.raises(ValueError, match="AverageConfig.warm_selection"):
+        rm_average.AverageConfig(warm_selection="best")
+    with pytest.raises(ValueError, match="AverageConfig.select_split"):
+        rm_average.AverageConfig(select_split="test")
 
 
 def test_best_of_n_per_prompt_and_its_standard_error():
@@ -274,8 +288,8 @@ class LookupScorer:
 def write_run(wd: str, *, hacking: bool = False):
     """A workdir as rm_eval, rm_control, bon and reinforce leave it, written by their own writers."""
     sc = LookupScorer()
-    result, examples, _ = evaluation.measure(
-        sc.members(), [0, 1, 2], evaluation.EvalConfig(lmc_lambdas=3), sc.warm, sc.interp
+    result, examples = evaluation.measure(
+        sc.members(), [0, 1, 2], evaluation.EvalConfig(lmc_lambdas=3), sc.warm, sc.interp, chosen=[0, 1, 2]
     )
     evaluation.write_results(os.path.join(wd, "rm"), "eval.json", result, examples, evaluation.EXAMPLES_FILE)
     # The random-init control: 20 pt below the chord at λ = ½.

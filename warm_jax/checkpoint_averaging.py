@@ -773,6 +773,13 @@ def _verify_subtree(tree: PyTree, step_dir: str) -> None:
 # ----------------------------------------------------------------------------- output
 
 
+def merged_sha256(params: PyTree, described: dict | None = None) -> str:
+    """The sha256 ``write_merged`` records for ``params`` (``described``: their ``checkpoints.describe_leaves``)."""
+    described = checkpoints.describe_leaves(params) if described is None else described
+    entries = {path: entry for path, (entry, _) in described.items()}
+    return checkpoints.tree_sha256_of_entries(entries) or checkpoints.tree_sha256(params)
+
+
 def write_merged(
     output_dir: str,
     params: PyTree,
@@ -801,8 +808,7 @@ def write_merged(
     # Hash the merged params once (on a few threads): the same per-leaf hashes give the metadata's
     # sha256 and the checkpoint's manifest.
     described = checkpoints.describe_leaves(params)
-    entries = {path: entry for path, (entry, _) in described.items()}
-    sha = checkpoints.tree_sha256_of_entries(entries) or checkpoints.tree_sha256(params)
+    sha = merged_sha256(params, described)
     meta = {
         "merge": {
             "method": method,

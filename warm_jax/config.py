@@ -9,6 +9,7 @@ against such a record; :data:`RUN_ONLY` lists the few that never count.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import time
@@ -59,11 +60,32 @@ RUN_ONLY = frozenset(
 )
 
 
-def register_all() -> None:
-    """Imports every module with configurables, so gin knows all names before parsing."""
-    from warm_jax import stages
+# The modules that hold configurables and register stages (``stages.register_stage``). They are imported by
+# name, here and nowhere else, so that `import warm_jax` stays light and no stage module is imported by the
+# modules it imports (stages, config).
+STAGE_MODULES = (
+    "warm_jax.pretrain",
+    "warm_jax.task.builtin_pairs",
+    "warm_jax.ensemble",
+    "warm_jax.rm_control",
+    "warm_jax.rm_average",
+    "warm_jax.evaluation",
+    "warm_jax.policy.bon",
+    "warm_jax.policy.reinforce",
+    "warm_jax.policy.policy_ensemble",
+    "warm_jax.policy.warp",
+    "warm_jax.report",
+)
 
-    stages.import_stage_modules()
+
+def register_all() -> None:
+    """Imports every module with configurables, so gin knows all names (and every stage) before parsing."""
+    for m in STAGE_MODULES:
+        try:
+            importlib.import_module(m)
+        except ModuleNotFoundError as e:
+            if e.name != m:  # a real missing dependency inside the module
+                raise
 
 
 def parse(

@@ -375,29 +375,3 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
                 "featurizer_steps": feats,
             },
         )
-
-
-@register_stage("rm_control")
-def run_control(ctx: RunContext) -> None:
-    """Negative control for linear mode connectivity: two RMs from different random inits.
-
-    Same data, learning rate, dropout and training length as the ensemble, but no pretraining
-    and no shared probe; WARM predicts their weight average falls off a barrier.
-    """
-    from warm_jax import evaluation
-
-    base = EnsembleConfig()
-    cfg = dataclasses.replace(
-        base,
-        num_members=2,
-        random_init=True,
-        featurizer_steps=None,
-        seeds=None,
-        learning_rates=base.learning_rates[:1],
-        dropout_rates=base.dropout_rates[:1],
-    )
-    ens, state = train_ensemble(ctx, cfg, stage="rm_control", ckpt_dir=ctx.path("rm_control", "ckpt"))
-    curves = evaluation.pair_interpolation(ctx, ens.graphdef, state.params, ens.param_specs, dataset_dir(ctx, cfg))
-    if jax.process_index() == 0:
-        updates = loop.read_updates(ctx.path("rm_control", "ckpt"))
-        io_utils.atomic_write_json(ctx.path("rm_control", "lmc.json"), {**curves, "updates": updates})

@@ -5,8 +5,9 @@ and of ENS (mean of the members' rewards), on ``train_clean``, ``train_corrupted
 ``validation`` and ``ood``. On ``train_corrupted`` accuracy is measured against the flipped
 (training) labels, so HIGHER means MORE memorisation of label noise. Also: ensemble
 disagreement, calibration (ECE of σ(r⁺ − r⁻)), linear mode connectivity between two members,
-and the merged RM's reward statistics (for reward normalisation in RL). Writes the merged RM to
-WORKDIR/rm/warm, the numbers to WORKDIR/rm/eval.json and the per-pair reward margins r⁺ − r⁻ (float32)
+and the rewards' statistics on validation. WARM is the model the `average` stage wrote to WORKDIR/rm/warm: its
+members are read from its metadata and its average is checked against its sha256; this stage writes nothing
+else reads as a model. Writes the numbers to WORKDIR/rm/eval.json and the per-pair reward margins r⁺ − r⁻ (float32)
 that every claim's bootstrap interval is computed from to WORKDIR/rm/eval_examples.npz, keyed
 ``<split>/<model>``:
 
@@ -29,6 +30,7 @@ import functools
 import logging
 import os
 import zlib
+from collections.abc import Sequence
 
 import gin
 import jax
@@ -39,7 +41,6 @@ from jax.sharding import PartitionSpec as P
 from warm_jax import (
     averaging,
     checkpoint_averaging,
-    checkpoints,
     ensemble,
     io_utils,
     loop,
@@ -64,9 +65,7 @@ RewardPairs = tuple[np.ndarray, np.ndarray]  # (r_chosen [N], r_rejected [N])
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    select_split: str = "validation"  # members are ranked best-first on this split
-    warm_selection: str = "all"  # 'all' (uniform over M), 'top_m' or 'greedy'
-    top_m: int | None = None
+    select_split: str = "validation"  # members are ranked best-first on this split (WARM of the best k, k = 1 … M)
     lmc_members: tuple[int, int] | None = None  # default: the two best members
     lmc_lambdas: int = 11
     batch_size: int = 256
@@ -212,7 +211,9 @@ def measure(
     score_warm,
     score_interp,
     score_interp_permuted=None,
-) -> tuple[dict, dict[str, np.ndarray], list[int]]:
+    *,
+    chosen: Sequence[int],
+) -> tuple[dict, dict[str, np.ndarray]]:
     """eval.json's numbers and eval_examples.npz's margins from rewards (host arrays; no model here).
 
     member_r: {split: (r_chosen [M, N], r_rejected [M, N])}, row i the member ``ids[i]``.
@@ -220,10 +221,12 @@ def measure(
     score_interp(a, b, lam) → {split: RewardPairs} of (1−λ)θ_a + λθ_b (members at indices a, b).
     score_interp_permuted(a, b, lam): the same with θ_b's hidden units permuted (the same function in another
     basin: the negative control of LMC, 'permutation_control'); None skips it.
-    Returns (result, examples, chosen): eval.json's content (without 'updates' and 'examples'), the
-    margins keyed ``<split>/<model>`` (module docstring) and the indices WARM averages.
+    chosen: the indices WARM averages (the `average` stage's choice).
+    Returns (result, examples): eval.json's content (without 'updates' and 'examples') and the margins keyed
+    ``<split>/<model>`` (module docstring).
     """
     m = len(ids)
+    chosen = [int(i) for i in chosen]
     splits = list(member_r)
     members = [{"id": ids[i], "acc": {s: accuracy(rc[i], rr[i]) for s, (rc, rr) in member_r.items()}} for i in range(m)]
     order = sorted(range(m), key=lambda i: -members[i]["acc"][cfg.select_split])
@@ -248,26 +251,11 @@ def measure(
         warm_by_m.append({"M": k, "members": [ids[i] for i in order[:k]], **_acc_view(metrics_of(warm_r, order[:k]))})
         ens_by_m.append({"M": k, **_acc_view(metrics_of(ens_r, order[:k]))})
 
-    if cfg.warm_selection == "all":
-        chosen = list(range(m))
-    elif cfg.warm_selection == "top_m":
-        chosen = order[: cfg.top_m or m]
-    elif cfg.warm_selection == "greedy":
-        chosen = averaging.greedy_soup(order, lambda idx: accuracy(*warm_r(idx, cfg.select_split)))
-    else:
-        raise ValueError(f"EvalConfig.warm_selection must be 'all', 'top_m' or 'greedy', got {cfg.warm_selection!r}")
-
     # Disagreement: std over members of the reward margin, averaged over pairs.
     disagreement = {s: float(np.mean(np.std(rc - rr, axis=0))) for s, (rc, rr) in member_r.items()}
 
-    # Reward statistics on validation (chosen and rejected together) for RL normalisation.
     best = order[0]
-    rc, rr = member_r["validation"]
-    reward_stats = {
-        "warm": _stats(np.concatenate(warm_r(chosen, "validation"))),
-        "member_best": _stats(np.concatenate([rc[best], rr[best]])),
-        "ens": _stats(np.concatenate(ens_r(chosen, "validation"))),
-    }
+    reward_stats = reward_statistics(member_r["validation"], best, chosen, warm_r(chosen, "validation"))
 
     # Linear mode connectivity between two members (default: the two best).
     a, b = cfg.lmc_members or (order[0], order[1] if m > 1 else order[0])
@@ -316,7 +304,23 @@ def measure(
         "members": ids,
         "reward_stats": reward_stats,
     }
-    return result, examples, chosen
+    return result, examples
+
+
+def reward_statistics(member_validation: RewardPairs, best: int, chosen: Sequence[int], warm_validation) -> dict:
+    """Mean and std of each reward on validation, chosen and rejected rewards together (RL divides by them).
+
+    member_validation: (r_chosen [M, N], r_rejected [M, N]); best: the best member's index; chosen: the indices
+    WARM and ENS average; warm_validation: WARM's RewardPairs ([N], [N]).
+    Returns {"warm", "member_best", "ens": {"mean", "std"}} (std + 1e-6: never zero).
+    """
+    rc, rr = member_validation
+    chosen = list(chosen)
+    return {
+        "warm": _stats(np.concatenate(warm_validation)),
+        "member_best": _stats(np.concatenate([rc[best], rr[best]])),
+        "ens": _stats(np.concatenate([rc[chosen].mean(0), rr[chosen].mean(0)])),
+    }
 
 
 def lmc_curves(score_at, lambdas, members=(0, 1)) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
@@ -397,14 +401,34 @@ def load_members(ctx: RunContext):
     return model_cfg, graphdef, stack(*members), specs, [int(d) for d in member_dirs]
 
 
-def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.ndarray]]:
-    """Scores every split with the members, their averages and the interpolation; writes rm/warm.
+def warm_members(ctx: RunContext, ids: list[int]) -> tuple[list[int], str]:
+    """(indices into ``ids`` of the members WORKDIR/rm/warm averages, its recorded sha256), from its metadata.
 
-    Returns (eval.json's content without 'updates'/'examples', the per-pair margins)."""
+    Raises ValueError naming model.json when rm/warm is not a uniform average of members in WORKDIR/rm/members."""
+    path = os.path.join(ctx.path("rm", "warm"), "model.json")
+    meta, _ = params_io.read_model_json(ctx.path("rm", "warm"))
+    merge = meta.get("merge") or {}
+    members, weights = merge.get("members") or [], merge.get("weights") or []
+    unknown = [x for x in members if not str(x).isdigit() or int(x) not in ids]
+    if merge.get("method") != "linear" or not members or unknown or len(set(weights)) != 1:
+        raise ValueError(
+            f"{path}: field 'merge' does not describe a uniform average of members {ids} of "
+            f"{ctx.path('rm', 'members')} (method {merge.get('method')!r}, members {members}, weights {weights}): "
+            "rm_eval measures the model the `average` stage writes; rerun it (--rerun_from=average)"
+        )
+    return [ids.index(int(x)) for x in members], merge.get("sha256")
+
+
+def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.ndarray]]:
+    """Scores every split with the members, their averages (WARM: rm/warm's members) and the interpolation.
+
+    Returns (eval.json's content without 'updates'/'examples', the per-pair margins). Raises ValueError when the
+    average of rm/warm's members computed here is not the model at rm/warm (its sha256 differs)."""
     data_dir = cfg.dataset_dir or ctx.path("data")
     splits = load_eval_splits(data_dir, cfg.max_examples)
     model_cfg, graphdef, stacked, specs, ids = load_members(ctx)
     m = len(ids)
+    chosen, warm_sha = warm_members(ctx, ids)
     scorer = Scorer(graphdef, ctx.mesh, cfg.batch_size)
     single_sh = sharding.named(ctx.mesh, specs)
 
@@ -418,6 +442,15 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
             last_warm.clear()
             last_warm[key] = averaging.mean_stacked(stacked, jnp.asarray(w), out_shardings=single_sh)
         return last_warm[key]
+
+    # WARM is scored as the average computed here (shared with the best-first curves); it must be rm/warm itself.
+    sha = checkpoint_averaging.merged_sha256(warm_params(chosen))
+    if sha != warm_sha:
+        raise ValueError(
+            f"{ctx.path('rm', 'warm')}: its sha256 {warm_sha} is not that of the uniform average of its members "
+            f"{[ids[i] for i in chosen]} in {ctx.path('rm', 'members')} ({sha}): the members changed after "
+            "`average` ran; rerun it (--rerun_from=average)"
+        )
 
     slices: dict = {}
 
@@ -433,30 +466,15 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
 
     # Members and ENS: one vmapped pass per split.
     member_r = {s: scorer.stacked_pairs(stacked, d) for s, d in splits.items()}  # ([M,N], [M,N])
-    result, examples, chosen = measure(
+    return measure(
         member_r,
         ids,
         cfg,
         lambda idx, s: scorer.pairs(warm_params(idx), splits[s]),
         score_interp,
         functools.partial(score_interp, permuted=True),
+        chosen=chosen,
     )
-
-    accuracies = {ids[i]: result["rm"]["members"][i]["acc"] for i in range(m)}
-    hashes = {
-        ids[i]: checkpoints.tree_sha256(host_copy(ensemble.member_slice(stacked, i, ctx.mesh, specs))) for i in range(m)
-    }
-    checkpoint_averaging.write_merged(
-        ctx.path("rm", "warm"),
-        warm_params(chosen),
-        model_cfg=model_cfg,
-        members=[ids[i] for i in chosen],
-        weights=[1.0 / len(chosen)] * len(chosen),
-        accuracies=accuracies,
-        hashes=hashes,
-        tokenizer_dir=ctx.path("tokenizer"),
-    )
-    return result, examples
 
 
 def host_copy(tree):
@@ -486,7 +504,7 @@ def read_examples(results_dir: str, results: dict) -> dict[str, np.ndarray]:
     return io_utils.read_arrays(os.path.join(results_dir, ref["file"]), ref.get("sha256"))
 
 
-@register_stage("rm_eval", outputs=("rm/warm", "rm/eval.json", f"rm/{EXAMPLES_FILE}"))
+@register_stage("rm_eval", outputs=("rm/eval.json", f"rm/{EXAMPLES_FILE}"))
 def run(ctx: RunContext, cfg: EvalConfig | None = None) -> None:
     cfg = cfg or EvalConfig()
     result, examples = evaluate_rms(ctx, cfg)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import importlib
 import logging
 import os
 import time
@@ -37,19 +36,6 @@ log = logging.getLogger(__name__)
 
 STAGES: dict[str, Callable] = {}
 
-# Modules that register stages; imported lazily so `import warm_jax` stays light.
-_STAGE_MODULES = (
-    "warm_jax.pretrain",
-    "warm_jax.data.builtin_pairs",
-    "warm_jax.ensemble",
-    "warm_jax.evaluation",
-    "warm_jax.policy.bon",
-    "warm_jax.policy.reinforce",
-    "warm_jax.policy.policy_ensemble",
-    "warm_jax.policy.warp",
-    "warm_jax.report",
-)
-
 RECORDS = "config"  # WORKDIR/config/<stage>.gin and <stage>.operative.gin
 SUPERSEDED = "superseded"  # where --rerun_from moves old outputs
 
@@ -59,7 +45,8 @@ _EXTRA_OUTPUTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("tokenizer",),
     "import_model": ("pretrain", "tokenizer"),
     "rm_ensemble": ("rm/ckpt", "rm/members", "rm/ensemble.json", "rm/updates.json"),
-    "rm_eval": ("rm/warm", "rm/eval.json"),
+    "average": ("rm/warm",),
+    "rm_eval": ("rm/eval.json", "rm/eval_examples.npz"),
     "reinforce": ("rl", "metrics/rl_*.jsonl", "tensorboard/rl_*"),
 }
 
@@ -97,15 +84,6 @@ def record_path(workdir: str, stage: str, *, operative: bool = False) -> str:
     return os.path.join(workdir, RECORDS, f"{stage}{'.operative' if operative else ''}.gin")
 
 
-def import_stage_modules() -> None:
-    for m in _STAGE_MODULES:
-        try:
-            importlib.import_module(m)
-        except ModuleNotFoundError as e:
-            if e.name != m:  # a real missing dependency inside the module
-                raise
-
-
 @dataclasses.dataclass
 class RunContext:
     workdir: str
@@ -139,7 +117,7 @@ def run_pipeline(workdir: str, *, rerun_from: str | None = None) -> RunContext:
             "--gin_file=gin/quickstart.gin) or --gin_bindings=\"run_pipeline.stages = ['pretrain', ...]\""
         ) from None
     names, seed = pipeline_settings()
-    import_stage_modules()
+    config.register_all()
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise config.ConfigError(f"run_pipeline.stages lists unknown stage(s) {unknown}; known: {sorted(STAGES)}")

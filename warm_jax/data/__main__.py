@@ -7,7 +7,8 @@
 `prepare` writes a TFDS dataset directory (see `warm_jax.data.builders`); bad input stops it with a message naming
 file, line and field, exit status 1 and nothing at DIR, unless --skip_invalid (then bad records are counted; an input
 file left with no valid record still stops it). Every failure is one line on stderr; --verbose adds the traceback.
-`--format=builtin` asks `warm_jax.data.builtin_pairs.generate_splits` for the built-in task's pairs;
+`--format=builtin` asks `warm_jax.task.builtin_pairs.generate_splits` for the built-in task's pairs (the CLI is an
+entry point: the data library itself imports no task module);
 `--builtin_option KEY=VALUE` (repeatable, values parsed as JSON when they parse) are passed to it as keywords,
 together with ``input_path`` (--input, may be omitted) and ``seed``.
 `--format=hf` reads Hugging Face ``datasets`` tables (Parquet files, Arrow ``save_to_disk`` folders, JSON lines) with
@@ -111,10 +112,10 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.format == "builtin":
         try:
-            builtin_pairs = importlib.import_module("warm_jax.data.builtin_pairs")
+            builtin_pairs = importlib.import_module("warm_jax.task.builtin_pairs")
         except ModuleNotFoundError as e:
             raise CliError(
-                "--format=builtin needs warm_jax.data.builtin_pairs.generate_splits (the built-in task's "
+                "--format=builtin needs warm_jax.task.builtin_pairs.generate_splits (the built-in task's "
                 f"pair generation), which is not available: {e}"
             ) from e
         splits = builtin_pairs.generate_splits(

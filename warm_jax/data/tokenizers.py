@@ -495,3 +495,15 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def encode_prompts(prompts: Sequence[str], tok: Tokenizer, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompt tokens and mask [N, max_len] (BOS when the tokenizer adds one)."""
+    tokens = np.full((len(prompts), max_len), tok.pad_id, np.int32)
+    mask = np.zeros((len(prompts), max_len), np.int32)
+    for i, ids in enumerate(tok.encode_batch(prompts)):
+        ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + list(ids)
+        ids = ids[-max_len:]
+        tokens[i, max_len - len(ids) :] = ids
+        mask[i, max_len - len(ids) :] = 1
+    return tokens, mask

@@ -26,8 +26,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from warm_jax import io_utils, oracle as oracle_lib, pretrain, sharding, stats
-from warm_jax.data import builtin_pairs, builtin_text
-from warm_jax.data.tokenizers import Tokenizer
+from warm_jax.data import builtin_text
+from warm_jax.data.tokenizers import Tokenizer, encode_prompts
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.policy import sampler
 from warm_jax.stages import RunContext, register_stage
@@ -79,7 +79,7 @@ def make_prompts(tok: Tokenizer, n: int, seed: int, max_len: int, *, exclude=())
         if draw > 50:
             raise RuntimeError(f"could not draw {n} prompts outside the {len(excluded)} excluded ones")
     texts = texts[:n]
-    tokens, mask = builtin_pairs.encode_prompts(texts, tok, max_len)
+    tokens, mask = encode_prompts(texts, tok, max_len)
     return texts, tokens, mask
 
 

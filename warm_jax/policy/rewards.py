@@ -7,12 +7,12 @@ tokens first, then padding). Reward models read right-padded sequences with leng
 Reward names (``load_reward``):
 
 * ``warm``: the merged WARM model, ``WORKDIR/rm/warm/``;
-* ``member_best``: the single member with the best selection accuracy (``rm/eval.json``);
+* ``member_best``: the single member with the best selection accuracy (``average/selection.json``);
 * ``ens``: the mean prediction of all members, scored in one vmapped pass over a stacked
   ``[M, ...]`` parameter tree (never a Python loop over members);
 * ``ens_conservative``: ENS mean − λ·std over members (uncertainty-penalised ENS).
 
-Rewards are normalised with the validation statistics that ``rm_eval`` wrote,
+Rewards are normalised with the validation statistics that the ``average`` stage wrote,
 ``(r − mean) / std``, so that one KL coefficient means the same for every reward.
 """
 
@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from warm_jax import io_utils, params_io, reward, sharding
+from warm_jax import params_io, reward, rm_average, sharding
 from warm_jax.stages import RunContext
 
 REWARD_NAMES = ("warm", "member_best", "ens", "ens_conservative")
-# Which eval.json reward_stats entry normalises each reward.
+# Which average/selection.json reward_stats entry normalises each reward.
 _STATS_KEY = {"warm": "warm", "member_best": "member_best", "ens": "ens", "ens_conservative": "ens"}
 
 
@@ -134,21 +134,10 @@ class RewardFn:
 repack_jit = jax.jit(repack, static_argnames=("pad_id",))
 
 
-def read_eval(ctx: RunContext) -> dict:
-    path = ctx.path("rm", "eval.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run the `rm_eval` stage before the policy stages")
-    data = io_utils.read_json(path)
-    for field in ("best_member", "members"):
-        if field not in data:
-            raise KeyError(f"{path} has no field {field!r}; it has {sorted(data)}")
-    return data
-
-
 def _member_dir(ctx: RunContext, member: int) -> str:
     d = ctx.path("rm", "members", str(member))
     if not os.path.isdir(d):
-        raise FileNotFoundError(f"reward-model member {member} (from rm/eval.json) has no checkpoint at {d}")
+        raise FileNotFoundError(f"reward-model member {member} (from average/selection.json) has no checkpoint at {d}")
     return d
 
 
@@ -180,13 +169,13 @@ def load_reward(ctx: RunContext, name: str, *, conservative_lambda: float = 1.0,
     """The reward called ``name`` (one of REWARD_NAMES) from the reward-model stages' outputs."""
     if name not in REWARD_NAMES:
         raise ValueError(f"unknown reward {name!r}; choose from {REWARD_NAMES}")
-    info = read_eval(ctx)
+    info = rm_average.read_selection(ctx)
     shift, scale = 0.0, 1.0
     if normalise:
         stats = info.get("reward_stats", {}).get(_STATS_KEY[name])
         if stats is None:
             raise KeyError(
-                f"{ctx.path('rm', 'eval.json')} has no reward_stats[{_STATS_KEY[name]!r}] to normalise "
+                f"{ctx.path('average', rm_average.SELECTION_FILE)} has no reward_stats[{_STATS_KEY[name]!r}] to normalise "
                 f"reward {name!r} (or set normalise_reward=False)"
             )
         shift, scale = float(stats["mean"]), max(float(stats["std"]), 1e-6)

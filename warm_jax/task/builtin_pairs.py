@@ -24,7 +24,7 @@ import numpy as np
 from warm_jax import oracle as oracle_lib
 from warm_jax.data import builders, builtin_text
 from warm_jax.data import preference as pref
-from warm_jax.data.tokenizers import Tokenizer
+from warm_jax.data.tokenizers import Tokenizer, encode_prompts
 from warm_jax.policy import sampler
 from warm_jax.stages import RunContext, register_stage
 
@@ -70,18 +70,6 @@ class PairsConfig:
                 raise ValueError(f"PairsConfig.{name} must be a positive integer, got {value!r}")
         if not 0.0 <= self.flip_fraction <= 1.0:
             raise ValueError(f"PairsConfig.flip_fraction must be in [0, 1], got {self.flip_fraction}")
-
-
-def encode_prompts(prompts, tok: Tokenizer, max_len: int):
-    """Left-padded prompt tokens and mask [N, max_len] (BOS when the tokenizer adds one)."""
-    tokens = np.full((len(prompts), max_len), tok.pad_id, np.int32)
-    mask = np.zeros((len(prompts), max_len), np.int32)
-    for i, ids in enumerate(tok.encode_batch(prompts)):
-        ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + list(ids)
-        ids = ids[-max_len:]
-        tokens[i, max_len - len(ids) :] = ids
-        mask[i, max_len - len(ids) :] = 1
-    return tokens, mask
 
 
 def sample_texts(sample_fn, params, prompt_tokens, prompt_mask, key, tok: Tokenizer, batch: int, mesh):
