@@ -18,7 +18,10 @@ from warm_jax import average, checkpoint_averaging, checkpoints, io_utils, merge
 from warm_jax.models import transformer as tr
 from warm_jax.train_state import TrainState
 
+from tests.test_merge_methods import np_merge
+
 CFG = tr.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_len=16)
+MESH8 = "--mesh=data=2,fsdp=2,tensor=2"  # the mesh8 fixture's: the CLI reuses the programs compiled for it
 METHODS = [
     ("slerp", {}),
     ("task_arithmetic", {"scaling": 0.6}),
@@ -42,10 +45,8 @@ def ckpts(tmp_path_factory):
     base params, host stacked member params)."""
     root = tmp_path_factory.mktemp("merge")
     base = jax.device_get(tr.init_params(CFG, jax.random.key(0)))
-    members = [
-        jax.tree.map(lambda b, s=s: b + 0.02 * np.asarray(jax.random.normal(jax.random.key(s), b.shape), b.dtype), base)
-        for s in range(1, 4)
-    ]
+    rng = np.random.default_rng(1)
+    members = [jax.tree.map(lambda b: b + 0.02 * rng.standard_normal(b.shape).astype(b.dtype), base) for _ in range(3)]
     dirs = [_save(root / f"m{i}", p) for i, p in enumerate(members)]
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *members)
     return _save(root / "init", base), dirs, base, stacked
@@ -107,10 +108,10 @@ def test_corrupt_base_is_named(ckpts, tmp_path, mesh8):
 
 
 def test_cli_slerp_two_members(ckpts, tmp_path, mesh8, capsys):
-    base_dir, dirs, base, stacked = ckpts
+    base_dir, dirs, _, _ = ckpts
     out = tmp_path / "slerp"
     argv = ["--method=slerp", f"--base={base_dir}", *(f"--checkpoint={d}" for d in dirs[:2]), f"--output={out}"]
-    assert average.main(argv) == 0
+    assert average.main([*argv, MESH8]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"] == "slerp" and summary["params"] == {} and "note" not in summary
     cfg, _, params, meta = params_io.load_params_checkpoint(str(out), mesh8)
@@ -118,38 +119,46 @@ def test_cli_slerp_two_members(ckpts, tmp_path, mesh8, capsys):
     assert cfg == CFG and merge["method"] == "slerp" and merge["base"] == base_dir and merge["weights"] == [1.0, 1.0]
     assert merge["base_sha256"] == checkpoints.tree_sha256(params_io.load_params_checkpoint(base_dir, mesh8)[2])
     assert merge["members"] == dirs[:2] and merge["sha256"] == summary["sha256"] == checkpoints.tree_sha256(params)
-    two = jax.tree.map(lambda x: x[:2], stacked)
-    want = _host(merge_methods.merge_stacked(two, method="slerp", base=base))
+    # The streamed merge on the same mesh, which equals merge_stacked (test above): the same bits.
+    want = _host(checkpoint_averaging.merge_checkpoints(dirs[:2], mesh=mesh8, method="slerp", base=base_dir)[2])
     for path, x in _host(params).items():
-        np.testing.assert_allclose(x, want[path], rtol=1e-6, atol=1e-7, err_msg=path)
+        np.testing.assert_array_equal(x, want[path], err_msg=path)
     # Three members: the incremental generalisation, said in the summary.
     out3 = tmp_path / "slerp3"
-    argv = ["--method=slerp", f"--base={base_dir}", *(f"--checkpoint={d}" for d in dirs), f"--output={out3}"]
+    argv = ["--method=slerp", f"--base={base_dir}", *(f"--checkpoint={d}" for d in dirs), f"--output={out3}", MESH8]
     assert average.main(argv) == 0
     assert "incremental SLERP" in json.loads(capsys.readouterr().out)["note"]
 
 
 @pytest.mark.parametrize(
     "flags,method,recorded",
-    [
-        (["--method=ties", "--density=0.4"], "ties", {"density": 0.4, "scaling": 1.0}),
-        (["--method=dare", "--density=0.5", "--seed=3"], "dare", {"density": 0.5, "scaling": 1.0, "seed": 3}),
-        (["--method=task_arithmetic", "--scaling=0.5", "--weights=1,2,1"], "task_arithmetic", {"scaling": 0.5}),
+    [  # the parameters of METHODS, so that the streamed merges' programs are compiled already
+        (["--method=ties", "--density=0.3"], "ties", {"density": 0.3, "scaling": 1.0}),
+        (
+            ["--method=dare", "--density=0.5", "--scaling=0.8", "--seed=3"],
+            "dare",
+            {"density": 0.5, "scaling": 0.8, "seed": 3},
+        ),
+        (["--method=task_arithmetic", "--scaling=0.6", "--weights=1,2,1"], "task_arithmetic", {"scaling": 0.6}),
     ],
 )
 def test_cli_methods_record_parameters(ckpts, tmp_path, mesh8, capsys, flags, method, recorded):
-    base_dir, dirs, base, stacked = ckpts
+    base_dir, dirs, _, _ = ckpts
     out = tmp_path / method
-    assert average.main([*flags, f"--base={base_dir}", *(f"--checkpoint={d}" for d in dirs), f"--output={out}"]) == 0
+    argv = [*flags, f"--base={base_dir}", *(f"--checkpoint={d}" for d in dirs), f"--output={out}", MESH8]
+    assert average.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["params"] == recorded
     _, _, params, meta = params_io.load_params_checkpoint(str(out), mesh8)
     assert meta["merge"]["method"] == method and meta["merge"]["params"] == recorded
     w = [1.0, 2.0, 1.0] if "--weights=1,2,1" in flags else None
+    assert meta["merge"]["weights"] == (w or [1.0, 1.0, 1.0])
     kw = {k: v for k, v in recorded.items() if k != "seed"}
     key = jax.random.key(recorded.get("seed", 0))
-    want = _host(merge_methods.merge_stacked(stacked, method=method, base=base, weights=w, key=key, **kw))
+    want = checkpoint_averaging.merge_checkpoints(
+        dirs, mesh=mesh8, method=method, base=base_dir, weights=w, key=key, params=kw
+    )[2]
     for path, x in _host(params).items():
-        np.testing.assert_allclose(x, want[path], rtol=1e-6, atol=1e-7, err_msg=path)
+        np.testing.assert_array_equal(x, _host(want)[path], err_msg=path)
 
 
 @pytest.mark.parametrize(
@@ -198,15 +207,16 @@ def test_cli_stacked_checkpoint_with_method(ckpts, tmp_path, mesh8, capsys):
         ck.save(7, state, force=True)
     os.makedirs(rm / "members")
     io_utils.atomic_write_json(str(rm / "members" / "0" / "model.json"), io_utils.read_json(f"{dirs[0]}/model.json"))
-    out = tmp_path / "ties"
-    argv = ["--method=ties", f"--base={base_dir}", f"--checkpoint={rm / 'ckpt'}", "--members=0,2", f"--output={out}"]
+    out = tmp_path / "slerp"
+    # Member 1 is left out: weight 0, skipped by the incremental SLERP (which is the pair's SLERP).
+    argv = ["--method=slerp", f"--base={base_dir}", f"--checkpoint={rm / 'ckpt'}", "--members=0,2", f"--output={out}"]
     assert average.main(argv) == 0
     _, _, params, meta = params_io.load_params_checkpoint(str(out), mesh8)
-    assert meta["merge"]["method"] == "ties" and meta["merge"]["members"] == [
+    assert meta["merge"]["method"] == "slerp" and meta["merge"]["members"] == [
         f"{rm / 'ckpt'}@7[0]",
         f"{rm / 'ckpt'}@7[2]",
     ]
-    pair = jax.tree.map(lambda x: x[[0, 2]], stacked)
-    want = _host(merge_methods.merge_stacked(pair, method="ties", base=base))
+    pair, flat_base = _host(jax.tree.map(lambda x: x[[0, 2]], stacked)), _host(base)
     for path, x in _host(params).items():
-        np.testing.assert_allclose(x, want[path], rtol=1e-6, atol=1e-7, err_msg=path)
+        want = np_merge("slerp", flat_base[path], pair[path], None)
+        np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-7, err_msg=path)

@@ -305,10 +305,8 @@ def model_stacked():
     specs = sharding.tree_specs(axes, abstract, mesh)
     single = sharding.named(mesh, specs)
     base = jax.device_get(tr.init_params(CFG, jax.random.key(0)))
-    host = [
-        jax.tree.map(lambda b, s=s: b + 0.05 * np.asarray(jax.random.normal(jax.random.key(s), b.shape)), base)
-        for s in range(1, 5)
-    ]
+    rng = np.random.default_rng(2)
+    host = [jax.tree.map(lambda b: b + 0.05 * rng.standard_normal(b.shape), base) for _ in range(4)]
     stacked = jax.device_put(
         jax.tree.map(lambda *xs: np.stack(xs).astype(np.float32), *host),
         sharding.named(mesh, sharding.prefix_ensemble(specs)),
