@@ -628,7 +628,9 @@ def merge_checkpoints(
     merged model plus 2·(K + 1) groups on the host (and the group's float32 temporaries on the
     device), not K models. Leaf ``params/a/b`` draws its random numbers (dare) from
     ``merge_methods.leaf_key(key, 'a/b')``, so the result equals ``merge_stacked`` of the stacked
-    members. Members with weight 0 are read too (their index keys dare's masks).
+    members. Members with weight 0 are read too (their index keys dare's masks). A checkpoint that
+    cannot be read directly (several jax processes, no whole-array hashes) or fails its check is
+    restored whole through Orbax instead, and held until the merge ends: O(model) for each such one.
 
     Args:
       dirs: member directories (``model.json`` + ``ckpt/``).
@@ -700,7 +702,7 @@ def merge_checkpoints(
     merged = jax.tree_util.tree_unflatten(inp.treedef, out)
     info = {
         "members": dirs,
-        "weights": [float(x) for x in np.asarray(w)],
+        "weights": [float(x) for x in (np.asarray(w) if weights is None else weights)],
         "hashes": {d: m.sha256 for d, m in zip(dirs, sources_m[1:])},
         "meta": {d: inp.metas[d] for d in dirs},
         "method": method,

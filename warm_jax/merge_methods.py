@@ -84,7 +84,6 @@ class MergeMethod:
     needs_key: bool
     defaults: Mapping[str, float]
     uniform: str
-    doc: str
 
     def resolve_params(self, params: Mapping[str, Any]) -> dict[str, float]:
         """The defaults overridden by ``params``; ValueError naming an unknown or out-of-range one."""
@@ -123,9 +122,7 @@ def register_merge_method(
     def register(leaf_fn):
         if name in MERGE_METHODS:
             raise ValueError(f"merge method {name!r} is registered already")
-        MERGE_METHODS[name] = MergeMethod(
-            name, leaf_fn, needs_base, needs_key, dict(defaults or {}), uniform, (leaf_fn.__doc__ or "").strip()
-        )
+        MERGE_METHODS[name] = MergeMethod(name, leaf_fn, needs_base, needs_key, dict(defaults or {}), uniform)
         return leaf_fn
 
     return register
