@@ -81,6 +81,19 @@ def test_streamed_merge_equals_merge_stacked(ckpts, mesh8, method, params):
         assert x.sharding.is_equivalent_to(y.sharding, x.ndim), p
 
 
+def test_streamed_merge_on_one_device(ckpts):
+    """One CPU device (where linear uses its packed fold): the per-leaf programs still merge alike."""
+    base_dir, dirs, base, stacked = ckpts
+    mesh1 = runtime.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    merged = checkpoint_averaging.merge_checkpoints(dirs, mesh=mesh1, method="slerp", base=base_dir, weights=[1, 2, 3])[
+        2
+    ]
+    want = _host(merge_methods.merge_stacked(stacked, method="slerp", base=base, weights=[1, 2, 3]))
+    assert all(x.sharding.device_set == {jax.devices()[0]} for x in jax.tree.leaves(merged))
+    for path, x in _host(merged).items():
+        np.testing.assert_allclose(x, want[path], rtol=1e-6, atol=1e-7, err_msg=path)
+
+
 def test_linear_merge_is_the_running_mean(ckpts, mesh8):
     _, dirs, _, _ = ckpts
     _, _, a, info = checkpoint_averaging.merge_checkpoints(dirs, mesh=mesh8, weights=[1.0, 2.0, 1.0])
