@@ -292,3 +292,26 @@ def test_policy_merge_stage_is_one_warp_iteration(warp_run):
     for k in ("eta", "kl", "oracle", "proxy", "length"):
         assert got["iterations"][0][k] == res["iterations"][0][k]
     assert warp.read_results(ctx.workdir)["source"] == "warp"  # the warp stage's results come first
+
+
+def test_report_from_the_stages_pairs_warp_with_the_single_runs(warp_run):
+    # The single policies (reinforce, both anchors) on the same workdir, then the report from the stages' files.
+    ctx, res = warp_run
+    with helpers.gin_config(LOOP):
+        reinforce.run(ctx, reinforce.ReinforceConfig(**RL, anchors=("init", "ema")))
+    summary = report.build_summary(ctx.workdir)
+    w = summary["warp"]
+    assert set(w["single"]) == {"warm", "warm_ema"} and w["front"] == [
+        {k: it[k] for k in ("iteration", "eta", "kl", "oracle", "proxy", "length")} for it in res["iterations"]
+    ]
+    # Step 0 of a single run and η = 0 of iteration 0 are the SFT policy on the same prompts with the same key.
+    ex = warp.read_front_examples(warp.read_results(ctx.workdir))
+    for name in ("warm", "warm_ema"):
+        np.testing.assert_array_equal(
+            reinforce.read_eval_scores(ctx.workdir, name, [0])["oracle"][0], ex["iter0/oracle"][0]
+        )
+    c = next(c for c in summary["claims"] if c["id"] == "warp")
+    assert c["status"] in (claims.HOLDS, claims.FAILS), c["reason"]
+    assert c["ci"]["best_warp_minus_best_single"]["n"] == RL["num_eval_prompts"]
+    assert w["matched"]["kl_budget"] == c["numbers"]["kl_budget"] > 0
+    assert summary["updates"]["warp/iter_1/policies"]["applied"] == RL["num_steps"]

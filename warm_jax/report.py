@@ -12,6 +12,7 @@ claim's status ("holds", "fails", "not tested") and 95% CIs are in summary.json 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -165,6 +166,9 @@ def training_updates(workdir: str) -> dict[str, dict]:
             path = os.path.join(parent, name, "updates.json")
             if os.path.isfile(path):
                 found[os.path.relpath(os.path.join(parent, name), workdir)] = io_utils.read_json(path)
+    # WARP's policies, per iteration (warp/iter_<k>/policies/updates.json).
+    for path in sorted(glob.glob(os.path.join(glob.escape(workdir), "warp", "iter_*", "policies", "updates.json"))):
+        found[os.path.relpath(os.path.dirname(path), workdir)] = io_utils.read_json(path)
     return found
 
 
