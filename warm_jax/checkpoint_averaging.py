@@ -26,8 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 from jax.sharding import PartitionSpec as P
 
 from warm_jax import checkpoints, io_utils, merge_methods, params_io, sharding
@@ -723,53 +721,26 @@ def restore_stacked_params(ckpt_dir: str, mesh, model_cfg: tr.ModelConfig, *, st
     checked against the checkpoint's hash manifest. The leading axis is split over 'ensemble'
     when M is a multiple of that mesh axis, else replicated. Returns (stacked params, step).
     """
-    ck = checkpoints.Checkpointer(ckpt_dir, read_only=True, async_save=False)
-    try:
+    with checkpoints.Checkpointer(ckpt_dir, read_only=True, async_save=False) as ck:
         step = ck.latest_step() if step is None else step
         if step is None:
             raise MergeError(f"{ckpt_dir}: no finished checkpoint")
         saved = ck.saved_abstract_state(step)
         step_dir = str(ck.step_dir(step))
-    finally:
-        ck.close()
-    if not isinstance(saved, Mapping) or "params" not in saved:
-        raise MergeError(f"{step_dir}: not a training state (no 'params' item)")
-    _, abstract, axes = tr.abstract_model(model_cfg)
-    saved_params = saved["params"]
-    m = jax.tree_util.tree_leaves(saved_params)[0].shape[0]
-    stacked_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct((m, *x.shape), x.dtype), abstract)
-    check_compatible({"the model config (stacked)": stacked_abstract, step_dir: saved_params})
-    specs = sharding.tree_specs(axes, abstract, mesh, rules)
-    ens = mesh.shape.get(sharding.ENSEMBLE, 1)
-    lead = sharding.ENSEMBLE if m % ens == 0 and sharding.ENSEMBLE in mesh.shape else None
-    stacked_specs = jax.tree.map(lambda s: P(lead, *s), specs, is_leaf=lambda x: isinstance(x, P))
-    target = {"params": sharding.abstract_with_sharding(stacked_abstract, sharding.named(mesh, stacked_specs))}
-    reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    try:
-        restored = reader.restore(
-            os.path.join(step_dir, "state"),
-            args=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-            ),
-        )
-    except Exception as e:  # Orbax/TensorStore raise bare Exceptions for missing or truncated files
-        raise checkpoints.CheckpointCorruptError(
-            f"{step_dir}: cannot read the params: {checkpoints.short_error(e)}"
-        ) from e
-    finally:
-        reader.close()
-    _verify_subtree(restored, step_dir)
+        if not isinstance(saved, Mapping) or "params" not in saved:
+            raise MergeError(f"{step_dir}: not a training state (no 'params' item)")
+        _, abstract, axes = tr.abstract_model(model_cfg)
+        saved_params = saved["params"]
+        m = jax.tree_util.tree_leaves(saved_params)[0].shape[0]
+        stacked_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct((m, *x.shape), x.dtype), abstract)
+        check_compatible({"the model config (stacked)": stacked_abstract, step_dir: saved_params})
+        specs = sharding.tree_specs(axes, abstract, mesh, rules)
+        ens = mesh.shape.get(sharding.ENSEMBLE, 1)
+        lead = sharding.ENSEMBLE if m % ens == 0 and sharding.ENSEMBLE in mesh.shape else None
+        stacked_specs = jax.tree.map(lambda s: P(lead, *s), specs, is_leaf=lambda x: isinstance(x, P))
+        target = {"params": sharding.abstract_with_sharding(stacked_abstract, sharding.named(mesh, stacked_specs))}
+        restored, step = ck.restore_partial(target, step)
     return restored["params"], step
-
-
-def _verify_subtree(tree: PyTree, step_dir: str) -> None:
-    """Checks a partially restored tree against the step's (single-process) manifest, as a full
-    restore checks its state: every leaf must be listed, and its digest must match."""
-    manifests = checkpoints.manifest.read_manifests(epath.Path(step_dir))
-    if len(manifests) != 1:
-        log.warning("%s: %d manifests; partial restore not verified", step_dir, len(manifests))
-        return
-    checkpoints.manifest.verify(tree, manifests, step_dir)
 
 
 # ----------------------------------------------------------------------------- output

@@ -6,7 +6,12 @@ and renames it when every item is committed, so an unfinished step is never list
   state/      the training state pytree (params, optimizer state, step, key), any sharding
   data/       the input-pipeline iterator state (a JSON dict), optional
   meta/       free-form JSON metadata, optional
-  manifest/   `manifest.process-<i>.json`, one per jax process: leaf path -> sha256, xxh3_128, shape, dtype
+  manifest/   `manifest.process-<i>.json`, one per jax process: leaf path -> sha256, xxh3_128, shape, dtype,
+              and the `layout` record of where each array of state/ lies (for `direct_read`)
+
+Only Orbax's public API is used: the state item is a PyTreeCheckpointHandler with the options chosen
+here (OCDBT, zarr v2, compression on request), which restores checkpoints of either setting and those
+written through StandardCheckpointHandler.
 
 This module is the manager (`Checkpointer`) and the package's public names. The pieces:
 
@@ -26,11 +31,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
-from warm_jax.checkpoints.direct_read import StateReader, aligned_empty, check_buffers, read_state_into
+from warm_jax.checkpoints.direct_read import (
+    LAYOUT,
+    StateReader,
+    aligned_empty,
+    check_buffers,
+    layout_record,
+    read_state_into,
+)
 from warm_jax.checkpoints.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -81,23 +94,24 @@ log = logging.getLogger(__name__)
 _STATE, _DATA, _META = "state", "data", "meta"
 
 
-class _UncompressedStandardHandler(ocp.handlers.StandardCheckpointHandler):
-    """StandardCheckpointHandler that writes chunks without zstd (its constructor has no such option).
+def _state_handler(compress: bool) -> ocp.PyTreeCheckpointHandler:
+    """The `state` item's handler: OCDBT, zarr (v2) chunks, zstd only when `compress`.
 
-    Its work is done by a PyTreeCheckpointHandler held as `_impl`; this one is built like the
-    parent's (same defaults) with use_compression=False. Restoring reads the codec from the
-    array metadata, so it reads compressed checkpoints too.
+    zarr v2 inside OCDBT is the layout the manifest's `layout` record describes (`direct_read`);
+    restoring reads the codec from each array's own metadata, so either setting reads both.
     """
+    return ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=96,
+        restore_concurrent_gb=96,
+        use_ocdbt=True,
+        use_zarr3=False,
+        use_compression=compress,
+    )
 
-    def __init__(self):
-        super().__init__()
-        if not isinstance(getattr(self, "_impl", None), ocp.PyTreeCheckpointHandler):
-            # Another Orbax layout: still a correct checkpoint, only compressed (slower to read).
-            log.warning("this Orbax's StandardCheckpointHandler has no PyTreeCheckpointHandler _impl; compressing")
-            return
-        self._impl = ocp.PyTreeCheckpointHandler(
-            save_concurrent_gb=96, restore_concurrent_gb=96, use_ocdbt=True, use_compression=False
-        )
+
+def _as_array(x: Any) -> Any:
+    """Array-likes (Python and numpy scalars) as numpy arrays: every leaf is saved as an array."""
+    return x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x)
 
 
 def _abstract_leaf(path: str, x: Any) -> jax.ShapeDtypeStruct:
@@ -148,9 +162,9 @@ class Checkpointer:
         self._bad_steps: set[int] = set()  # steps found corrupt by restore(); re-saving replaces them
 
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        state_handler = ocp.handlers.StandardCheckpointHandler if compress else _UncompressedStandardHandler
-        registry.add(_STATE, ocp.args.StandardSave, state_handler())
-        registry.add(_STATE, ocp.args.StandardRestore, state_handler())
+        state_handler = _state_handler(compress)
+        registry.add(_STATE, ocp.args.PyTreeSave, state_handler)
+        registry.add(_STATE, ocp.args.PyTreeRestore, state_handler)
         for item in (_DATA, _META):
             handler = ocp.handlers.JsonCheckpointHandler()
             registry.add(item, ocp.args.JsonSave, handler)
@@ -260,9 +274,11 @@ class Checkpointer:
             "process_index": jax.process_index(),
             "process_count": jax.process_count(),
             "leaves": leaves,
+            LAYOUT: layout_record(named),
         }
 
-        items: dict[str, Any] = {_STATE: ocp.args.StandardSave(state), _MANIFEST: ocp.args.JsonSave(manifest)}
+        state = jax.tree.map(_as_array, state)
+        items: dict[str, Any] = {_STATE: ocp.args.PyTreeSave(state), _MANIFEST: ocp.args.JsonSave(manifest)}
         if data is not None:
             items[_DATA] = ocp.args.JsonSave(data)
         if meta is not None:
@@ -328,6 +344,45 @@ class Checkpointer:
         tree = getattr(meta, "tree", meta)
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
 
+    def restore_partial(self, abstract_part: PyTree, step: int | None = None) -> tuple[PyTree, int]:
+        """Restores (part, step): only the leaves of `abstract_part`, verified against the manifest.
+
+        abstract_part: a subtree of the saved state with the same nesting (e.g. {"params": ...} of a
+          TrainState saved as a dict), leaves jax.ShapeDtypeStruct (or arrays) with `.sharding`; the
+          other saved arrays (optimizer state) are not read.
+        step: None is the latest step; a step that does not verify raises CheckpointCorruptError (no
+          fallback: a part of an older step is seldom what the caller wants).
+        """
+        self.wait()
+        step = self._resolve(step)
+        target = jax.tree_util.tree_map_with_path(lambda p, x: _abstract_leaf(leaf_path(p), x), abstract_part)
+        self._check_structure(target, step, partial=True)
+        part = self._read_state(step, target, partial=True)
+        if self.verify:
+            verify(part, read_manifests(self.step_dir(step)), str(self.step_dir(step)))
+        return part, step
+
+    def _state_args(self, target: PyTree, partial: bool) -> ocp.args.PyTreeRestore:
+        return ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=partial,
+        )
+
+    def _read_state(self, step: int, target: PyTree, partial: bool) -> PyTree:
+        """The `state` item (`partial`: the leaves of `target` only) in `target`'s shardings, unverified;
+        a read failure is a CheckpointCorruptError naming the arrays that cannot be read."""
+        try:
+            return self._mgr.restore(step, args=ocp.args.Composite(**{_STATE: self._state_args(target, partial)}))[
+                _STATE
+            ]
+        except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types on corrupt bytes
+            message = self._locate_read_failure(target, step, e)
+            # A failed Orbax read orphans the reads of the other arrays; collect them now, so that their
+            # "exception ignored" reports come here and not at some later, unrelated moment.
+            gc.collect()
+            raise CheckpointCorruptError(message) from e
+
     def _restore_step(self, abstract_state: PyTree | None, step: int) -> tuple[PyTree, dict | None, int]:
         step = self._resolve(step)
         step_dir = self.step_dir(step)
@@ -336,22 +391,16 @@ class Checkpointer:
         else:
             target = jax.tree_util.tree_map_with_path(lambda p, x: _abstract_leaf(leaf_path(p), x), abstract_state)
             self._check_structure(target, step)
-        items: dict[str, Any] = {_STATE: ocp.args.StandardRestore(target)}
-        has_data = (step_dir / _DATA).exists()
-        if has_data:
-            items[_DATA] = ocp.args.JsonRestore()
-        try:
-            restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 - tensorstore/orbax raise many types on corrupt bytes
-            message = self._locate_read_failure(target, step, e)
-            # A failed Orbax read orphans the reads of the other arrays; collect them now, so that their
-            # "exception ignored" reports come here and not at some later, unrelated moment.
-            gc.collect()
-            raise CheckpointCorruptError(message) from e
-        state = restored[_STATE]
+        state = self._read_state(step, target, partial=False)
+        data = None
+        if (step_dir / _DATA).exists():
+            try:
+                data = self._mgr.restore(step, args=ocp.args.Composite(**{_DATA: ocp.args.JsonRestore()}))[_DATA]
+            except Exception as e:  # noqa: BLE001 - a truncated or unparsable JSON item
+                raise CheckpointCorruptError(f"{step_dir}: unreadable '{_DATA}' item: {short_error(e)}") from e
         if self.verify:
             verify(state, read_manifests(step_dir), str(step_dir))
-        return state, (restored[_DATA] if has_data else None), step
+        return state, data, step
 
     def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """Leaf path -> global shape of the saved state: from the manifest (every process's lists every
@@ -366,13 +415,13 @@ class Checkpointer:
                 return {p: tuple(e["shape"]) for p, e in leaves.items()}
         return {p: tuple(x.shape) for p, x in named_leaves(self.saved_abstract_state(step))}
 
-    def _check_structure(self, target: PyTree, step: int) -> None:
-        """Leaf paths and shapes must match the saved ones; a mismatch is the caller's error (a model or
-        optimizer configured differently from the one that saved), not corruption, so restore() does not
-        fall back to an older step but says so."""
+    def _check_structure(self, target: PyTree, step: int, partial: bool = False) -> None:
+        """Leaf paths and shapes must match the saved ones (`partial`: a subset of them); a mismatch is
+        the caller's error (a model or optimizer configured differently from the one that saved), not
+        corruption, so restore() does not fall back to an older step but says so."""
         saved = self._saved_shapes(step)
         wanted = {p: tuple(x.shape) for p, x in named_leaves(target)}
-        if saved.keys() != wanted.keys():
+        if not wanted.keys() <= saved.keys() or (not partial and saved.keys() != wanted.keys()):
             raise CheckpointError(
                 f"{self.step_dir(step)}: abstract_state does not match the saved state: missing from the "
                 f"checkpoint {sorted(wanted.keys() - saved.keys())[:10]}, not in abstract_state "
@@ -388,37 +437,25 @@ class Checkpointer:
             )
 
     def _locate_read_failure(self, target: PyTree, step: int, error: Exception) -> str:
-        """Names the arrays that cannot be read, by reading the saved arrays one at a time."""
+        """Names the arrays of `target` that cannot be read, by reading them one at a time."""
         step_dir = self.step_dir(step)
-        try:
-            by_path = dict(named_leaves(target))
-            saved, _ = jax.tree_util.tree_flatten_with_path(
-                getattr(self._mgr.item_metadata(step)[_STATE], "tree", None)
-            )
-        except Exception:  # noqa: BLE001 - the metadata itself is unreadable
-            return f"{step_dir}: cannot read the state: {short_error(error)}"
-        reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
         bad = []
-        for path, _ in saved:
-            name = leaf_path(path)
+        for path, x in jax.tree_util.tree_flatten_with_path(target)[0]:
             one: dict = {}
             node = one
             for k in path[:-1]:
                 node = node.setdefault(key_str(k), {})
-            node[key_str(path[-1])] = by_path[name]
+            node[key_str(path[-1])] = x
             try:
-                reader.restore(
-                    step_dir / _STATE,
-                    args=ocp.args.PyTreeRestore(
-                        item=one, restore_args=ocp.checkpoint_utils.construct_restore_args(one), partial_restore=True
-                    ),
-                )
+                self._read_one(step, one)
             except Exception:  # noqa: BLE001
-                bad.append(name)
-        reader.close()
+                bad.append(leaf_path(path))
         if not bad:
             return f"{step_dir}: cannot read the state: {short_error(error)}"
         return f"{step_dir}: cannot read array(s) {bad[:10]}{' ...' if len(bad) > 10 else ''}: {short_error(error)}"
+
+    def _read_one(self, step: int, one: PyTree) -> None:
+        self._mgr.restore(step, args=ocp.args.Composite(**{_STATE: self._state_args(one, partial=True)}))
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -6,11 +6,18 @@ restore, whose page faults cost more than the reads themselves on a CPU host (~1
 caller streaming many same-shaped checkpoints (`checkpoint_averaging.average_checkpoints`) reads them here,
 a group of arrays at a time, into buffers it reuses instead, then places them on device itself
 (`jax.device_put` of a 64-byte-aligned numpy array on CPU aliases it instead of copying).
+
+The arrays are located only from what we wrote: the manifest's `layout` record (`layout_record`,
+written by `Checkpointer.save` from the handler options it chose: OCDBT, zarr v2, one array per
+key). Orbax's own metadata files are never parsed. A step without the record (written before it
+existed) raises DirectReadUnsupported, as does one whose arrays are not where the record says (an
+Orbax that names or stores arrays differently): callers then restore through Orbax. What is read
+is checked against the manifest's digests (`check_buffers`), so a wrong record cannot pass
+silently; tests/test_checkpoint_layout.py fails when the record stops matching Orbax's layout.
 """
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 from collections.abc import Sequence
@@ -23,6 +30,26 @@ from warm_jax.checkpoints import manifest
 from warm_jax.checkpoints.errors import CheckpointCorruptError, DirectReadUnsupported, short_error
 
 _STATE = "state"
+LAYOUT = "layout"  # the manifest's key for `layout_record`
+_LAYOUT_FORMAT = "ocdbt/zarr2/v1"
+
+
+def layout_record(named: Sequence[tuple[str, Any]]) -> dict:
+    """Where a save puts each array of the `state` item, for `StateReader`: {"format", "item",
+    "driver", "arrays": leaf path -> key of the array in the item's OCDBT store}.
+
+    named: `named_leaves(state)`. The `state` handler writes OCDBT with zarr v2 chunks (the options
+    `Checkpointer` passes), each array under its key path joined with '.'. Leaves whose keys hold
+    '.' or '/' (ambiguous joined) and typed PRNG keys (stored as their key data plus metadata) are
+    left out: they are read through Orbax only.
+    """
+    arrays = {}
+    for path, x in named:
+        keys = path.split("/")
+        if manifest._is_key_array(x) or any("." in k or not k for k in keys):
+            continue
+        arrays[path] = ".".join(keys)
+    return {"format": _LAYOUT_FORMAT, "item": _STATE, "driver": "zarr", "arrays": arrays}
 
 
 def aligned_empty(shape: Sequence[int], dtype: Any, align: int = 64) -> np.ndarray:
@@ -48,9 +75,10 @@ class StateReader:
     into caller-owned host buffers, all at once or a few at a time.
 
     specs: leaf path (e.g. 'params/layer_0/attn/wq') -> (shape, dtype) of every array to read.
-    Raises DirectReadUnsupported when the step is not a local, single-process OCDBT checkpoint
-    (use `Checkpointer.restore`), CheckpointCorruptError naming the arrays that cannot be opened or
-    whose saved shape/dtype differ from the spec's.
+    Raises DirectReadUnsupported when the step is not local, has several process manifests, has no
+    layout record for every array asked for, or its arrays are not where the record puts them (use
+    `Checkpointer.restore`); CheckpointCorruptError naming the arrays that cannot be opened or whose
+    saved shape/dtype differ from the spec's.
     """
 
     def __init__(self, step_dir: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], Any]]):
@@ -60,22 +88,22 @@ class StateReader:
         path = self.path = os.fspath(step_dir)
         if "://" in path:
             raise DirectReadUnsupported(f"{path}: not a local path")
-        state_dir = os.path.join(os.path.abspath(path), _STATE)
-        manifests = list((epath.Path(path) / manifest.MANIFEST).glob(manifest.MANIFEST_GLOB))
+        manifests = manifest.read_manifests(epath.Path(path))
         if len(manifests) != 1:
             raise DirectReadUnsupported(f"{path}: {len(manifests)} process manifests")
-        try:
-            with open(os.path.join(state_dir, "_METADATA")) as f:
-                meta = json.load(f)
-            names = {}
-            for entry in meta["tree_metadata"].values():
-                keys = [str(k["key"]) for k in entry["key_metadata"]]
-                names["/".join(keys)] = ".".join(keys)  # Orbax names an array by its key path joined with '.'
-            use_ocdbt, use_zarr3 = bool(meta["use_ocdbt"]), bool(meta.get("use_zarr3"))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise DirectReadUnsupported(f"{path}: unreadable Orbax metadata: {e}") from e
-        if not use_ocdbt or not set(specs) <= set(names):
-            raise DirectReadUnsupported(f"{path}: not OCDBT, or the arrays asked for are not all saved")
+        record = next(iter(manifests.values())).get(LAYOUT)
+        if not isinstance(record, dict) or record.get("format") != _LAYOUT_FORMAT:
+            raise DirectReadUnsupported(f"{path}: the manifest has no '{LAYOUT}' record of format {_LAYOUT_FORMAT}")
+        keys = record.get("arrays")
+        missing = sorted(set(specs) - set(keys if isinstance(keys, dict) else {}))
+        if missing:
+            raise DirectReadUnsupported(f"{path}: array(s) {missing[:10]} not in the manifest's '{LAYOUT}' record")
+        driver = record.get("driver")
+        if record.get("item") != _STATE or driver not in ("zarr", "zarr3"):
+            raise DirectReadUnsupported(
+                f"{path}: the manifest's '{LAYOUT}' record names item/driver {record.get('item')!r}/{driver!r}"
+            )
+        state_dir = os.path.join(os.path.abspath(path), _STATE)
         resources = {"file_io_concurrency": {"limit": 128}, "cache_pool#ocdbt": {"total_bytes_limit": 10**8}}
         try:
             # Read the (finalised, never rewritten) files through memory maps: TensorStore then decodes
@@ -85,14 +113,14 @@ class StateReader:
         except ValueError:  # a TensorStore without the option
             context = ts.Context(resources)
         spec = lambda name: {
-            "driver": "zarr3" if use_zarr3 else "zarr",
+            "driver": driver,
             "kvstore": {"driver": "ocdbt", "base": f"file://{state_dir}/", "path": name + "/"},
             "recheck_cached_data": False,
             "recheck_cached_metadata": False,
         }
         paths = sorted(specs)
-        opening = [ts.open(spec(names[p]), read=True, open=True, context=context) for p in paths]
-        self._stores, bad, first = {}, [], None
+        opening = [ts.open(spec(keys[p]), read=True, open=True, context=context) for p in paths]
+        self._stores, bad, absent, first = {}, [], [], None
         for p, fut in zip(paths, opening):  # all opened before any read starts: nothing is left running
             try:
                 t = fut.result()
@@ -101,10 +129,15 @@ class StateReader:
                     raise CheckpointCorruptError(f"saved as {t.dtype.numpy_dtype}{list(t.shape)}")
                 self._stores[p] = t
             except Exception as e:  # noqa: BLE001 - TensorStore raises several types on bad bytes
-                bad.append(p)
+                (absent if "NOT_FOUND" in str(e) else bad).append(p)
                 first = first or e
-        if bad:
-            raise CheckpointCorruptError(f"{path}: cannot open array(s) {bad[:10]}: {short_error(first)}")
+        if absent and not bad:
+            raise DirectReadUnsupported(
+                f"{path}: array(s) {absent[:10]} are not where the manifest's '{LAYOUT}' record puts them "
+                f"(e.g. key '{keys[absent[0]]}' of {state_dir}); the checkpoint is read through Orbax instead"
+            )
+        if bad or absent:
+            raise CheckpointCorruptError(f"{path}: cannot open array(s) {(bad + absent)[:10]}: {short_error(first)}")
 
     def read_into(self, buffers: dict[str, np.ndarray]) -> None:
         """Overwrites ``buffers`` (path -> host array of the spec's shape and dtype; any subset of the
