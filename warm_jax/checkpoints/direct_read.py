@@ -9,9 +9,10 @@ a group of arrays at a time, into buffers it reuses instead, then places them on
 
 The arrays are located only from what we wrote: the manifest's `layout` record (`layout_record`,
 written by `Checkpointer.save` from the handler options it chose: OCDBT, zarr v2, one array per
-key). Orbax's own metadata files are never parsed. A step without the record (written before it
-existed) raises DirectReadUnsupported, as does one whose arrays are not where the record says (an
-Orbax that names or stores arrays differently): callers then restore through Orbax. What is read
+key; a manifest written before the record existed gets the record those options imply). Orbax's
+own metadata files are never parsed. A step whose arrays are not where the record says (an Orbax
+that names or stores arrays differently) raises DirectReadUnsupported: callers then restore
+through Orbax. What is read
 is checked against the manifest's digests (`check_buffers`), so a wrong record cannot pass
 silently; tests/test_checkpoint_layout.py fails when the record stops matching Orbax's layout.
 """
@@ -46,10 +47,19 @@ def layout_record(named: Sequence[tuple[str, Any]]) -> dict:
     arrays = {}
     for path, x in named:
         keys = path.split("/")
-        if manifest._is_key_array(x) or any("." in k or not k for k in keys):
+        if (x is not None and manifest._is_key_array(x)) or any("." in k or not k for k in keys):
             continue
         arrays[path] = ".".join(keys)
     return {"format": _LAYOUT_FORMAT, "item": _STATE, "driver": "zarr", "arrays": arrays}
+
+
+def _record_of_unrecorded(leaves: dict) -> dict:
+    """The layout record a manifest written before records existed would hold: those writers used
+    the same handler options (OCDBT, zarr v2), so `layout_record` of the manifest's own leaf paths
+    (typed PRNG keys, whose dtype names a key type, left out). Arrays that are not there make
+    `StateReader` refuse the step, and what is read is checked against the manifest's digests."""
+    named = [(p, None) for p, e in leaves.items() if not str(e.get("dtype", "")).startswith("key")]
+    return layout_record(named)
 
 
 def aligned_empty(shape: Sequence[int], dtype: Any, align: int = 64) -> np.ndarray:
@@ -91,7 +101,10 @@ class StateReader:
         manifests = manifest.read_manifests(epath.Path(path))
         if len(manifests) != 1:
             raise DirectReadUnsupported(f"{path}: {len(manifests)} process manifests")
-        record = next(iter(manifests.values())).get(LAYOUT)
+        saved = next(iter(manifests.values()))
+        record = saved.get(LAYOUT)
+        if record is None and isinstance(saved.get("leaves"), dict):
+            record = _record_of_unrecorded(saved["leaves"])
         if not isinstance(record, dict) or record.get("format") != _LAYOUT_FORMAT:
             raise DirectReadUnsupported(f"{path}: the manifest has no '{LAYOUT}' record of format {_LAYOUT_FORMAT}")
         keys = record.get("arrays")
