@@ -1,7 +1,10 @@
-"""Multi-host: 2 local processes × 4 CPU devices run the whole pipeline and agree with 1 × 8;
-SIGTERM to one process saves both at the same step; a missing process fails fast and clearly."""
+"""Multi-host: 2 local processes × 4 CPU devices run the whole pipeline and agree with 1 × 8; with the data axis over
+both processes each reads half of every global batch and the losses are 1 × 8's; SIGTERM to one process saves both
+at the same step; a missing process fails fast and clearly."""
 
+import json
 import os
+import re
 import signal
 import time
 
@@ -38,6 +41,39 @@ def test_two_processes_run_every_stage_and_match_one_process(single_process_run,
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
         helpers.assert_close_to_scale(x, y, rel=1e-4)
+
+
+def _rows_read(stderr: str, stage: str) -> dict[int, tuple[int, int, int]]:
+    """{process: (process count, batch rows, records)} from the stage's per-process input log line."""
+    found = re.findall(rf"\[{stage}\] input: process (\d+) of (\d+) read (\d+) batch rows \((\d+) records\)", stderr)
+    return {int(p): (int(n), int(r), int(k)) for p, n, r, k in found}
+
+
+def _losses(workdir: str, stage: str) -> dict[int, list[float]]:
+    with open(os.path.join(workdir, "metrics", f"{stage}.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {r["step"]: np.atleast_1d(r["loss"]).tolist() for r in rows if "loss" in r}
+
+
+def test_data_over_both_processes_each_reads_half_and_losses_match_one_process(tmp_path):
+    bindings = helpers.TINY + [helpers.MESH_8, helpers.stages("pretrain", "data", "rm_ensemble")]
+    single = helpers.run_train(str(tmp_path / "single"), bindings)
+    multi = helpers.wait_all(helpers.start_processes(str(tmp_path / "multi"), bindings))
+    for i, r in multi.items():
+        assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
+    for stage in ("pretrain", "rm_ensemble"):
+        (one,) = _rows_read(single.stderr, stage).values()
+        assert one[0] == 1 and one[1] > 0
+        for p in (0, 1):
+            reads = _rows_read(multi[p].stderr, stage)
+            assert reads.get(p, (None,))[0] == 2, (stage, p, multi[p].stderr[-2000:])
+            count, rows, records = reads[p]
+            assert 2 * rows == one[1], (stage, p, rows, one[1])  # half the rows of every global batch
+            assert records <= rows
+        a, b = _losses(str(tmp_path / "single"), stage), _losses(str(tmp_path / "multi"), stage)
+        assert a.keys() == b.keys() and a
+        for step in a:
+            np.testing.assert_allclose(b[step], a[step], rtol=1e-5, atol=1e-6, err_msg=f"{stage} step {step}")
 
 
 STAGE = helpers.TINY + [

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from warm_jax import io_utils, loop, params_io, pretrain, reward, runtime, sharding
 from warm_jax.data import pipeline
+from warm_jax.data.local_rows import LocalRows, local_rows
 from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
 from warm_jax.train_state import TrainState, guarded_update, new_state, state_specs
@@ -91,6 +92,8 @@ def linear_probe(params, graphdef, source, cfg: EnsembleConfig, *, batch_size: i
     mesh = jax.tree.leaves(params)[0].sharding.mesh
     # Every process computes every feature (replicated output), so the fit below is identical on all.
     feat = jax.jit(functools.partial(reward.features, graphdef=graphdef), out_shardings=sharding.replicated(mesh))
+    # Every process reads the whole split: placing the features' inputs by batch shard would change their float
+    # rounding (a differently partitioned program), and the probe runs once, on frozen features.
     diffs = []
     for batch in pipeline.eval_batches(source, batch_size, fields=RM_FIELDS, process_index=0, process_count=1):
         fc = feat(params, tokens=batch["chosen_tokens"], lengths=batch["chosen_length"])
@@ -184,17 +187,36 @@ def ensemble_step_fn(graphdef, tx, cfg: EnsembleConfig, state_sh, batch_sh, memb
 
 
 class StackedIterator:
-    """M per-member iterators → batches [M, B, ...]; state is the list of member states."""
+    """M per-member iterators → batches [M, B, ...]; state is the list of member states.
 
-    def __init__(self, iterators: Sequence):
+    With `members` (sorted member indices this process holds, e.g. `LocalRows.members`) a batch is [m, B, ...] of
+    those members only; the other members' iterators step past their batches unread, so every process keeps the
+    same state for all M.
+    """
+
+    def __init__(self, iterators: Sequence, members: Sequence[int] | None = None):
         self.iterators = list(iterators)
+        self.members = set(range(len(self.iterators)) if members is None else (int(m) for m in members))
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        batches = [next(it) for it in self.iterators]
+        batches = []
+        for m, it in enumerate(self.iterators):
+            if m in self.members:
+                batches.append(next(it))
+            else:
+                it.skip()
         return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+    @property
+    def rows_read(self) -> int:
+        return sum(it.rows_read for it in self.iterators)
+
+    @property
+    def records_read(self) -> int:
+        return sum(it.records_read for it in self.iterators)
 
     def get_state(self) -> dict:
         return {"members": [it.get_state() for it in self.iterators]}
@@ -274,14 +296,19 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
     return Ensemble(model_cfg, graphdef, tx, param_specs, state_sh, state, abstract_state, lp_acc, with_head(base))
 
 
-def member_iterators(cfg: EnsembleConfig, source, seeds: Sequence[int]):
-    # Every process reads the whole global batch; put_global hands each device its slice.
-    make = lambda s: pipeline.PreferenceIterator(
-        source, batch_size=cfg.batch_size, seed=s, fields=RM_FIELDS, process_index=0, process_count=1
+def member_iterators(cfg: EnsembleConfig, source, seeds: Sequence[int], local: LocalRows | None = None):
+    """The training batches, [B, ...] shared or [M, B, ...] per member; with `local` (this process's rows of that
+    global batch, from its sharding) only those rows, of this process's members."""
+    make = lambda s, rows: pipeline.PreferenceIterator(
+        source, batch_size=cfg.batch_size, seed=s, fields=RM_FIELDS, local=rows
     )
     if cfg.shared_data_order:
-        return make(seeds[0])
-    return StackedIterator([make(s) for s in seeds])
+        return make(seeds[0], local or LocalRows.everything((cfg.batch_size,)))
+    local = local or LocalRows.everything((len(seeds), cfg.batch_size))
+    mine = {int(m): i for i, m in enumerate(local.members)}
+    # Members held elsewhere keep an iterator too (never read, only stepped) so the saved state covers all M.
+    its = [make(s, local.member(mine[m]) if m in mine else None) for m, s in enumerate(seeds)]
+    return StackedIterator(its, members=local.members)
 
 
 def dataset_dir(ctx: RunContext, cfg: EnsembleConfig) -> str:
@@ -296,12 +323,15 @@ def train_ensemble(
     source = pipeline.load_split(dataset_dir(ctx, cfg), "train")
     ens = build(ctx, cfg, source)
     seeds = member_seeds(cfg, ctx.seed)
-    iterator = member_iterators(cfg, source, seeds)
     members = "shared" if cfg.shared_data_order else "stacked"
     lead = 0 if cfg.shared_data_order else 1  # [B, ...] or [M, B, ...]
     batch_shardings = {
         k: sharding.batch_sharding(mesh, lead + (1 if k.endswith("length") else 2), members=members) for k in RM_FIELDS
     }
+    # Each process reads only the rows (of the members) its devices hold.
+    global_lead = (cfg.batch_size,) if cfg.shared_data_order else (cfg.num_members, cfg.batch_size)
+    local = local_rows(batch_shardings["chosen_tokens"], global_lead)
+    iterator = member_iterators(cfg, source, seeds, local)
     member_sh = NamedSharding(mesh, P(sharding.ENSEMBLE))
     step = ensemble_step_fn(
         ens.graphdef, ens.tx, cfg, ens.state_shardings, batch_shardings, member_sh, sharding.replicated(mesh)
@@ -309,7 +339,7 @@ def train_ensemble(
     dropout = sharding.put_global(
         np.asarray(per_member(cfg.dropout_rates, cfg.num_members, "dropout_rates"), np.float32), member_sh
     )
-    to_device = lambda b: pipeline.to_global({k: b[k] for k in RM_FIELDS}, lambda k, _: batch_shardings[k])
+    to_device = lambda b: pipeline.to_global({k: b[k] for k in RM_FIELDS}, lambda k, _: batch_shardings[k], local)
     state = loop.train(
         stage=stage,
         workdir=ctx.workdir,
@@ -322,6 +352,7 @@ def train_ensemble(
         ckpt_dir=ckpt_dir or ctx.path("rm", "ckpt"),
         show=("loss", "accuracy"),
     )
+    pipeline.log_reads(stage, iterator)
     return ens, state
 
 

@@ -21,6 +21,7 @@ import optax
 from warm_jax import checkpoints, loop, params_io, runtime, sharding
 from warm_jax.data import builtin_text
 from warm_jax.data import pipeline
+from warm_jax.data.local_rows import local_rows
 from warm_jax.data.tokenizers import Tokenizer, WordTokenizer, load_tokenizer
 from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
@@ -121,10 +122,6 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
     docs = builtin_text.generate_documents(cfg.num_documents, seed=ctx.seed, cfg=text_cfg)
     data = tokenize_documents(docs, tok, cfg.seq_len)
     records = [{"tokens": t, "mask": m} for t, m in zip(data["tokens"], data["mask"])]
-    # Every process reads the whole global batch; put_global hands each device its slice.
-    iterator = pipeline.PreferenceIterator(
-        records, batch_size=cfg.batch_size, seed=ctx.seed, fields=("tokens", "mask"), process_index=0, process_count=1
-    )
 
     key = jax.random.key(ctx.seed)
     graphdef, params, param_specs = sharded_init(model_cfg, mesh, key)
@@ -135,6 +132,11 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
     abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), shardings)
 
     batch_sh = sharding.batch_sharding(mesh, 2)
+    # Each process reads only the rows its devices hold.
+    local = local_rows(batch_sh, (cfg.batch_size,))
+    iterator = pipeline.PreferenceIterator(
+        records, batch_size=cfg.batch_size, seed=ctx.seed, fields=("tokens", "mask"), local=local
+    )
     step = jax.jit(
         functools.partial(
             _train_step, graphdef=graphdef, tx=tx, model_cfg=model_cfg, debug_nan_step=cfg.debug_nan_step
@@ -144,7 +146,7 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
         donate_argnums=0,
         compiler_options=runtime.training_compiler_options(),
     )
-    to_device = lambda b: pipeline.to_global({k: b[k] for k in ("tokens", "mask")}, batch_sh)
+    to_device = lambda b: pipeline.to_global({k: b[k] for k in ("tokens", "mask")}, batch_sh, local)
     log.info("[pretrain] %d params, %d documents, vocab %d", tr.param_count(params), len(docs), tok.vocab_size)
     loop.train(
         stage="pretrain",
@@ -158,6 +160,7 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
         ckpt_dir=ctx.path("pretrain", "ckpt"),
         keep_steps=cfg.keep_steps,
     )
+    pipeline.log_reads("pretrain", iterator)
     if jax.process_index() == 0:
         from warm_jax import io_utils
 

@@ -1,9 +1,11 @@
 """Input pipelines over written preference datasets: seeded, per-process sharded, checkpointable.
 
 Order: epoch ``e`` of an iterator visits a seeded permutation of the split (one per member for an ensemble with
-its own data orders). Global batch ``s`` of that epoch is the slice ``perm[s*B*P : (s+1)*B*P]`` (B = per-process
-batch, P = process count), and process ``p`` reads its ``p``-th sub-slice of B. So processes read disjoint shards
-that together cover the epoch, and the global data order does not depend on how many processes read it.
+its own data orders). Global batch ``s`` of that epoch is the slice ``perm[s*G : (s+1)*G]`` (G = global batch size).
+A process reads only the entries of each global batch that its devices hold: given `local_rows.LocalRows` (computed
+from the batch sharding), exactly those rows and members; without it, the ``p``-th of P contiguous sub-slices of
+``B = G / P`` rows. Either way processes read disjoint shards that together cover the epoch, and the global batch
+does not depend on how many processes read it.
 
 The iterator state is two integers (epoch, step in epoch) plus the settings that fix the order; it is JSON, so it is
 checkpointed with the model (e.g. as an Orbax JSON item) and a restored iterator yields exactly the batches an
@@ -16,6 +18,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
+import logging
 import operator
 import os
 import re
@@ -28,6 +31,9 @@ import numpy as np
 
 from warm_jax.cli_errors import UserError
 from warm_jax.data import preference as pref
+from warm_jax.data.local_rows import LocalRows
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FIELDS = (
     "chosen_tokens",
@@ -277,6 +283,12 @@ class PreferenceIterator:
     ensemble), else ``[M, B, ...]`` with member m's order seeded by (seed, m). Each batch also has ``valid`` bool
     ``[B]`` / ``[M, B]``: all True unless ``drop_remainder=False`` pads the last batch of an epoch (with examples from
     the start of the epoch's order) to full size.
+
+    With `local` (this process's `LocalRows` of the ``[G]`` / ``[M, G]`` global batch, G = `batch_size`) a batch is
+    the process's grid ``[r, ...]`` / ``[m, r, ...]`` of those rows and members, and only the entries its devices
+    hold are read (others are zero); `local_rows.assemble` builds the global arrays from it. Without `local`,
+    `batch_size` is per process and process p reads rows ``[p*B, (p+1)*B)`` of the ``B * process_count`` global
+    batch. `rows_read` / `records_read` count the batch entries filled and the distinct records fetched.
     """
 
     def __init__(
@@ -292,6 +304,7 @@ class PreferenceIterator:
         process_index: int | None = None,
         process_count: int | None = None,
         fields: Sequence[str] = DEFAULT_FIELDS,
+        local: LocalRows | None = None,
     ):
         self._source = source
         self._n = len(source)
@@ -301,22 +314,43 @@ class PreferenceIterator:
         self._num_epochs = num_epochs
         self._shuffle = shuffle
         self._drop_remainder = drop_remainder
-        self._process_index = jax.process_index() if process_index is None else int(process_index)
-        self._process_count = jax.process_count() if process_count is None else int(process_count)
         self._fields = tuple(fields)
         if self._batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if num_members is not None and num_members < 1:
             raise ValueError(f"num_members must be positive or None, got {num_members}")
-        if not 0 <= self._process_index < self._process_count:
-            raise ValueError(f"process_index={self._process_index} is not in [0, process_count={self._process_count})")
-        self._global_batch = self._batch_size * self._process_count
+        per_process = local is None  # batch_size is per process, rows the process's contiguous sub-slice
+        if per_process:
+            process_index = jax.process_index() if process_index is None else int(process_index)
+            process_count = jax.process_count() if process_count is None else int(process_count)
+            if not 0 <= process_index < process_count:
+                raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+            self._global_batch = self._batch_size * process_count
+            lead = (self._global_batch,) if num_members is None else (num_members, self._global_batch)
+            everything = LocalRows.everything(lead)
+            local = dataclasses.replace(
+                everything,
+                rows=everything.rows[process_index * self._batch_size : (process_index + 1) * self._batch_size],
+                needed=everything.needed[:, : self._batch_size],
+            )
+        else:
+            if process_index is not None or process_count is not None:
+                raise ValueError("pass either local (rows from the batch sharding) or process_index/process_count")
+            self._global_batch = self._batch_size
+            lead = (self._global_batch,) if num_members is None else (num_members, self._global_batch)
+            if tuple(local.global_shape) != lead:
+                raise ValueError(f"local rows are of a batch {tuple(local.global_shape)}, this iterator's is {lead}")
+            if local.num_needed == 0:
+                raise ValueError("local rows select nothing; a process with no rows has no iterator to run")
+        self._local = local
+        self.rows_read = 0
+        self.records_read = 0
         full, rest = divmod(self._n, self._global_batch)
         self._steps_per_epoch = full if drop_remainder else full + (rest > 0)
         if self._steps_per_epoch == 0:
             raise ValueError(
                 f"{self._n} examples make no full global batch of {self._global_batch} "
-                f"(batch_size={batch_size} x process_count={self._process_count}); use "
+                f"(batch_size={batch_size}{' x process_count' if per_process else ''}); use "
                 "drop_remainder=False or a smaller batch"
             )
         self._epoch = 0
@@ -344,9 +378,8 @@ class PreferenceIterator:
         return self._perms[1]
 
     def _positions(self) -> np.ndarray:
-        """int64[B]: positions in the epoch's order that this process reads at the current step."""
-        start = self._step * self._global_batch + self._process_index * self._batch_size
-        return np.arange(start, start + self._batch_size, dtype=np.int64)
+        """int64[r]: positions in the epoch's order of this process's rows at the current step."""
+        return self._step * self._global_batch + self._local.rows
 
     def __iter__(self) -> PreferenceIterator:
         return self
@@ -356,15 +389,31 @@ class PreferenceIterator:
             raise StopIteration
         positions = self._positions()
         orders = self._orders(self._epoch)
-        indices = orders[:, positions % self._n]  # [M or 1, B]; wraps only in a padded last batch
-        batch = _read(self._source, indices, self._fields)
+        if self._local.members is not None:
+            orders = orders[self._local.members]
+        indices = orders[:, positions % self._n]  # [m or 1, r]; wraps only in a padded last batch
+        needed = self._local.needed
+        if needed.all():
+            batch = _read(self._source, indices, self._fields)
+        else:  # entries held by other processes' devices are not read
+            part = _read(self._source, indices[needed], self._fields)
+            batch = {}
+            for name, v in part.items():
+                batch[name] = np.zeros(indices.shape + v.shape[1:], v.dtype)
+                batch[name][needed] = v
+        self.rows_read += int(needed.sum())
+        self.records_read += len(np.unique(indices[needed]))
         batch["valid"] = np.broadcast_to(positions < self._n, indices.shape).copy()
         if self._num_members is None:
             batch = {k: v[0] for k, v in batch.items()}
+        self.skip()
+        return batch
+
+    def skip(self) -> None:
+        """Moves past the current batch without reading it (another process reads it)."""
         self._step += 1
         if self._step == self._steps_per_epoch:
             self._epoch, self._step = self._epoch + 1, 0
-        return batch
 
     def get_state(self) -> dict[str, Any]:
         """JSON-able state; `set_state` on a fresh iterator over the same data resumes exactly here."""
@@ -402,10 +451,12 @@ def eval_batches(
     fields: Sequence[str] = DEFAULT_FIELDS,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+    local: LocalRows | None = None,
+) -> PreferenceIterator:
     """One sequential pass, ``[B, ...]`` batches; the last is padded and ``valid`` bool[B] marks real examples.
 
-    With several processes each reads its sub-slice of every global batch, and all yield the same number of batches.
+    With several processes each reads its rows of every global batch (`local`, or the process's contiguous sub-slice),
+    and all yield the same number of batches.
     """
     return PreferenceIterator(
         source,
@@ -417,22 +468,39 @@ def eval_batches(
         process_index=process_index,
         process_count=process_count,
         fields=fields,
+        local=local,
     )
 
 
 def to_global(
     batch: Mapping[str, np.ndarray],
     sharding_for: Callable[[str, np.ndarray], jax.sharding.Sharding] | jax.sharding.Sharding,
+    local: LocalRows | None = None,
 ) -> dict[str, jax.Array]:
-    """A global batch that every process holds in full -> global `jax.Array`s.
+    """A batch -> global `jax.Array`s.
 
-    `sharding_for` is one sharding for every field or a function (field name, array) -> sharding. Each process copies
-    only the slices its devices address (`jax.make_array_from_callback`), so any mesh layout works, including an
-    ensemble axis that spans processes while every member needs its whole batch.
+    `sharding_for` is one sharding for every field or a function (field name, array) -> sharding. Without `local`,
+    every process holds the global batch in full; with it, the batch is this process's rows (an iterator's batch
+    made with the same `local`). Either way each process copies only the slices its devices address
+    (`jax.make_array_from_callback`), so any mesh layout works, including an ensemble axis that spans processes.
     """
+    from warm_jax.data.local_rows import assemble
     from warm_jax.sharding import put_global
 
-    return {
-        name: put_global(x, sharding_for(name, x) if callable(sharding_for) else sharding_for)
-        for name, x in batch.items()
-    }
+    out = {}
+    for name, x in batch.items():
+        sh = sharding_for(name, x) if callable(sharding_for) else sharding_for
+        out[name] = put_global(x, sh) if local is None else assemble(x, local, sh)
+    return out
+
+
+def log_reads(stage: str, iterator: Any) -> None:
+    """One line per process: how much of the global batches it read (with per-host input, only its own rows)."""
+    log.info(
+        "[%s] input: process %d of %d read %d batch rows (%d records)",
+        stage,
+        jax.process_index(),
+        jax.process_count(),
+        iterator.rows_read,
+        iterator.records_read,
+    )
