@@ -41,7 +41,14 @@ LAYOUTS = [
     ("ensemble over processes", _mesh(range(8), (2, 4), ("ensemble", "data")), P("ensemble", "data"), (M, B), 0.5),
     (
         "data over processes, ensemble within",
-        _mesh([0, 4, 1, 5, 2, 6, 3, 7], (4, 2), ("data", "ensemble")),
+        _mesh(range(8), (4, 2), ("data", "ensemble")),
+        P("ensemble", "data"),
+        (M, B),
+        0.5,
+    ),
+    (  # process 0 holds member 0's first half of rows and member 1's second half: not a members x rows box
+        "checkerboard",
+        _mesh([0, 1, 4, 5, 6, 7, 2, 3], (2, 4), ("ensemble", "data")),
         P("ensemble", "data"),
         (M, B),
         0.5,
@@ -104,6 +111,18 @@ def test_rows_come_from_the_sharding_not_from_process_order():
     _, mesh, spec, lead, _ = LAYOUTS[1]
     local = local_rows(NamedSharding(mesh, spec), lead, _processes(mesh)[0])
     assert local.rows.tolist() == [0, 2, 4, 6]  # devices 0-3 sit at even mesh positions
+
+
+def test_layouts_split_as_described():
+    split = {
+        name: [local_rows(NamedSharding(mesh, spec), lead, d) for d in _processes(mesh)]
+        for name, mesh, spec, lead, _ in LAYOUTS
+    }
+    assert [p.members.tolist() for p in split["ensemble over processes"]] == [[0], [1]]
+    assert [p.rows.tolist() for p in split["data over processes, ensemble within"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    board = split["checkerboard"][0]
+    assert board.members.tolist() == [0, 1] and board.rows.tolist() == list(range(B))
+    assert board.needed.tolist() == [[True] * 4 + [False] * 4, [False] * 4 + [True] * 4]
 
 
 def test_ensemble_over_processes_reads_only_its_members():
