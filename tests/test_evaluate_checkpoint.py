@@ -19,12 +19,12 @@ SPLITS = ("train_clean", "train_corrupted", "validation", "ood")
 
 @pytest.fixture(scope="module")
 def finished(base_workdir, tmp_path_factory):
-    """The tiny workdir trained through rm_ensemble and rm_eval (on the default mesh, data=8), and its eval.json.
+    """The tiny workdir trained through rm_ensemble, average and rm_eval (on the default mesh, data=8), and its eval.json.
 
     Metrics go to W&B too, offline (when wandb is installed; else one log line says it is not)."""
     wd = str(tmp_path_factory.mktemp("eval") / "wd")
     shutil.copytree(base_workdir, wd)
-    bindings = [helpers.MESH_8, helpers.stages("rm_ensemble", "rm_eval"), "EvalConfig.lmc_lambdas = 2"]
+    bindings = [helpers.MESH_8, helpers.stages("rm_ensemble", "average", "rm_eval"), "EvalConfig.lmc_lambdas = 2"]
     bindings += ["metrics.writers = ['tensorboard', 'wandb']"]
     saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
