@@ -304,10 +304,10 @@ def average(args) -> dict:
             single = sharding.named(mesh, sharding.tree_specs(axes, abstract, mesh))
             params = averaging.mean_stacked(params_m, jnp.asarray(full), out_shardings=single)
         else:
-            checkpoint_averaging._check_configs(
+            checkpoint_averaging.check_configs(
                 {
                     model_json: meta["model"],
-                    f"{args.base}/model.json": checkpoint_averaging._read_model_json(args.base)["model"],
+                    f"{args.base}/model.json": checkpoint_averaging.read_model_json(args.base)["model"],
                 }
             )
             _, _, base_params, _ = params_io.load_params_checkpoint(args.base, mesh)

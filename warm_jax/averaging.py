@@ -87,14 +87,14 @@ def normalize_weights(weights: Sequence[float] | None, k: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- stacked mean
 
 
-def _drop_leading(s) -> NamedSharding | None:
+def drop_leading(s) -> NamedSharding | None:
     """The sharding of one member of a stacked array: the same spec without its first entry."""
     if isinstance(s, NamedSharding):
         return NamedSharding(s.mesh, P(*tuple(s.spec)[1:]))
     return None
 
 
-def _weighted_mean_leaf(coef, x):
+def weighted_mean_leaf(coef, x):
     """coef [M] float32 running-mean coefficients w_k / (w_1 + … + w_k); x [M, ...] → [...] in x.dtype.
 
     The same running mean as the streamed average, unrolled over the (static) member axis into
@@ -116,7 +116,7 @@ def _stacked_mean_fn(treedef, out_shardings: tuple):
     def fn(stacked, w):
         cum = jnp.cumsum(w.astype(jnp.float32))
         coef = jnp.where(cum > 0, w / jnp.where(cum > 0, cum, 1.0), 0.0)
-        return jax.tree.map(functools.partial(_weighted_mean_leaf, coef), stacked)
+        return jax.tree.map(functools.partial(weighted_mean_leaf, coef), stacked)
 
     out = None if all(s is None for s in out_shardings) else jax.tree_util.tree_unflatten(treedef, out_shardings)
     return jax.jit(fn, out_shardings=out)
@@ -139,7 +139,7 @@ def mean_stacked(stacked_params: PyTree, weights: jax.Array | None = None, *, ou
     if any(x.ndim == 0 or x.shape[0] != m for x in leaves):
         raise MergeError(f"mean_stacked: every leaf needs the same leading member axis [M={m}, ...]")
     if out_shardings is None:
-        outs = tuple(_drop_leading(getattr(x, "sharding", None)) for x in leaves)
+        outs = tuple(drop_leading(getattr(x, "sharding", None)) for x in leaves)
     else:
         outs = tuple(jax.tree_util.tree_leaves(out_shardings))
         if len(outs) != len(leaves):

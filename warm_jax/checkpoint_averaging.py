@@ -188,7 +188,7 @@ class _PackedFold:
         return jax.device_put(views, [self.sharding] * len(views))
 
 
-def _read_model_json(directory: str) -> dict:
+def read_model_json(directory: str) -> dict:
     """model.json of a member directory, checked (its model config builds): errors name the file and field."""
     io_utils.recover(directory)
     if not os.path.isdir(directory):
@@ -202,7 +202,7 @@ def _read_model_json(directory: str) -> dict:
     return params_io.read_model_json(directory)[0]
 
 
-def _check_configs(cfgs: Mapping[str, dict]) -> None:
+def check_configs(cfgs: Mapping[str, dict]) -> None:
     names = list(cfgs)
     ref = cfgs[names[0]]
     for name in names[1:]:
@@ -432,7 +432,7 @@ class _Inputs:
     def open(cls, dirs: list[str], mesh, rules) -> _Inputs:
         """Reads and checks every model.json and saved tree: MergeError naming the first mismatching
         leaf (or config field) before any array is read."""
-        metas = {d: _read_model_json(d) for d in dirs}
+        metas = {d: read_model_json(d) for d in dirs}
         model_cfg = tr.ModelConfig(**metas[dirs[0]]["model"])
         graphdef, abstract, axes = tr.abstract_model(model_cfg)
         with concurrent.futures.ThreadPoolExecutor(min(len(dirs), 8), thread_name_prefix="warm-meta") as pool:
@@ -440,7 +440,7 @@ class _Inputs:
         saved = {d: a for d, (a, _) in zip(dirs, abstracts)}
         steps = {d: step for d, (_, step) in zip(dirs, abstracts)}
         check_compatible({f"{dirs[0]}/model.json": abstract, **saved})
-        _check_configs({d: m["model"] for d, m in metas.items()})
+        check_configs({d: m["model"] for d, m in metas.items()})
         shardings = sharding.named(mesh, sharding.tree_specs(axes, abstract, mesh, rules))
         target = {"params": sharding.abstract_with_sharding(abstract, shardings)}
         flat_sh, treedef = jax.tree_util.tree_flatten(shardings)

@@ -264,7 +264,7 @@ def pair_metrics(r_c, r_r, bins: int) -> dict:
         "n": int(len(r_c)),
         **evaluation.split_metrics(r_c, r_r, bins),
         "reward": {
-            **evaluation._stats(np.concatenate([r_c, r_r])),
+            **evaluation.score_stats(np.concatenate([r_c, r_r])),
             "chosen_mean": float(np.mean(r_c)),
             "rejected_mean": float(np.mean(r_r)),
             "margin_mean": float(np.mean(evaluation.margins(r_c, r_r))),

@@ -317,9 +317,9 @@ def reward_statistics(member_validation: RewardPairs, best: int, chosen: Sequenc
     rc, rr = member_validation
     chosen = list(chosen)
     return {
-        "warm": _stats(np.concatenate(warm_validation)),
-        "member_best": _stats(np.concatenate([rc[best], rr[best]])),
-        "ens": _stats(np.concatenate([rc[chosen].mean(0), rr[chosen].mean(0)])),
+        "warm": score_stats(np.concatenate(warm_validation)),
+        "member_best": score_stats(np.concatenate([rc[best], rr[best]])),
+        "ens": score_stats(np.concatenate([rc[chosen].mean(0), rr[chosen].mean(0)])),
     }
 
 
@@ -374,7 +374,7 @@ def _acc_view(metrics: dict) -> dict:
     }
 
 
-def _stats(x) -> dict:
+def score_stats(x) -> dict:
     return {"mean": float(np.mean(x)), "std": float(np.std(x) + 1e-6)}
 
 

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from warm_jax import checkpoints
-from warm_jax.averaging import MergeError, _drop_leading, _weighted_mean_leaf, check_compatible
+from warm_jax.averaging import MergeError, drop_leading, weighted_mean_leaf, check_compatible
 
 PyTree = Any
 # SLERP falls back to linear interpolation where 1 − |cos Ω| is below this: the angle then comes
@@ -241,7 +241,7 @@ def leaf_key(key: jax.Array, path: str) -> jax.Array:
 @register_merge_method("linear", uniform="mean")
 def _linear(base, members, weights, key):
     """Weighted mean Σ w_i θ_i / Σ w_i (WARM), the running mean of averaging.mean_stacked."""
-    return _weighted_mean_leaf(_running_coef(weights), members)
+    return weighted_mean_leaf(_running_coef(weights), members)
 
 
 @register_merge_method("slerp", needs_base=True)
@@ -377,7 +377,7 @@ def merge_stacked(stacked, *, method: str, base=None, weights=None, key=None, **
         raise MergeError(f"merge method '{method}' needs a PRNG key")
     w = check_weights(weights, m, m_def)
     paths = tuple(checkpoints.leaf_path(p) for p, _ in flat)
-    outs = tuple(_drop_leading(getattr(x, "sharding", None)) for x in leaves)
+    outs = tuple(drop_leading(getattr(x, "sharding", None)) for x in leaves)
     fn = _merge_fn(method, treedef, paths, outs, tuple(sorted(kw.items())))
     return fn(stacked, base, w, key if m_def.needs_key else None)
 
