@@ -125,11 +125,6 @@ class RewardFn:
     def __call__(self, tokens, lengths):
         return _compiled_apply(self.graphdef, self.ensemble_size)(self.state, tokens, lengths)
 
-    def score_policy_samples(self, prompt_tokens, prompt_mask, response_tokens, response_mask, *, pad_id: int = 0):
-        """Reward [B] of left-padded prompts [B, P] + responses [B, N] (repacked on device)."""
-        tokens, lengths = repack_jit(prompt_tokens, prompt_mask, response_tokens, response_mask, pad_id=pad_id)
-        return self(tokens, lengths)[0]
-
 
 repack_jit = jax.jit(repack, static_argnames=("pad_id",))
 
