@@ -197,6 +197,7 @@ def test_warp_config_names_the_bad_binding():
         ({"iterations": 0}, "WarpConfig.iterations"),
         ({"reward": "nope"}, "WarpConfig.reward"),
         ({"merge_method": "nope"}, "WarpConfig.merge_method"),
+        ({"merge_method": "dare", "merge_params": (("sparsity", 0.5),)}, "WarpConfig.merge_params"),
     ]:
         with pytest.raises(ValueError, match=field):
             warp.WarpConfig(**kw)
@@ -254,6 +255,14 @@ def test_warp_stage_front_merge_and_next_init(warp_run):
     nxt = warp.load_policy(setup, ctx.path("warp", "iter_0", "next_init"))
     want = merge_methods.liti(setup.ref_params, merged, 0.5)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), nxt, want)
+    # DARE draws from the merge's named stream: the same name gives the same merge, another name another.
+    dare = dict(method="dare", params=(("density", 0.5),))
+    a = warp.merge(setup, stacked, setup.ref_params, name="warp/iter_0/merged", **dare)
+    b = warp.merge(setup, stacked, setup.ref_params, name="warp/iter_0/merged", **dare)
+    c = warp.merge(setup, stacked, setup.ref_params, name="warp/iter_1/merged", **dare)
+    leaf = lambda t: np.asarray(jax.tree.leaves(t)[0])
+    np.testing.assert_array_equal(leaf(a), leaf(b))
+    assert not np.array_equal(leaf(a), leaf(c))
     assert io_utils.read_json(ctx.path("warp", "iter_1", "merged", "model.json"))["warp_iteration"] == 1
     assert os.path.exists(ctx.path("metrics", "warp_iter1.jsonl"))
     # Exportable like any policy.

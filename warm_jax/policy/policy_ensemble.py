@@ -16,7 +16,7 @@ steps each policy samples the held-out eval prompts with the same fixed key (one
 judged by the proxy reward, the oracle and the KL to the pretrained policy (``setup.ref_params``,
 or ``eval_reference``).
 
-Outputs under ``run_dir`` (the stage: WORKDIR/rl/policy_ensemble/): ckpt/ (the stacked state),
+Outputs under ``run_dir`` (the stage: WORKDIR/policy_ensemble/): ckpt/ (the stacked state),
 updates.json, policies.json (what ``load_policies`` needs), initial_eval.json (step 0, [M] means),
 <i>/eval_scores/<step>.json and <i>/winrate_scores.json per policy i (the stage's read with
 ``reinforce.read_eval_scores(workdir, "policy_ensemble/<i>", steps)``), results.json (per-policy
@@ -49,7 +49,7 @@ from warm_jax.stages import RunContext, register_stage
 
 log = logging.getLogger(__name__)
 
-RUN_DIR = ("rl", "policy_ensemble")
+RUN_DIR = ("policy_ensemble",)  # the stage's own folder: `--rerun_from=reinforce` leaves it alone
 META_FILE = "policies.json"
 
 
@@ -505,11 +505,11 @@ def load_policies(run_dir: str, setup: reinforce.Setup):
     return state.params
 
 
-@register_stage("policy_ensemble", outputs=(os.path.join(*RUN_DIR),))
+@register_stage("policy_ensemble")
 def run(
     ctx: RunContext, cfg: PolicyEnsembleConfig | None = None, rl_cfg: reinforce.ReinforceConfig | None = None
 ) -> None:
-    """M policies from the pretrained/SFT policy against ``cfg.reward``; writes WORKDIR/rl/policy_ensemble/."""
+    """M policies from the pretrained/SFT policy against ``cfg.reward``; writes WORKDIR/policy_ensemble/."""
     cfg = cfg or PolicyEnsembleConfig()
     setup = reinforce.build(ctx, rl_cfg or reinforce.ReinforceConfig())
     train_policies(

@@ -60,6 +60,7 @@ class WarpConfig:
     etas: tuple[float, ...] = tuple(i / 10 for i in range(11))  # the LITI grid: θ_k + η·(θ_merged − θ_k)
     next_eta: float = 0.3  # the LITI point that starts the next iteration
     merge_method: str = "slerp"  # a method of merge_methods.merge_stacked
+    merge_params: tuple[tuple[str, float], ...] = ()  # the method's parameters, e.g. (('density', 0.5),)
 
     def __post_init__(self):
         if self.reward not in rewards_lib.REWARD_NAMES:
@@ -76,6 +77,10 @@ class WarpConfig:
         if self.merge_method not in merge_methods.MERGE_METHODS:
             known = ", ".join(sorted(merge_methods.MERGE_METHODS))
             raise ValueError(f"WarpConfig.merge_method = {self.merge_method!r} is unknown; known: {known}")
+        try:
+            merge_methods.get_merge_method(self.merge_method).resolve_params(dict(self.merge_params))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"WarpConfig.merge_params = {tuple(self.merge_params)}: {e}") from e
 
 
 def single_runs(reward: str) -> dict[str, str]:
@@ -86,9 +91,12 @@ def single_runs(reward: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------- merge and LITI
 
 
-def merge(setup: reinforce.Setup, stacked, base, method: str):
-    """θ_merged: the stacked policies [M, ...] merged by ``method`` relative to ``base``, placed like one policy."""
-    merged = merge_methods.merge_stacked(stacked, method=method, base=base)
+def merge(setup: reinforce.Setup, stacked, base, method: str, *, name: str, params=()):
+    """θ_merged: the stacked policies [M, ...] merged by ``method`` relative to ``base``, placed like one policy.
+
+    Methods that draw (DARE) use the key of the named stream ``name`` (the merge's place in the workdir)."""
+    key = policy_ensemble.stream_key(setup.ctx.seed, f"merge:{name}")
+    merged = merge_methods.merge_stacked(stacked, method=method, base=base, key=key, **dict(params))
     return jax.device_put(merged, sharding.named(setup.ctx.mesh, setup.param_specs))
 
 
@@ -205,7 +213,8 @@ def merged_policy(setup, cfg: WarpConfig, init, directory: str, stacked_fn, meta
     if _finished(directory):
         return load_policy(setup, directory)
     stacked = stacked_fn()
-    merged = merge(setup, stacked, init, cfg.merge_method)
+    name = os.path.relpath(directory, setup.ctx.workdir)
+    merged = merge(setup, stacked, init, cfg.merge_method, name=name, params=cfg.merge_params)
     del stacked
     save_policy(setup, directory, merged, {**meta, "eta": 1.0})
     return merged
