@@ -27,7 +27,7 @@ CONSOLE_SCRIPTS = [
     "warm-data = warm_jax.data.__main__:main",
     "warm-average = warm_jax.average:main",
     "warm-export = warm_jax.export:main",
-    "warm-inspect = warm_jax.inspect:main",
+    "warm-inspect = warm_jax.inspect_checkpoint:main",
     "warm-eval = warm_jax.evaluate_checkpoint:main",
     "warm-claims = warm_jax.claims:console_main",
 ]

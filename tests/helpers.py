@@ -138,7 +138,7 @@ def run_until_then_signal(
 def final_state_hash(ckpt_dir: str) -> tuple[int, str]:
     """(latest step, sha256 over every array) of a training checkpoint, read without a target."""
     out = subprocess.run(
-        [sys.executable, "-m", "warm_jax.inspect", ckpt_dir],
+        [sys.executable, "-m", "warm_jax.inspect_checkpoint", ckpt_dir],
         env=subprocess_env(1),
         cwd=REPO,
         capture_output=True,

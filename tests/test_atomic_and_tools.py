@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from warm_jax import average, checkpoints, claims, export, inspect, io_utils, logits, params_io
+from warm_jax import average, checkpoints, claims, export, inspect_checkpoint, io_utils, logits, params_io
 from warm_jax.models import transformer as tr
 
 from tests.helpers import REPO, subprocess_env
@@ -293,9 +293,9 @@ CASES = {
         lambda d, out: (export.main, ["--checkpoint", d["m0"], "--output", d["file"], "--overwrite"]),
         ["afile is a file"],
     ),
-    "inspect missing": (lambda d, out: (inspect.main, [f"{d['root']}/nope"]), ["/nope", "no such checkpoint"]),
-    "inspect file": (lambda d, out: (inspect.main, [d["file"]]), ["afile", "a file"]),
-    "inspect truncated": (lambda d, out: (inspect.main, [d["trunc"]]), ["trunc/ckpt", "no step verifies"]),
+    "inspect missing": (lambda d, out: (inspect_checkpoint.main, [f"{d['root']}/nope"]), ["/nope", "no such checkpoint"]),
+    "inspect file": (lambda d, out: (inspect_checkpoint.main, [d["file"]]), ["afile", "a file"]),
+    "inspect truncated": (lambda d, out: (inspect_checkpoint.main, [d["trunc"]]), ["trunc/ckpt", "no step verifies"]),
     "logits empty gguf": (
         lambda d, out: (logits.main, [f"--model={d['empty_gguf']}", "--text=hi", f"--output={out}.npy"]),
         ["empty.gguf"],
@@ -366,7 +366,7 @@ def test_cli_stderr_is_one_line_in_a_fresh_process(ckpts, tmp_path):
     """No absl chatter and no traceback: the whole of stderr is the error line."""
     runs = [
         ["warm_jax.average", f"--checkpoint={ckpts['trunc']}", f"--checkpoint={ckpts['m1']}", f"--output={tmp_path}/o"],
-        ["warm_jax.inspect", ckpts["file"]],
+        ["warm_jax.inspect_checkpoint", ckpts["file"]],
         ["warm_jax.export", "--checkpoint", ckpts["nockpt"], "--output", f"{tmp_path}/e"],
     ]
     for argv in runs:

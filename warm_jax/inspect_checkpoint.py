@@ -1,4 +1,4 @@
-"""Describe a checkpoint without knowing the model: `python -m warm_jax.inspect CKPT_DIR [--step N]`.
+"""Describe a checkpoint without knowing the model: `python -m warm_jax.inspect_checkpoint CKPT_DIR [--step N]`.
 
 Prints one JSON object to stdout:
   {"directory", "steps": [...], "step": N, "leaves": [{"path", "shape", "dtype"}, ...],
@@ -59,7 +59,7 @@ def describe(directory: str, step: int | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m warm_jax.inspect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m warm_jax.inspect_checkpoint", description=__doc__.splitlines()[0])
     parser.add_argument("directory", help="checkpoint directory (the parent of the step directories)")
     parser.add_argument("--step", type=int, default=None, help="step to describe (default: latest that verifies)")
     parser.add_argument("--verbose", action="store_true", help="print the traceback of an error too")
