@@ -125,7 +125,9 @@ def test_layouts_split_as_described():
     assert board.needed.tolist() == [[True] * 4 + [False] * 4, [False] * 4 + [True] * 4]
 
 
-def test_ensemble_over_processes_reads_only_its_members():
+def test_ensemble_over_processes_reads_only_its_members(monkeypatch):
+    # As on a real 2-process run: nothing of a member iterator may depend on the process count.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
     _, mesh, spec, lead, _ = LAYOUTS[2]
     sh = NamedSharding(mesh, P(*spec, None))
     cfg = EnsembleConfig(num_members=M, batch_size=B)
@@ -141,6 +143,11 @@ def test_ensemble_over_processes_reads_only_its_members():
     for p, it in enumerate(parts):
         assert it.rows_read == it.records_read == 3 * B  # the other member's iterator read nothing
         assert it.get_state() == whole.get_state()
+    after = next(whole)
+    for p, it in enumerate(parts):
+        fresh = member_iterators(cfg, RECORDS, seeds, local_rows(sh, lead, _processes(mesh)[1 - p]))
+        fresh.set_state(it.get_state())  # the other process restores what this one saved
+        np.testing.assert_array_equal(next(fresh)["chosen_length"][0], after["chosen_length"][1 - p])
 
 
 def test_one_process_reads_exactly_what_it_did_before():

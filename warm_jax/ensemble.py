@@ -307,7 +307,8 @@ def member_iterators(cfg: EnsembleConfig, source, seeds: Sequence[int], local: L
     local = local or LocalRows.everything((len(seeds), cfg.batch_size))
     mine = {int(m): i for i, m in enumerate(local.members)}
     # Members held elsewhere keep an iterator too (never read, only stepped) so the saved state covers all M.
-    its = [make(s, local.member(mine[m]) if m in mine else None) for m, s in enumerate(seeds)]
+    unread = LocalRows.everything((cfg.batch_size,))  # the same global batch, so the same order and state
+    its = [make(s, local.member(mine[m]) if m in mine else unread) for m, s in enumerate(seeds)]
     return StackedIterator(its, members=local.members)
 
 
