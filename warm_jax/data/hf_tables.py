@@ -275,7 +275,7 @@ def _score(row: Mapping[str, Any], column: str, where: _Row) -> float:
     return float(value)
 
 
-def _implicit_text(chosen: str, rejected: str, where: _Row) -> tuple[str, str, str]:
+def _shared_prefix_text(chosen: str, rejected: str, where: _Row) -> tuple[str, str, str]:
     common = os.path.commonprefix([chosen, rejected])
     cut = max((i + 1 for i, ch in enumerate(common) if ch.isspace()), default=0)
     if not common[:cut].strip():
@@ -287,7 +287,7 @@ def _implicit_text(chosen: str, rejected: str, where: _Row) -> tuple[str, str, s
     return common[:cut], chosen[cut:], rejected[cut:]
 
 
-def _implicit_messages(chosen: Messages, rejected: Messages, where: _Row) -> tuple[Messages, Messages, Messages]:
+def _shared_prefix_messages(chosen: Messages, rejected: Messages, where: _Row) -> tuple[Messages, Messages, Messages]:
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -362,14 +362,14 @@ def pair_from_row(
                 "wrong_type",
             )
         if prompt is None:
-            prompt, chosen, rejected = _implicit_text(chosen, rejected, where)
+            prompt, chosen, rejected = _shared_prefix_text(chosen, rejected, where)
     else:
         prompt_column = "prompt"
         if isinstance(prompt, str):
             starts_with_reply = chosen[0]["role"] == "assistant" and rejected[0]["role"] == "assistant"
             prompt = [{"role": "user", "content": prompt}] if starts_with_reply else None
         if prompt is None:
-            prompt, chosen, rejected = _implicit_messages(chosen, rejected, where)
+            prompt, chosen, rejected = _shared_prefix_messages(chosen, rejected, where)
             prompt_column = "chosen"
         prompt, (chosen, rejected) = _render(
             template, prompt, {"chosen": chosen, "rejected": rejected}, where, prompt_column, strip_bos
