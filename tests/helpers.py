@@ -43,6 +43,20 @@ TINY = [
 ]
 
 # Best-of-N and REINFORCE at test size (used by the whole-pipeline tests).
+# ReinforceConfig keyword arguments for in-process REINFORCE tests on the tiny model.
+TINY_RL = dict(
+    num_steps=4,
+    prompts_per_step=4,
+    samples_per_prompt=2,
+    max_prompt_len=8,
+    max_new_tokens=6,
+    num_train_prompts=32,
+    eval_every=2,
+    num_eval_prompts=8,
+    num_winrate_prompts=8,
+    learning_rate=1e-2,
+)
+
 TINY_POLICY = [
     "BonConfig.n_values = (1, 2, 4)",
     "BonConfig.num_prompts = 8",

@@ -19,20 +19,8 @@ from warm_jax.policy import policy_ensemble, reinforce, rewards
 from warm_jax.stages import RunContext
 
 M = 2
-TINY_RL = dict(
-    rewards=("warm",),
-    num_steps=4,
-    prompts_per_step=4,
-    samples_per_prompt=2,
-    max_prompt_len=8,
-    max_new_tokens=6,
-    num_train_prompts=32,
-    eval_every=2,
-    num_eval_prompts=8,
-    num_winrate_prompts=8,
-    learning_rate=1e-2,
-    ema_rate=0.3,  # large, so two steps move the anchor well away from both the init and the policy
-)
+# A large EMA rate, so two steps move the anchor well away from both the init and the policy.
+TINY_RL = {**helpers.TINY_RL, "rewards": ("warm",), "ema_rate": 0.3}
 LOOP = ["LoopConfig.save_interval_steps = 2", "LoopConfig.async_save = False", "LoopConfig.log_every = 2"]
 
 

@@ -48,19 +48,7 @@ def test_baselines():
         reinforce.ReinforceConfig(baseline="nope")
 
 
-TINY_RL = dict(
-    rewards=("warm", "member_best"),
-    num_steps=4,
-    prompts_per_step=4,
-    samples_per_prompt=2,
-    max_prompt_len=8,
-    max_new_tokens=6,
-    num_train_prompts=32,
-    eval_every=2,
-    num_eval_prompts=8,
-    num_winrate_prompts=8,
-    learning_rate=1e-2,
-)
+TINY_RL = {**helpers.TINY_RL, "rewards": ("warm", "member_best")}
 
 
 @pytest.fixture(scope="module")

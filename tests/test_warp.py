@@ -205,19 +205,7 @@ def test_warp_config_names_the_bad_binding():
 
 # ----------------------------------------------------------------------------- the stage end to end (tiny)
 
-RL = dict(
-    rewards=("warm",),
-    num_steps=2,
-    prompts_per_step=4,
-    samples_per_prompt=2,
-    max_prompt_len=8,
-    max_new_tokens=6,
-    num_train_prompts=32,
-    eval_every=2,
-    num_eval_prompts=8,
-    num_winrate_prompts=8,
-    learning_rate=1e-2,
-)
+RL = {**helpers.TINY_RL, "rewards": ("warm",), "num_steps": 2}
 WARP = dict(iterations=2, num_policies=2, etas=(0.0, 0.5, 1.0), next_eta=0.5)
 LOOP = ["LoopConfig.save_interval_steps = 2", "LoopConfig.async_save = False", "LoopConfig.log_every = 2"]
 

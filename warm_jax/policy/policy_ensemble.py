@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import os
 import signal
 import zlib
@@ -433,8 +432,7 @@ def train_policies(
             extra.update(_summary(ev))
         return extra
 
-    base = loop.LoopConfig()
-    loop_cfg = dataclasses.replace(base, log_every=math.gcd(base.log_every, cfg.eval_every))
+    loop_cfg = reinforce.loop_config(cfg)
     final = loop.train(
         stage=stage,
         workdir=ctx.workdir,

@@ -547,6 +547,12 @@ def prompt_iterator(setup: Setup, seed: int) -> pipeline.PreferenceIterator:
     )
 
 
+def loop_config(cfg: ReinforceConfig) -> loop.LoopConfig:
+    """The gin LoopConfig, logging on every eval step too (the eval metrics ride on the log rows)."""
+    base = loop.LoopConfig()
+    return dataclasses.replace(base, log_every=math.gcd(base.log_every, cfg.eval_every))
+
+
 def train_one(setup: Setup, name: str, anchor: str = "init") -> TrainState:
     """Trains the policy against reward ``name`` with KL ``anchor``; returns the final state (resumes
     if it can). The run is ``run_name(name, anchor)``; both anchors draw the same keys and prompts."""
@@ -595,8 +601,7 @@ def train_one(setup: Setup, name: str, anchor: str = "init") -> TrainState:
             extra.update(_summary(ev))
         return extra
 
-    base = loop.LoopConfig()
-    loop_cfg = dataclasses.replace(base, log_every=math.gcd(base.log_every, cfg.eval_every))
+    loop_cfg = loop_config(cfg)
     final = loop.train(
         stage=f"rl_{run}",
         workdir=ctx.workdir,
