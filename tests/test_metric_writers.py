@@ -9,6 +9,7 @@ import logging
 import os
 import struct
 import sys
+import time
 
 import gin
 import numpy as np
@@ -121,8 +122,20 @@ def _wandb_records(path: str):
             yield record
 
 
-def _read_run(folder: str) -> dict:
-    """The run record's id and config, and the logged history {step: {name: value}} of an offline run folder."""
+def _read_run(folder: str, wait_s: float = 30.0) -> dict:
+    """The run record's id and config, and the logged history {step: {name: value}} of an offline run folder.
+
+    W&B's service writes the file on its own thread; on a loaded machine the run record can land after the
+    writing process returned from ``finish``, so the file is read again until it holds one (or ``wait_s`` ends)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = _read_run_once(folder)
+        if "id" in out or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
+
+
+def _read_run_once(folder: str) -> dict:
     (path,) = glob.glob(os.path.join(folder, "run-*.wandb"))
     out = {"history": {}}
     for r in _wandb_records(path):
