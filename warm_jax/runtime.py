@@ -199,13 +199,10 @@ def training_compiler_options(cpu_ynn_fusion_type: str = "LIBRARY_FUSION_TYPE_EL
     YNNPACK takes a dot together with its element-wise producers and consumers as one fusion (the
     backward's ``dgate @ W_gate.T + dup @ W_up.T``, the SiLU recomputation feeding a dot); a dot
     with no such neighbour (e.g. one whose only consumers are remat's ``reduce_precision`` and a
-    scan's stacking) stays in XLA's Eigen kernels — ``"LIBRARY_FUSION_TYPE_DOT,
-    LIBRARY_FUSION_TYPE_ELTWISE"`` would give those to YNNPACK too, and measured 5% slower. For the
-    training steps ELTWISE is faster (the reward-model step at the SmolLM2-135M shape, BENCHMARKS.md:
-    12.7 -> 11.6 s on an AVX-512 host; 6 layers on an AVX2 host 3.7-4.0 s against 4.1-4.3 s with
-    the default and 3.8-3.9 s with no YNNPACK dots); for decoding (small-M matmuls) the default
-    is faster, so this is per program, not a process-wide flag. Empty ``cpu_ynn_fusion_type``
-    keeps XLA's default. Off the CPU, or on a jaxlib that lacks the option, returns {}.
+    scan's stacking) stays in XLA's Eigen kernels. For the training steps ELTWISE is the faster
+    setting (BENCHMARKS.md has the figures); for decoding (small-M matmuls) the default is, so this
+    is per program, not a process-wide flag. Empty ``cpu_ynn_fusion_type`` keeps XLA's default. Off
+    the CPU, or on a jaxlib that lacks the option, returns {}.
     """
     if not cpu_ynn_fusion_type or jax.default_backend() != "cpu":
         return {}

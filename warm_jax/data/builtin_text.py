@@ -12,9 +12,9 @@ boring", "i did not like") sometimes expresses a polarity with a word of the opp
 The first sentence of every document is an opening such as "the pasta at this place was ..." and
 `generate_prompts` returns exactly such openings, cut before the first sentiment word, for a policy to continue.
 
-Why it looks like this: a first version that drew VADER words independently of context taught a pretrained LM
-nothing about valence (a linear probe on its features was at chance), which made the shared pretrained init, the
-point of WARM, irrelevant. See DESIGN.md, "The built-in task".
+Why it looks like this: sentiment words drawn independently of context teach a pretrained LM nothing about
+valence (a linear probe on its features stays at chance), and then the shared pretrained init, the point of WARM,
+is irrelevant; words tied to a latent sentiment give the LM something to carry.
 """
 
 from __future__ import annotations
