@@ -17,6 +17,7 @@ import pytest
 import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tests.test_checkpoints import abstract, host
 from warm_jax import checkpoint_averaging, checkpoints, params_io, runtime
 from warm_jax.checkpoints import CheckpointCorruptError, CheckpointError, Checkpointer, DirectReadUnsupported
 from warm_jax.models import transformer as tr
@@ -47,14 +48,6 @@ def state():
         "step": jnp.int32(7),
         "key": jax.random.key(0),
     }
-
-
-def abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def host(x):
-    return np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
 
 
 def manifest_file(step_dir):
