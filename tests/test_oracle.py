@@ -91,3 +91,14 @@ def test_output_and_input_checks_name_the_oracle():
     with pytest.raises(TypeError, match="text 1 is a int"):
         vader_oracle.score(["fine", 3])
     assert vader_oracle.score([]).shape == (0,)
+
+
+def test_vader_sentences_penalises_neutral_padding():
+    oracle = make_oracle("vader_sentences")
+    base = "the food was great. the staff was lovely."
+    padded = base + " we came here for dinner. we sat near the window. it runs about two hours."
+    whole, sentences = make_oracle("vader").score([base, padded]), oracle.score([base, padded])
+    # Whole-text VADER barely notices neutral padding; the sentence mean drops by the share of neutral sentences.
+    assert abs(whole[0] - whole[1]) < 0.05
+    assert sentences[1] == pytest.approx(sentences[0] * 2 / 5, abs=1e-6)
+    assert oracle.name == "vader_sentences" and "vader_sentences" in oracle_lib.ORACLES

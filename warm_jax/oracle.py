@@ -3,7 +3,8 @@
 An oracle maps texts to one float per text. It labels preference pairs and judges policies, so it must be
 independent of every model we train: the built-in one is VADER sentiment (the `nltk-vader-sentiment` package),
 which nobody here wrote. Oracles are chosen by name from a small registry (`make_oracle("vader")`, or a gin
-binding); a user plugs in their own by subclassing `Oracle` under `@register_oracle("name")`, or by wrapping a
+binding): "vader" scores the whole text, "vader_sentences" averages over sentences so that neutral padding lowers
+the score. A user plugs in their own by subclassing `Oracle` under `@register_oracle("name")`, or by wrapping a
 function in `CallableOracle`.
 """
 
@@ -110,6 +111,19 @@ class VaderOracle(Oracle):
             sentences = [s for s in _SENTENCE_END.split(t.strip()) if s]
             out[i] = np.mean([self._compound(s) for s in sentences]) if sentences else 0.0
         return out
+
+
+@register_oracle("vader_sentences")
+class VaderSentencesOracle(VaderOracle):
+    """VADER averaged over sentences: a neutral sentence counts as 0, so padding a text with neutral filler lowers
+    its score. A reward model that learnt "longer is better" from a length cue is then judged by an oracle that
+    penalises the padding it rewards: the setting in which a single RM gets hacked and WARM's robustness shows.
+    """
+
+    name = "vader_sentences"
+
+    def __init__(self):
+        super().__init__(aggregate="sentences")
 
 
 @register_oracle("callable")
