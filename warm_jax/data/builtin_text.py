@@ -24,6 +24,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 
+import gin
 import numpy as np
 
 from warm_jax.data.tokenizers import PUNCTUATION, join_words
@@ -236,6 +237,7 @@ _CODE_WORDS = (
 # ------------------------------------------------------------------------------------------------ config
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
     """Knobs of the built-in grammar. Defaults give a ~400-token vocabulary (~230 sentiment words) and 2-5 sentence reviews.
@@ -431,14 +433,14 @@ def _split_template(template: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def vocabulary(cfg: TextConfig = TextConfig()) -> list[str]:
-    """Every token the grammar can emit under `cfg` (words and punctuation), sorted."""
-    return _grammar(cfg).vocabulary()
+def vocabulary(cfg: TextConfig | None = None) -> list[str]:
+    """Every token the grammar can emit under `cfg` (default: the gin-bound TextConfig), sorted."""
+    return _grammar(cfg or TextConfig()).vocabulary()
 
 
-def sentiment_words(cfg: TextConfig = TextConfig()) -> list[str]:
+def sentiment_words(cfg: TextConfig | None = None) -> list[str]:
     """The tokens of `vocabulary(cfg)` that carry VADER valence, sorted; every other token is neutral to VADER."""
-    return sorted(_grammar(cfg).sentiment_words())
+    return sorted(_grammar(cfg or TextConfig()).sentiment_words())
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -648,7 +650,7 @@ class Reviews:
     topics: tuple[str, ...]
 
 
-def generate_reviews(n: int, seed: int, cfg: TextConfig = TextConfig()) -> Reviews:
+def generate_reviews(n: int, seed: int, cfg: TextConfig | None = None) -> Reviews:
     """`n` reviews with their latent sentiment and topic; deterministic in (n, seed, cfg).
 
     Documents are drawn one after another from one stream, so the first k of `generate_reviews(n, seed)` are
@@ -656,6 +658,7 @@ def generate_reviews(n: int, seed: int, cfg: TextConfig = TextConfig()) -> Revie
     """
     if n < 0:
         raise ValueError(f"generate_reviews: n must be >= 0, got {n}")
+    cfg = cfg or TextConfig()
     g = _grammar(cfg)
     draws = _Draws(seed)
     texts: list[str] = []
@@ -669,17 +672,17 @@ def generate_reviews(n: int, seed: int, cfg: TextConfig = TextConfig()) -> Revie
     return Reviews(texts=texts, sentiment=sentiment, topic=topic, topics=tuple(cfg.topics))
 
 
-def generate_documents(n: int, seed: int, cfg: TextConfig = TextConfig()) -> list[str]:
+def generate_documents(n: int, seed: int, cfg: TextConfig | None = None) -> list[str]:
     """`n` review strings (2-5 short sentences, lowercase, each ending with punctuation)."""
     return generate_reviews(n, seed, cfg).texts
 
 
-def generate_prompts(n: int, seed: int, cfg: TextConfig = TextConfig()) -> list[str]:
+def generate_prompts(n: int, seed: int, cfg: TextConfig | None = None) -> list[str]:
     """`n` review openings of 3-8 words with no sentiment word ("the pasta at this place was"), for a policy to
     continue. They are the openings documents start with, so a model pretrained on documents has seen them."""
     if n < 0:
         raise ValueError(f"generate_prompts: n must be >= 0, got {n}")
-    g = _grammar(cfg)
+    g = _grammar(cfg or TextConfig())
     draws = _Draws(seed)
     prompts: list[str] = []
     for _ in range(n):
