@@ -72,7 +72,15 @@ def run(m: int = 6, lambdas=LAM):
         "member_best": policy([0.0, 0.2, 0.1, 0.0], [0, 1, 2, 3]),
         "warm": policy([0.0, 0.2, 0.3, 0.35], [0, 1, 2, 2]),
     }
+    # Pretrained features: 80% on validation, 75% on ood; random-init features 10 pt lower on both.
+    probe = {
+        "pretrained/validation": base_margins(0.8, seed=20),
+        "random/validation": flip(base_margins(0.8, seed=20), to_wrong=100, seed=21),
+        "pretrained/ood": base_margins(0.75, seed=22),
+        "random/ood": flip(base_margins(0.75, seed=22), to_wrong=100, seed=23),
+    }
     summary = {
+        "probe": {"holds": True},
         "lmc": {"lambdas": list(lambdas), "members": [0, 1]},
         "negative_control": {"lambdas": LAM},
         "rm": {"members": [{"id": j} for j in range(m)], "warm": {"M": m}},
@@ -82,7 +90,7 @@ def run(m: int = 6, lambdas=LAM):
             "win_rate": {"warm_vs_member_best": {"value": 0.6, "ci95": [0.55, 0.65], "n_prompts": 256}},
         },
     }
-    return summary, {"rm": ev_rm, "control": control, "bon": bon, "rl": ev_rl}
+    return summary, {"probe": probe, "rm": ev_rm, "control": control, "bon": bon, "rl": ev_rl}
 
 
 def statuses(summary, evidence):
@@ -93,7 +101,7 @@ def by_id(summary, evidence):
     return {c["id"]: c for c in claims.check_all(summary, evidence)}
 
 
-ALL = ("lmc", "wa_close_to_ens", "memorisation", "m_scaling", "bon", "rl")
+ALL = ("pretraining", "lmc", "wa_close_to_ens", "memorisation", "m_scaling", "bon", "rl")
 
 
 def test_every_claim_holds_on_a_run_that_shows_it():
@@ -108,6 +116,9 @@ def test_every_claim_holds_on_a_run_that_shows_it():
     assert got["m_scaling"]["ci"]["worst_drop_ood"]["value"] == pytest.approx(-0.01)
     assert got["bon"]["ci"]["gap_n8"]["value"] == pytest.approx(0.1)
     assert got["rl"]["ci"]["win_rate"]["ci95"] == [0.55, 0.65]
+    assert got["pretraining"]["ci"]["pretrained_validation"]["value"] == pytest.approx(0.8)
+    assert got["pretraining"]["ci"]["pretrained_minus_random_validation"]["value"] == pytest.approx(0.1)
+    assert got["pretraining"]["ci"]["pretrained_minus_random_ood"]["value"] == pytest.approx(0.1)
 
 
 def flat_control(ev):
@@ -127,6 +138,20 @@ def set_rows(ev, key, rows):
 @pytest.mark.parametrize(
     "claim, change",
     [
+        # the pretrained probe at 69% on validation: below the gate's 70%, whatever the margin
+        (
+            "pretraining",
+            lambda s, e: set_rows(
+                set_rows(e, "probe:pretrained/validation", base_margins(0.69, seed=20)),
+                "probe:random/validation",
+                flip(base_margins(0.69, seed=20), to_wrong=100, seed=21),
+            ),
+        ),
+        # 6 pt above random features on 1,000 pairs: the CI reaches below 5 pt
+        (
+            "pretraining",
+            lambda s, e: set_rows(e, "probe:random/validation", flip(e["probe"]["pretrained/validation"], to_wrong=60)),
+        ),
         # a 2-point dip below the chord at λ = 0.5 on ood
         (
             "lmc",
@@ -263,6 +288,8 @@ def _without(ev, src, key=None):
         (["lmc", "wa_close_to_ens", "memorisation", "m_scaling"], lambda s, e: _without(e, "rm"), "no per-example"),
         (["lmc"], lambda s, e: {**e, "control": "rm_control/lmc_examples.npz: missing"}, "lmc_examples.npz: missing"),
         (["bon"], lambda s, e: _without(e, "bon"), "no per-example"),
+        (["pretraining"], lambda s, e: _without(e, "probe"), "no per-example probe margins"),
+        (["pretraining"], lambda s, e: _without(e, "probe", "random/validation"), "lacks 'random/validation'"),
         (
             ["rl"],
             lambda s, e: {**e, "rl": {"warm": e["rl"]["warm"], "member_best": "FileNotFoundError: 0.json"}},

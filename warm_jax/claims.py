@@ -48,12 +48,19 @@ LOSS_TOLERANCE = 0.01  # nats: a control "shows a loss barrier" when its CI lies
 SCALING_MAX_M = 6  # the paper's WARM-by-M curve goes to M = 6
 BON_MIN_N = 8
 WARP_KL_SLACK = 1e-6  # a point "within the KL budget" may exceed it by float rounding only
+PROBE_ACCURACY = 0.70  # the probe gate (feature_probe.GATE_ACCURACY / GATE_MARGIN), its margin judged by the CI
+PROBE_MARGIN = 0.05
 HOLDS, FAILS, NOT_TESTED = "holds", "fails", "not tested"
 STATUSES = (HOLDS, FAILS, NOT_TESTED)
 EVAL_SPLITS = ("validation", "ood")
 
 CHECKS: dict[str, Callable[[dict, Mapping], dict | None]] = {}
 STATEMENTS: dict[str, str] = {
+    "pretraining": (
+        "pretraining gives the reward models something: a linear probe on the pretrained features reaches "
+        f"≥ {100 * PROBE_ACCURACY:.0f}% validation accuracy, and the 95% CI lower bound of its accuracy minus that "
+        f"of the same probe on random-init features is ≥ {100 * PROBE_MARGIN:.0f} pt on validation"
+    ),
     "lmc": (
         "no accuracy barrier between the two interpolated members: 95% CI upper bound of the barrier "
         "(max over interior λ of chord − acc(θ(λ))) < 1 pt on validation and on ood; and the negative control "
@@ -186,6 +193,27 @@ def _loss_barrier_ci(margins_ln, lambdas) -> dict:
     """Bootstrap CI of the loss barrier (max over interior λ of BT loss − chord, nats) from margins [L, N]."""
     loss = np.logaddexp(0.0, -np.asarray(margins_ln, np.float64))  # −log σ(margin) per pair
     return stats.bootstrap_ci([-loss.T], barrier_statistic(lambdas))
+
+
+@check("pretraining")
+def pretraining(s, ev):
+    if "probe" not in s:
+        return None
+    src = _source(ev, "probe", "probe margins from rm_ensemble")
+    pre, rand = _arr(src, "pretrained/validation"), _arr(src, "random/validation")
+    acc = _entry(stats.bootstrap_ci([stats.correctness(pre)]), "pt")
+    ci = {"pretrained_validation": acc, "pretrained_minus_random_validation": _entry(_acc_diff_ci(pre, rand), "pt")}
+    if "random/ood" in src and "pretrained/ood" in src:
+        ood = _acc_diff_ci(_arr(src, "pretrained/ood"), _arr(src, "random/ood"))
+        ci["pretrained_minus_random_ood"] = _entry(ood, "pt")
+    low_acc = acc["value"] < PROBE_ACCURACY
+    low_margin = ci["pretrained_minus_random_validation"]["ci95"][0] < PROBE_MARGIN
+    reasons = [
+        f"the pretrained probe's validation accuracy {100 * acc['value']:.1f}% is below {100 * PROBE_ACCURACY:.0f}%"
+    ] * low_acc + [
+        f"the CI of pretrained − random features does not lie above {100 * PROBE_MARGIN:.0f} pt"
+    ] * low_margin
+    return _claim("pretraining", FAILS if reasons else HOLDS, reason="; ".join(reasons), ci=ci)
 
 
 @check("lmc")
@@ -513,7 +541,7 @@ def warp(s, ev):
 
 def check_all(summary: dict, evidence: Mapping | None = None) -> list[dict]:
     """The claims a run's stages allow. ``evidence``: the per-example arrays (``report.load_evidence``):
-    {"rm": eval_examples.npz, "control": lmc_examples.npz, "bon": per_prompt.npz,
+    {"probe": probe_examples.npz, "rm": eval_examples.npz, "control": lmc_examples.npz, "bon": per_prompt.npz,
     "rl": {reward: {"step" [S], "oracle" [S, P], "proxy" [S, P]}}, "warp": front_examples.npz}; a source that could not be read
     is a string saying why. Without it every claim that needs it is "not tested"."""
     evidence = evidence or {}
