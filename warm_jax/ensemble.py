@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import io_utils, loop, params_io, pretrain, reward, runtime, sharding
+from warm_jax import feature_probe, io_utils, loop, params_io, pretrain, reward, runtime, seeds, sharding
 from warm_jax.data import pipeline
 from warm_jax.data.local_rows import LocalRows, local_rows
 from warm_jax.models import transformer as tr
@@ -31,6 +31,8 @@ from warm_jax.train_state import TrainState, guarded_update, new_state, state_sp
 log = logging.getLogger(__name__)
 
 RM_FIELDS = ("chosen_tokens", "rejected_tokens", "chosen_length", "rejected_length")
+GATE_SPLITS = ("validation", "ood")
+PROBE_EXAMPLES_FILE = "probe_examples.npz"
 
 
 @gin.configurable
@@ -53,6 +55,7 @@ class EnsembleConfig:
     dataset_dir: str | None = None  # default WORKDIR/data
     # Negative control (not WARM): each member from its own random init, no pretraining, no probe.
     random_init: bool = False
+    probe_gate: bool = True  # also probe random-init features and score both probes on validation and ood
     debug_nan_step: int = -1  # tests: poison member losses at this step
 
 
@@ -83,50 +86,51 @@ def make_member_tx(cfg: EnsembleConfig, learning_rate) -> optax.GradientTransfor
 # ----------------------------------------------------------------------------- linear probe
 
 
-def linear_probe(params, graphdef, source, cfg: EnsembleConfig, *, batch_size: int = 256):
-    """Fits the reward head on frozen features (BT loss); returns (head params, train accuracy).
-
-    Features are computed once; the fit is full-batch Adam on f⁺ − f⁻ (the head's bias
-    cancels in a difference, so it stays at its initial value).
-    """
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
-    # Every process computes every feature (replicated output), so the fit below is identical on all.
-    feat = jax.jit(functools.partial(reward.features, graphdef=graphdef), out_shardings=sharding.replicated(mesh))
-    # Every process reads the whole split: placing the features' inputs by batch shard would change their float
-    # rounding (a differently partitioned program), and the probe runs once, on frozen features.
-    diffs = []
-    for batch in pipeline.eval_batches(source, batch_size, fields=RM_FIELDS, process_index=0, process_count=1):
-        fc = feat(params, tokens=batch["chosen_tokens"], lengths=batch["chosen_length"])
-        fr = feat(params, tokens=batch["rejected_tokens"], lengths=batch["rejected_length"])
-        diffs.append(np.asarray(fc - fr)[np.asarray(batch["valid"], bool)])
-    diff = jnp.asarray(np.concatenate(diffs))  # [N, d]
+def linear_probe(params, graphdef, source, cfg: EnsembleConfig):
+    """Fits the reward head on frozen features (BT loss, ``feature_probe``); returns (head params, train
+    accuracy, the train feature differences [N, d])."""
+    diff = feature_probe.feature_diffs(params, graphdef, source)
     head = jax.device_get(params["reward_head"])
-    tx = optax.adam(cfg.lp_learning_rate)
-
-    def loss_fn(w):
-        return -jnp.mean(jax.nn.log_sigmoid(diff @ w[:, 0]))
-
-    @jax.jit
-    def fit(w):
-        def body(carry, _):
-            w, s = carry
-            g = jax.grad(loss_fn)(w)
-            u, s = tx.update(g, s, w)
-            return (optax.apply_updates(w, u), s), None
-
-        (w, _), _ = jax.lax.scan(body, (w, tx.init(w)), None, length=cfg.lp_steps)
-        return w
-
-    if not np.isfinite(np.asarray(diff)).all():
-        raise loop.NonFiniteUpdateError("[rm_ensemble] linear probe: the pretrained features are non-finite")
-    kernel = fit(jnp.asarray(head["kernel"], jnp.float32))
-    if not np.isfinite(np.asarray(kernel)).all():
+    try:
+        kernel = feature_probe.fit_head(diff, head["kernel"], steps=cfg.lp_steps, learning_rate=cfg.lp_learning_rate)
+    except FloatingPointError as e:
         raise loop.NonFiniteUpdateError(
-            f"[rm_ensemble] linear probe: the head went non-finite (EnsembleConfig.lp_learning_rate = "
-            f"{cfg.lp_learning_rate}, lp_steps = {cfg.lp_steps})"
-        )
-    acc = float(jnp.mean((diff @ kernel[:, 0]) > 0))
-    return {"kernel": kernel.astype(head["kernel"].dtype), "bias": head["bias"]}, acc
+            f"[rm_ensemble] linear probe: {e} (EnsembleConfig.lp_learning_rate = {cfg.lp_learning_rate}, "
+            f"lp_steps = {cfg.lp_steps})"
+        ) from None
+    acc = feature_probe.accuracy(feature_probe.margins(diff, kernel))
+    return {"kernel": kernel.astype(head["kernel"].dtype), "bias": head["bias"]}, acc, diff
+
+
+def probe_gate(ctx: RunContext, model_cfg, graphdef, base, train_diff, head, cfg: EnsembleConfig):
+    """The probe on pretrained features against the same probe on random-init features of the same shape,
+    both fitted on the training pairs and scored on validation and ood. Returns (the gate record of
+    ``feature_probe.gate``, per-pair margins {"pretrained/<split>", "random/<split>": [N]})."""
+    key = seeds.key(ctx.seed, "rm_ensemble", "probe_gate", "random_init")
+    rand = pretrain.sharded_init(model_cfg, ctx.mesh, key)[1]
+    data = dataset_dir(ctx, cfg)
+    lr = dict(steps=cfg.lp_steps, learning_rate=cfg.lp_learning_rate)
+    rand_train = feature_probe.feature_diffs(rand, graphdef, pipeline.load_split(data, "train"))
+    kernels = {"pretrained": np.asarray(head["kernel"], np.float32)}
+    try:
+        kernels["random"] = feature_probe.fit_head(rand_train, head["kernel"], **lr)
+    except FloatingPointError as e:
+        raise loop.NonFiniteUpdateError(f"[rm_ensemble] probe on random-init features: {e}") from None
+    margins = {
+        "pretrained/train": feature_probe.margins(train_diff, kernels["pretrained"]),
+        "random/train": feature_probe.margins(rand_train, kernels["random"]),
+    }
+    for split in GATE_SPLITS:
+        source = pipeline.load_split(data, split)
+        for name, params in (("pretrained", base), ("random", rand)):
+            diff = feature_probe.feature_diffs(params, graphdef, source)
+            margins[f"{name}/{split}"] = feature_probe.margins(diff, kernels[name])
+    split_margins = {
+        name: {k.split("/")[1]: v for k, v in margins.items() if k.startswith(name + "/")}
+        for name in ("pretrained", "random")
+    }
+    record = feature_probe.gate(split_margins["pretrained"], split_margins["random"])
+    return record, margins
 
 
 # ----------------------------------------------------------------------------- the step
@@ -241,6 +245,7 @@ class Ensemble:
     state: TrainState
     abstract_state: TrainState
     lp_accuracy: float
+    probe: dict | None  # the probe gate (``probe_gate``) and its per-pair margins; None for random-init members
     shared_init: object  # the LP-FT init (pretrained trunk + probed head), unstacked
 
 
@@ -280,11 +285,28 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
     model_cfg, graphdef, base, param_specs, _ = pretrain.load_params(ctx)
     seeds = member_seeds(cfg, ctx.seed)
     if cfg.random_init:
-        head, lp_acc = base["reward_head"], float("nan")
+        head, lp_acc, probe = base["reward_head"], float("nan"), None
         inits = [pretrain.sharded_init(model_cfg, mesh, jax.random.key(10_007 + s))[1] for s in seeds]
     else:
-        head, lp_acc = linear_probe(base, graphdef, train_source, cfg)
+        head, lp_acc, train_diff = linear_probe(base, graphdef, train_source, cfg)
         log.info("[rm_ensemble] linear probe: train accuracy %.3f", lp_acc)
+        if cfg.probe_gate:
+            gate, margins = probe_gate(ctx, model_cfg, graphdef, base, train_diff, head, cfg)
+            probe = {"gate": gate, "margins": margins}
+            log.log(
+                logging.INFO if gate["holds"] else logging.WARNING,
+                "[rm_ensemble] probe gate %s: validation accuracy %.3f on pretrained features, %.3f on random-init "
+                "features (needs >= %.2f and a %.0f pt margin); ood %.3f vs %.3f",
+                "holds" if gate["holds"] else "FAILS (pretraining gives the members little to share)",
+                gate["pretrained"]["validation"],
+                gate["random"]["validation"],
+                gate["accuracy_bound"],
+                100 * gate["margin_bound"],
+                gate["pretrained"]["ood"],
+                gate["random"]["ood"],
+            )
+        else:
+            probe = None
         steps = per_member(cfg.featurizer_steps or (None,), m, "featurizer_steps")
         trunks = {s: (base if s is None else pretrain.load_params(ctx, step=s)[2]) for s in set(steps)}
         inits = [trunks[s] for s in steps]
@@ -293,7 +315,9 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
         return p if cfg.random_init else {**p, "reward_head": head}
 
     tx, state_sh, state, abstract_state = stack_state(mesh, cfg, [with_head(p) for p in inits], param_specs, seeds)
-    return Ensemble(model_cfg, graphdef, tx, param_specs, state_sh, state, abstract_state, lp_acc, with_head(base))
+    return Ensemble(
+        model_cfg, graphdef, tx, param_specs, state_sh, state, abstract_state, lp_acc, probe, with_head(base)
+    )
 
 
 def member_iterators(cfg: EnsembleConfig, source, seeds: Sequence[int], local: LocalRows | None = None):
@@ -396,11 +420,13 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
             tokenizer_dir=ctx.path("tokenizer"),
         )
     if jax.process_index() == 0:
+        probe_sha = ens.probe and io_utils.write_arrays(ctx.path("rm", PROBE_EXAMPLES_FILE), ens.probe["margins"])
         io_utils.atomic_write_json(
             ctx.path("rm", "ensemble.json"),
             {
                 "num_members": cfg.num_members,
                 "lp_train_accuracy": ens.lp_accuracy,
+                **({"probe": {**ens.probe["gate"], "examples_sha256": probe_sha}} if ens.probe else {}),
                 "seeds": seeds,
                 "learning_rates": lrs,
                 "dropout_rates": drops,

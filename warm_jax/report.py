@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from warm_jax import claims as claims_lib  # noqa: E402
-from warm_jax import evaluation, io_utils, stats  # noqa: E402
+from warm_jax import ensemble, evaluation, io_utils, stats  # noqa: E402
 from warm_jax.policy import bon as bon_lib  # noqa: E402
 from warm_jax.policy import reinforce, warp as warp_lib, winrate  # noqa: E402
 from warm_jax.stages import RunContext, register_stage  # noqa: E402
@@ -41,6 +41,10 @@ def _load(path):
 
 def build_summary(workdir: str) -> dict:
     summary: dict = {"workdir": os.path.abspath(workdir)}
+    members = _load(os.path.join(workdir, "rm", "ensemble.json"))
+    probe = (members or {}).get("probe")
+    if probe:
+        summary["probe"] = probe
     ev = _load(os.path.join(workdir, "rm", "eval.json"))
     if ev:
         summary["rm"] = ev["rm"]
@@ -63,7 +67,7 @@ def build_summary(workdir: str) -> dict:
     updates = training_updates(workdir)
     if updates:
         summary["updates"] = updates
-    evidence = load_evidence(workdir, ev, control, bon, rl, warp)
+    evidence = load_evidence(workdir, ev, control, bon, rl, warp, probe)
     if warp:
         summary["warp"].update(warp_matched_section(summary, evidence))
     summary["claims"] = claims_lib.check_all(summary, evidence)
@@ -78,7 +82,13 @@ def build_summary(workdir: str) -> dict:
 
 
 def load_evidence(
-    workdir: str, ev: dict | None, control: dict | None, bon: dict | None, rl: dict | None, warp: dict | None = None
+    workdir: str,
+    ev: dict | None,
+    control: dict | None,
+    bon: dict | None,
+    rl: dict | None,
+    warp: dict | None = None,
+    probe: dict | None = None,
 ) -> dict:
     """The per-example arrays the claims resample, by source; a source that cannot be read is a string
     saying why (the claims that need it are then "not tested")."""
@@ -90,6 +100,9 @@ def load_evidence(
             return f"{type(e).__name__}: {e}" if not isinstance(e, io_utils.StaleArraysError) else str(e)
 
     out: dict = {}
+    if probe:
+        path = os.path.join(workdir, "rm", ensemble.PROBE_EXAMPLES_FILE)
+        out["probe"] = attempt(lambda: io_utils.read_arrays(path, probe.get("examples_sha256")))
     if ev:
         out["rm"] = attempt(lambda: evaluation.read_examples(os.path.join(workdir, "rm"), ev))
     if control:
@@ -294,6 +307,22 @@ def _barriers(who: str, curve: dict) -> str:
 
 def markdown(summary: dict, figs: list[str]) -> str:
     lines = ["# warm_jax report", ""]
+    if "probe" in summary:
+        g = summary["probe"]
+        splits = [s for s in ("train", "validation", "ood") if s in g["pretrained"]]
+        lines += [
+            "## Does pretraining give the reward models anything?",
+            "",
+            "A linear probe (BT loss, frozen features of the last token) on the pretrained trunk and on a random-init",
+            f"trunk of the same shape. The gate: validation ≥ {g['accuracy_bound']:.2f} and ≥ "
+            f"{100 * g['margin_bound']:.0f} pt above random features — **{'holds' if g['holds'] else 'fails'}**.",
+            "",
+            _row(["features", *splits]),
+            _row(["---"] * (len(splits) + 1)),
+            _row(["pretrained", *(f"{g['pretrained'][s]:.3f}" for s in splits)]),
+            _row(["random init", *(f"{g['random'][s]:.3f}" for s in splits)]),
+            "",
+        ]
     if "rm" in summary:
         rm = summary["rm"]
         lines += [

@@ -44,7 +44,7 @@ SUPERSEDED = "superseded"  # where --rerun_from moves old outputs
 _EXTRA_OUTPUTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("tokenizer",),
     "import_model": ("pretrain", "tokenizer"),
-    "rm_ensemble": ("rm/ckpt", "rm/members", "rm/ensemble.json", "rm/updates.json"),
+    "rm_ensemble": ("rm/ckpt", "rm/members", "rm/ensemble.json", "rm/probe_examples.npz", "rm/updates.json"),
     "average": ("rm/warm",),
     "rm_eval": ("rm/eval.json", "rm/eval_examples.npz"),
     "reinforce": ("rl", "metrics/rl_*.jsonl", "tensorboard/rl_*"),
