@@ -39,9 +39,7 @@ def test_batches_give_the_unbatched_outputs_with_one_compilation(mesh):
         t = rng.integers(0, 50, size=(n, 6)).astype(np.int32)
         lengths = rng.integers(1, 6, size=(n,)).astype(np.float32)
         jitted, traces = counted(row_fn)
-        out = batched.map_batches(
-            lambda b, _: jitted(b["t"], b["l"]), {"t": t, "l": lengths}, batch_size=16, mesh=mesh
-        )
+        out = batched.map_batches(lambda b, _: jitted(b["t"], b["l"]), {"t": t, "l": lengths}, batch_size=16, mesh=mesh)
         expected = jax.device_get(row_fn(jnp.asarray(t), jnp.asarray(lengths)))
         jax.tree.map(np.testing.assert_array_equal, out, expected)
         assert out["sum"].shape == (n,) and out["pair"][0].shape == (n, 2)
