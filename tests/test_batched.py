@@ -120,3 +120,13 @@ def test_outputs_reach_the_host_from_a_sharded_mesh(mesh):
     out = batched.map_batches(lambda t, _: jax.jit(lambda v: v * 2, out_shardings=sh)(t), x, batch_size=8, mesh=mesh)
     assert isinstance(out, np.ndarray)
     np.testing.assert_array_equal(out, x * 2)
+
+
+def test_a_batch_every_member_sees_is_split_over_the_batch_axes_only(mesh):
+    assert batched.batch_rows(20, mesh, "shared") == 20  # 4 batch shards ('data'); 'ensemble' holds copies
+    assert batched.batch_rows(20, mesh) == 16  # 8: 'ensemble' x 'data'
+    x = np.arange(10, dtype=np.float32)
+    out = batched.map_batches(lambda t, _: t + 1, x, batch_size=4, mesh=mesh, members="shared")
+    np.testing.assert_array_equal(out, x + 1)
+    with pytest.raises(ValueError, match="members must be one of"):
+        batched.batch_rows(8, mesh, "stacked")
