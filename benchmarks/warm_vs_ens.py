@@ -52,12 +52,14 @@ def run_case(name: str, m: int, reps: int) -> dict:
     )
     merged = averaging.mean_stacked(stacked)
     rng = np.random.default_rng(0)
-    data = {
-        "chosen_tokens": rng.integers(3, cfg.vocab_size, (n, seq)).astype(np.int32),
-        "rejected_tokens": rng.integers(3, cfg.vocab_size, (n, seq)).astype(np.int32),
-        "chosen_length": rng.integers(seq // 2, seq + 1, (n,)).astype(np.int32),
-        "rejected_length": rng.integers(seq // 2, seq + 1, (n,)).astype(np.int32),
-    }
+    data = evaluation.SplitRows.whole(
+        {
+            "chosen_tokens": rng.integers(3, cfg.vocab_size, (n, seq)).astype(np.int32),
+            "rejected_tokens": rng.integers(3, cfg.vocab_size, (n, seq)).astype(np.int32),
+            "chosen_length": rng.integers(seq // 2, seq + 1, (n,)).astype(np.int32),
+            "rejected_length": rng.integers(seq // 2, seq + 1, (n,)).astype(np.int32),
+        }
+    )
     scorer = evaluation.Scorer(graphdef, mesh, batch)
     out = {}
 

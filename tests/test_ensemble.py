@@ -52,8 +52,7 @@ def test_members_differ_and_each_members_loss_fell(trained):
         flat_i = jax.tree.leaves(jax.tree.map(lambda x, i=i: np.asarray(x[i]), params))
         assert any(not np.array_equal(a, b) for a, b in zip(flat0, flat_i)), f"member {i} equals member 0"
     # Train loss over the whole train split: initial (shared LP-FT init) vs final, per member.
-    data = evaluation.load_eval_splits(os.path.join(wd, "data"))
-    train = {k: np.concatenate([data["train_clean"][k], data["train_corrupted"][k]]) for k in data["train_clean"]}
+    train = evaluation.read_split_rows(os.path.join(wd, "data"), "train", ctx.mesh, 64)
     scorer = evaluation.Scorer(ens.graphdef, ctx.mesh, 64)
     init_rc, init_rr = scorer.pairs(ens.shared_init, train)
     rc, rr = scorer.stacked_pairs(params, train)

@@ -99,13 +99,28 @@ def test_ece_known_cases():
     assert evaluation.accuracy([1.0, 0.0, -1.0, 2.0], [0.0] * 4) == 0.625
 
 
-def test_split_by_flips_keeps_the_flipped_labels_apart():
+def test_score_splits_keeps_the_flipped_labels_apart_and_scores_each_split_once():
     train = {"chosen_length": np.arange(6), "flipped": np.array([0, 1, 0, 0, 1, 0])}
-    val, ood = {"chosen_length": np.arange(3)}, {"chosen_length": np.arange(4)}
-    s = evaluation.split_by_flips(train, val, ood)
-    np.testing.assert_array_equal(s["train_corrupted"]["chosen_length"], [1, 4])
-    np.testing.assert_array_equal(s["train_clean"]["chosen_length"], [0, 2, 3, 5])
-    assert evaluation.split_by_flips(train, val, ood, max_examples=1)["train_clean"]["chosen_length"].tolist() == [0]
+    splits = {
+        "train": evaluation.SplitRows.whole(train),
+        "validation": evaluation.SplitRows.whole({"chosen_length": np.arange(3)}),
+        "ood": evaluation.SplitRows.whole({"chosen_length": np.arange(4)}),
+    }
+    scored = []
+
+    def score(d):  # rewards [2, N] (two members) of a split's pairs: r⁺ = 10 · length, r⁻ = 0
+        scored.append(d.n)
+        r = np.stack([10.0 * d.data["chosen_length"]] * 2)
+        return r, np.zeros_like(r)
+
+    s = evaluation.score_splits(score, splits)
+    assert list(s) == list(evaluation.SPLITS) and sorted(scored) == [3, 4, 6]
+    np.testing.assert_array_equal(s["train_corrupted"][0], [[10, 40]] * 2)
+    np.testing.assert_array_equal(s["train_clean"][0], [[0, 20, 30, 50]] * 2)
+    np.testing.assert_array_equal(s["ood"][0][0], [0, 10, 20, 30])
+    assert list(evaluation.score_splits(score, splits, ("train_clean",))) == ["train_clean"]
+    with pytest.raises(ValueError, match="unknown evaluation split"):
+        evaluation.score_splits(score, splits, ("test",))
 
 
 # A synthetic reward model: parameters θ are one number per pair (θ_chosen; θ_rejected = 0) and its reward is

@@ -1,10 +1,12 @@
 """Multi-host: 2 local processes × 4 CPU devices run the whole pipeline and agree with 1 × 8; with the data axis over
-both processes each reads half of every global batch and the losses are 1 × 8's; SIGTERM to one process saves both
+both processes each reads half of every global batch and the losses are 1 × 8's, and each reads half the
+evaluation pairs for the same accuracies and margins; SIGTERM to one process saves both
 at the same step; a missing process fails fast and clearly."""
 
 import json
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
+from warm_jax import evaluation
 
 PIPELINE = helpers.TINY + helpers.TINY_POLICY + [helpers.stages(*helpers.ALL_STAGES)]
 MESH_2x4 = "make_mesh.shape = {'ensemble': 2, 'data': -1, 'fsdp': 1, 'tensor': 1}"
@@ -74,6 +77,43 @@ def test_data_over_both_processes_each_reads_half_and_losses_match_one_process(t
         assert a.keys() == b.keys() and a
         for step in a:
             np.testing.assert_allclose(b[step], a[step], rtol=1e-5, atol=1e-6, err_msg=f"{stage} step {step}")
+
+
+EVAL_STAGES = ("pretrain", "data", "rm_ensemble", "average", "rm_eval")
+
+
+def test_evaluation_over_both_processes_reads_half_the_pairs_each_and_matches_one_process(tmp_path):
+    """`average` and `rm_eval` of the same members on 1 x 8 and 2 x 4 devices (data axis over both processes): each
+    process reads only its rows of every evaluation batch, and the selection, accuracies and per-pair margins are
+    the single process's, to the bit."""
+    # Batches of 16 pairs: the splits (96, 48, 48 pairs) span several, so each process has rows in each.
+    batches = ["EvalConfig.batch_size = 16", "AverageConfig.batch_size = 16"]
+    bindings = helpers.TINY + batches + [helpers.MESH_8, helpers.stages(*EVAL_STAGES)]
+    one_wd, two_wd = str(tmp_path / "single"), str(tmp_path / "multi")
+    single = helpers.run_train(one_wd, bindings)
+    redo = {one_wd: {"average", "rm_eval"}, os.path.join(one_wd, "rm"): {"warm", "eval.json", evaluation.EXAMPLES_FILE}}
+    shutil.copytree(one_wd, two_wd, ignore=lambda d, names: [n for n in names if n in redo.get(d, ())])
+    multi = helpers.wait_all(helpers.start_processes(two_wd, bindings))
+    for i, r in multi.items():
+        assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
+    for stage in ("average", "rm_eval"):
+        (one,) = _rows_read(single.stderr, stage).values()
+        assert one[0] == 1 and one[1] > 0 and one[2] > 0
+        reads = [_rows_read(multi[p].stderr, stage)[p] for p in (0, 1)]
+        assert all(count == 2 and 2 * rows == one[1] for count, rows, _ in reads), (stage, reads, one)
+        # Each process reads about half the pairs: its half of every batch, plus the last pair as the last batch's
+        # padding (at most once per split); together every pair.
+        assert all(records <= one[2] // 2 + 3 for _, _, records in reads), (stage, reads, one)
+        assert sum(records for _, _, records in reads) >= one[2], (stage, reads, one)
+        assert "[rm_ensemble] step" not in multi[0].stderr  # the copied members were not trained again
+    for name in (os.path.join("average", "selection.json"), os.path.join("rm", "eval.json")):
+        with open(os.path.join(one_wd, name)) as f1, open(os.path.join(two_wd, name)) as f2:
+            assert json.load(f1) == json.load(f2), name
+    a = np.load(os.path.join(one_wd, "rm", evaluation.EXAMPLES_FILE))
+    b = np.load(os.path.join(two_wd, "rm", evaluation.EXAMPLES_FILE))
+    assert sorted(a.files) == sorted(b.files) and "train_corrupted/warm" in a.files
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 STAGE = helpers.TINY + [

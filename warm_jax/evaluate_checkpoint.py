@@ -192,41 +192,64 @@ def find_dataset(path: str) -> str:
     raise cli_errors.UserError(f"--data={path}: {what} (expected a dataset written by warm_jax.data)")
 
 
-def read_split(dataset_dir: str, split: str, max_examples: int | None) -> dict[str, np.ndarray]:
-    """One split's pairs as host arrays: ``ensemble.RM_FIELDS``, ``flipped``, and ``subset`` (str [N]) when the
-    dataset names each pair's subset (``subsets.json``, written by ``warm-data prepare`` from a subset column)."""
-    src = pipeline.load_split(dataset_dir, split)
-    fields = ensemble.RM_FIELDS + ("flipped", "index")
-    batches = list(pipeline.eval_batches(src, 512, fields=fields, process_index=0, process_count=1))
-    out = {k: np.concatenate([b[k][b["valid"]] for b in batches]) for k in fields}
+@dataclasses.dataclass(frozen=True)
+class View:
+    """A split as reported: the pairs of the read split ``split`` where ``mask`` (bool [N]) holds, all when None;
+    ``subsets`` (str [n]) names each reported pair's subset when the dataset names them."""
+
+    split: str
+    mask: np.ndarray | None = None
+    subsets: np.ndarray | None = None
+
+    def cut(self, x):
+        """The reported pairs of ``x`` ([..., N]: rewards of every pair of ``split``)."""
+        return x if self.mask is None else np.asarray(x)[..., self.mask]
+
+    def num_pairs(self, n: int) -> int:
+        return n if self.mask is None else int(self.mask.sum())
+
+
+def read_split(dataset_dir: str, split: str, mesh, batch_size: int, max_examples: int | None):
+    """One split's pairs, each process reading only its rows (``evaluation.read_split_rows``), and the subset name
+    of every pair (str [N]) when the dataset names them (``subsets.json``, written by ``warm-data prepare`` from a
+    subset column), else None."""
+    rows = evaluation.read_split_rows(dataset_dir, split, mesh, batch_size, max_examples)
     names = builders.load_subsets(dataset_dir, split)
-    if names is not None:
-        if len(names) != len(src):
-            raise cli_errors.UserError(
-                f"{os.path.join(dataset_dir, builders.SUBSETS_FILE)}: split {split!r} names {len(names)} subsets "
-                f"for {len(src)} pairs"
-            )
-        out[SUBSET_FIELD] = np.asarray(names)[out["index"]]
-    if max_examples:
-        out = {k: v[:max_examples] for k, v in out.items()}
-    return out
+    if names is None:
+        return rows, None
+    total = pipeline.load_metadata(dataset_dir)["splits"][split]["num_examples"]
+    if len(names) != total:
+        raise cli_errors.UserError(
+            f"{os.path.join(dataset_dir, builders.SUBSETS_FILE)}: split {split!r} names {len(names)} subsets "
+            f"for {total} pairs"
+        )
+    return rows, np.asarray(names)[rows.gathered["index"]]
 
 
-def eval_splits(dataset_dir: str, names: list[str], max_examples: int | None) -> dict[str, dict[str, np.ndarray]]:
-    """The splits to score: each named one, and a split with flipped pairs also cut in two by its flip mask."""
-    out = {}
+def eval_splits(
+    dataset_dir: str, names: list[str], max_examples: int | None, mesh, batch_size: int
+) -> tuple[dict[str, evaluation.SplitRows], dict[str, View]]:
+    """The splits to read (each named one) and to report: each named one, and a split with flipped pairs also cut
+    in two by its flip mask (``<split>_clean``, ``<split>_corrupted``)."""
+    read, views = {}, {}
     for name in names:
-        data = read_split(dataset_dir, name, max_examples)
-        out[name] = data
-        flipped = data["flipped"].astype(bool)
+        rows, subsets = read_split(dataset_dir, name, mesh, batch_size, max_examples)
+        read[name] = rows
+        views[name] = View(name, None, subsets)
+        flipped = rows.flipped
         if flipped.any():
-            out[f"{name}_clean"] = {k: v[~flipped] for k, v in data.items()}
-            out[f"{name}_corrupted"] = {k: v[flipped] for k, v in data.items()}
-    return {k: v for k, v in out.items() if len(v["chosen_length"])}
+            for suffix, mask in (("clean", ~flipped), ("corrupted", flipped)):
+                views[f"{name}_{suffix}"] = View(name, mask, None if subsets is None else subsets[mask])
+    views = {k: v for k, v in views.items() if v.num_pairs(read[v.split].n)}
+    return read, views
 
 
 def _check_vocabulary(splits: dict, model_cfg: tr.ModelConfig, data_flag: str, ckpt_flag: str) -> None:
+    """splits: {name: {field: array}} of the pairs this process read; the largest token id of all processes'."""
+    from jax.experimental import multihost_utils
+
     top = max(int(max(d["chosen_tokens"].max(), d["rejected_tokens"].max())) for d in splits.values())
+    top = int(np.max(multihost_utils.process_allgather(np.int64(top))))
     if top >= model_cfg.vocab_size:
         raise cli_errors.UserError(
             f"--data={data_flag}: token ids up to {top}, but the model at --checkpoint={ckpt_flag} has "
@@ -238,22 +261,32 @@ def _check_vocabulary(splits: dict, model_cfg: tr.ModelConfig, data_flag: str, c
 
 
 def score(
-    loaded: Loaded, splits: dict, mesh, batch_size: int, name: str = "model"
+    loaded: Loaded,
+    splits: dict[str, evaluation.SplitRows],
+    views: dict[str, View],
+    mesh,
+    batch_size: int,
+    name: str = "model",
 ) -> dict[str, dict[str, evaluation.RewardPairs]]:
-    """{model: {split: (r_chosen [N], r_rejected [N])}}: one model (called ``name``), or each member
-    (``member_<id>``), their ENS and their WARM for a stack."""
+    """{model: {view: (r_chosen [N], r_rejected [N])}}: one model (called ``name``), or each member
+    (``member_<id>``), their ENS and their WARM for a stack. Each read split is scored once."""
     scorer = evaluation.Scorer(loaded.graphdef, mesh, batch_size)
+
+    def per_view(score_split):
+        scored = {s: score_split(d) for s, d in splits.items()}
+        return {v: tuple(view.cut(x) for x in scored[view.split]) for v, view in views.items()}
+
     if loaded.ids is None:
-        return {name: {s: scorer.pairs(loaded.params, d) for s, d in splits.items()}}
+        return {name: per_view(lambda d: scorer.pairs(loaded.params, d))}
     # The members in one vmapped pass per split, as rm_eval scores them.
-    member_r = {s: scorer.stacked_pairs(loaded.params, d) for s, d in splits.items()}
+    member_r = per_view(lambda d: scorer.stacked_pairs(loaded.params, d))
     out = {f"member_{i}": {s: (rc[k], rr[k]) for s, (rc, rr) in member_r.items()} for k, i in enumerate(loaded.ids)}
     out["ens"] = {s: (rc.mean(0), rr.mean(0)) for s, (rc, rr) in member_r.items()}
     m = len(loaded.ids)
     warm = averaging.mean_stacked(
         loaded.params, jnp.full((m,), 1.0 / m, jnp.float32), out_shardings=sharding.named(mesh, loaded.specs)
     )
-    out["warm"] = {s: scorer.pairs(warm, d) for s, d in splits.items()}
+    out["warm"] = per_view(lambda d: scorer.pairs(warm, d))
     return out
 
 
@@ -333,18 +366,20 @@ def evaluate(args) -> dict:
     except ValueError as e:
         flag = ",".join(f"{k}={v}" for k, v in (args.mesh or {}).items())
         raise cli_errors.UserError(f"--mesh={flag}: {cli_errors.describe(e)}") from None
-    splits = eval_splits(dataset_dir, names, args.max_examples)
+    splits, views = eval_splits(dataset_dir, names, args.max_examples, mesh, args.batch_size)
     loaded = load_checkpoint(args.checkpoint, mesh, args.member)
-    _check_vocabulary(splits, loaded.model_cfg, args.data, args.checkpoint)
+    _check_vocabulary({s: d.data for s, d in splits.items()}, loaded.model_cfg, args.data, args.checkpoint)
     name = "model" if args.member is None else f"member_{args.member}"
-    metrics = measure(score(loaded, splits, mesh, args.batch_size, name), splits, args.ece_bins)
+    subsets = {v: {} if view.subsets is None else {SUBSET_FIELD: view.subsets} for v, view in views.items()}
+    rewards = score(loaded, splits, views, mesh, args.batch_size, name)
+    metrics = measure(rewards, subsets, args.ece_bins)
     result = {
         "checkpoint": os.path.abspath(args.checkpoint),
         "kind": loaded.kind,
         "member": args.member,
         "members": loaded.ids,
         "data": os.path.abspath(dataset_dir),
-        "splits": {s: int(len(d["chosen_length"])) for s, d in splits.items()},
+        "splits": {v: view.num_pairs(splits[view.split].n) for v, view in views.items()},
         "metrics": metrics,
         "note": "<split>_corrupted accuracy is measured against the flipped (training) labels: higher = more memorisation",
     }

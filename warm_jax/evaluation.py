@@ -21,6 +21,10 @@ that every claim's bootstrap interval is computed from to WORKDIR/rm/eval_exampl
                      another basin, the negative control of linear mode connectivity
 
 eval.json's accuracies are the means of ``stats.correctness`` of exactly these margins.
+
+Each dataset split is scored once, in batches of ``EvalConfig.batch_size`` pairs; train's scores are then cut in two
+by its flip mask. A process reads only the pairs its devices hold in those batches (``read_eval_splits``) and
+every process gets every reward.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from warm_jax import (
     averaging,
+    batched,
     checkpoint_averaging,
     ensemble,
     io_utils,
@@ -69,7 +74,7 @@ class EvalConfig:
     lmc_members: tuple[int, int] | None = None  # default: the two best members
     lmc_lambdas: int = 11
     batch_size: int = 256
-    max_examples: int | None = None  # per split, for quick runs
+    max_examples: int | None = None  # the first pairs of each dataset split (train before its flip-mask cut)
     ece_bins: int = 10
     dataset_dir: str | None = None
 
@@ -80,34 +85,108 @@ class EvalConfig:
 
 # ----------------------------------------------------------------------------- data
 
-
-def load_eval_splits(dataset_dir: str, max_examples: int | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """All four evaluation splits as host arrays (train split in two by its flip mask)."""
-    fields = ensemble.RM_FIELDS + ("flipped",)
-
-    def read(split):
-        src = pipeline.load_split(dataset_dir, split)
-        # Every process holds every pair (Scorer shards them onto the devices itself).
-        batches = list(pipeline.eval_batches(src, 512, fields=fields, process_index=0, process_count=1))
-        out = {k: np.concatenate([b[k][b["valid"]] for b in batches]) for k in fields}
-        return out
-
-    return split_by_flips(read("train"), read("validation"), read("ood"), max_examples)
+GATHERED = ("flipped", "index")  # per-pair fields every process holds for all rows (cheap, needed to cut splits)
 
 
-def split_by_flips(train: dict, validation: dict, ood: dict, max_examples: int | None = None) -> dict[str, dict]:
-    """The four evaluation splits: train cut in two by its recorded flip mask (``train["flipped"]``), the
-    flipped pairs kept with their flipped (training) labels; each split cut to ``max_examples``."""
-    flipped = np.asarray(train["flipped"]).astype(bool)
-    splits = {
-        "train_clean": {k: v[~flipped] for k, v in train.items()},
-        "train_corrupted": {k: v[flipped] for k, v in train.items()},
-        "validation": validation,
-        "ood": ood,
-    }
-    if max_examples:
-        splits = {s: {k: v[:max_examples] for k, v in d.items()} for s, d in splits.items()}
-    return splits
+@dataclasses.dataclass(frozen=True)
+class SplitRows:
+    """One split's pairs as this process holds them for scoring.
+
+    data: fields [r, ...] of the rows ``rows`` (int64 [r], indices into the split's first ``n`` pairs), the rows
+      this process's devices hold in the batches of ``batch_size`` (``batched.process_rows``); ``rows`` None when
+      ``data`` holds all ``n`` pairs.
+    gathered: ``GATHERED`` fields for all ``n`` pairs (every process).
+    """
+
+    data: dict[str, np.ndarray]
+    rows: np.ndarray | None
+    n: int
+    gathered: dict[str, np.ndarray]
+
+    @classmethod
+    def whole(cls, data: dict[str, np.ndarray]) -> SplitRows:
+        """A split whose every pair this process holds (tests, single-host tools)."""
+        n = len(next(iter(data.values())))
+        return cls(data, None, n, {k: np.asarray(data[k]) for k in GATHERED if k in data})
+
+    @property
+    def flipped(self) -> np.ndarray:
+        """bool [n]: the pairs whose labels the dataset writer flipped."""
+        return np.asarray(self.gathered["flipped"]).astype(bool)
+
+
+def read_split_rows(
+    dataset_dir: str,
+    split: str,
+    mesh,
+    batch_size: int,
+    max_examples: int | None = None,
+    fields: Sequence[str] = ensemble.RM_FIELDS + GATHERED,
+) -> SplitRows:
+    """The first ``max_examples`` pairs of ``split`` (all by default): this process reads only the rows its
+    devices hold in batches of ``batch_size`` (the Scorer's), and the ``GATHERED`` fields of every row are
+    gathered from all processes."""
+    src = pipeline.load_split(dataset_dir, split)
+    n = min(len(src), max_examples) if max_examples else len(src)
+    rows = batched.process_rows(n, batch_size, mesh)
+    data = pipeline.read_rows(src, rows, fields)
+    small = {k: data[k] for k in GATHERED if k in data}
+    gathered = batched.map_batches(lambda b, _: b, small, batch_size=batch_size, mesh=mesh, rows=rows, num_rows=n)
+    return SplitRows(data, rows, n, gathered)
+
+
+def read_eval_splits(
+    dataset_dir: str,
+    mesh,
+    batch_size: int,
+    max_examples: int | None = None,
+    *,
+    stage: str,
+    names: Sequence[str] = SPLITS,
+) -> dict[str, SplitRows]:
+    """The dataset's splits (train, validation, ood) that rm_eval's splits ``names`` come from, read per process.
+
+    ``max_examples`` cuts each base split (train before it is cut by its flip mask). Logs the rows read by this
+    process as ``[stage] input: process p of P read R batch rows (K records)``: R the batch positions its devices
+    fill, K the distinct pairs it read."""
+    out = {b: read_split_rows(dataset_dir, b, mesh, batch_size, max_examples) for b in _bases(names)}
+    b, mine = batched.batch_rows(batch_size, mesh), batched.rows_per_batch(batch_size, mesh)
+    log.info(
+        "[%s] input: process %d of %d read %d batch rows (%d records)",
+        stage,
+        jax.process_index(),
+        jax.process_count(),
+        sum(-(-s.n // b) * mine for s in out.values()),
+        sum(len(s.rows) for s in out.values()),
+    )
+    return out
+
+
+def _base(split: str) -> str:
+    return "train" if split in ("train_clean", "train_corrupted") else split
+
+
+def _bases(names: Sequence[str]) -> list[str]:
+    bad = [s for s in names if s not in SPLITS]
+    if bad:
+        raise ValueError(f"unknown evaluation split(s) {bad}; choose from {SPLITS}")
+    return list(dict.fromkeys(_base(s) for s in names))
+
+
+def score_splits(score, splits: dict[str, SplitRows], names: Sequence[str] = SPLITS) -> dict[str, RewardPairs]:
+    """rm_eval's splits ``names`` from ``score(SplitRows) -> (r_chosen [..., N], r_rejected [..., N])``, each base
+    split scored once; train's pairs go to ``train_clean`` / ``train_corrupted`` by its flip mask, the flipped
+    ones measured against their flipped (training) labels."""
+    scored = {b: score(splits[b]) for b in _bases(names)}
+    out = {}
+    for s in names:
+        r = scored[_base(s)]
+        if s != _base(s):
+            flipped = splits["train"].flipped
+            keep = flipped if s == "train_corrupted" else ~flipped
+            r = tuple(np.asarray(x)[..., keep] for x in r)
+        out[s] = r
+    return out
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -116,15 +195,14 @@ def split_by_flips(train: dict, validation: dict, ood: dict, max_examples: int |
 class Scorer:
     """Jitted reward scoring of all pairs of a split, for one model or a stacked ensemble.
 
-    ``pairs(params, split) -> (r_chosen [N], r_rejected [N])``; ``stacked_pairs`` → [M, N].
-    Batches are padded to a multiple of the mesh's batch shards; padding is dropped.
+    ``pairs(params, split) -> (r_chosen [N], r_rejected [N])``; ``stacked_pairs`` → [M, N]. ``split`` is a
+    ``SplitRows`` read for this scorer's ``batch_size`` (each process passes its own rows); ``batched.map_batches``
+    pads, shards, runs and gathers.
     """
 
     def __init__(self, graphdef, mesh, batch_size: int):
         self.mesh = mesh
-        self.batch_sh = sharding.batch_sharding(mesh, 2)
-        self.len_sh = sharding.batch_sharding(mesh, 1)
-        self.batch_size = sharding.shard_batch_size(batch_size, self.batch_sh)
+        self.batch_size = batch_size
         score = functools.partial(reward.score, graphdef=graphdef)
         # Replicated outputs: every process reads every reward (multi-host safe).
         rep = sharding.replicated(mesh)
@@ -133,31 +211,22 @@ class Scorer:
             jax.vmap(lambda p, t, l: score(p, tokens=t, lengths=l), in_axes=(0, None, None)), out_shardings=rep
         )
 
-    def _run(self, fn, params, tokens, lengths):
-        n = len(tokens)
-        outs = []
-        for s in range(0, n, self.batch_size):
-            t, l = tokens[s : s + self.batch_size], lengths[s : s + self.batch_size]
-            real = len(t)
-            if real < self.batch_size:
-                pad = self.batch_size - real
-                t = np.concatenate([t, np.repeat(t[-1:], pad, 0)])
-                l = np.concatenate([l, np.repeat(l[-1:], pad, 0)])
-            r = fn(params, sharding.put_global(t, self.batch_sh), sharding.put_global(l, self.len_sh))
-            outs.append(np.asarray(jax.device_get(r))[..., :real])
-        return np.concatenate(outs, axis=-1)
-
-    def pairs(self, params, data):
-        return (
-            self._run(self._one, params, data["chosen_tokens"], data["chosen_length"]),
-            self._run(self._one, params, data["rejected_tokens"], data["rejected_length"]),
+    def _run(self, fn, params, split: SplitRows, side: str):
+        return batched.map_batches(
+            lambda b, _: fn(params, *b),
+            (split.data[f"{side}_tokens"], split.data[f"{side}_length"]),
+            batch_size=self.batch_size,
+            mesh=self.mesh,
+            rows=split.rows,
+            num_rows=split.n,
+            out_axis=-1,
         )
 
-    def stacked_pairs(self, stacked, data):
-        return (
-            self._run(self._stack, stacked, data["chosen_tokens"], data["chosen_length"]),
-            self._run(self._stack, stacked, data["rejected_tokens"], data["rejected_length"]),
-        )
+    def pairs(self, params, split: SplitRows) -> RewardPairs:
+        return self._run(self._one, params, split, "chosen"), self._run(self._one, params, split, "rejected")
+
+    def stacked_pairs(self, stacked, split: SplitRows) -> RewardPairs:
+        return self._run(self._stack, stacked, split, "chosen"), self._run(self._stack, stacked, split, "rejected")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -425,23 +494,26 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
     Returns (eval.json's content without 'updates'/'examples', the per-pair margins). Raises ValueError when the
     average of rm/warm's members computed here is not the model at rm/warm (its sha256 differs)."""
     data_dir = cfg.dataset_dir or ctx.path("data")
-    splits = load_eval_splits(data_dir, cfg.max_examples)
+    splits = read_eval_splits(data_dir, ctx.mesh, cfg.batch_size, cfg.max_examples, stage="rm_eval")
     model_cfg, graphdef, stacked, specs, ids = load_members(ctx)
     m = len(ids)
     chosen, warm_sha = warm_members(ctx, ids)
     scorer = Scorer(graphdef, ctx.mesh, cfg.batch_size)
     single_sh = sharding.named(ctx.mesh, specs)
 
-    last_warm: dict = {}  # the latest average, reused while its splits are scored
-
     def warm_params(idx):
+        w = np.zeros(m, np.float32)
+        w[sorted(int(i) for i in idx)] = 1.0 / len(idx)
+        return averaging.mean_stacked(stacked, jnp.asarray(w), out_shardings=single_sh)
+
+    warm_scores: dict = {}  # set of member indices → {split: RewardPairs}: each average scored once on every split
+
+    def score_warm(idx, split):
         key = frozenset(int(i) for i in idx)
-        if key not in last_warm:
-            w = np.zeros(m, np.float32)
-            w[list(key)] = 1.0 / len(key)
-            last_warm.clear()
-            last_warm[key] = averaging.mean_stacked(stacked, jnp.asarray(w), out_shardings=single_sh)
-        return last_warm[key]
+        if key not in warm_scores:
+            params = warm_params(key)
+            warm_scores[key] = score_splits(lambda d: scorer.pairs(params, d), splits)
+        return warm_scores[key][split]
 
     # WARM is scored as the average computed here (shared with the best-first curves); it must be rm/warm itself.
     sha = checkpoint_averaging.merged_sha256(warm_params(chosen))
@@ -462,15 +534,15 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
             key = jax.random.fold_in(jax.random.key(ctx.seed), zlib.crc32(b"permutation_control"))
             slices["permuted", b] = jax.jit(tr.permute_hidden_units)(slices[b], key)
         p = averaging.interpolate(slices[a], slices["permuted", b] if permuted else slices[b], lam)
-        return {s: scorer.pairs(p, d) for s, d in splits.items()}
+        return score_splits(lambda d: scorer.pairs(p, d), splits)
 
     # Members and ENS: one vmapped pass per split.
-    member_r = {s: scorer.stacked_pairs(stacked, d) for s, d in splits.items()}  # ([M,N], [M,N])
+    member_r = score_splits(lambda d: scorer.stacked_pairs(stacked, d), splits)  # ([M,N], [M,N])
     return measure(
         member_r,
         ids,
         cfg,
-        lambda idx, s: scorer.pairs(warm_params(idx), splits[s]),
+        score_warm,
         score_interp,
         functools.partial(score_interp, permuted=True),
         chosen=chosen,
@@ -524,13 +596,13 @@ def pair_interpolation(ctx: RunContext, graphdef, stacked, specs, data_dir: str,
     'lambdas') to WORKDIR/rm_control/CONTROL_EXAMPLES_FILE; the returned curves name it under 'examples'.
     """
     cfg = cfg or EvalConfig()
-    splits = load_eval_splits(data_dir, cfg.max_examples)
+    splits = read_eval_splits(data_dir, ctx.mesh, cfg.batch_size, cfg.max_examples, stage="rm_control")
     scorer = Scorer(graphdef, ctx.mesh, cfg.batch_size)
     pa, pb = (ensemble.member_slice(stacked, i, ctx.mesh, specs) for i in (0, 1))
 
     def score_at(lam):
         p = averaging.interpolate(pa, pb, lam)
-        return {s: scorer.pairs(p, d) for s, d in splits.items()}
+        return score_splits(lambda d: scorer.pairs(p, d), splits)
 
     curves, lmc_margins = lmc_curves(score_at, np.linspace(0.0, 1.0, cfg.lmc_lambdas))
     if jax.process_index() == 0:

@@ -39,7 +39,7 @@ class AverageConfig:
     warm_selection: str = "all"  # 'all' (uniform over M), 'top_m' or 'greedy'
     top_m: int | None = None  # 'top_m': how many of the best (default: all)
     batch_size: int = 256
-    max_examples: int | None = None  # per split, for quick runs
+    max_examples: int | None = None  # the first pairs of each dataset split (train before its flip-mask cut)
     dataset_dir: str | None = None  # default WORKDIR/data
 
     def __post_init__(self):
@@ -86,7 +86,10 @@ def read_selection(ctx: RunContext) -> dict:
 @register_stage("average", outputs=("rm/warm",))
 def run(ctx: RunContext, cfg: AverageConfig | None = None) -> None:
     cfg = cfg or AverageConfig()
-    splits = evaluation.load_eval_splits(cfg.dataset_dir or ctx.path("data"), cfg.max_examples)
+    needed = (cfg.select_split, "validation")
+    splits = evaluation.read_eval_splits(
+        cfg.dataset_dir or ctx.path("data"), ctx.mesh, cfg.batch_size, cfg.max_examples, stage="average", names=needed
+    )
     model_cfg, graphdef, stacked, specs, ids = evaluation.load_members(ctx)
     m = len(ids)
     scorer = evaluation.Scorer(graphdef, ctx.mesh, cfg.batch_size)
@@ -97,17 +100,19 @@ def run(ctx: RunContext, cfg: AverageConfig | None = None) -> None:
         w[list(idx)] = 1.0 / len(idx)
         return averaging.mean_stacked(stacked, jnp.asarray(w), out_shardings=single_sh)
 
-    member_r = {s: scorer.stacked_pairs(stacked, splits[s]) for s in {cfg.select_split, "validation"}}
+    member_r = evaluation.score_splits(lambda d: scorer.stacked_pairs(stacked, d), splits, needed)
+
+    def warm_pairs(params, split: str) -> evaluation.RewardPairs:
+        return evaluation.score_splits(lambda d: scorer.pairs(params, d), splits, (split,))[split]
+
     rc, rr = member_r[cfg.select_split]
     accuracies = [evaluation.accuracy(rc[i], rr[i]) for i in range(m)]
     order = rank(accuracies)
     chosen = select_members(
-        order, cfg, lambda idx: evaluation.accuracy(*scorer.pairs(warm_params(idx), splits[cfg.select_split]))
+        order, cfg, lambda idx: evaluation.accuracy(*warm_pairs(warm_params(idx), cfg.select_split))
     )
     warm = warm_params(chosen)
-    stats = evaluation.reward_statistics(
-        member_r["validation"], order[0], chosen, scorer.pairs(warm, splits["validation"])
-    )
+    stats = evaluation.reward_statistics(member_r["validation"], order[0], chosen, warm_pairs(warm, "validation"))
     hashes = {
         ids[i]: checkpoints.tree_sha256(evaluation.host_copy(ensemble.member_slice(stacked, i, ctx.mesh, specs)))
         for i in range(m)

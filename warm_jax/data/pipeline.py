@@ -276,6 +276,18 @@ def _read(source: Sequence[Mapping[str, Any]], indices: np.ndarray, fields: Sequ
     return out
 
 
+def read_rows(
+    source: Sequence[Mapping[str, Any]], rows: np.ndarray, fields: Sequence[str] = DEFAULT_FIELDS
+) -> dict[str, np.ndarray]:
+    """The examples at ``rows`` (int [r]: positions in `source`) as one array ``[r, ...]`` per field.
+
+    For a pass that reads only some rows of a split (each process its own, ``batched.process_rows``)."""
+    rows = np.asarray(rows, np.int64)
+    if rows.ndim != 1 or not len(rows):
+        raise ValueError(f"read_rows: rows must be a non-empty 1-D index array, got shape {rows.shape}")
+    return _read(source, rows, fields)
+
+
 class PreferenceIterator:
     """Checkpointable batch iterator over a data source (see the module docstring for the order).
 

@@ -23,19 +23,15 @@ import os
 import gin
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from warm_jax import io_utils, oracle as oracle_lib, pretrain, sharding, stats
-from warm_jax.data import builtin_text
-from warm_jax.data.tokenizers import Tokenizer, encode_prompts
+from warm_jax import batched, io_utils, oracle as oracle_lib, pretrain, stats
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.policy import sampler
 from warm_jax.stages import RunContext, register_stage
+from warm_jax.task import prompts as task_prompts
 
 log = logging.getLogger(__name__)
 
-# Prompt-stream offsets, distinct from the `data` stage's, so policy prompts are fresh draws.
-PROMPT_STREAM = {"bon": 7_003, "rl_train": 7_001, "rl_eval": 7_002}
 PER_PROMPT_FILE = "per_prompt.npz"
 
 
@@ -67,50 +63,19 @@ def bon_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def make_prompts(tok: Tokenizer, n: int, seed: int, max_len: int, *, exclude=()):
-    """``n`` built-in prompts not in ``exclude``: (texts, tokens [n, max_len], mask [n, max_len])."""
-    excluded = set(exclude)
-    texts: list[str] = []
-    draw = 0
-    while len(texts) < n:
-        batch = builtin_text.generate_prompts(2 * (n - len(texts)) + 16, seed=seed * 1_000_003 + draw)
-        texts.extend(t for t in batch if t not in excluded)
-        draw += 1
-        if draw > 50:
-            raise RuntimeError(f"could not draw {n} prompts outside the {len(excluded)} excluded ones")
-    texts = texts[:n]
-    tokens, mask = encode_prompts(texts, tok, max_len)
-    return texts, tokens, mask
-
-
-def batch_shards(mesh) -> int:
-    return sharding.batch_shards(sharding.batch_sharding(mesh, 2))
-
-
-def oracle_texts(tok: Tokenizer, prompts, responses) -> list[str]:
-    """ "prompt response" strings, as the `data` stage labels them. responses: [R, N] token ids."""
-    return [f"{p} {tok.decode(r)}".strip() for p, r in zip(prompts, responses)]
-
-
 def score_rewards(
     reward_fn: rewards_lib.RewardFn, prompt_tokens, prompt_mask, samples, *, batch: int, pad_id: int, mesh
 ):
-    """(reward [R], std [R]) host arrays of policy samples, scored in fixed-size batches."""
-    shard = sharding.batch_sharding(mesh, 2)
-    n = len(prompt_tokens)
-    r_all, s_all = [], []
-    for start in range(0, n, batch):
-        sl = slice(start, start + batch)
-        parts = [prompt_tokens[sl], prompt_mask[sl], samples["tokens"][sl], samples["mask"][sl]]
-        real = len(parts[0])
-        if real < batch:
-            parts = [np.concatenate([x, np.repeat(x[-1:], batch - real, 0)]) for x in parts]
-        parts = [sharding.put_global(x, shard) for x in parts]
-        toks, lens = rewards_lib.repack_jit(*parts, pad_id=pad_id)
-        r, s = reward_fn(toks, lens)
-        r_all.append(np.asarray(multihost_utils.process_allgather(r, tiled=True))[:real])
-        s_all.append(np.asarray(multihost_utils.process_allgather(s, tiled=True))[:real])
-    return np.concatenate(r_all), np.concatenate(s_all)
+    """(reward [R], std [R]) host arrays of policy samples, scored in fixed-size batches (``batched.map_batches``).
+
+    prompt_tokens, prompt_mask: [R, P] left-padded; samples: tokens, mask [R, N] of the responses."""
+
+    def score(b, _):
+        return reward_fn(*rewards_lib.repack_jit(b["pt"], b["pm"], b["rt"], b["rm"], pad_id=pad_id))
+
+    inputs = {"pt": prompt_tokens, "pm": prompt_mask, "rt": samples["tokens"], "rm": samples["mask"]}
+    r, std = batched.map_batches(score, inputs, batch_size=batch, mesh=mesh)
+    return r, std
 
 
 def best_of_n_per_prompt(proxy, gold, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +102,8 @@ def best_of_n(proxy, gold, n: int) -> tuple[float, float]:
 def run_bon(ctx: RunContext, cfg: BonConfig) -> tuple[dict, dict[str, np.ndarray]]:
     model_cfg, graphdef, params, _, tok = pretrain.load_params(ctx)
     nmax = max(cfg.n_values)
-    texts, ptoks, pmask = make_prompts(tok, cfg.num_prompts, ctx.seed + PROMPT_STREAM["bon"], cfg.max_prompt_len)
+    prompts = task_prompts.prompt_set(tok, "bon", cfg.num_prompts, ctx.seed, cfg.max_prompt_len)
+    texts, ptoks, pmask = prompts.texts, prompts.tokens, prompts.mask
     rep_t, rep_m = np.repeat(ptoks, nmax, axis=0), np.repeat(pmask, nmax, axis=0)  # prompt-major rows
     rep_texts = [t for t in texts for _ in range(nmax)]
     samp_cfg = sampler.SamplingConfig(
@@ -148,11 +114,11 @@ def run_bon(ctx: RunContext, cfg: BonConfig) -> tuple[dict, dict[str, np.ndarray
         params,
         rep_t,
         rep_m,
-        jax.random.key(ctx.seed * 7919 + PROMPT_STREAM["bon"]),
+        task_prompts.sampling_key(ctx.seed, "bon"),
         batch=min(cfg.sample_batch_size, len(rep_t)),
         mesh=ctx.mesh,
     )
-    gold = oracle_lib.make_oracle(cfg.oracle).score(oracle_texts(tok, rep_texts, samples["tokens"]))
+    gold = oracle_lib.make_oracle(cfg.oracle).score(task_prompts.oracle_texts(tok, rep_texts, samples["tokens"]))
     gold = gold.reshape(cfg.num_prompts, nmax)
     log.info(
         "[bon] %d prompts x %d samples; mean oracle %.4f, mean length %.1f",
@@ -162,7 +128,7 @@ def run_bon(ctx: RunContext, cfg: BonConfig) -> tuple[dict, dict[str, np.ndarray
         samples["length"].mean(),
     )
 
-    score_batch = sharding.shard_batch_size(min(cfg.score_batch_size, len(rep_t)), sharding.batch_sharding(ctx.mesh, 2))
+    score_batch = min(cfg.score_batch_size, len(rep_t))
     proxies: dict[str, np.ndarray] = {}
     ens_needed = any(r.startswith("ens") for r in cfg.rewards)
     for name in [r for r in cfg.rewards if not r.startswith("ens")] + (["ens"] if ens_needed else []):

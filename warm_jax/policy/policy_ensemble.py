@@ -39,12 +39,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import checkpoints, io_utils, loop, metrics as metrics_lib, runtime, sharding
+from warm_jax import batched, checkpoints, io_utils, loop, metrics as metrics_lib, runtime, sharding
 from warm_jax.data import pipeline
 from warm_jax.ensemble import StackedIterator
-from warm_jax.policy import bon, reinforce, sampler
+from warm_jax.policy import reinforce, sampler
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
+from warm_jax.task import prompts as task_prompts
 
 log = logging.getLogger(__name__)
 
@@ -271,32 +272,29 @@ def programs(setup: reinforce.Setup, reward_fn: rewards_lib.RewardFn, anchor: st
 
 
 def evaluate_policies(
-    setup: reinforce.Setup, progs: Programs, params, reward_fn, prompts: reinforce.PromptSet, key, reference=None
+    setup: reinforce.Setup, progs: Programs, params, reward_fn, prompts: task_prompts.PromptSet, key, reference=None
 ) -> dict[str, np.ndarray]:
     """Every policy samples ``prompts`` with the same key (chunk at row r: fold_in(key, r), as
     ``sampler.sample_in_batches``); per policy and prompt: oracle, proxy, KL to ``reference``
     (default ``setup.ref_params``), length [M, R] (host)."""
     reference = setup.ref_params if reference is None else reference
-    chunk = sharding.shard_batch_size(setup.eval_chunk, progs.shared_sh)
     rm_state = reinforce.rm_state_on_mesh(reward_fn, setup.ctx.mesh)
-    outs = {"tokens": [], "length": [], "proxy": [], "kl": []}
-    for start in range(0, len(prompts.tokens), chunk):
-        t, m = prompts.tokens[start : start + chunk], prompts.mask[start : start + chunk]
-        real = len(t)
-        t = np.concatenate([t, np.repeat(t[-1:], chunk - real, 0)])
-        m = np.concatenate([m, np.repeat(m[-1:], chunk - real, 0)])
-        out = progs.evaluate(
-            params,
-            reference,
-            rm_state,
-            sharding.put_global(t, progs.shared_sh),
-            sharding.put_global(m, progs.shared_sh),
-            jax.random.fold_in(key, start),
-        )
-        for k in outs:
-            outs[k].append(np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:, :real])
-    host = {k: np.concatenate(v, axis=1) for k, v in outs.items()}
-    gold = np.stack([setup.oracle.score(bon.oracle_texts(setup.tok, prompts.texts, toks)) for toks in host["tokens"]])
+
+    def run(b, start):
+        out = progs.evaluate(params, reference, rm_state, b["tokens"], b["mask"], jax.random.fold_in(key, start))
+        return {k: out[k] for k in ("tokens", "length", "proxy", "kl")}
+
+    host = batched.map_batches(
+        run,
+        {"tokens": prompts.tokens, "mask": prompts.mask},
+        batch_size=setup.eval_chunk,
+        mesh=setup.ctx.mesh,
+        members="shared",
+        out_axis=1,
+    )
+    gold = np.stack(
+        [setup.oracle.score(task_prompts.oracle_texts(setup.tok, prompts.texts, toks)) for toks in host["tokens"]]
+    )
     return {"oracle": gold, "proxy": host["proxy"], "kl": host["kl"], "length": host["length"].astype(np.float32)}
 
 
@@ -423,7 +421,8 @@ def train_policies(
             toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))
             texts = [[setup.train_prompts.texts[j] for j in row] for row in np.asarray(idx)]
             extra["oracle"] = [
-                float(np.mean(setup.oracle.score(bon.oracle_texts(setup.tok, t, x)))) for t, x in zip(texts, toks)
+                float(np.mean(setup.oracle.score(task_prompts.oracle_texts(setup.tok, t, x))))
+                for t, x in zip(texts, toks)
             ]
         if step % cfg.eval_every == 0 or step == num_steps:
             ev = evaluate(runner.params, prompts=setup.eval_prompts, key=key)

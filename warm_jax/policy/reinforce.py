@@ -50,12 +50,13 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from warm_jax import io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, pretrain, runtime, sharding
+from warm_jax import batched, io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, pretrain, runtime, sharding
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
-from warm_jax.policy import advantages, bon, sampler, winrate
+from warm_jax.policy import advantages, sampler, winrate
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
+from warm_jax.task import prompts as task_prompts
 from warm_jax.train_state import TrainState, guarded_update, new_state, select, state_specs
 
 log = logging.getLogger(__name__)
@@ -280,13 +281,6 @@ def make_optimizer(cfg: ReinforceConfig) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------- the run
 
 
-class PromptSet:
-    """Held prompts: texts [R], tokens and mask [R, P] (left-padded)."""
-
-    def __init__(self, texts, tokens, mask):
-        self.texts, self.tokens, self.mask = list(texts), tokens, mask
-
-
 @dataclasses.dataclass
 class Setup:
     """Everything shared by the runs against different rewards (compiled once)."""
@@ -304,9 +298,9 @@ class Setup:
     train_sampler: object
     eval_sampler: object
     eval_chunk: int
-    train_prompts: PromptSet
-    eval_prompts: PromptSet
-    winrate_prompts: PromptSet
+    train_prompts: task_prompts.PromptSet
+    eval_prompts: task_prompts.PromptSet
+    winrate_prompts: task_prompts.PromptSet
     oracle: oracle_lib.Oracle
     compiled: dict  # (reward kind, anchor) → (update, eval_scores); other programs by their own keys
 
@@ -322,7 +316,7 @@ def state_shardings(setup: Setup, anchor: str):
 def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
     mesh = ctx.mesh
     model_cfg, graphdef, ref_params, param_specs, tok = pretrain.load_params(ctx)
-    shards = bon.batch_shards(mesh)
+    shards = sharding.batch_shards(sharding.batch_sharding(mesh, 2))
     rows = cfg.prompts_per_step * cfg.samples_per_prompt
     if rows % shards:
         raise ValueError(
@@ -330,12 +324,10 @@ def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
             f"{shards} batch shards"
         )
     seed = ctx.seed
-    ev = bon.make_prompts(tok, cfg.num_eval_prompts, seed + bon.PROMPT_STREAM["rl_eval"], cfg.max_prompt_len)
-    wr = bon.make_prompts(tok, cfg.num_winrate_prompts, seed + bon.PROMPT_STREAM["rl_eval"] + 1, cfg.max_prompt_len)
-    held_out = set(ev[0]) | set(wr[0])
-    tr_ = bon.make_prompts(
-        tok, cfg.num_train_prompts, seed + bon.PROMPT_STREAM["rl_train"], cfg.max_prompt_len, exclude=held_out
-    )
+    ev = task_prompts.prompt_set(tok, "rl_eval", cfg.num_eval_prompts, seed, cfg.max_prompt_len)
+    wr = task_prompts.prompt_set(tok, "rl_winrate", cfg.num_winrate_prompts, seed, cfg.max_prompt_len)
+    held_out = set(ev.texts) | set(wr.texts)
+    tr_ = task_prompts.prompt_set(tok, "rl_train", cfg.num_train_prompts, seed, cfg.max_prompt_len, exclude=held_out)
     tx = make_optimizer(cfg)
     state_sh = sharding.named(mesh, state_specs(tx, jax.eval_shape(lambda: ref_params), param_specs))
     batch_sh = sharding.batch_sharding(mesh, 2)
@@ -366,9 +358,9 @@ def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
         train_sampler,
         eval_sampler,
         eval_chunk,
-        PromptSet(*tr_),
-        PromptSet(*ev),
-        PromptSet(*wr),
+        tr_,
+        ev,
+        wr,
         oracle_lib.make_oracle(cfg.oracle),
         {},
     )
@@ -416,37 +408,28 @@ def rm_state_on_mesh(reward_fn: rewards_lib.RewardFn, mesh) -> dict:
     return jax.device_put(reward_fn.state, rm_shardings(reward_fn, mesh))
 
 
-def evaluate_policy(setup: Setup, params, reward_fn, prompts: PromptSet, key) -> dict[str, np.ndarray]:
+def evaluate_policy(setup: Setup, params, reward_fn, prompts: task_prompts.PromptSet, key) -> dict[str, np.ndarray]:
     """Samples ``prompts`` with a fixed key; per-prompt oracle, proxy, KL and length (host arrays)."""
     mesh = setup.ctx.mesh
-    chunk = setup.eval_chunk
     samples = sampler.sample_in_batches(
-        setup.eval_sampler, params, prompts.tokens, prompts.mask, key, batch=chunk, mesh=mesh
+        setup.eval_sampler, params, prompts.tokens, prompts.mask, key, batch=setup.eval_chunk, mesh=mesh
     )
     _, evaluate = compiled_for(setup, reward_fn)
     rm_state = rm_state_on_mesh(reward_fn, mesh)
-    proxy, kl = [], []
-    for start in range(0, len(prompts.tokens), chunk):
-        sl = slice(start, start + chunk)
-        parts = {
-            "prompt_tokens": prompts.tokens[sl],
-            "prompt_mask": prompts.mask[sl],
-            "response_tokens": samples["tokens"][sl],
-            "response_mask": samples["mask"][sl],
-        }
-        real = len(parts["prompt_tokens"])
-        parts = {k: np.concatenate([v, np.repeat(v[-1:], chunk - real, 0)]) for k, v in parts.items()}
-        out = evaluate(
-            params, setup.ref_params, rm_state, jax.tree.map(lambda x: sharding.put_global(x, setup.batch_sh), parts)
-        )
-        out = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)
-        proxy.append(out["proxy"][:real])
-        kl.append(out["kl"][:real])
-    gold = setup.oracle.score(bon.oracle_texts(setup.tok, prompts.texts, samples["tokens"]))
+    parts = {
+        "prompt_tokens": prompts.tokens,
+        "prompt_mask": prompts.mask,
+        "response_tokens": samples["tokens"],
+        "response_mask": samples["mask"],
+    }
+    scores = batched.map_batches(
+        lambda b, _: evaluate(params, setup.ref_params, rm_state, b), parts, batch_size=setup.eval_chunk, mesh=mesh
+    )
+    gold = setup.oracle.score(task_prompts.oracle_texts(setup.tok, prompts.texts, samples["tokens"]))
     return {
         "oracle": gold,
-        "proxy": np.concatenate(proxy),
-        "kl": np.concatenate(kl),
+        "proxy": scores["proxy"],
+        "kl": scores["kl"],
         "length": samples["length"].astype(np.float32),
     }
 
@@ -490,7 +473,7 @@ def _summary(ev: dict[str, np.ndarray], prefix: str = "eval_") -> dict[str, floa
 
 
 def eval_key(setup: Setup):
-    return jax.random.key(setup.ctx.seed * 7919 + bon.PROMPT_STREAM["rl_eval"])
+    return task_prompts.sampling_key(setup.ctx.seed, "rl_eval")
 
 
 class StepRunner:
@@ -593,7 +576,7 @@ def train_one(setup: Setup, name: str, anchor: str = "init") -> TrainState:
             idx, toks = runner.last
             texts = [setup.train_prompts.texts[i] for i in np.asarray(idx)]
             toks = np.asarray(multihost_utils.process_allgather(toks, tiled=True))
-            extra["oracle"] = float(np.mean(setup.oracle.score(bon.oracle_texts(setup.tok, texts, toks))))
+            extra["oracle"] = float(np.mean(setup.oracle.score(task_prompts.oracle_texts(setup.tok, texts, toks))))
         if step % cfg.eval_every == 0 or step == cfg.num_steps:
             ev = evaluate_policy(setup, runner.params, reward_fn, setup.eval_prompts, eval_key(setup))
             if jax.process_index() == 0:

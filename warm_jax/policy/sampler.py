@@ -16,9 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from warm_jax import sharding
+from warm_jax import batched
 from warm_jax.models import transformer as tr
 
 
@@ -154,28 +153,16 @@ def make_sampler(graphdef, model_cfg: tr.ModelConfig, cfg: SamplingConfig, *, in
 
 
 def sample_in_batches(sample_fn, params, prompt_tokens, prompt_mask, key, *, batch: int, mesh) -> dict[str, np.ndarray]:
-    """Runs a ``make_sampler`` function over [R, P] host prompts, ``batch`` rows at a time.
-
-    ``batch`` is rounded down to a multiple of the mesh's batch shards (at least one row per shard);
-    the last batch is padded with copies of its last row, so one compile serves every batch. The
-    batch starting at row r samples with key fold_in(key, r). Returns host arrays tokens, mask
-    [R, N] and length [R]; every process gets all rows.
+    """Runs a ``make_sampler`` function over [R, P] host prompts, ``batch`` rows at a time (``batched.map_batches``:
+    the last batch padded, one compile for all). The batch starting at row r samples with key fold_in(key, r).
+    Returns host arrays tokens, mask [R, N] and length [R]; every process gets all rows.
     """
-    shard = sharding.batch_sharding(mesh, 2)
-    batch = sharding.shard_batch_size(batch, shard)
-    outs = {"tokens": [], "mask": [], "length": []}
-    for start in range(0, len(prompt_tokens), batch):
-        t, m = prompt_tokens[start : start + batch], prompt_mask[start : start + batch]
-        real = len(t)
-        if real < batch:
-            t = np.concatenate([t, np.repeat(t[-1:], batch - real, 0)])
-            m = np.concatenate([m, np.repeat(m[-1:], batch - real, 0)])
-        out = sample_fn(
-            params, sharding.put_global(t, shard), sharding.put_global(m, shard), jax.random.fold_in(key, start)
-        )
-        for k in outs:
-            outs[k].append(np.asarray(multihost_utils.process_allgather(out[k], tiled=True))[:real])
-    return {k: np.concatenate(v) for k, v in outs.items()}
+
+    def run(b, start):
+        out = sample_fn(params, b["tokens"], b["mask"], jax.random.fold_in(key, start))
+        return {k: out[k] for k in ("tokens", "mask", "length")}
+
+    return batched.map_batches(run, {"tokens": prompt_tokens, "mask": prompt_mask}, batch_size=batch, mesh=mesh)
 
 
 def sequence_logprobs(params, graphdef, tokens, mask, response_start: int):

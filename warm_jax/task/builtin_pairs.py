@@ -27,6 +27,7 @@ from warm_jax.data import preference as pref
 from warm_jax.data.tokenizers import Tokenizer, encode_prompts
 from warm_jax.policy import sampler
 from warm_jax.stages import RunContext, register_stage
+from warm_jax.task import prompts as task_prompts
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ def sample_texts(sample_fn, params, prompt_tokens, prompt_mask, key, tok: Tokeni
 
 def label_pairs(prompts, a, b, scorer: oracle_lib.Oracle, cfg: PairsConfig, rng: np.random.Generator):
     """Oracle labels → records (chosen/rejected), dropping pairs the oracle cannot separate."""
-    sa = scorer.score([f"{p} {x}" for p, x in zip(prompts, a)])
-    sb = scorer.score([f"{p} {x}" for p, x in zip(prompts, b)])
+    sa = scorer.score([task_prompts.oracle_text(p, x) for p, x in zip(prompts, a)])
+    sb = scorer.score([task_prompts.oracle_text(p, x) for p, x in zip(prompts, b)])
     if cfg.label == "argmax":
         a_wins = sa > sb
     else:
