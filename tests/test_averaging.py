@@ -417,3 +417,19 @@ def test_interpolation_curve():
     assert len(acc) == 11 and acc[0] == 1.0 and acc[5] == 0.0 and acc[10] == 1.0
     assert curve["barrier"]["val"] == pytest.approx(1.0) and curve["loss_barrier"]["val"] == pytest.approx(1.0)
     assert curve["pred"]["val"]["accuracy"] == [1.0] * 11  # r_c − r_r = (1 + 2λ) − (−2 + 4λ) = 3 − 2λ > 0
+
+
+def test_task_vector_geometry_matches_numpy():
+    rng = np.random.default_rng(0)
+    init = {"w": rng.normal(size=(5, 3)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    stacked = {
+        k: np.stack([v + rng.normal(scale=0.1 * (i + 1), size=v.shape) for i in range(3)]) for k, v in init.items()
+    }
+    stacked["w"][2] = init["w"]  # member 2 moved its bias only
+    dist, cos = averaging.task_vector_geometry(jax.tree.map(jnp.asarray, stacked), jax.tree.map(jnp.asarray, init))
+    taus = np.stack([np.concatenate([(stacked[k][i] - init[k]).ravel() for k in ("b", "w")]) for i in range(3)])
+    norm0 = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in init.values()))
+    np.testing.assert_allclose(dist, np.linalg.norm(taus, axis=1) / norm0, rtol=1e-5)
+    unit = taus / np.linalg.norm(taus, axis=1, keepdims=True)
+    np.testing.assert_allclose(cos, unit @ unit.T, rtol=1e-5, atol=1e-6)
+    assert dist.shape == (3,) and cos.shape == (3, 3)

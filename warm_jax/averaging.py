@@ -263,3 +263,24 @@ def interpolation_curve(
         # A loss barrier is the same shape upside down: loss above the line between the endpoints.
         "loss_barrier": {s: barrier_height(lambdas, [-x for x in v["loss"]]) for s, v in weight.items()},
     }
+
+
+@jax.jit
+def task_vector_geometry(stacked_params: PyTree, init: PyTree) -> tuple[jax.Array, jax.Array]:
+    """How far the members moved from their shared init, and how alike their moves are.
+
+    stacked_params: leaves [M, ...]; init: the same tree without the member axis. With task vectors
+    τ_i = θ_i − θ_0 (float32), returns (‖τ_i‖ / ‖θ_0‖ [M], cos(τ_i, τ_j) [M, M]). Members that stay close
+    (small distances, cosines well above 0) are in one basin, where their weight average behaves like their
+    ensemble; unrelated solutions (cosines near 0 at large distances) average into a shrunken model.
+    """
+    taus = jax.tree.map(
+        lambda s, x: (s.astype(jnp.float32) - x.astype(jnp.float32)[None]).reshape(s.shape[0], -1),
+        stacked_params,
+        init,
+    )
+    gram = sum(t @ t.T for t in jax.tree.leaves(taus))
+    init_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(init)))
+    norms = jnp.sqrt(jnp.diagonal(gram))
+    cos = gram / jnp.maximum(norms[:, None] * norms[None, :], jnp.finfo(jnp.float32).tiny)
+    return norms / init_norm, cos

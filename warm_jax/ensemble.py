@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import feature_probe, io_utils, loop, params_io, pretrain, reward, runtime, seeds, sharding
+from warm_jax import averaging, feature_probe, io_utils, loop, params_io, pretrain, reward, runtime, seeds, sharding
 from warm_jax.data import pipeline
 from warm_jax.data.local_rows import LocalRows, local_rows
 from warm_jax.models import transformer as tr
@@ -419,6 +419,17 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
             meta=meta,
             tokenizer_dir=ctx.path("tokenizer"),
         )
+    geometry = {}
+    if not cfg.random_init:
+        dist, cos = jax.device_get(averaging.task_vector_geometry(state.params, ens.shared_init))
+        geometry = {"distance_from_init": dist.tolist(), "task_vector_cosine": cos.tolist()}
+        off = cos[~np.eye(len(cos), dtype=bool)]
+        log.info(
+            "[rm_ensemble] members moved %s of ||θ₀|| from the shared init; task-vector cosines %.2f…%.2f",
+            ", ".join(f"{d:.3f}" for d in dist),
+            off.min() if off.size else 1.0,
+            off.max() if off.size else 1.0,
+        )
     if jax.process_index() == 0:
         probe_sha = ens.probe and io_utils.write_arrays(ctx.path("rm", PROBE_EXAMPLES_FILE), ens.probe["margins"])
         io_utils.atomic_write_json(
@@ -427,6 +438,7 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
                 "num_members": cfg.num_members,
                 "lp_train_accuracy": ens.lp_accuracy,
                 **({"probe": {**ens.probe["gate"], "examples_sha256": probe_sha}} if ens.probe else {}),
+                **({"geometry": geometry} if geometry else {}),
                 "seeds": seeds,
                 "learning_rates": lrs,
                 "dropout_rates": drops,

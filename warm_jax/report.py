@@ -45,6 +45,8 @@ def build_summary(workdir: str) -> dict:
     probe = (members or {}).get("probe")
     if probe:
         summary["probe"] = probe
+    if members and "geometry" in members:
+        summary["geometry"] = members["geometry"]
     ev = _load(os.path.join(workdir, "rm", "eval.json"))
     if ev:
         summary["rm"] = ev["rm"]
@@ -321,6 +323,16 @@ def markdown(summary: dict, figs: list[str]) -> str:
             _row(["---"] * (len(splits) + 1)),
             _row(["pretrained", *(f"{g['pretrained'][s]:.3f}" for s in splits)]),
             _row(["random init", *(f"{g['random'][s]:.3f}" for s in splits)]),
+            "",
+        ]
+    if "geometry" in summary:
+        geo = summary["geometry"]
+        cos = np.asarray(geo["task_vector_cosine"])
+        off = cos[~np.eye(len(cos), dtype=bool)]
+        lines += [
+            "Members' distance from the shared init (‖θᵢ − θ₀‖ / ‖θ₀‖): "
+            + ", ".join(f"{d:.3f}" for d in geo["distance_from_init"])
+            + (f"; pairwise task-vector cosines {off.min():.2f} … {off.max():.2f}." if off.size else "."),
             "",
         ]
     if "rm" in summary:
