@@ -1,6 +1,7 @@
 """Decoder: sharding follows the rules table, KV-cache decoding, reward pooling, counts."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -242,14 +243,21 @@ def test_dropout_keeps_one_minus_rate_unbiased_per_member_rate():
     assert abs(both - 0.25) < 0.02, both
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["mlp_only", "mlp_and_residual"])
 @pytest.mark.parametrize("scan", [False, True], ids=["per_layer", "scanned"])
-def test_permuted_hidden_units_compute_the_same_function_from_other_weights(scan):
-    """The LMC negative control's member: every layer's MLP units reordered — logits and reward unchanged up to
-    the rounding of reordered sums, while most MLP weights moved and nothing else did."""
-    cfg = dataclasses.replace(CFG, scan_layers=scan)
+def test_permuted_hidden_units_compute_the_same_function_from_other_weights(scan, residual):
+    """The LMC negative control's member: every layer's MLP units (and the residual stream's coordinates)
+    reordered — logits and reward unchanged up to the rounding of reordered sums, while the MLP weights (every
+    weight but the biases) moved and nothing else did."""
+    cfg = dataclasses.replace(CFG, scan_layers=scan, tie_embeddings=not residual)
     graphdef = tr.abstract_model(cfg)[0]
     params = tr.init_params(cfg, jax.random.key(0))
-    permuted = jax.jit(tr.permute_hidden_units)(params, jax.random.key(5))
+    # Trained-looking norm scales and a non-zero bias, so that "moved" means permuted, not just changed.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x * (1.0 + 0.1 * jnp.arange(x.shape[-1])) if "scale" in jax.tree_util.keystr(p) else x, params
+    )
+    params = {**params, "reward_head": {**params["reward_head"], "bias": jnp.full((1,), 0.3)}}
+    permuted = jax.jit(functools.partial(tr.permute_hidden_units, residual=residual))(params, jax.random.key(5))
     toks, mask = _left_pad([[5, 6, 7, 8], [9, 10]], 5)
     for fn in (lambda m: m(toks, mask), lambda m: m.reward(m.hidden(toks, mask)[0], mask)):
         helpers.assert_close_to_scale(fn(tr.bind(graphdef, permuted)), fn(tr.bind(graphdef, params)), rel=1e-5)
@@ -258,4 +266,4 @@ def test_permuted_hidden_units_compute_the_same_function_from_other_weights(scan
     for path, a in flat_a.items():
         name = jax.tree_util.keystr(path)
         moved = not np.array_equal(np.asarray(a), np.asarray(flat_b[path]))
-        assert moved == ("['mlp']" in name), name
+        assert moved == (("['bias']" not in name) if residual else ("['mlp']" in name)), name

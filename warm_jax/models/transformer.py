@@ -618,11 +618,29 @@ def _stack(leaves):
     return np.stack(leaves) if all(isinstance(x, np.ndarray) for x in leaves) else jnp.stack(leaves)
 
 
-def permute_hidden_units(params: dict, key) -> dict:
-    """The same function with every layer's MLP hidden units in another order (a key-drawn permutation per
-    layer): w_gate/w_up columns and w_down rows move together, so every output is unchanged up to float
-    rounding of the reordered sums, while the weights sit in another basin. Averaging such a copy with
-    another member is the negative control of linear mode connectivity. Either layer layout; in-first
+# The axis of the residual stream (d_model) in each parameter, by its name; biases have none.
+_RESIDUAL_AXIS = {
+    "embed": -1,
+    "scale": -1,  # every RMSNorm
+    "wq": -3,
+    "wk": -3,
+    "wv": -3,
+    "wo": -1,
+    "w_gate": -2,
+    "w_up": -2,
+    "w_down": -1,
+    "lm_head": -2,
+    "kernel": -2,  # reward and value heads
+}
+
+
+def permute_hidden_units(params: dict, key, *, residual: bool = True) -> dict:
+    """The same function from other weights: every layer's MLP hidden units in another order (a key-drawn
+    permutation per layer) and, with ``residual``, the residual stream's d_model coordinates in another order
+    (one permutation shared by every parameter that reads or writes the stream: embeddings, norm scales, every
+    projection, the heads). RMSNorm and attention are equivariant to both, so every output is unchanged up to
+    float rounding of the reordered sums, while every weight matrix moves (only biases stay). Averaging such a
+    copy with another member is the negative control of linear mode connectivity. Either layer layout; in-first
     kernels (the training layout). Works under jit.
     """
 
@@ -636,15 +654,25 @@ def permute_hidden_units(params: dict, key) -> dict:
             "w_down": jnp.take(mlp["w_down"], perm, axis=-2),
         }
 
+    mlp_key, residual_key = jax.random.split(key)
     if "layers" in params:  # [L, ...]: one permutation per layer
         n = params["layers"]["mlp"]["w_up"].shape[0]
-        mlp = jax.vmap(permute)(params["layers"]["mlp"], jax.random.split(key, n))
-        return {**params, "layers": {**params["layers"], "mlp": mlp}}
-    out = dict(params)
-    names = sorted((k for k in params if k.startswith("layer_")), key=lambda k: int(k.split("_")[1]))
-    for name, k in zip(names, jax.random.split(key, len(names))):
-        out[name] = {**params[name], "mlp": permute(params[name]["mlp"], k)}
-    return out
+        mlp = jax.vmap(permute)(params["layers"]["mlp"], jax.random.split(mlp_key, n))
+        out = {**params, "layers": {**params["layers"], "mlp": mlp}}
+    else:
+        out = dict(params)
+        names = sorted((k for k in params if k.startswith("layer_")), key=lambda k: int(k.split("_")[1]))
+        for name, k in zip(names, jax.random.split(mlp_key, len(names))):
+            out[name] = {**params[name], "mlp": permute(params[name]["mlp"], k)}
+    if not residual:
+        return out
+    perm = jax.random.permutation(residual_key, params["embed"].shape[-1])
+
+    def move(path, x):
+        axis = _RESIDUAL_AXIS.get(getattr(path[-1], "key", None))
+        return x if axis is None else jnp.take(x, perm, axis=axis)
+
+    return jax.tree_util.tree_map_with_path(move, out)
 
 
 def stack_layers(params: dict, n_layers: int) -> dict:
