@@ -64,7 +64,7 @@ STATEMENTS: dict[str, str] = {
     "lmc": (
         "no accuracy barrier between the two interpolated members: 95% CI upper bound of the barrier "
         "(max over interior λ of chord − acc(θ(λ))) < 1 pt on validation and on ood; and the negative control "
-        "shows one — a copy of the second member with its hidden units permuted (the same function in another "
+        "shows one — a copy of the second member with its MLP units and residual coordinates permuted (the same function in another "
         "basin), else the random-init pair: CI lower bound of its accuracy barrier > 1 pt or of its loss "
         "barrier > 0.01 nats on validation or ood"
     ),

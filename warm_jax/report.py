@@ -364,7 +364,7 @@ def markdown(summary: dict, figs: list[str]) -> str:
         if "permutation_control" in summary:
             lines.append(
                 _barriers(
-                    "Permutation control (the second member with its hidden units permuted)",
+                    "Permutation control (the second member with its MLP units and residual coordinates permuted)",
                     summary["permutation_control"],
                 )
             )
