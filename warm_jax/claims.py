@@ -64,9 +64,9 @@ STATEMENTS: dict[str, str] = {
     "lmc": (
         "no accuracy barrier between the two interpolated members: 95% CI upper bound of the barrier "
         "(max over interior λ of chord − acc(θ(λ))) < 1 pt on validation and on ood; and the negative control "
-        "shows one — a copy of the second member with its MLP units and residual coordinates permuted (the same function in another "
-        "basin), else the random-init pair: CI lower bound of its accuracy barrier > 1 pt or of its loss "
-        "barrier > 0.01 nats on validation or ood"
+        "shows one — a copy of the second member with its MLP units and residual coordinates permuted (the "
+        "same function in another basin), else the random-init pair: CI lower bound of its accuracy barrier "
+        "> 1 pt or of its loss barrier > 0.01 nats on validation or ood"
     ),
     "wa_close_to_ens": (
         "WARM is not worse than ENS of the same members (M ≥ 2): 95% CI lower bound of acc(WARM) − acc(ENS) "
