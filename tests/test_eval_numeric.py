@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
+from warm_jax.workdir import Workdir
 from warm_jax import claims, evaluation, io_utils, report, rm_average, stats
 from warm_jax.policy import bon, reinforce, winrate
 from warm_jax.stages import RunContext
@@ -306,7 +307,8 @@ def write_run(wd: str, *, hacking: bool = False):
     result, examples = evaluation.measure(
         sc.members(), [0, 1, 2], evaluation.EvalConfig(lmc_lambdas=3), sc.warm, sc.interp, chosen=[0, 1, 2]
     )
-    evaluation.write_results(os.path.join(wd, "rm"), "eval.json", result, examples, evaluation.EXAMPLES_FILE)
+    w = Workdir(wd)
+    evaluation.write_results(w.rm_eval, result, examples, w.rm_eval_examples)
     # The random-init control: 20 pt below the chord at λ = ½.
     ctrl = {"lambdas": np.asarray([0.0, 0.5, 1.0])}
     for i, s in enumerate(SPLITS):
@@ -314,7 +316,7 @@ def write_run(wd: str, *, hacking: bool = False):
         ctrl[f"{s}/lmc_weight"] = np.stack([b, flip(b, to_wrong=200), b])
         ctrl[f"{s}/lmc_pred"] = np.stack([b, b, b])
     curves = {"lambdas": [0.0, 0.5, 1.0], "members": [0, 1], "barrier": {s: 0.2 for s in SPLITS}}
-    evaluation.write_results(os.path.join(wd, "rm_control"), "lmc.json", curves, ctrl, evaluation.CONTROL_EXAMPLES_FILE)
+    evaluation.write_results(w.control_lmc, curves, ctrl, w.control_examples)
     # Best-of-N: per prompt 0 or 1 for the best member; WARM 0.1 above at N = 8, 0.005 above at N = 64 (so that
     # gap's CI straddles 0 and the claim fails).
     mb = np.tile(np.arange(P) % 2, (3, 1)).astype(np.float64)
@@ -329,7 +331,7 @@ def write_run(wd: str, *, hacking: bool = False):
         "proxy": {"warm": [0, 1, 2], "member_best": [0, 1, 2]},
         "num_prompts": P,
     }
-    bon.write_results(os.path.join(wd, "bon"), res, per_prompt)
+    bon.write_results(w, res, per_prompt)
     # REINFORCE: the best-member policy's oracle rises then (with hacking) falls back; WARM's keeps rising.
     rng = np.random.default_rng(0)
     steps = [0, 10, 20]
@@ -338,9 +340,7 @@ def write_run(wd: str, *, hacking: bool = False):
     for name, curve in curves.items():
         oracle = np.asarray(curve)[:, None] + rng.normal(0, 0.02, (3, P))
         for i, st in enumerate(steps):
-            reinforce.write_eval_scores(
-                os.path.join(wd, "rl", name), st, {"oracle": oracle[i], "proxy": np.full(P, float(i))}
-            )
+            reinforce.write_eval_scores(w.rl_run(name), st, {"oracle": oracle[i], "proxy": np.full(P, float(i))})
         runs[name] = {"step": steps, "kl": [0.0, 1.0, 2.0], "oracle": oracle.mean(1).tolist(), "proxy": [0, 1, 2]}
         final[name] = oracle[-1]
         with open(os.path.join(wd, "rl", name, "winrate_scores.json"), "w") as f:
@@ -422,8 +422,8 @@ def test_report_claims_without_evidence_are_not_tested(tmp_path):
     write_run(wd)
     # No control; bon's per-prompt file changed after results.json recorded it; one eval step's scores missing.
     shutil.rmtree(os.path.join(wd, "rm_control"))
-    io_utils.write_arrays(os.path.join(wd, "bon", bon.PER_PROMPT_FILE), {"n": np.asarray([1, 8, 64])})
-    os.remove(os.path.join(wd, "rl", "warm", reinforce.EVAL_SCORES_DIR, "10.json"))
+    io_utils.write_arrays(Workdir(wd).bon_per_prompt, {"n": np.asarray([1, 8, 64])})
+    os.remove(Workdir(wd).rl_run("warm").eval_scores(10))
     summary = report.build_summary(wd)
     got = {c["id"]: c for c in summary["claims"]}
     assert got["lmc"]["status"] == "not tested" and "no negative control" in got["lmc"]["reason"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from warm_jax import evaluation
+from warm_jax.workdir import Workdir
 
 PIPELINE = helpers.TINY + helpers.TINY_POLICY + [helpers.stages(*helpers.ALL_STAGES)]
 MESH_2x4 = "make_mesh.shape = {'ensemble': 2, 'data': -1, 'fsdp': 1, 'tensor': 1}"
@@ -91,7 +91,8 @@ def test_evaluation_over_both_processes_reads_half_the_pairs_each_and_matches_on
     bindings = helpers.TINY + batches + [helpers.MESH_8, helpers.stages(*EVAL_STAGES)]
     one_wd, two_wd = str(tmp_path / "single"), str(tmp_path / "multi")
     single = helpers.run_train(one_wd, bindings)
-    redo = {one_wd: {"average", "rm_eval"}, os.path.join(one_wd, "rm"): {"warm", "eval.json", evaluation.EXAMPLES_FILE}}
+    examples = os.path.basename(Workdir(one_wd).rm_eval_examples)
+    redo = {one_wd: {"average", "rm_eval"}, os.path.join(one_wd, "rm"): {"warm", "eval.json", examples}}
     shutil.copytree(one_wd, two_wd, ignore=lambda d, names: [n for n in names if n in redo.get(d, ())])
     multi = helpers.wait_all(helpers.start_processes(two_wd, bindings))
     for i, r in multi.items():
@@ -109,8 +110,8 @@ def test_evaluation_over_both_processes_reads_half_the_pairs_each_and_matches_on
     for name in (os.path.join("average", "selection.json"), os.path.join("rm", "eval.json")):
         with open(os.path.join(one_wd, name)) as f1, open(os.path.join(two_wd, name)) as f2:
             assert json.load(f1) == json.load(f2), name
-    a = np.load(os.path.join(one_wd, "rm", evaluation.EXAMPLES_FILE))
-    b = np.load(os.path.join(two_wd, "rm", evaluation.EXAMPLES_FILE))
+    a = np.load(Workdir(one_wd).rm_eval_examples)
+    b = np.load(Workdir(two_wd).rm_eval_examples)
     assert sorted(a.files) == sorted(b.files) and "train_corrupted/warm" in a.files
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from warm_jax import io_utils, params_io, pretrain, reward, rm_average, runtime
+from warm_jax import io_utils, params_io, pretrain, reward, runtime
 from warm_jax.checkpoints import Checkpointer
 from warm_jax.data import builtin_text
 from warm_jax.data.tokenizers import WordTokenizer
@@ -56,7 +56,7 @@ def make_tiny_workdir(workdir: str, mesh, num_members: int = 3, seed: int = 0) -
     params_io.save_params(ctx.path("rm", "warm"), warm, model_cfg=cfg, meta={}, tokenizer_dir=ctx.path("tokenizer"))
     stats = {"mean": 0.1, "std": 0.5}
     io_utils.atomic_write_json(
-        ctx.path("average", rm_average.SELECTION_FILE),
+        ctx.artefacts.selection,
         {
             "best_member": 1,
             "members": list(range(num_members)),

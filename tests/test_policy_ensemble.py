@@ -221,7 +221,7 @@ def test_resume_after_an_interruption_gives_the_same_policies(setup, tmp_path):
     # Step 0 is the init: KL 0 up to round-off (the stacked and the shared forward are other programs).
     assert abs(ra["policies"][0]["kl"][0]) < 1e-5 and ra["policies"][0]["kl"][-1] > 1e-3
     assert ra["policy_skipped"] == [0, 0] and ra["updates"]["applied"] == 4
-    scores = reinforce.read_eval_scores(a.ctx.workdir, "pe/1", [0, 2, 4])
+    scores = a.ctx.artefacts.rl_run("pe/1").read_eval_scores([0, 2, 4])
     assert scores["oracle"].shape == (3, setup.cfg.num_eval_prompts)
     # The finished run loads back onto the mesh, stacked and sharded as trained.
     loaded = policy_ensemble.load_policies(run_a, a)
@@ -268,7 +268,7 @@ def test_the_stage_reads_its_gin_config_and_writes_rl_policy_ensemble(setup, tmp
             policy_ensemble.run(ctx)
     with helpers.gin_config([*rl, *LOOP, "PolicyEnsembleConfig.num_policies = 2"]):
         policy_ensemble.run(ctx)
-    out = ctx.path(*policy_ensemble.RUN_DIR)
+    out = ctx.artefacts.policy_ensemble.dir
     result = json.load(open(os.path.join(out, "results.json")))
     assert (result["num_policies"], result["anchor"], result["reward"]) == (2, "ema", "warm")
     assert result["stage"] == "policy_ensemble" and result["policies"][1]["step"] == [0, 2]

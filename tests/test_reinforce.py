@@ -159,7 +159,6 @@ def test_exact_resume_after_sigkill(ctx, tmp_path):
 def test_the_stage_trains_each_reward_with_each_anchor(ctx, tmp_path):
     import shutil
 
-    from warm_jax import pretrain
     from warm_jax.stages import RunContext
 
     wd = str(tmp_path / "wd")
@@ -176,7 +175,7 @@ def test_the_stage_trains_each_reward_with_each_anchor(ctx, tmp_path):
     (_, init_state, _), (_, ema_state, _) = _final(wd, "warm"), _final(wd, "warm_ema")
     assert "anchor" not in init_state and "anchor" in ema_state
     # The checkpointed anchor is float32, off the reference and short of the policy.
-    ref = jax.tree.map(np.asarray, pretrain.load_params(run_ctx)[2])
+    ref = jax.tree.map(np.asarray, run_ctx.artefacts.load_trunk(run_ctx.mesh).params)
     anchor, params = ema_state["anchor"], ema_state["params"]
     assert all(a.dtype == np.float32 for a in jax.tree.leaves(anchor))
     assert any(not np.array_equal(a, r) for a, r in zip(jax.tree.leaves(anchor), jax.tree.leaves(ref)))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from warm_jax import evaluation, io_utils, params_io, rm_average, stages
+from warm_jax.workdir import Workdir
+from warm_jax import evaluation, io_utils, params_io, stages
 from warm_jax.policy import rewards
 
 BINDINGS = helpers.TINY + [
@@ -35,7 +36,7 @@ def _params(ctx, directory):
 
 def test_average_writes_the_best_two_members_mean_and_their_statistics(finished):
     wd = finished
-    sel = io_utils.read_json(os.path.join(wd, "average", rm_average.SELECTION_FILE))
+    sel = io_utils.read_json(Workdir(wd).selection)
     acc = {int(k): v for k, v in sel["accuracy"].items()}
     assert sel["members"] == [0, 1, 2, 3] and sel["select_split"] == "validation"
     assert sel["order"] == sorted(acc, key=lambda i: -acc[i])  # best-first, ties in member order
@@ -60,7 +61,7 @@ def test_average_writes_the_best_two_members_mean_and_their_statistics(finished)
 
 def test_rm_eval_measures_the_average_it_finds(finished):
     wd = finished
-    sel = io_utils.read_json(os.path.join(wd, "average", rm_average.SELECTION_FILE))
+    sel = io_utils.read_json(Workdir(wd).selection)
     ev = io_utils.read_json(os.path.join(wd, "rm", "eval.json"))
     assert ev["rm"]["warm"]["members"] == sel["chosen"] and ev["rm"]["warm"]["M"] == 2
     # Measured again by rm_eval on the same pairs with the same code: the same numbers, to the bit.

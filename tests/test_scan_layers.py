@@ -272,7 +272,8 @@ def test_import_model_stage_takes_the_layout_from_gin(tmp_path):
         pretrain.run_import(ctx)
     finally:
         gin.clear_config()
-    cfg, _, params, specs, _ = pretrain.load_params(ctx)
+    trunk = ctx.artefacts.load_trunk(ctx.mesh)
+    cfg, params, specs = trunk.model_cfg, trunk.params, trunk.specs
     assert cfg == dataclasses.replace(TINY, scan_layers=True)
     assert specs["layers"]["attn"]["wq"][0] is None  # the layer axis is never split
     jax.tree.map(

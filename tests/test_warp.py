@@ -12,6 +12,7 @@ import pytest
 
 from tests import helpers
 from tests.test_policy import make_tiny_workdir, tiny_mesh
+from warm_jax.workdir import Workdir
 from warm_jax import claims, export, io_utils, merge_methods, report, stats
 from warm_jax.policy import policy_ensemble, reinforce, warp, winrate
 
@@ -124,7 +125,7 @@ def write_synthetic_workdir(wd: str, front_shift: float = 0.0) -> None:
     for name, r in s["warp"]["single"].items():
         for i, step in enumerate(r["step"]):
             o = ev["rl"][name]["oracle"][i]
-            reinforce.write_eval_scores(os.path.join(wd, "rl", name), step, {"oracle": o, "proxy": o + 1})
+            reinforce.write_eval_scores(Workdir(wd).rl_run(name), step, {"oracle": o, "proxy": o + 1})
         runs[name] = {
             **{k: r[k] for k in ("step", "kl", "oracle")},
             "proxy": [x + 1 for x in r["oracle"]],
@@ -143,7 +144,7 @@ def write_synthetic_workdir(wd: str, front_shift: float = 0.0) -> None:
         }
         records.append(warp.front_record(it["iteration"], front))
         fronts.append(front)
-    warp.write_results(os.path.join(wd, "warp"), records, fronts, reward="warm", next_eta=0.3, config={"iterations": 2})
+    warp.write_results(Workdir(wd).warp, records, fronts, reward="warm", next_eta=0.3, config={"iterations": 2})
 
 
 def test_report_warp_section_from_stage_files(tmp_path):
@@ -180,7 +181,7 @@ def test_report_warp_claim_fails_and_stale_examples_are_not_tested(tmp_path):
     write_synthetic_workdir(wd, front_shift=-1.2)
     c = next(c for c in report.build_summary(wd)["claims"] if c["id"] == "warp")
     assert c["status"] == claims.FAILS
-    with open(os.path.join(wd, "warp", warp.FRONT_EXAMPLES), "ab") as f:
+    with open(Workdir(wd).warp.front_examples, "ab") as f:
         f.write(b"x")
     summary = report.build_summary(wd)
     c = next(c for c in summary["claims"] if c["id"] == "warp")
@@ -225,7 +226,7 @@ def warp_run(tmp_path_factory):
 def test_warp_stage_front_merge_and_next_init(warp_run):
     ctx, res = warp_run
     assert [it["iteration"] for it in res["iterations"]] == [0, 1] and res["reward"] == "warm"
-    ex = warp.read_front_examples(warp.read_results(ctx.workdir))
+    ex = warp.read_front_examples(ctx.artefacts.read_warp())
     assert ex["iter0/kl"].shape == (3, RL["num_eval_prompts"])
     # η = 0 of iteration 0 is the SFT policy itself: KL exactly 0 on every prompt.
     assert np.all(ex["iter0/kl"][0] == 0.0)
@@ -281,14 +282,14 @@ def test_policy_merge_stage_is_one_warp_iteration(warp_run):
     # The policy_ensemble stage's layout holding iteration 0's policies (trained from the SFT policy):
     # policy_merge gives iteration 0's merge and front, number for number.
     ctx, res = warp_run
-    shutil.copytree(ctx.path("warp", "iter_0", "policies"), ctx.path(*policy_ensemble.RUN_DIR))
+    shutil.copytree(ctx.path("warp", "iter_0", "policies"), ctx.artefacts.policy_ensemble.dir)
     with helpers.gin_config(LOOP):
         warp.run_merge(ctx, warp.WarpConfig(**WARP), reinforce.ReinforceConfig(**RL))
     got = io_utils.read_json(ctx.path("policy_merge", "results.json"))
     assert got["reward"] == "warm" and got["config"]["num_policies"] == 2
     for k in ("eta", "kl", "oracle", "proxy", "length"):
         assert got["iterations"][0][k] == res["iterations"][0][k]
-    assert warp.read_results(ctx.workdir)["source"] == "warp"  # the warp stage's results come first
+    assert ctx.artefacts.read_warp()["source"] == "warp"  # the warp stage's results come first
 
 
 def test_report_from_the_stages_pairs_warp_with_the_single_runs(warp_run):
@@ -302,10 +303,10 @@ def test_report_from_the_stages_pairs_warp_with_the_single_runs(warp_run):
         {k: it[k] for k in ("iteration", "eta", "kl", "oracle", "proxy", "length")} for it in res["iterations"]
     ]
     # Step 0 of a single run and η = 0 of iteration 0 are the SFT policy on the same prompts with the same key.
-    ex = warp.read_front_examples(warp.read_results(ctx.workdir))
+    ex = warp.read_front_examples(ctx.artefacts.read_warp())
     for name in ("warm", "warm_ema"):
         np.testing.assert_array_equal(
-            reinforce.read_eval_scores(ctx.workdir, name, [0])["oracle"][0], ex["iter0/oracle"][0]
+            ctx.artefacts.rl_run(name).read_eval_scores([0])["oracle"][0], ex["iter0/oracle"][0]
         )
     c = next(c for c in summary["claims"] if c["id"] == "warp")
     assert c["status"] in (claims.HOLDS, claims.FAILS), c["reason"]

@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from warm_jax import checkpoints, io_utils, merge_methods, params_io, sharding
 from warm_jax.averaging import MergeError, check_compatible, normalize_weights
@@ -718,8 +717,8 @@ def restore_stacked_params(ckpt_dir: str, mesh, model_cfg: tr.ModelConfig, *, st
     """The params of a stacked ensemble training checkpoint (WORKDIR/rm/ckpt), [M, ...] per leaf.
 
     Only the ``params`` subtree of the saved TrainState is read (not the optimizer state); it is
-    checked against the checkpoint's hash manifest. The leading axis is split over 'ensemble'
-    when M is a multiple of that mesh axis, else replicated. Returns (stacked params, step).
+    checked against the checkpoint's hash manifest. The leading axis follows ``sharding.stacked_specs``.
+    Returns (stacked params, step).
     """
     with checkpoints.Checkpointer(ckpt_dir, read_only=True, async_save=False) as ck:
         step = ck.latest_step() if step is None else step
@@ -734,11 +733,8 @@ def restore_stacked_params(ckpt_dir: str, mesh, model_cfg: tr.ModelConfig, *, st
         m = jax.tree_util.tree_leaves(saved_params)[0].shape[0]
         stacked_abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct((m, *x.shape), x.dtype), abstract)
         check_compatible({"the model config (stacked)": stacked_abstract, step_dir: saved_params})
-        specs = sharding.tree_specs(axes, abstract, mesh, rules)
-        ens = mesh.shape.get(sharding.ENSEMBLE, 1)
-        lead = sharding.ENSEMBLE if m % ens == 0 and sharding.ENSEMBLE in mesh.shape else None
-        stacked_specs = jax.tree.map(lambda s: P(lead, *s), specs, is_leaf=lambda x: isinstance(x, P))
-        target = {"params": sharding.abstract_with_sharding(stacked_abstract, sharding.named(mesh, stacked_specs))}
+        specs = sharding.stacked_specs(sharding.tree_specs(axes, abstract, mesh, rules), m, mesh)
+        target = {"params": sharding.abstract_with_sharding(stacked_abstract, sharding.named(mesh, specs))}
         restored, step = ck.restore_partial(target, step)
     return restored["params"], step
 

@@ -141,13 +141,13 @@ def _find(path: str, search_paths: Sequence[str]) -> str | None:
     return None
 
 
-def write_config(workdir: str) -> str:
-    """Writes WORKDIR/config.gin: the parsed configuration of the latest run that was let into ``workdir``.
+def write_config(path: str) -> str:
+    """Writes ``path`` (WORKDIR/config.gin, ``Workdir.config_gin``): the parsed configuration of the latest run that
+    was let into the workdir.
 
     Each stage's own record (what it ran with) is WORKDIR/config/<stage>.gin; see ``stages``.
     """
     header = "# The configuration of the latest run in this workdir; each stage's own is config/<stage>.gin."
-    path = os.path.join(workdir, "config.gin")
     io_utils.atomic_write_text(path, record_text(header))
     return path
 

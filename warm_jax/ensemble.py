@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 RM_FIELDS = ("chosen_tokens", "rejected_tokens", "chosen_length", "rejected_length")
 GATE_SPLITS = ("validation", "ood")
-PROBE_EXAMPLES_FILE = "probe_examples.npz"
 
 
 @gin.configurable
@@ -263,10 +262,8 @@ def stack_state(mesh, cfg: EnsembleConfig, inits: Sequence, param_specs, seeds: 
     abstract_params = jax.eval_shape(lambda: inits[0])
     member_specs = state_specs(tx, abstract_params, param_specs)
     state_sh = sharding.named(mesh, sharding.prefix_ensemble(member_specs))
-    stacked_param_sh = sharding.named(mesh, sharding.prefix_ensemble(param_specs))
-    # Stack on device: [M, ...] per leaf, written straight into the ensemble sharding.
-    stack = jax.jit(lambda *members: jax.tree.map(lambda *xs: jnp.stack(xs), *members), out_shardings=stacked_param_sh)
-    params = stack(*inits)
+    # Stack on device: [M, ...] per leaf, written straight into the ensemble sharding (M is a multiple of the axis).
+    params = sharding.stack_members(inits, mesh, param_specs)
 
     def init_member(p, lr, key):
         return new_state(p, make_member_tx(cfg, lr), key)
@@ -282,7 +279,8 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
     ens_size = mesh.shape.get(sharding.ENSEMBLE, 1)
     if m % ens_size:
         raise ValueError(f"EnsembleConfig.num_members={m} must be a multiple of the mesh's ensemble axis ({ens_size})")
-    model_cfg, graphdef, base, param_specs, _ = pretrain.load_params(ctx)
+    trunk = ctx.artefacts.load_trunk(mesh)
+    model_cfg, graphdef, base, param_specs = trunk.model_cfg, trunk.graphdef, trunk.params, trunk.specs
     seeds = member_seeds(cfg, ctx.seed)
     if cfg.random_init:
         head, lp_acc, probe = base["reward_head"], float("nan"), None
@@ -308,7 +306,7 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
         else:
             probe = None
         steps = per_member(cfg.featurizer_steps or (None,), m, "featurizer_steps")
-        trunks = {s: (base if s is None else pretrain.load_params(ctx, step=s)[2]) for s in set(steps)}
+        trunks = {s: (base if s is None else ctx.artefacts.load_trunk(mesh, step=s).params) for s in set(steps)}
         inits = [trunks[s] for s in steps]
 
     def with_head(p):
@@ -337,7 +335,7 @@ def member_iterators(cfg: EnsembleConfig, source, seeds: Sequence[int], local: L
 
 
 def dataset_dir(ctx: RunContext, cfg: EnsembleConfig) -> str:
-    return cfg.dataset_dir or ctx.path("data")
+    return cfg.dataset_dir or ctx.artefacts.data
 
 
 def train_ensemble(
@@ -374,7 +372,7 @@ def train_ensemble(
         iterator=iterator,
         to_device=to_device,
         num_steps=cfg.num_steps,
-        ckpt_dir=ckpt_dir or ctx.path("rm", "ckpt"),
+        ckpt_dir=ckpt_dir or ctx.artefacts.rm_ckpt,
         show=("loss", "accuracy"),
     )
     pipeline.log_reads(stage, iterator)
@@ -398,6 +396,7 @@ def member_slice(stacked_params, i: int, mesh, param_specs):
 @register_stage("rm_ensemble")
 def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
     cfg = cfg or EnsembleConfig()
+    wd = ctx.artefacts
     ens, state = train_ensemble(ctx, cfg)
     seeds = member_seeds(cfg, ctx.seed)
     lrs = per_member(cfg.learning_rates, cfg.num_members, "learning_rates")
@@ -413,11 +412,11 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
             "num_steps": cfg.num_steps,
         }
         params_io.save_params(
-            ctx.path("rm", "members", str(i)),
+            wd.member(i),
             member_slice(state.params, i, ctx.mesh, ens.param_specs),
             model_cfg=ens.model_cfg,
             meta=meta,
-            tokenizer_dir=ctx.path("tokenizer"),
+            tokenizer_dir=wd.tokenizer,
         )
     geometry = {}
     if not cfg.random_init:
@@ -431,9 +430,9 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
             off.max() if off.size else 1.0,
         )
     if jax.process_index() == 0:
-        probe_sha = ens.probe and io_utils.write_arrays(ctx.path("rm", PROBE_EXAMPLES_FILE), ens.probe["margins"])
+        probe_sha = ens.probe and io_utils.write_arrays(wd.rm_probe_examples, ens.probe["margins"])
         io_utils.atomic_write_json(
-            ctx.path("rm", "ensemble.json"),
+            wd.ensemble_json,
             {
                 "num_members": cfg.num_members,
                 "lp_train_accuracy": ens.lp_accuracy,

@@ -34,7 +34,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from warm_jax import averaging, checkpoint_averaging, cli_errors, ensemble, evaluation, io_utils, params_io, runtime
 from warm_jax import sharding
@@ -96,13 +95,6 @@ def _member_dirs(directory: str) -> list[str]:
     return sorted(numbered, key=int)
 
 
-def _stack_specs(specs, m: int, mesh):
-    """[M, ...] specs: members split over 'ensemble' when M divides evenly over it (as rm_eval lays them out)."""
-    if m % mesh.shape.get(sharding.ENSEMBLE, 1) == 0:
-        return sharding.prefix_ensemble(specs)
-    return jax.tree.map(lambda s: P(None, *s), specs, is_leaf=lambda x: isinstance(x, P))
-
-
 def _check_member(flag: int | None, ids: list[int], where: str) -> None:
     if flag is not None and flag not in ids:
         raise cli_errors.UserError(f"--member={flag}: {where} has members {ids}")
@@ -141,11 +133,8 @@ def load_checkpoint(path: str, mesh, member: int | None = None) -> Loaded:
                     "a stack needs one architecture"
                 )
         specs = _specs(model_cfg, mesh)
-        stack = jax.jit(
-            lambda *ms: jax.tree.map(lambda *xs: jnp.stack(xs), *ms),
-            out_shardings=sharding.named(mesh, _stack_specs(specs, len(ids), mesh)),
-        )
-        return Loaded("members", model_cfg, graphdef, stack(*[p for _, _, p, _ in loaded]), specs, ids)
+        stacked = sharding.stack_members([p for _, _, p, _ in loaded], mesh, specs)
+        return Loaded("members", model_cfg, graphdef, stacked, specs, ids)
     if is_stacked(path):
         model_json = find_model_json(path)
         model_cfg = params_io.model_config_from_json(io_utils.read_json(model_json), model_json)

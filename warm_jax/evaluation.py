@@ -40,7 +40,6 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from warm_jax import (
     averaging,
@@ -49,7 +48,6 @@ from warm_jax import (
     ensemble,
     io_utils,
     loop,
-    params_io,
     reward,
     sharding,
     stats,
@@ -61,8 +59,6 @@ from warm_jax.stages import RunContext, register_stage
 log = logging.getLogger(__name__)
 
 SPLITS = ("train_clean", "train_corrupted", "validation", "ood")
-EXAMPLES_FILE = "eval_examples.npz"  # beside eval.json
-CONTROL_EXAMPLES_FILE = "lmc_examples.npz"  # beside the negative control's lmc.json
 
 RewardPairs = tuple[np.ndarray, np.ndarray]  # (r_chosen [N], r_rejected [N])
 
@@ -450,39 +446,20 @@ def score_stats(x) -> dict:
 # ----------------------------------------------------------------------------- the stage
 
 
-def load_members(ctx: RunContext):
-    """Members' exported checkpoints, stacked on device as [M, ...] with the ensemble sharding."""
-    member_dirs = sorted((d for d in os.listdir(ctx.path("rm", "members")) if d.isdigit()), key=int)
-    loaded = [params_io.load_params_checkpoint(ctx.path("rm", "members", d), ctx.mesh) for d in member_dirs]
-    model_cfg, graphdef = loaded[0][0], loaded[0][1]
-    members = [p for _, _, p, _ in loaded]
-    _, abstract, axes = tr.abstract_model(model_cfg)
-    specs = sharding.tree_specs(axes, abstract, ctx.mesh)
-    ens_size = ctx.mesh.shape.get(sharding.ENSEMBLE, 1)
-    stacked_specs = (
-        sharding.prefix_ensemble(specs)
-        if len(members) % ens_size == 0
-        else jax.tree.map(lambda s: P(None, *s), specs, is_leaf=lambda x: isinstance(x, P))
-    )
-    stack = jax.jit(
-        lambda *ms: jax.tree.map(lambda *xs: jnp.stack(xs), *ms), out_shardings=sharding.named(ctx.mesh, stacked_specs)
-    )
-    return model_cfg, graphdef, stack(*members), specs, [int(d) for d in member_dirs]
-
-
 def warm_members(ctx: RunContext, ids: list[int]) -> tuple[list[int], str]:
     """(indices into ``ids`` of the members WORKDIR/rm/warm averages, its recorded sha256), from its metadata.
 
     Raises ValueError naming model.json when rm/warm is not a uniform average of members in WORKDIR/rm/members."""
-    path = os.path.join(ctx.path("rm", "warm"), "model.json")
-    meta, _ = params_io.read_model_json(ctx.path("rm", "warm"))
+    wd = ctx.artefacts
+    path = os.path.join(wd.rm_warm, "model.json")
+    meta = wd.read_warm_meta()
     merge = meta.get("merge") or {}
     members, weights = merge.get("members") or [], merge.get("weights") or []
     unknown = [x for x in members if not str(x).isdigit() or int(x) not in ids]
     if merge.get("method") != "linear" or not members or unknown or len(set(weights)) != 1:
         raise ValueError(
             f"{path}: field 'merge' does not describe a uniform average of members {ids} of "
-            f"{ctx.path('rm', 'members')} (method {merge.get('method')!r}, members {members}, weights {weights}): "
+            f"{wd.rm_members} (method {merge.get('method')!r}, members {members}, weights {weights}): "
             "rm_eval measures the model the `average` stage writes; rerun it (--rerun_from=average)"
         )
     return [ids.index(int(x)) for x in members], merge.get("sha256")
@@ -493,9 +470,10 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
 
     Returns (eval.json's content without 'updates'/'examples', the per-pair margins). Raises ValueError when the
     average of rm/warm's members computed here is not the model at rm/warm (its sha256 differs)."""
-    data_dir = cfg.dataset_dir or ctx.path("data")
-    splits = read_eval_splits(data_dir, ctx.mesh, cfg.batch_size, cfg.max_examples, stage="rm_eval")
-    model_cfg, graphdef, stacked, specs, ids = load_members(ctx)
+    wd = ctx.artefacts
+    splits = read_eval_splits(cfg.dataset_dir or wd.data, ctx.mesh, cfg.batch_size, cfg.max_examples, stage="rm_eval")
+    members = wd.load_members(ctx.mesh)
+    graphdef, stacked, specs, ids = members.graphdef, members.stacked, members.specs, members.ids
     m = len(ids)
     chosen, warm_sha = warm_members(ctx, ids)
     scorer = Scorer(graphdef, ctx.mesh, cfg.batch_size)
@@ -519,8 +497,8 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
     sha = checkpoint_averaging.merged_sha256(warm_params(chosen))
     if sha != warm_sha:
         raise ValueError(
-            f"{ctx.path('rm', 'warm')}: its sha256 {warm_sha} is not that of the uniform average of its members "
-            f"{[ids[i] for i in chosen]} in {ctx.path('rm', 'members')} ({sha}): the members changed after "
+            f"{wd.rm_warm}: its sha256 {warm_sha} is not that of the uniform average of its members "
+            f"{[ids[i] for i in chosen]} in {wd.rm_members} ({sha}): the members changed after "
             "`average` ran; rerun it (--rerun_from=average)"
         )
 
@@ -556,11 +534,13 @@ def host_copy(tree):
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
-def write_results(directory: str, name: str, result: dict, examples: dict[str, np.ndarray], examples_file: str) -> dict:
-    """Writes the margins to DIRECTORY/EXAMPLES_FILE, then DIRECTORY/NAME with their SHA-256 (process 0 only)."""
-    sha = io_utils.write_arrays(os.path.join(directory, examples_file), examples)
-    result = {**result, "examples": {"file": examples_file, "sha256": sha}}
-    io_utils.atomic_write_json(os.path.join(directory, name), result)
+def write_results(path: str, result: dict, examples: dict[str, np.ndarray], examples_path: str) -> dict:
+    """Writes the margins to ``examples_path``, then ``result`` to ``path`` naming that file (relative to the folder
+    of ``path``) with its SHA-256 (process 0 only)."""
+    sha = io_utils.write_arrays(examples_path, examples)
+    rel = os.path.relpath(examples_path, os.path.dirname(path))
+    result = {**result, "examples": {"file": rel, "sha256": sha}}
+    io_utils.atomic_write_json(path, result)
     return result
 
 
@@ -576,13 +556,14 @@ def read_examples(results_dir: str, results: dict) -> dict[str, np.ndarray]:
     return io_utils.read_arrays(os.path.join(results_dir, ref["file"]), ref.get("sha256"))
 
 
-@register_stage("rm_eval", outputs=("rm/eval.json", f"rm/{EXAMPLES_FILE}"))
+@register_stage("rm_eval")
 def run(ctx: RunContext, cfg: EvalConfig | None = None) -> None:
     cfg = cfg or EvalConfig()
+    wd = ctx.artefacts
     result, examples = evaluate_rms(ctx, cfg)
-    result = {**result, "updates": loop.read_updates(ctx.path("rm", "ckpt"))}
+    result = {**result, "updates": loop.read_updates(wd.rm_ckpt)}
     if jax.process_index() == 0:
-        write_results(ctx.path("rm"), "eval.json", result, examples, EXAMPLES_FILE)
+        write_results(wd.rm_eval, result, examples, wd.rm_eval_examples)
     w, e = result["rm"]["warm"]["acc"], result["rm"]["ens"]["acc"]
     log.info(
         "[rm_eval] WARM %s | ENS %s", {k: round(v, 3) for k, v in w.items()}, {k: round(v, 3) for k, v in e.items()}
@@ -593,7 +574,7 @@ def pair_interpolation(ctx: RunContext, graphdef, stacked, specs, data_dir: str,
     """LMC curves between members 0 and 1 of a stacked [2, ...] tree (the negative control).
 
     Process 0 also writes their per-pair margins ('<split>/lmc_weight', '<split>/lmc_pred' [L, N],
-    'lambdas') to WORKDIR/rm_control/CONTROL_EXAMPLES_FILE; the returned curves name it under 'examples'.
+    'lambdas') to WORKDIR/rm_control/lmc_examples.npz (``Workdir.control_examples``); the returned curves name it under 'examples'.
     """
     cfg = cfg or EvalConfig()
     splits = read_eval_splits(data_dir, ctx.mesh, cfg.batch_size, cfg.max_examples, stage="rm_control")
@@ -609,6 +590,7 @@ def pair_interpolation(ctx: RunContext, graphdef, stacked, specs, data_dir: str,
         examples = {"lambdas": np.asarray(curves["lambdas"], np.float64)}
         for s, mm in lmc_margins.items():
             examples[f"{s}/lmc_weight"], examples[f"{s}/lmc_pred"] = mm["weight"], mm["pred"]
-        sha = io_utils.write_arrays(ctx.path("rm_control", CONTROL_EXAMPLES_FILE), examples)
-        curves["examples"] = {"file": CONTROL_EXAMPLES_FILE, "sha256": sha}
+        path = ctx.artefacts.control_examples
+        sha = io_utils.write_arrays(path, examples)
+        curves["examples"] = {"file": os.path.basename(path), "sha256": sha}
     return curves

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from warm_jax import io_utils
+from warm_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def register_writer(name: str):
 
 
 def jsonl_path(workdir: str, stage: str) -> str:
-    return os.path.join(workdir, "metrics", f"{stage}.jsonl")
+    return Workdir(workdir).metrics_jsonl(stage)
 
 
 @register_writer("jsonl")
@@ -123,7 +124,7 @@ class TensorBoardWriter:
     def __init__(self, workdir: str, stage: str, cfg: MetricsConfig | None = None):
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage))
+        self._tb = SummaryWriter(Workdir(workdir).tensorboard(stage))
 
     def write(self, step: int, row: Row) -> None:
         for k, v in flat_scalars(row).items():

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warm_jax import checkpoints, loop, params_io, runtime, sharding
+from warm_jax import loop, params_io, runtime, sharding
 from warm_jax.data import builtin_text
 from warm_jax.data import pipeline
 from warm_jax.data.local_rows import local_rows
@@ -89,7 +89,7 @@ def _train_step(state: TrainState, batch, *, graphdef, tx, model_cfg, debug_nan_
 
 
 def build_tokenizer(ctx: RunContext, text_cfg: builtin_text.TextConfig) -> Tokenizer:
-    tok_dir = ctx.path("tokenizer")
+    tok_dir = ctx.artefacts.tokenizer
     if os.path.exists(tok_dir):
         return load_tokenizer(tok_dir)
     tok = WordTokenizer.from_words(builtin_text.vocabulary(text_cfg))
@@ -157,16 +157,12 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
         iterator=iterator,
         to_device=to_device,
         num_steps=cfg.num_steps,
-        ckpt_dir=ctx.path("pretrain", "ckpt"),
+        ckpt_dir=ctx.artefacts.pretrain_ckpt,
         keep_steps=cfg.keep_steps,
     )
     pipeline.log_reads("pretrain", iterator)
     if jax.process_index() == 0:
-        from warm_jax import io_utils
-
-        io_utils.atomic_write_json(
-            ctx.path("pretrain", "model.json"), {"model": dataclasses.asdict(model_cfg), "tokenizer": "tokenizer"}
-        )
+        ctx.artefacts.write_pretrain_meta(model_cfg)
 
 
 @gin.configurable
@@ -182,7 +178,6 @@ def run_import(ctx: RunContext) -> None:
     Writes the same layout `pretrain` does (WORKDIR/pretrain/model.json, WORKDIR/tokenizer), with
     the weights as a standalone params checkpoint in WORKDIR/pretrain/imported.
     """
-    from warm_jax import io_utils
     from warm_jax.models import pretrained
 
     name = base_model()
@@ -192,42 +187,8 @@ def run_import(ctx: RunContext) -> None:
     model_cfg, _, params, tok = pretrained.load_pretrained(
         name, mesh=ctx.mesh, **{f: getattr(run, f) for f in tr.RUN_FIELDS}
     )
-    params_io.save_params(
-        ctx.path("pretrain", "imported"), params, model_cfg=model_cfg, meta={"source": name}, tokenizer_dir=None
-    )
+    wd = ctx.artefacts
+    params_io.save_params(wd.pretrain_imported, params, model_cfg=model_cfg, meta={"source": name}, tokenizer_dir=None)
     if jax.process_index() == 0:
-        tok.save(ctx.path("tokenizer"))
-        io_utils.atomic_write_json(
-            ctx.path("pretrain", "model.json"),
-            {"model": dataclasses.asdict(model_cfg), "tokenizer": "tokenizer", "imported": name},
-        )
-
-
-def load_params(ctx: RunContext, step: int | None = None):
-    """The pretrained parameters (sharded per the rules on ctx.mesh) and model pieces.
-
-    Returns (model_cfg, graphdef, params, param_specs, tokenizer).
-    """
-    from warm_jax.io_utils import read_json
-
-    meta = read_json(ctx.path("pretrain", "model.json"))
-    model_cfg = tr.ModelConfig(**meta["model"])
-    tok = load_tokenizer(ctx.path(meta["tokenizer"]))
-    if meta.get("imported"):
-        if step is not None:
-            raise ValueError(f"an imported model ({meta['imported']}) has no pretraining step {step}")
-        model_cfg, graphdef, params, _ = params_io.load_params_checkpoint(ctx.path("pretrain", "imported"), ctx.mesh)
-        _, abstract, axes = tr.abstract_model(model_cfg)
-        return model_cfg, graphdef, params, sharding.tree_specs(axes, abstract, ctx.mesh), tok
-    graphdef, abstract, axes = tr.abstract_model(model_cfg)
-    specs = sharding.tree_specs(axes, abstract, ctx.mesh)
-    ckpt = checkpoints.Checkpointer(ctx.path("pretrain", "ckpt"), async_save=False)
-    try:
-        tx = make_optimizer(PretrainConfig())
-        st_specs = state_specs(tx, abstract, specs)
-        st_abstract = jax.eval_shape(lambda: new_state(abstract, tx, jax.random.key(0)))
-        target = sharding.abstract_with_sharding(st_abstract, sharding.named(ctx.mesh, st_specs))
-        state, _, _ = ckpt.restore(target, step=step)
-    finally:
-        ckpt.close()
-    return model_cfg, graphdef, state.params, specs, tok
+        tok.save(wd.tokenizer)
+        wd.write_pretrain_meta(model_cfg, imported=name)

@@ -12,7 +12,6 @@ claim's status ("holds", "fails", "not tested") and 95% CIs are in summary.json 
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -25,48 +24,46 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from warm_jax import claims as claims_lib  # noqa: E402
-from warm_jax import ensemble, evaluation, io_utils, stats  # noqa: E402
+from warm_jax import evaluation, io_utils, stats  # noqa: E402
 from warm_jax.policy import bon as bon_lib  # noqa: E402
-from warm_jax.policy import reinforce, warp as warp_lib, winrate  # noqa: E402
+from warm_jax.policy import warp as warp_lib, winrate  # noqa: E402
 from warm_jax.stages import RunContext, register_stage  # noqa: E402
+from warm_jax.workdir import Workdir  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train_clean", "train_corrupted", "validation", "ood")
 
 
-def _load(path):
-    return io_utils.read_json(path) if os.path.exists(path) else None
-
-
 def build_summary(workdir: str) -> dict:
+    wd = Workdir(workdir)
     summary: dict = {"workdir": os.path.abspath(workdir)}
-    members = _load(os.path.join(workdir, "rm", "ensemble.json"))
+    members = wd.read_ensemble()
     probe = (members or {}).get("probe")
     if probe:
         summary["probe"] = probe
     if members and "geometry" in members:
         summary["geometry"] = members["geometry"]
-    ev = _load(os.path.join(workdir, "rm", "eval.json"))
+    ev = wd.read_rm_eval()
     if ev:
         summary["rm"] = ev["rm"]
         summary["lmc"] = ev["lmc"]
         if "permutation_control" in ev:
             summary["permutation_control"] = ev["permutation_control"]
         summary["reward_stats"] = ev["reward_stats"]
-    control = _load(os.path.join(workdir, "rm_control", "lmc.json"))
+    control = wd.read_control()
     if control:
         summary["negative_control"] = control
-    bon = _load(os.path.join(workdir, "bon", "results.json"))
+    bon = wd.read_bon()
     if bon:
         summary["bon"] = bon
-    rl = _load(os.path.join(workdir, "rl", "results.json"))
+    rl = wd.read_rl()
     if rl:
         summary["rl"] = rl
-    warp = warp_lib.read_results(workdir)
+    warp = wd.read_warp()
     if warp:
         summary["warp"] = warp_section(warp, rl)
-    updates = training_updates(workdir)
+    updates = wd.training_updates()
     if updates:
         summary["updates"] = updates
     evidence = load_evidence(workdir, ev, control, bon, rl, warp, probe)
@@ -101,19 +98,19 @@ def load_evidence(
         except (io_utils.StaleArraysError, OSError, ValueError, KeyError) as e:
             return f"{type(e).__name__}: {e}" if not isinstance(e, io_utils.StaleArraysError) else str(e)
 
+    wd = Workdir(workdir)
     out: dict = {}
     if probe:
-        path = os.path.join(workdir, "rm", ensemble.PROBE_EXAMPLES_FILE)
-        out["probe"] = attempt(lambda: io_utils.read_arrays(path, probe.get("examples_sha256")))
+        out["probe"] = attempt(lambda: io_utils.read_arrays(wd.rm_probe_examples, probe.get("examples_sha256")))
     if ev:
-        out["rm"] = attempt(lambda: evaluation.read_examples(os.path.join(workdir, "rm"), ev))
+        out["rm"] = attempt(lambda: evaluation.read_examples(wd.rm_dir, ev))
     if control:
-        out["control"] = attempt(lambda: evaluation.read_examples(os.path.join(workdir, "rm_control"), control))
+        out["control"] = attempt(lambda: evaluation.read_examples(wd.rm_control_dir, control))
     if bon:
-        out["bon"] = attempt(lambda: bon_lib.read_per_prompt(os.path.join(workdir, "bon"), bon))
+        out["bon"] = attempt(lambda: bon_lib.read_per_prompt(wd.bon_dir, bon))
     if rl:
         out["rl"] = {
-            name: attempt(lambda name=name, r=r: reinforce.read_eval_scores(workdir, name, r["step"]))
+            name: attempt(lambda name=name, r=r: wd.rl_run(name).read_eval_scores(r["step"]))
             for name, r in rl.get("runs", {}).items()
         }
     if warp:
@@ -169,22 +166,6 @@ def warp_matched_section(summary: dict, evidence: dict) -> dict:
         "matched": {"kl_budget": m["kl_budget"], "best_warp": best_warp, "best_single": best_single},
         "win_rates": win_rates,
     }
-
-
-def training_updates(workdir: str) -> dict[str, dict]:
-    """Applied and skipped updates of every training run in the workdir (``loop.updates_path``), by run."""
-    found = {}
-    for parent in (workdir, os.path.join(workdir, "rl")):
-        if not os.path.isdir(parent):
-            continue
-        for name in sorted(os.listdir(parent)):
-            path = os.path.join(parent, name, "updates.json")
-            if os.path.isfile(path):
-                found[os.path.relpath(os.path.join(parent, name), workdir)] = io_utils.read_json(path)
-    # WARP's policies, per iteration (warp/iter_<k>/policies/updates.json).
-    for path in sorted(glob.glob(os.path.join(glob.escape(workdir), "warp", "iter_*", "policies", "updates.json"))):
-        found[os.path.relpath(os.path.dirname(path), workdir)] = io_utils.read_json(path)
-    return found
 
 
 # ----------------------------------------------------------------------------- figures
@@ -500,7 +481,7 @@ def warp_markdown(w: dict) -> list[str]:
 @register_stage("report")
 def run(ctx: RunContext) -> None:
     main = jax.process_index() == 0
-    out = ctx.path("report")
+    out = ctx.artefacts.report_dir
     # The whole folder at once (every process takes part in the replace; process 0 writes): a crash leaves the
     # old report or the new one, never a mix of their files.
     with io_utils.atomic_directory(out, overwrite=True) as tmp:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Sequence
 
 import gin
@@ -28,7 +27,6 @@ from warm_jax.stages import RunContext, register_stage
 
 log = logging.getLogger(__name__)
 
-SELECTION_FILE = "selection.json"  # in WORKDIR/average/
 SELECTIONS = ("all", "top_m", "greedy")
 
 
@@ -71,26 +69,16 @@ def select_members(order: Sequence[int], cfg: AverageConfig, warm_accuracy: Call
     return averaging.greedy_soup(order, warm_accuracy)
 
 
-def read_selection(ctx: RunContext) -> dict:
-    """WORKDIR/average/selection.json, checked for the fields the policy stages read."""
-    path = ctx.path("average", SELECTION_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run the `average` stage before the policy stages")
-    data = io_utils.read_json(path)
-    for field in ("best_member", "members", "reward_stats"):
-        if field not in data:
-            raise KeyError(f"{path} has no field {field!r}; it has {sorted(data)}")
-    return data
-
-
-@register_stage("average", outputs=("rm/warm",))
+@register_stage("average")
 def run(ctx: RunContext, cfg: AverageConfig | None = None) -> None:
     cfg = cfg or AverageConfig()
+    wd = ctx.artefacts
     needed = (cfg.select_split, "validation")
     splits = evaluation.read_eval_splits(
-        cfg.dataset_dir or ctx.path("data"), ctx.mesh, cfg.batch_size, cfg.max_examples, stage="average", names=needed
+        cfg.dataset_dir or wd.data, ctx.mesh, cfg.batch_size, cfg.max_examples, stage="average", names=needed
     )
-    model_cfg, graphdef, stacked, specs, ids = evaluation.load_members(ctx)
+    members = wd.load_members(ctx.mesh)
+    graphdef, stacked, specs, ids = members.graphdef, members.stacked, members.specs, members.ids
     m = len(ids)
     scorer = evaluation.Scorer(graphdef, ctx.mesh, cfg.batch_size)
     single_sh = sharding.named(ctx.mesh, specs)
@@ -118,18 +106,18 @@ def run(ctx: RunContext, cfg: AverageConfig | None = None) -> None:
         for i in range(m)
     }
     checkpoint_averaging.write_merged(
-        ctx.path("rm", "warm"),
+        wd.rm_warm,
         warm,
-        model_cfg=model_cfg,
+        model_cfg=members.model_cfg,
         members=[ids[i] for i in chosen],
         weights=[1.0 / len(chosen)] * len(chosen),
         accuracies={ids[i]: {cfg.select_split: accuracies[i]} for i in range(m)},
         hashes=hashes,
-        tokenizer_dir=ctx.path("tokenizer"),
+        tokenizer_dir=wd.tokenizer,
     )
     if jax.process_index() == 0:
         io_utils.atomic_write_json(
-            ctx.path("average", SELECTION_FILE),
+            wd.selection,
             {
                 "select_split": cfg.select_split,
                 "warm_selection": cfg.warm_selection,

@@ -28,10 +28,11 @@ def run(ctx: RunContext) -> None:
         learning_rates=base.learning_rates[:1],
         dropout_rates=base.dropout_rates[:1],
     )
-    ens, state = ensemble.train_ensemble(ctx, cfg, stage="rm_control", ckpt_dir=ctx.path("rm_control", "ckpt"))
+    wd = ctx.artefacts
+    ens, state = ensemble.train_ensemble(ctx, cfg, stage="rm_control", ckpt_dir=wd.rm_control_ckpt)
     curves = evaluation.pair_interpolation(
         ctx, ens.graphdef, state.params, ens.param_specs, ensemble.dataset_dir(ctx, cfg)
     )
     if jax.process_index() == 0:
-        updates = loop.read_updates(ctx.path("rm_control", "ckpt"))
-        io_utils.atomic_write_json(ctx.path("rm_control", "lmc.json"), {**curves, "updates": updates})
+        updates = loop.read_updates(wd.rm_control_ckpt)
+        io_utils.atomic_write_json(wd.control_lmc, {**curves, "updates": updates})

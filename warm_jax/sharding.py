@@ -14,6 +14,7 @@ from typing import Any
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -115,6 +116,25 @@ def prefix_ensemble(specs, *, axis: str = ENSEMBLE):
     prefixed = jax.tree.map(lambda s: P(axis, *s), specs, is_leaf=lambda x: isinstance(x, P))
     assert_ensemble_leading(prefixed, axis=axis)
     return prefixed
+
+
+def stacked_specs(specs, m: int, mesh: Mesh):
+    """Specs of a tree of M stacked models ([M, ...] per leaf) built from one model's ``specs``.
+
+    The ONE rule for stacked members and policies read back from disk: the leading [M] dimension is split over
+    'ensemble' when the mesh has that axis and its size divides M, else replicated (every other dimension keeps
+    the single model's spec). Training states, whose M is checked against the axis, use ``prefix_ensemble``.
+    """
+    ens = mesh.shape.get(ENSEMBLE)
+    lead = ENSEMBLE if ens is not None and m % ens == 0 else None
+    return jax.tree.map(lambda s: P(lead, *s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def stack_members(trees: Sequence, mesh: Mesh, specs):
+    """M trees of the same structure (one model each, ``specs`` their specs) → one tree [M, ...] per leaf, stacked
+    on device straight into ``stacked_specs``' sharding."""
+    out = named(mesh, stacked_specs(specs, len(trees), mesh))
+    return jax.jit(lambda *ms: jax.tree.map(lambda *xs: jnp.stack(xs), *ms), out_shardings=out)(*trees)
 
 
 def assert_ensemble_leading(specs, *, axis: str = ENSEMBLE) -> None:

@@ -31,57 +31,30 @@ from jax.sharding import Mesh
 
 from warm_jax import config, io_utils, runtime
 from warm_jax.cli_errors import UserError
+from warm_jax.workdir import Workdir, stage_outputs
 
 log = logging.getLogger(__name__)
 
 STAGES: dict[str, Callable] = {}
-
-RECORDS = "config"  # WORKDIR/config/<stage>.gin and <stage>.operative.gin
-SUPERSEDED = "superseded"  # where --rerun_from moves old outputs
-
-# What a stage writes besides WORKDIR/<stage>/, metrics/<stage>.jsonl, tensorboard/<stage>/ and its records
-# (paths relative to the workdir, globs allowed): --rerun_from moves these aside.
-_EXTRA_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("tokenizer",),
-    "import_model": ("pretrain", "tokenizer"),
-    "rm_ensemble": ("rm/ckpt", "rm/members", "rm/ensemble.json", "rm/probe_examples.npz", "rm/updates.json"),
-    "average": ("rm/warm",),
-    "rm_eval": ("rm/eval.json", "rm/eval_examples.npz"),
-    "reinforce": ("rl", "metrics/rl_*.jsonl", "tensorboard/rl_*"),
-}
 
 
 class WorkdirError(UserError):
     """The work directory cannot be used (not a directory, not writable); the message names it."""
 
 
-def register_stage(name: str, outputs: Sequence[str] = ()):
-    """Registers a stage; ``outputs``: what it writes outside WORKDIR/<name>/ (see ``stage_outputs``)."""
+def register_stage(name: str):
+    """Registers a stage; what it writes is ``workdir.stage_outputs(name)``."""
 
     def deco(fn):
         STAGES[name] = fn
-        if outputs:
-            _EXTRA_OUTPUTS[name] = tuple(outputs)
         return fn
 
     return deco
 
 
-def stage_outputs(name: str) -> tuple[str, ...]:
-    """Paths (relative to the workdir, globs allowed) a stage writes: its folder, metrics, records, extras."""
-    return (
-        name,
-        f"metrics/{name}.jsonl",
-        f"tensorboard/{name}",
-        *_EXTRA_OUTPUTS.get(name, ()),
-        f"{RECORDS}/{name}.gin",
-        f"{RECORDS}/{name}.operative.gin",
-    )
-
-
 def record_path(workdir: str, stage: str, *, operative: bool = False) -> str:
     """WORKDIR/config/<stage>.gin (configuration at the start) or <stage>.operative.gin (values read)."""
-    return os.path.join(workdir, RECORDS, f"{stage}{'.operative' if operative else ''}.gin")
+    return Workdir(workdir).record(stage, operative=operative)
 
 
 @dataclasses.dataclass
@@ -90,11 +63,16 @@ class RunContext:
     mesh: Mesh
     seed: int
 
+    @property
+    def artefacts(self) -> Workdir:
+        """The layout of ``workdir`` and the loaders of what earlier stages left there."""
+        return Workdir(self.workdir)
+
     def path(self, *parts: str) -> str:
         return os.path.join(self.workdir, *parts)
 
     def done(self, stage: str) -> bool:
-        return os.path.exists(self.path(stage, "DONE.json"))
+        return os.path.exists(self.artefacts.done_file(stage))
 
 
 @gin.configurable("run_pipeline")
@@ -130,7 +108,7 @@ def run_pipeline(workdir: str, *, rerun_from: str | None = None) -> RunContext:
             os.makedirs(workdir, exist_ok=True)
             if superseded:
                 move_aside(workdir, superseded)
-            config.write_config(workdir)
+            config.write_config(Workdir(workdir).config_gin)
         except OSError as e:
             raise WorkdirError(f"workdir {workdir}: cannot write there: {e.filename or workdir}: {e.strerror}") from e
     runtime.sync("workdir-ready")
@@ -161,7 +139,7 @@ def run_pipeline(workdir: str, *, rerun_from: str | None = None) -> RunContext:
                     f"# The values stage '{name}' (and any stage before it in the same process) read.", operative=True
                 ),
             )
-            io_utils.atomic_write_json(ctx.path(name, "DONE.json"), {"stage": name, "seconds": time.time() - t0})
+            io_utils.atomic_write_json(ctx.artefacts.done_file(name), {"stage": name, "seconds": time.time() - t0})
         runtime.sync(f"stage-{name}-done")
     return ctx
 
@@ -193,13 +171,14 @@ def check_records(workdir: str, names: Sequence[str], rerun_from: str | None) ->
     if rerun_from is not None and rerun_from not in names:
         raise config.ConfigError(f"--rerun_from={rerun_from}: not a stage in run_pipeline.stages {names}")
     kept = names if rerun_from is None else names[: names.index(rerun_from)]
+    wd = Workdir(workdir)
     current = gin.config_str()
     mismatched: list[tuple[str, bool, str, list[config.Difference]]] = []
     for name in kept:
         record = record_path(workdir, name)
-        finished = os.path.exists(os.path.join(workdir, name, "DONE.json"))
+        finished = os.path.exists(wd.done_file(name))
         if not os.path.exists(record):
-            if os.path.isdir(os.path.join(workdir, name)):
+            if os.path.isdir(wd.stage_dir(name)):
                 log.warning("[%s] has no configuration record (an older warm_jax wrote it): not compared", name)
             continue
         operative_path = record_path(workdir, name, operative=True)
@@ -226,7 +205,7 @@ def _mismatch_message(workdir: str, mismatched: list[tuple[str, bool, str, list[
     return (
         f"workdir {workdir}: stage '{name}' ({state}) ran with a different configuration (recorded in {record}): "
         f"{shown}{also}. Nothing was changed. Use a new --workdir, or pass --rerun_from={name} to rerun '{name}' "
-        f"and every stage after it (their old outputs move to {os.path.join(workdir, SUPERSEDED)}/)."
+        f"and every stage after it (their old outputs move to {Workdir(workdir).superseded}/)."
     )
 
 
@@ -237,7 +216,7 @@ def _started_after(workdir: str, stage: str, exclude: Sequence[str]) -> list[str
         return []
     t0 = os.path.getmtime(ref)
     found = []
-    for record in sorted(glob.glob(os.path.join(glob.escape(workdir), RECORDS, "*.gin"))):
+    for record in sorted(glob.glob(Workdir(workdir).records_glob)):
         name = os.path.basename(record)[: -len(".gin")]
         if not name.endswith(".operative") and name not in exclude and os.path.getmtime(record) >= t0:
             found.append(name)
@@ -246,7 +225,7 @@ def _started_after(workdir: str, stage: str, exclude: Sequence[str]) -> list[str
 
 def move_aside(workdir: str, stages: Sequence[str]) -> str:
     """Moves every output of ``stages`` to WORKDIR/superseded/<UTC time>/ (same relative paths)."""
-    dest = os.path.join(workdir, SUPERSEDED, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    dest = os.path.join(Workdir(workdir).superseded, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     base, n = dest, 1
     while os.path.exists(dest):
         dest, n = f"{base}-{n}", n + 1

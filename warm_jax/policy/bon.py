@@ -24,15 +24,14 @@ import gin
 import jax
 import numpy as np
 
-from warm_jax import batched, io_utils, oracle as oracle_lib, pretrain, stats
+from warm_jax import batched, io_utils, oracle as oracle_lib, stats
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.policy import sampler
 from warm_jax.stages import RunContext, register_stage
 from warm_jax.task import prompts as task_prompts
+from warm_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
-
-PER_PROMPT_FILE = "per_prompt.npz"
 
 
 @gin.configurable
@@ -100,7 +99,8 @@ def best_of_n(proxy, gold, n: int) -> tuple[float, float]:
 
 
 def run_bon(ctx: RunContext, cfg: BonConfig) -> tuple[dict, dict[str, np.ndarray]]:
-    model_cfg, graphdef, params, _, tok = pretrain.load_params(ctx)
+    trunk = ctx.artefacts.load_trunk(ctx.mesh)
+    model_cfg, graphdef, params, tok = trunk.model_cfg, trunk.graphdef, trunk.params, trunk.tokenizer
     nmax = max(cfg.n_values)
     prompts = task_prompts.prompt_set(tok, "bon", cfg.num_prompts, ctx.seed, cfg.max_prompt_len)
     texts, ptoks, pmask = prompts.texts, prompts.tokens, prompts.mask
@@ -163,11 +163,11 @@ def run_bon(ctx: RunContext, cfg: BonConfig) -> tuple[dict, dict[str, np.ndarray
     return result, per_prompt
 
 
-def write_results(directory: str, result: dict, per_prompt: dict[str, np.ndarray]) -> dict:
+def write_results(wd: Workdir, result: dict, per_prompt: dict[str, np.ndarray]) -> dict:
     """bon/per_prompt.npz, then bon/results.json naming it with its SHA-256 (process 0 only)."""
-    sha = io_utils.write_arrays(os.path.join(directory, PER_PROMPT_FILE), per_prompt)
-    result = {**result, "per_prompt": {"file": PER_PROMPT_FILE, "sha256": sha}}
-    io_utils.atomic_write_json(os.path.join(directory, "results.json"), result)
+    sha = io_utils.write_arrays(wd.bon_per_prompt, per_prompt)
+    result = {**result, "per_prompt": {"file": os.path.basename(wd.bon_per_prompt), "sha256": sha}}
+    io_utils.atomic_write_json(wd.bon_results, result)
     return result
 
 
@@ -186,4 +186,4 @@ def run(ctx: RunContext, cfg: BonConfig | None = None) -> None:
     cfg = cfg or BonConfig()
     result, per_prompt = run_bon(ctx, cfg)
     if jax.process_index() == 0:
-        write_results(ctx.path("bon"), result, per_prompt)
+        write_results(ctx.artefacts, result, per_prompt)

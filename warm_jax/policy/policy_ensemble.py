@@ -39,18 +39,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import batched, checkpoints, io_utils, loop, metrics as metrics_lib, runtime, sharding
+from warm_jax import batched, io_utils, loop, metrics as metrics_lib, runtime, sharding
 from warm_jax.data import pipeline
 from warm_jax.ensemble import StackedIterator
 from warm_jax.policy import reinforce, sampler
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
 from warm_jax.task import prompts as task_prompts
+from warm_jax.workdir import PolicyRun
 
 log = logging.getLogger(__name__)
-
-RUN_DIR = ("policy_ensemble",)  # the stage's own folder: `--rerun_from=reinforce` leaves it alone
-META_FILE = "policies.json"
 
 
 @gin.configurable
@@ -307,9 +305,9 @@ def _summary(ev: dict[str, np.ndarray]) -> dict[str, list[float]]:
     return {f"eval_{k}": [float(x) for x in np.mean(v, axis=1)] for k, v in ev.items()}
 
 
-def _write_eval(run_dir: str, step: int, ev: dict[str, np.ndarray]) -> None:
+def _write_eval(run: PolicyRun, step: int, ev: dict[str, np.ndarray]) -> None:
     for i in range(len(ev["oracle"])):
-        reinforce.write_eval_scores(os.path.join(run_dir, str(i)), step, _per_policy(ev, i))
+        reinforce.write_eval_scores(run.policy(i), step, _per_policy(ev, i))
 
 
 # ----------------------------------------------------------------------------- training
@@ -368,6 +366,7 @@ def train_policies(
     debug_nan_policy: tests — the policy poisoned at ``setup.cfg.debug_nan_step`` (−1: all of them).
     """
     ctx, cfg = setup.ctx, setup.cfg
+    run = PolicyRun(run_dir)
     m = num_policies
     reinforce.check_anchor(anchor, "anchor")
     num_steps = cfg.num_steps if num_steps is None else num_steps
@@ -400,15 +399,15 @@ def train_policies(
         return out
 
     if jax.process_index() == 0:
-        io_utils.atomic_write_json(os.path.join(run_dir, META_FILE), _meta(m, anchor, reward, stage, ctx.seed))
+        io_utils.atomic_write_json(run.meta, _meta(m, anchor, reward, stage, ctx.seed))
     key = reinforce.eval_key(setup)
-    initial = os.path.join(run_dir, "initial_eval.json")
+    initial = run.initial_eval
     reference = None if eval_reference is None else jax.device_put(eval_reference, param_sh)
     evaluate = functools.partial(evaluate_policies, setup, progs, reward_fn=reward_fn, reference=reference)
     if not os.path.exists(initial):
         ev = evaluate(state.params, prompts=setup.eval_prompts, key=key)
         if jax.process_index() == 0:
-            _write_eval(run_dir, 0, ev)
+            _write_eval(run, 0, ev)
             io_utils.atomic_write_json(initial, {"step": 0, **_summary(ev)})
 
     rm_state = reinforce.rm_state_on_mesh(reward_fn, ctx.mesh)
@@ -427,7 +426,7 @@ def train_policies(
         if step % cfg.eval_every == 0 or step == num_steps:
             ev = evaluate(runner.params, prompts=setup.eval_prompts, key=key)
             if jax.process_index() == 0:
-                _write_eval(run_dir, step, ev)
+                _write_eval(run, step, ev)
             extra.update(_summary(ev))
         return extra
 
@@ -441,7 +440,7 @@ def train_policies(
         iterator=iterator,
         to_device=to_device,
         num_steps=num_steps,
-        ckpt_dir=os.path.join(run_dir, "ckpt"),
+        ckpt_dir=run.ckpt,
         cfg=loop_cfg,
         show=("proxy", "kl", "oracle"),
         on_log=on_log,
@@ -450,12 +449,10 @@ def train_policies(
     if jax.process_index() == 0:
         step = loop.scalar_step(final)
         for i in range(m):
-            io_utils.atomic_write_json(
-                os.path.join(run_dir, str(i), "winrate_scores.json"), {"oracle": wr["oracle"][i].tolist(), "step": step}
-            )
-        updates = loop.read_updates(os.path.join(run_dir, "ckpt"))
+            io_utils.atomic_write_json(run.policy(i).winrate_scores, {"oracle": wr["oracle"][i].tolist(), "step": step})
+        updates = loop.read_updates(run.ckpt)
         io_utils.atomic_write_json(
-            os.path.join(run_dir, "results.json"),
+            run.results,
             {
                 **_meta(m, anchor, reward, stage, ctx.seed),
                 "policies": curves(ctx.workdir, run_dir, stage, m),
@@ -470,7 +467,7 @@ def train_policies(
 
 def curves(workdir: str, run_dir: str, stage: str, m: int) -> list[dict[str, list]]:
     """Per policy, its held-out eval curve: step 0 (the initial policy) then every eval step."""
-    rows = [io_utils.read_json(os.path.join(run_dir, "initial_eval.json"))]
+    rows = [io_utils.read_json(PolicyRun(run_dir).initial_eval)]
     rows += [r for r in metrics_lib.read_metrics(workdir, stage) if "eval_oracle" in r]
     return [
         {
@@ -483,23 +480,9 @@ def curves(workdir: str, run_dir: str, stage: str, m: int) -> list[dict[str, lis
 
 def load_policies(run_dir: str, setup: reinforce.Setup):
     """The stacked final params [M, ...] of a finished ``train_policies`` run, on ``setup``'s mesh
-    (the 'ensemble' axis leading). Raises FileNotFoundError when the run has not finished."""
-    meta = io_utils.read_json(os.path.join(run_dir, META_FILE))
-    ckpt_dir = os.path.join(run_dir, "ckpt")
-    loop.read_updates(ckpt_dir)  # written only when the run finished
-    state_sh = stacked_state_shardings(setup, meta["anchor"])
-    m = meta["num_policies"]
-    abstract = jax.eval_shape(
-        jax.vmap(lambda p, key: reinforce.initial_state(p, setup.tx, key, meta["anchor"]), in_axes=(None, 0)),
-        setup.ref_params,
-        jax.ShapeDtypeStruct((m, 2), jnp.uint32),
-    )
-    ck = checkpoints.Checkpointer(ckpt_dir, read_only=True)
-    try:
-        state, _, _ = ck.restore(sharding.abstract_with_sharding(abstract, state_sh))
-    finally:
-        ck.close()
-    return state.params
+    (``sharding.stacked_specs``: the 'ensemble' axis leading). Raises FileNotFoundError when the run has not
+    finished."""
+    return PolicyRun(run_dir).load_policies(setup.ref_params, setup.param_specs, setup.ctx.mesh)
 
 
 @register_stage("policy_ensemble")
@@ -514,7 +497,7 @@ def run(
         reward=cfg.reward,
         num_policies=cfg.num_policies,
         init_params=setup.ref_params,
-        run_dir=ctx.path(*RUN_DIR),
+        run_dir=ctx.artefacts.policy_ensemble.dir,
         anchor=cfg.anchor,
         stage="policy_ensemble",
         debug_nan_policy=cfg.debug_nan_policy,

@@ -50,13 +50,14 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from warm_jax import batched, io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, pretrain, runtime, sharding
+from warm_jax import batched, io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, runtime, sharding
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
 from warm_jax.policy import advantages, sampler, winrate
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
 from warm_jax.task import prompts as task_prompts
+from warm_jax.workdir import PolicyRun, Workdir
 from warm_jax.train_state import TrainState, guarded_update, new_state, select, state_specs
 
 log = logging.getLogger(__name__)
@@ -315,7 +316,9 @@ def state_shardings(setup: Setup, anchor: str):
 
 def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
     mesh = ctx.mesh
-    model_cfg, graphdef, ref_params, param_specs, tok = pretrain.load_params(ctx)
+    trunk = ctx.artefacts.load_trunk(mesh)
+    model_cfg, graphdef, ref_params, param_specs = trunk.model_cfg, trunk.graphdef, trunk.params, trunk.specs
+    tok = trunk.tokenizer
     shards = sharding.batch_shards(sharding.batch_sharding(mesh, 2))
     rows = cfg.prompts_per_step * cfg.samples_per_prompt
     if rows % shards:
@@ -434,37 +437,15 @@ def evaluate_policy(setup: Setup, params, reward_fn, prompts: task_prompts.Promp
     }
 
 
-EVAL_SCORES_DIR = "eval_scores"
-
-
-def write_eval_scores(run_dir: str, step: int, ev: dict[str, np.ndarray]) -> None:
+def write_eval_scores(run: PolicyRun, step: int, ev: dict[str, np.ndarray]) -> None:
     """Per-prompt oracle and proxy reward of one eval (process 0); a non-finite value is stored as null."""
 
     def plain(x):
         return [float(v) if np.isfinite(v) else None for v in np.asarray(x, np.float64)]
 
     io_utils.atomic_write_json(
-        os.path.join(run_dir, EVAL_SCORES_DIR, f"{int(step)}.json"),
+        run.eval_scores(step),
         {"step": int(step), "oracle": plain(ev["oracle"]), "proxy": plain(ev["proxy"])},
-    )
-
-
-def read_eval_scores(workdir: str, name: str, steps) -> dict[str, np.ndarray]:
-    """{"step" [S], "oracle" [S, P], "proxy" [S, P]} of the run against ``name`` at ``steps`` (null → NaN).
-
-    Raises FileNotFoundError when a step has no per-prompt record (a run from before they were written)."""
-    rows = [io_utils.read_json(os.path.join(workdir, "rl", name, EVAL_SCORES_DIR, f"{int(s)}.json")) for s in steps]
-    return {
-        "step": np.asarray([int(r["step"]) for r in rows], np.int64),
-        "oracle": np.asarray([r["oracle"] for r in rows], np.float64),
-        "proxy": np.asarray([r["proxy"] for r in rows], np.float64),
-    }
-
-
-def read_winrate_scores(workdir: str, name: str) -> np.ndarray:
-    """The final policy's oracle reward per win-rate prompt [P]."""
-    return np.asarray(
-        io_utils.read_json(os.path.join(workdir, "rl", name, "winrate_scores.json"))["oracle"], np.float64
     )
 
 
@@ -559,14 +540,12 @@ def train_one(setup: Setup, name: str, anchor: str = "init") -> TrainState:
         out["texts_index"] = np.repeat(b["index"], k)  # host-side, for the oracle
         return out
 
-    run = run_name(name, anchor)
-    run_dir = ctx.path("rl", run)
-    initial = os.path.join(run_dir, "initial_eval.json")
-    if not os.path.exists(initial):
+    run = ctx.artefacts.rl_run(run_name(name, anchor))
+    if not os.path.exists(run.initial_eval):
         ev = evaluate_policy(setup, setup.ref_params, reward_fn, setup.eval_prompts, eval_key(setup))
         if jax.process_index() == 0:
-            write_eval_scores(run_dir, 0, ev)
-            io_utils.atomic_write_json(initial, {"step": 0, **_summary(ev)})
+            write_eval_scores(run, 0, ev)
+            io_utils.atomic_write_json(run.initial_eval, {"step": 0, **_summary(ev)})
 
     runner = StepRunner(setup, reward_fn, anchor)
 
@@ -580,13 +559,13 @@ def train_one(setup: Setup, name: str, anchor: str = "init") -> TrainState:
         if step % cfg.eval_every == 0 or step == cfg.num_steps:
             ev = evaluate_policy(setup, runner.params, reward_fn, setup.eval_prompts, eval_key(setup))
             if jax.process_index() == 0:
-                write_eval_scores(run_dir, step, ev)
+                write_eval_scores(run, step, ev)
             extra.update(_summary(ev))
         return extra
 
     loop_cfg = loop_config(cfg)
     final = loop.train(
-        stage=f"rl_{run}",
+        stage=f"rl_{run_name(name, anchor)}",
         workdir=ctx.workdir,
         state=state,
         abstract_state=abstract_state,
@@ -594,21 +573,22 @@ def train_one(setup: Setup, name: str, anchor: str = "init") -> TrainState:
         iterator=iterator,
         to_device=to_device,
         num_steps=cfg.num_steps,
-        ckpt_dir=os.path.join(run_dir, "ckpt"),
+        ckpt_dir=run.ckpt,
         cfg=loop_cfg,
         show=("proxy", "kl", "oracle"),
         on_log=on_log,
     )
-    scores_path = os.path.join(run_dir, "winrate_scores.json")
     wr = evaluate_policy(setup, final.params, reward_fn, setup.winrate_prompts, jax.random.fold_in(eval_key(setup), 1))
     if jax.process_index() == 0:
-        io_utils.atomic_write_json(scores_path, {"oracle": wr["oracle"].tolist(), "step": loop.scalar_step(final)})
+        io_utils.atomic_write_json(
+            run.winrate_scores, {"oracle": wr["oracle"].tolist(), "step": loop.scalar_step(final)}
+        )
     return final
 
 
 def run_curve(workdir: str, name: str) -> dict[str, list]:
     """Held-out eval curve of one run: step 0 (the reference policy) then every eval step."""
-    rows = [io_utils.read_json(os.path.join(workdir, "rl", name, "initial_eval.json"))]
+    rows = [io_utils.read_json(Workdir(workdir).rl_run(name).initial_eval)]
     rows += [r for r in metrics_lib.read_metrics(workdir, f"rl_{name}") if "eval_oracle" in r]
     return {
         "step": [int(r["step"]) for r in rows],
@@ -620,7 +600,8 @@ def run_curve(workdir: str, name: str) -> dict[str, list]:
 
 
 def win_rates(workdir: str, names) -> dict:
-    scores = {n: io_utils.read_json(os.path.join(workdir, "rl", n, "winrate_scores.json"))["oracle"] for n in names}
+    wd = Workdir(workdir)
+    scores = {n: io_utils.read_json(wd.rl_run(n).winrate_scores)["oracle"] for n in names}
     out = {}
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -640,11 +621,10 @@ def run(ctx: RunContext, cfg: ReinforceConfig | None = None) -> None:
             runs.append(run_name(name, anchor))
             log.info("[reinforce] %s: %.1fs", runs[-1], time.time() - t0)
     if jax.process_index() == 0:
+        wd = ctx.artefacts
         result = {
-            "runs": {
-                n: {**run_curve(ctx.workdir, n), "updates": loop.read_updates(ctx.path("rl", n, "ckpt"))} for n in runs
-            },
+            "runs": {n: {**run_curve(ctx.workdir, n), "updates": loop.read_updates(wd.rl_run(n).ckpt)} for n in runs},
             "win_rate": win_rates(ctx.workdir, runs),
             "config": dataclasses.asdict(cfg),
         }
-        io_utils.atomic_write_json(ctx.path("rl", "results.json"), result)
+        io_utils.atomic_write_json(wd.rl_results, result)

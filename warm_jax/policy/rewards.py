@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
-from warm_jax import params_io, reward, rm_average, sharding
+from warm_jax import reward
 from warm_jax.stages import RunContext
 
 REWARD_NAMES = ("warm", "member_best", "ens", "ens_conservative")
@@ -129,61 +127,29 @@ class RewardFn:
 repack_jit = jax.jit(repack, static_argnames=("pad_id",))
 
 
-def _member_dir(ctx: RunContext, member: int) -> str:
-    d = ctx.path("rm", "members", str(member))
-    if not os.path.isdir(d):
-        raise FileNotFoundError(f"reward-model member {member} (from average/selection.json) has no checkpoint at {d}")
-    return d
-
-
-def load_stacked_members(ctx: RunContext, members):
-    """Members' checkpoints stacked on device: every leaf [M, ...], split over 'ensemble' when
-    the mesh's ensemble axis divides M (else replicated along M). Returns (graphdef, stacked)."""
-    loaded = [params_io.load_params_checkpoint(_member_dir(ctx, m), ctx.mesh) for m in members]
-    model_cfg, graphdef = loaded[0][0], loaded[0][1]
-    for m, (cfg, _, _, _) in zip(members, loaded):
-        if cfg != model_cfg:
-            raise ValueError(
-                f"reward-model member {m}'s model.json differs from member {members[0]}'s: "
-                "an ensemble needs one architecture"
-            )
-    from warm_jax.models import transformer as tr
-
-    _, abstract, axes = tr.abstract_model(model_cfg)
-    specs = sharding.tree_specs(axes, abstract, ctx.mesh)
-    ens = ctx.mesh.shape.get(sharding.ENSEMBLE, 1)
-    lead = sharding.ENSEMBLE if len(members) % ens == 0 and ens > 1 else None
-    stacked_specs = jax.tree.map(lambda s: P(lead, *s), specs, is_leaf=lambda x: isinstance(x, P))
-    stack = jax.jit(
-        lambda *ms: jax.tree.map(lambda *xs: jnp.stack(xs), *ms), out_shardings=sharding.named(ctx.mesh, stacked_specs)
-    )
-    return graphdef, stack(*[p for _, _, p, _ in loaded])
-
-
 def load_reward(ctx: RunContext, name: str, *, conservative_lambda: float = 1.0, normalise: bool = True) -> RewardFn:
     """The reward called ``name`` (one of REWARD_NAMES) from the reward-model stages' outputs."""
     if name not in REWARD_NAMES:
         raise ValueError(f"unknown reward {name!r}; choose from {REWARD_NAMES}")
-    info = rm_average.read_selection(ctx)
+    wd = ctx.artefacts
+    info = wd.read_selection()
     shift, scale = 0.0, 1.0
     if normalise:
         stats = info.get("reward_stats", {}).get(_STATS_KEY[name])
         if stats is None:
             raise KeyError(
-                f"{ctx.path('average', rm_average.SELECTION_FILE)} has no reward_stats[{_STATS_KEY[name]!r}] to normalise "
+                f"{wd.selection} has no reward_stats[{_STATS_KEY[name]!r}] to normalise "
                 f"reward {name!r} (or set normalise_reward=False)"
             )
         shift, scale = float(stats["mean"]), max(float(stats["std"]), 1e-6)
     if name == "warm":
-        warm_dir = ctx.path("rm", "warm")
-        if not os.path.isdir(warm_dir):
-            raise FileNotFoundError(f"merged WARM reward model not found at {warm_dir}")
-        _, graphdef, params, _ = params_io.load_params_checkpoint(warm_dir, ctx.mesh)
+        _, graphdef, params, _ = wd.load_merged(ctx.mesh)
         return RewardFn(name, graphdef, params, None, shift=shift, scale=scale)
     if name == "member_best":
-        _, graphdef, params, _ = params_io.load_params_checkpoint(_member_dir(ctx, int(info["best_member"])), ctx.mesh)
+        _, graphdef, params, _ = wd.load_member(ctx.mesh, int(info["best_member"]))
         return RewardFn(name, graphdef, params, None, shift=shift, scale=scale)
-    members = [int(m) for m in info["members"]]
-    graphdef, stacked = load_stacked_members(ctx, members)
+    members = wd.load_members(ctx.mesh, info["members"])
     lam = conservative_lambda if name == "ens_conservative" else 0.0
-    return RewardFn(name, graphdef, stacked, len(members), conservative_lambda=lam, shift=shift, scale=scale)
+    return RewardFn(
+        name, members.graphdef, members.stacked, len(members.ids), conservative_lambda=lam, shift=shift, scale=scale
+    )

@@ -43,12 +43,9 @@ from warm_jax import io_utils, merge_methods, params_io, sharding
 from warm_jax.policy import policy_ensemble, reinforce
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
+from warm_jax.workdir import MergeRun
 
 log = logging.getLogger(__name__)
-
-RESULTS = "results.json"
-FRONT_EXAMPLES = "front_examples.npz"
-SOURCES = ("warp", "policy_merge")  # the report reads the first that ran
 
 
 @gin.configurable
@@ -108,7 +105,11 @@ def liti(setup: reinforce.Setup, base, merged, eta: float):
 
 def save_policy(setup: reinforce.Setup, directory: str, params, meta: dict) -> None:
     params_io.save_params(
-        directory, params, model_cfg=setup.model_cfg, meta=meta, tokenizer_dir=_tokenizer_dir(setup.ctx)
+        directory,
+        params,
+        model_cfg=setup.model_cfg,
+        meta=meta,
+        tokenizer_dir=setup.ctx.artefacts.trunk_tokenizer_dir(),
     )
 
 
@@ -116,24 +117,20 @@ def load_policy(setup: reinforce.Setup, directory: str):
     return params_io.load_params_checkpoint(directory, setup.ctx.mesh)[2]
 
 
-def _tokenizer_dir(ctx: RunContext) -> str:
-    return ctx.path(io_utils.read_json(ctx.path("pretrain", "model.json"))["tokenizer"])
-
-
 def _finished(directory: str) -> bool:
     io_utils.recover(directory)
     return os.path.isfile(os.path.join(directory, "model.json"))
 
 
-def evaluate_front(setup, reward_fn, base, merged, etas, front_dir: str) -> dict[str, np.ndarray]:
+def evaluate_front(setup, reward_fn, base, merged, etas, run: MergeRun) -> dict[str, np.ndarray]:
     """Every LITI point between ``base`` and ``merged`` on the held-out eval prompts.
 
-    Each point is written to front_dir/<i>.json as it finishes and read back on a rerun. Returns
+    Each point is written to ``run.front_point(i)`` as it finishes and read back on a rerun. Returns
     {"eta" [E], "oracle" | "proxy" | "kl" | "length" [E, P]} (KL to the SFT policy, setup.ref_params).
     """
     rows = []
     for i, eta in enumerate(etas):
-        path = os.path.join(front_dir, f"{i}.json")
+        path = run.front_point(i)
         if os.path.exists(path):
             row = io_utils.read_json(path)
             if abs(row["eta"] - float(eta)) > 1e-12:
@@ -164,25 +161,20 @@ def front_record(iteration: int, front: dict[str, np.ndarray], **extra) -> dict:
     return {"iteration": iteration, "eta": [float(e) for e in front["eta"]], **means, **extra}
 
 
-def write_results(directory: str, iterations: list[dict], fronts: list[dict], **extra) -> dict:
+def write_results(run: MergeRun, iterations: list[dict], fronts: list[dict], **extra) -> dict:
     """front_examples.npz, then results.json naming it with its SHA-256 (process 0 only)."""
     arrays = {}
     for it, front in zip(iterations, fronts):
         for k in ("oracle", "proxy", "kl"):
             arrays[f"iter{it['iteration']}/{k}"] = front[k]
-    sha = io_utils.write_arrays(os.path.join(directory, FRONT_EXAMPLES), arrays)
-    result = {"iterations": iterations, **extra, "per_prompt": {"file": FRONT_EXAMPLES, "sha256": sha}}
-    io_utils.atomic_write_json(os.path.join(directory, RESULTS), result)
+    sha = io_utils.write_arrays(run.front_examples, arrays)
+    result = {
+        "iterations": iterations,
+        **extra,
+        "per_prompt": {"file": os.path.basename(run.front_examples), "sha256": sha},
+    }
+    io_utils.atomic_write_json(run.results, result)
     return result
-
-
-def read_results(workdir: str) -> dict | None:
-    """The WARP results of the first of ``SOURCES`` that ran in ``workdir`` ("source" names it), else None."""
-    for source in SOURCES:
-        path = os.path.join(workdir, source, RESULTS)
-        if os.path.exists(path):
-            return {**io_utils.read_json(path), "source": source, "directory": os.path.dirname(path)}
-    return None
 
 
 def read_front_examples(result: dict) -> dict[str, np.ndarray]:
@@ -213,18 +205,18 @@ def merged_policy(setup, cfg: WarpConfig, init, directory: str, stacked_fn, meta
     if _finished(directory):
         return load_policy(setup, directory)
     stacked = stacked_fn()
-    name = os.path.relpath(directory, setup.ctx.workdir)
+    name = setup.ctx.artefacts.relative(directory)
     merged = merge(setup, stacked, init, cfg.merge_method, name=name, params=cfg.merge_params)
     del stacked
     save_policy(setup, directory, merged, {**meta, "eta": 1.0})
     return merged
 
 
-def run_iteration(setup, reward_fn, cfg: WarpConfig, k: int, init, it_dir: str):
-    """One WARP iteration from ``init``: M EMA-anchored policies, their merge, the LITI front towards
-    ``init``, the next init. Returns (record, front, next init)."""
-    workdir = setup.ctx.workdir
-    merged_dir, next_dir = os.path.join(it_dir, "merged"), os.path.join(it_dir, "next_init")
+def run_iteration(setup, reward_fn, cfg: WarpConfig, k: int, init, it: MergeRun):
+    """One WARP iteration from ``init`` in ``it`` (warp/iter_<k>): M EMA-anchored policies, their merge, the LITI
+    front towards ``init``, the next init. Returns (record, front, next init)."""
+    wd = setup.ctx.artefacts
+    merged_dir, next_dir = it.merged, it.next_init
     meta = {
         "warp_iteration": k,
         "merge_method": cfg.merge_method,
@@ -239,7 +231,7 @@ def run_iteration(setup, reward_fn, cfg: WarpConfig, k: int, init, it_dir: str):
             reward=cfg.reward,
             num_policies=cfg.num_policies,
             init_params=init,
-            run_dir=os.path.join(it_dir, "policies"),
+            run_dir=it.policies.dir,
             anchor="ema",
             stage=f"warp_iter{k}",
         )
@@ -247,17 +239,17 @@ def run_iteration(setup, reward_fn, cfg: WarpConfig, k: int, init, it_dir: str):
         return stacked
 
     merged = merged_policy(setup, cfg, init, merged_dir, train, meta)
-    front = evaluate_front(setup, reward_fn, init, merged, cfg.etas, os.path.join(it_dir, "front"))
+    front = evaluate_front(setup, reward_fn, init, merged, cfg.etas, it)
     if _finished(next_dir):
         nxt = load_policy(setup, next_dir)
     else:
         nxt = liti(setup, init, merged, cfg.next_eta)
         save_policy(setup, next_dir, nxt, {**meta, "eta": cfg.next_eta})
-    paths = {"merged": os.path.relpath(merged_dir, workdir), "next_init": os.path.relpath(next_dir, workdir)}
+    paths = {"merged": wd.relative(merged_dir), "next_init": wd.relative(next_dir)}
     return front_record(k, front, **paths), front, nxt
 
 
-@register_stage("warp", outputs=("metrics/warp_iter*.jsonl", "tensorboard/warp_iter*"))
+@register_stage("warp")
 def run(ctx: RunContext, cfg: WarpConfig | None = None, rl_cfg: reinforce.ReinforceConfig | None = None) -> None:
     """``cfg.iterations`` WARP iterations from the SFT policy; writes WORKDIR/warp/."""
     cfg = cfg or WarpConfig()
@@ -265,7 +257,7 @@ def run(ctx: RunContext, cfg: WarpConfig | None = None, rl_cfg: reinforce.Reinfo
     init = setup.ref_params
     records, fronts = [], []
     for k in range(cfg.iterations):
-        record, front, init = run_iteration(setup, reward_fn, cfg, k, init, ctx.path("warp", f"iter_{k}"))
+        record, front, init = run_iteration(setup, reward_fn, cfg, k, init, ctx.artefacts.warp_iteration(k))
         records.append(record)
         fronts.append(front)
         best = int(np.argmax(record["oracle"]))
@@ -278,7 +270,12 @@ def run(ctx: RunContext, cfg: WarpConfig | None = None, rl_cfg: reinforce.Reinfo
         )
     if jax.process_index() == 0:
         write_results(
-            ctx.path("warp"), records, fronts, reward=cfg.reward, next_eta=cfg.next_eta, config=dataclasses.asdict(cfg)
+            ctx.artefacts.warp,
+            records,
+            fronts,
+            reward=cfg.reward,
+            next_eta=cfg.next_eta,
+            config=dataclasses.asdict(cfg),
         )
 
 
@@ -288,11 +285,12 @@ def run_merge(ctx: RunContext, cfg: WarpConfig | None = None, rl_cfg: reinforce.
     relative to the SFT policy and its LITI front; writes WORKDIR/policy_merge/ (``WarpConfig.etas``,
     ``.merge_method``; the reward and M are the ensemble's own)."""
     cfg = cfg or WarpConfig()
-    run_dir = ctx.path(*policy_ensemble.RUN_DIR)
-    info = io_utils.read_json(os.path.join(run_dir, policy_ensemble.META_FILE))
+    wd = ctx.artefacts
+    policies = wd.policy_ensemble
+    info = io_utils.read_json(policies.meta)
     setup, reward_fn = _setup(ctx, info["reward"], rl_cfg)
     init = setup.ref_params
-    out = ctx.path("policy_merge")
+    out = wd.policy_merge
     meta = {
         "merge_method": cfg.merge_method,
         "num_policies": info["num_policies"],
@@ -300,9 +298,14 @@ def run_merge(ctx: RunContext, cfg: WarpConfig | None = None, rl_cfg: reinforce.
         "anchor": info["anchor"],
     }
     merged = merged_policy(
-        setup, cfg, init, os.path.join(out, "merged"), lambda: policy_ensemble.load_policies(run_dir, setup), meta
+        setup,
+        cfg,
+        init,
+        out.merged,
+        lambda: policies.load_policies(setup.ref_params, setup.param_specs, ctx.mesh),
+        meta,
     )
-    front = evaluate_front(setup, reward_fn, init, merged, cfg.etas, os.path.join(out, "front"))
-    record = front_record(0, front, merged=os.path.relpath(os.path.join(out, "merged"), ctx.workdir))
+    front = evaluate_front(setup, reward_fn, init, merged, cfg.etas, out)
+    record = front_record(0, front, merged=wd.relative(out.merged))
     if jax.process_index() == 0:
         write_results(out, [record], [front], reward=info["reward"], config={**dataclasses.asdict(cfg), **meta})

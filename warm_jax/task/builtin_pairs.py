@@ -28,6 +28,7 @@ from warm_jax.data.tokenizers import Tokenizer, encode_prompts
 from warm_jax.policy import sampler
 from warm_jax.stages import RunContext, register_stage
 from warm_jax.task import prompts as task_prompts
+from warm_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
 
     Also used by ``python -m warm_jax.data prepare --format=builtin --input=WORKDIR``.
     """
-    from warm_jax import pretrain, runtime
+    from warm_jax import runtime
 
     if input_path is None:
         raise ValueError("--format=builtin needs --input=WORKDIR of a finished `pretrain` stage")
@@ -139,8 +140,10 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
     if unknown:
         raise ValueError(f"unknown PairsConfig option(s) {unknown} (--builtin_option); known: {sorted(known)}")
     cfg = dataclasses.replace(PairsConfig(), **overrides)
-    ctx = RunContext(workdir=input_path, mesh=mesh or runtime.make_mesh(), seed=seed)
-    model_cfg, graphdef, params, _, tok = pretrain.load_params(ctx)
+    mesh = mesh or runtime.make_mesh()
+    wd = Workdir(input_path)
+    trunk = wd.load_trunk(mesh)
+    model_cfg, graphdef, params, tok = trunk.model_cfg, trunk.graphdef, trunk.params, trunk.tokenizer
     scorer = oracle_lib.make_oracle(cfg.oracle)
     text_cfg = builtin_text.TextConfig()
     wanted = {"train": cfg.num_train, "validation": cfg.num_validation, "ood": cfg.num_ood}
@@ -149,7 +152,7 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
         is_ood = split == "ood"
         policy = params
         if is_ood and cfg.ood_policy_step is not None:
-            policy = pretrain.load_params(ctx, step=cfg.ood_policy_step)[2]
+            policy = wd.load_trunk(mesh, step=cfg.ood_policy_step).params
         samp_cfg = sampler.SamplingConfig(
             max_new_tokens=cfg.max_response_len - 1,  # room for EOS inside max_response_len
             temperature=cfg.ood_temperature if is_ood else cfg.temperature,
@@ -169,7 +172,7 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
             ptoks, pmask = encode_prompts(prompts, tok, cfg.max_prompt_len)
             key = jax.random.key(seed * 7919 + SPLIT_SEED[split] * 31 + round_)
             doubled_t, doubled_m = np.concatenate([ptoks, ptoks]), np.concatenate([pmask, pmask])
-            texts = sample_texts(sample_fn, policy, doubled_t, doubled_m, key, tok, cfg.sample_batch_size, ctx.mesh)
+            texts = sample_texts(sample_fn, policy, doubled_t, doubled_m, key, tok, cfg.sample_batch_size, mesh)
             new = label_pairs(prompts, texts[:m], texts[m:], scorer, cfg, rng)
             records.extend(apply_length_cue(new, cfg.length_cue, reverse=is_ood, rng=rng))
             round_ += 1
@@ -187,13 +190,10 @@ def run(ctx: RunContext, cfg: PairsConfig | None = None) -> None:
     cfg = cfg or PairsConfig()
     splits = generate_splits(ctx.workdir, ctx.seed, mesh=ctx.mesh, **dataclasses.asdict(cfg))
     if jax.process_index() == 0:
-        tok_dir = ctx.path("tokenizer")
-        from warm_jax.data.tokenizers import load_tokenizer
-
         meta = builders.write_preference_dataset(
-            ctx.path("data"),
+            ctx.artefacts.data,
             splits,
-            tokenizer=load_tokenizer(tok_dir),
+            tokenizer=ctx.artefacts.load_tokenizer(),
             max_prompt_len=cfg.max_prompt_len,
             max_response_len=cfg.max_response_len,
             flip_fraction=cfg.flip_fraction,
