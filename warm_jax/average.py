@@ -53,6 +53,7 @@ from warm_jax import (
     sharding,
 )
 from warm_jax.models import transformer as tr
+from warm_jax.workdir import Workdir
 
 
 def _ints(text: str) -> list[int]:
@@ -124,7 +125,7 @@ def find_model_json(ckpt_dir: str) -> str:
         for d in sorted(os.listdir(members)):
             if os.path.isfile(os.path.join(members, d, "model.json")):
                 return os.path.join(members, d, "model.json")
-    pretrained = os.path.join(os.path.dirname(rm_dir), "pretrain", "model.json")
+    pretrained = Workdir(os.path.dirname(rm_dir)).pretrain_model_json
     if os.path.isfile(pretrained):
         return pretrained
     raise averaging.MergeError(f"{ckpt_dir}: no model.json found in {members}/* or at {pretrained}; pass --model_json")

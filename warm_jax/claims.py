@@ -626,8 +626,9 @@ def _valid_claim(c) -> bool:
 def _read_claims(arg: str) -> tuple[str, list[dict]]:
     """(summary.json path, its claims) for a run's workdir, its report/ folder or a summary.json."""
     from warm_jax import cli_errors, io_utils
+    from warm_jax.workdir import Workdir
 
-    candidates = [arg, os.path.join(arg, "summary.json"), os.path.join(arg, "report", "summary.json")]
+    candidates = [arg, os.path.join(arg, "summary.json"), Workdir(arg).summary_json]
     path = next((c for c in candidates if os.path.isfile(c)), None)
     if path is None:
         raise cli_errors.UserError(

@@ -40,6 +40,7 @@ from warm_jax import sharding
 from warm_jax.average import find_model_json, is_stacked
 from warm_jax.data import builders, pipeline
 from warm_jax.models import transformer as tr
+from warm_jax.workdir import Workdir
 
 SUBSET_FIELD = "subset"
 HF_REWARD_ARCHITECTURE = "LlamaForSequenceClassification"
@@ -174,7 +175,7 @@ def find_dataset(path: str) -> str:
     """``path`` when it holds a prepared dataset, else its ``data/`` (a workdir); an error names ``path``."""
     if os.path.isfile(os.path.join(path, builders.METADATA_FILE)):
         return path
-    inner = os.path.join(path, "data")
+    inner = Workdir(path).data
     if os.path.isfile(os.path.join(inner, builders.METADATA_FILE)):
         return inner
     what = "no such directory" if not os.path.exists(path) else f"no {builders.METADATA_FILE} in it or in its data/"
