@@ -16,11 +16,11 @@ steps each policy samples the held-out eval prompts with the same fixed key (one
 judged by the proxy reward, the oracle and the KL to the pretrained policy (``setup.ref_params``,
 or ``eval_reference``).
 
-Outputs under ``run_dir`` (the stage: WORKDIR/policy_ensemble/): ckpt/ (the stacked state),
-updates.json, policies.json (what ``load_policies`` needs), initial_eval.json (step 0, [M] means),
-<i>/eval_scores/<step>.json and <i>/winrate_scores.json per policy i (the stage's read with
-``reinforce.read_eval_scores(workdir, "policy_ensemble/<i>", steps)``), results.json (per-policy
-eval curves, update counts, skips per policy); metrics/<stage>.jsonl holds [M] lists per step.
+Outputs under ``run_dir`` (a ``workdir.PolicyRun``; the stage's is WORKDIR/policy_ensemble/): ckpt/ (the stacked
+state), updates.json, policies.json (what ``load_policies`` needs), initial_eval.json (step 0, [M] means),
+<i>/eval_scores/<step>.json and <i>/winrate_scores.json per policy i (read with
+``PolicyRun.policy(i).read_eval_scores(steps)``), results.json (per-policy eval curves, update counts, skips per
+policy); metrics/<stage>.jsonl holds [M] lists per step.
 """
 
 from __future__ import annotations
