@@ -456,7 +456,7 @@ class Workdir:
 
     def member_ids(self) -> list[int]:
         """The members rm_ensemble exported (rm/members/<id>), ascending."""
-        return sorted((int(d) for d in os.listdir(self.rm_members) if d.isdigit()), key=int)
+        return sorted(int(d) for d in os.listdir(self.rm_members) if d.isdigit())
 
     def _member_dir(self, member: int) -> str:
         d = self.member(member)
