@@ -52,6 +52,7 @@ def test_every_artefact_path_lies_under_the_workdir_where_earlier_versions_wrote
         wd.rm_members: "rm/members",
         wd.member(3): "rm/members/3",
         wd.ensemble_json: "rm/ensemble.json",
+        wd.rm_probe_examples: "rm/probe_examples.npz",
         wd.rm_warm: "rm/warm",
         wd.selection: "average/selection.json",
         wd.rm_eval: "rm/eval.json",
