@@ -128,7 +128,7 @@ def test_nan_skip_leaves_state_unchanged(base_workdir, tmp_path):
     results = {}
     for name, extra in [
         ("two", ["EnsembleConfig.num_steps = 2"]),
-        ("nan", ["EnsembleConfig.num_steps = 3", "EnsembleConfig.debug_nan_step = 3"]),
+        ("nan", ["EnsembleConfig.num_steps = 3", "FaultInjection.nan_at_step = 3"]),
     ]:
         wd = str(tmp_path / name)
         shutil.copytree(base_workdir, wd)
@@ -142,7 +142,7 @@ def test_nan_skip_leaves_state_unchanged(base_workdir, tmp_path):
 def test_nan_abort_exits_nonzero_and_keeps_last_good_checkpoint(copy_workdir):
     wd = copy_workdir()
     proc = helpers.run_train(
-        wd, STAGE + ["EnsembleConfig.debug_nan_step = 6", "LoopConfig.nan_policy = 'abort'"], check=False
+        wd, STAGE + ["FaultInjection.nan_at_step = 6", "LoopConfig.nan_policy = 'abort'"], check=False
     )
     assert proc.returncode != 0
     assert "non-finite" in proc.stderr

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from warm_jax import io_utils, params_io, pretrain, reward, runtime
+from warm_jax import io_utils, params_io, pretrain, rm_scoring, runtime
 from warm_jax.checkpoints import Checkpointer
 from warm_jax.data import builtin_text
 from warm_jax.data.tokenizers import WordTokenizer
@@ -250,7 +250,7 @@ def test_rewards_by_name_ensemble_is_vmapped_mean_and_conservative_subtracts_std
     toks = jnp.asarray(rng.integers(4, 300, size=(8, 10)), jnp.int32)
     lens = jnp.asarray([10, 3, 5, 7, 10, 1, 4, 9], jnp.int32)
     members = [params_io.load_params_checkpoint(ctx.path("rm", "members", str(i)), ctx.mesh) for i in range(3)]
-    per = np.stack([np.asarray(reward.score(p, g, toks, lens)) for _, g, p, _ in members])  # [M, B]
+    per = np.stack([np.asarray(rm_scoring.score(p, g, toks, lens)) for _, g, p, _ in members])  # [M, B]
     ens = rewards.load_reward(ctx, "ens")
     r, std = ens(toks, lens)
     np.testing.assert_allclose(np.asarray(r), (per.mean(0) - 0.1) / 0.5, rtol=1e-4, atol=1e-5)

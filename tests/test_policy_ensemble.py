@@ -14,7 +14,7 @@ import pytest
 
 from tests import helpers
 from tests.test_policy import make_tiny_workdir
-from warm_jax import runtime, sharding
+from warm_jax import faults, runtime, sharding
 from warm_jax.policy import policy_ensemble, reinforce, rewards
 from warm_jax.stages import RunContext
 
@@ -34,11 +34,12 @@ def setup(tmp_path_factory):
     return reinforce.build(ctx, reinforce.ReinforceConfig(**TINY_RL))
 
 
-def _on(setup, workdir: str, **cfg_changes):
+def _on(setup, workdir: str, fault: faults.FaultInjection | None = None, **cfg_changes):
     """The same setup (and compiled programs) writing into another copy of its workdir."""
     shutil.copytree(setup.ctx.workdir, workdir)
     ctx = RunContext(workdir=workdir, mesh=setup.ctx.mesh, seed=setup.ctx.seed)
-    return dataclasses.replace(setup, ctx=ctx, cfg=dataclasses.replace(setup.cfg, **cfg_changes))
+    cfg = dataclasses.replace(setup.cfg, **cfg_changes)
+    return dataclasses.replace(setup, ctx=ctx, cfg=cfg, fault=fault or setup.fault)
 
 
 def _host(tree):
@@ -143,7 +144,7 @@ def test_ema_anchor_update_matches_numpy_and_is_the_kl_reference(setup):
     moved = jax.jit(lambda p: jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(3), x.shape), p))(
         setup.ref_params
     )
-    gen = setup.train_sampler(moved, t, msk, jax.random.key(5))
+    gen = setup.sampler(moved, t, msk, jax.random.key(5))
     batch = {"prompt_tokens": t, "prompt_mask": msk, "response_tokens": gen["tokens"], "response_mask": gen["mask"]}
     f32 = lambda p: jax.tree.map(lambda x: x.astype(np.float32), p)  # noqa: E731
 
@@ -231,15 +232,15 @@ def test_resume_after_an_interruption_gives_the_same_policies(setup, tmp_path):
 
 
 def test_a_non_finite_policy_update_is_skipped_for_that_policy_and_reported(setup, tmp_path, caplog):
-    c = _on(setup, str(tmp_path / "c"), debug_nan_step=2)
+    c = _on(setup, str(tmp_path / "c"), fault=faults.FaultInjection(nan_at_step=2, nan_members=(1,)))
     run_c = c.ctx.path("rl", "pe")
     ckpt = os.path.join(run_c, "ckpt")
     with caplog.at_level(logging.WARNING, logger="warm_jax.loop"):
-        _train(c, run_c, num_steps=1, debug_nan_policy=1)
+        _train(c, run_c, num_steps=1)
         _, at1 = helpers.restore_tree(ckpt)
-        _train(c, run_c, num_steps=2, debug_nan_policy=1)
+        _train(c, run_c, num_steps=2)
         _, at2 = helpers.restore_tree(ckpt)
-        _train(c, run_c, debug_nan_policy=1)
+        _train(c, run_c)
     assert any("non-finite member(s) [1]" in r.getMessage() and "step 2" in r.getMessage() for r in caplog.records)
     updates = json.load(open(os.path.join(run_c, "updates.json")))
     assert json.load(open(os.path.join(run_c, "results.json")))["policy_skipped"] == [0, 1]

@@ -82,7 +82,7 @@ def test_kl_is_zero_at_the_reference_and_the_sampler_never_recompiles(ctx):
     for _ in range(2):
         state, m = runner(state, batch)
     assert float(m["kl"]) > 1e-4  # the policy moved
-    assert setup.train_sampler._cache_size() == 1  # new params swapped in, no recompile
+    assert setup.sampler._cache_size() == 1  # new params swapped in, no recompile
     ev = reinforce.evaluate_policy(setup, setup.ref_params, reward_fn, setup.eval_prompts, reinforce.eval_key(setup))
     assert np.all(ev["kl"] == 0.0) and ev["oracle"].shape == (8,)
 
@@ -137,7 +137,7 @@ def test_exact_resume_after_sigkill(ctx, tmp_path):
     for d in (a, b):
         shutil.copytree(ctx.workdir, d)
     # Killed at the start of step 3 (steps 1-2 saved), then rerun to the end.
-    killed = _run_stage(b, _bindings() + ["ReinforceConfig.debug_kill_step = 3"], check=False)
+    killed = _run_stage(b, _bindings() + ["FaultInjection.kill_at_step = 3"], check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not os.path.exists(os.path.join(b, "rl", "results.json"))
     _run_stage(b, _bindings())

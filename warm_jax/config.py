@@ -52,6 +52,7 @@ RUN_ONLY = frozenset(
         "LoopConfig.save_interval_steps",  # which steps are saved: a resume is bitwise exact from any of them
         "LoopConfig.max_to_keep",  # retention of old steps (PretrainConfig.keep_steps is compared)
         "LoopConfig.async_save",  # whether a save blocks the loop
+        "FaultInjection.kill_at_step",  # tests: a crash; the resumed run computes what an uninterrupted one does
         "metrics.writers",  # where metrics go besides the JSONL
         "metrics.wandb_project",
         "metrics.wandb_entity",

@@ -21,7 +21,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import averaging, feature_probe, io_utils, loop, params_io, pretrain, reward, runtime, seeds, sharding
+from warm_jax import averaging, faults, feature_probe, io_utils, loop, params_io, pretrain, rm_scoring, runtime
+from warm_jax import seeds, sharding
 from warm_jax.data import pipeline
 from warm_jax.data.local_rows import LocalRows, local_rows
 from warm_jax.models import transformer as tr
@@ -55,7 +56,6 @@ class EnsembleConfig:
     # Negative control (not WARM): each member from its own random init, no pretraining, no probe.
     random_init: bool = False
     probe_gate: bool = True  # also probe random-init features and score both probes on validation and ood
-    debug_nan_step: int = -1  # tests: poison member losses at this step
 
 
 def per_member(values, m: int, binding: str) -> list:
@@ -135,18 +135,19 @@ def probe_gate(ctx: RunContext, model_cfg, graphdef, base, train_diff, head, cfg
 # ----------------------------------------------------------------------------- the step
 
 
-def member_step(state: TrainState, batch, dropout_rate, *, graphdef, tx, cfg: EnsembleConfig):
+def member_step(state: TrainState, batch, dropout_rate, nan_at_step, *, graphdef, tx, cfg: EnsembleConfig):
     """One Bradley–Terry update of ONE member (vmapped over members by the caller).
 
-    batch: chosen/rejected tokens [B, T], lengths [B]. Returns (state, metrics of scalars).
+    batch: chosen/rejected tokens [B, T], lengths [B]; nan_at_step: int32 [] (``faults``; −1 = never).
+    Returns (state, metrics of scalars).
     """
     # Rate 0 for every member is known when the step is traced: draw no masks (threefry over every
     # residual activation is ~5% of a CPU step), which is exactly dropout at rate 0.
     key = state.step_key() if any(r > 0 for r in cfg.dropout_rates) else None
 
     def loss_fn(params):
-        r_c, r_r = reward.pair_rewards(params, graphdef, batch, dropout_rate=dropout_rate, key=key)
-        loss, aux = reward.bradley_terry(r_c, r_r, margin=cfg.margin, center_coef=cfg.center_coef)
+        r_c, r_r = rm_scoring.pair_rewards(params, graphdef, batch, dropout_rate=dropout_rate, key=key)
+        loss, aux = rm_scoring.bradley_terry(r_c, r_r, margin=cfg.margin, center_coef=cfg.center_coef)
         return loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -154,7 +155,7 @@ def member_step(state: TrainState, batch, dropout_rate, *, graphdef, tx, cfg: En
         # The BT loss only sees r⁺ − r⁻, so the head's bias is unidentifiable: its gradient is
         # rounding noise that Adam would normalise into lr-sized steps. Keep it fixed.
         grads = {**grads, "reward_head": {**grads["reward_head"], "bias": jnp.zeros_like(grads["reward_head"]["bias"])}}
-    new, loss, finite = guarded_update(state, loss, grads, tx, debug_nan_step=cfg.debug_nan_step)
+    new, loss, finite = guarded_update(state, loss, grads, tx, nan_at_step=nan_at_step)
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
@@ -165,16 +166,19 @@ def member_step(state: TrainState, batch, dropout_rate, *, graphdef, tx, cfg: En
     return new, metrics
 
 
-def ensemble_step_fn(graphdef, tx, cfg: EnsembleConfig, state_sh, batch_sh, member_sh, replicated):
-    """ONE jit of the vmapped member step, with explicit shardings and the state donated."""
+def ensemble_step_fn(graphdef, tx, cfg: EnsembleConfig, state_sh, batch_sh, member_sh, replicated, *, nan_steps=None):
+    """ONE jit of the vmapped member step, with explicit shardings and the state donated.
+
+    nan_steps: int32 [M] (``faults.FaultInjection.member_nan_steps``, tests) or None (never)."""
     vstep = jax.vmap(
         functools.partial(member_step, graphdef=graphdef, tx=tx, cfg=cfg),
-        in_axes=(0, None if cfg.shared_data_order else 0, 0),
+        in_axes=(0, None if cfg.shared_data_order else 0, 0, None if nan_steps is None else 0),
         spmd_axis_name=sharding.ENSEMBLE,
     )
 
     def step(state, batch, dropout_rates):
-        state, metrics = vstep(state, batch, dropout_rates)
+        nan = jnp.int32(faults.NEVER) if nan_steps is None else jnp.asarray(nan_steps, jnp.int32)
+        state, metrics = vstep(state, batch, dropout_rates, nan)
         # One verdict for the loop; which members skipped goes into its error.
         metrics["member_finite"] = metrics["finite"]
         metrics["finite"] = jnp.all(metrics["finite"])
@@ -339,9 +343,15 @@ def dataset_dir(ctx: RunContext, cfg: EnsembleConfig) -> str:
 
 
 def train_ensemble(
-    ctx: RunContext, cfg: EnsembleConfig | None = None, *, stage: str = "rm_ensemble", ckpt_dir: str | None = None
+    ctx: RunContext,
+    cfg: EnsembleConfig | None = None,
+    *,
+    stage: str = "rm_ensemble",
+    ckpt_dir: str | None = None,
+    fault: faults.FaultInjection | None = None,
 ) -> tuple[Ensemble, TrainState]:
     cfg = cfg or EnsembleConfig()
+    fault = fault or faults.FaultInjection()
     mesh = ctx.mesh
     source = pipeline.load_split(dataset_dir(ctx, cfg), "train")
     ens = build(ctx, cfg, source)
@@ -357,7 +367,14 @@ def train_ensemble(
     iterator = member_iterators(cfg, source, seeds, local)
     member_sh = NamedSharding(mesh, P(sharding.ENSEMBLE))
     step = ensemble_step_fn(
-        ens.graphdef, ens.tx, cfg, ens.state_shardings, batch_shardings, member_sh, sharding.replicated(mesh)
+        ens.graphdef,
+        ens.tx,
+        cfg,
+        ens.state_shardings,
+        batch_shardings,
+        member_sh,
+        sharding.replicated(mesh),
+        nan_steps=fault.member_nan_steps(cfg.num_members),
     )
     dropout = sharding.put_global(
         np.asarray(per_member(cfg.dropout_rates, cfg.num_members, "dropout_rates"), np.float32), member_sh
@@ -374,6 +391,7 @@ def train_ensemble(
         num_steps=cfg.num_steps,
         ckpt_dir=ckpt_dir or ctx.artefacts.rm_ckpt,
         show=("loss", "accuracy"),
+        fault=fault,
     )
     pipeline.log_reads(stage, iterator)
     return ens, state

@@ -48,7 +48,7 @@ from warm_jax import (
     ensemble,
     io_utils,
     loop,
-    reward,
+    rm_scoring,
     sharding,
     stats,
 )
@@ -199,7 +199,7 @@ class Scorer:
     def __init__(self, graphdef, mesh, batch_size: int):
         self.mesh = mesh
         self.batch_size = batch_size
-        score = functools.partial(reward.score, graphdef=graphdef)
+        score = functools.partial(rm_scoring.score, graphdef=graphdef)
         # Replicated outputs: every process reads every reward (multi-host safe).
         rep = sharding.replicated(mesh)
         self._one = jax.jit(lambda p, t, l: score(p, tokens=t, lengths=l), out_shardings=rep)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warm_jax import reward, sharding
+from warm_jax import rm_scoring, sharding
 from warm_jax.data import pipeline
 
 GATE_ACCURACY = 0.70
@@ -35,7 +35,7 @@ def feature_diffs(params, graphdef, source, *, batch_size: int = 256) -> np.ndar
     features, and placing the inputs by batch shard would change their rounding (a differently partitioned program).
     """
     mesh = jax.tree.leaves(params)[0].sharding.mesh
-    feat = jax.jit(functools.partial(reward.features, graphdef=graphdef), out_shardings=sharding.replicated(mesh))
+    feat = jax.jit(functools.partial(rm_scoring.features, graphdef=graphdef), out_shardings=sharding.replicated(mesh))
     diffs = []
     for batch in pipeline.eval_batches(source, batch_size, fields=FEATURE_FIELDS, process_index=0, process_count=1):
         fc = feat(params, tokens=batch["chosen_tokens"], lengths=batch["chosen_length"])

@@ -20,7 +20,7 @@ import gin
 import jax
 import numpy as np
 
-from warm_jax import checkpoints, cli_errors, io_utils
+from warm_jax import checkpoints, cli_errors, faults, io_utils
 from warm_jax.metrics import MetricsWriter, Progress
 
 log = logging.getLogger(__name__)
@@ -139,14 +139,17 @@ def train(
     cfg: LoopConfig | None = None,
     show: tuple[str, ...] = ("loss",),
     on_log: Callable[[int, dict], dict] | None = None,
+    fault: faults.FaultInjection | None = None,
 ):
     """Runs ``step_fn`` until ``num_steps``, resuming from ``ckpt_dir`` when it has a checkpoint.
 
     ``state`` is the freshly initialised state (ignored when resuming); ``abstract_state``
     carries the target shardings. ``iterator`` has get_state/set_state and is saved with the
-    model so a resumed run replays no batch and skips none. Returns the final state.
+    model so a resumed run replays no batch and skips none. ``fault`` (default: gin's; tests) may kill the
+    process when a step starts. Returns the final state.
     """
     cfg = cfg or LoopConfig()
+    fault = fault or faults.FaultInjection()
     checkpoints.install_sigterm_handler()
     ckpt = checkpoints.Checkpointer(
         ckpt_dir,
@@ -170,6 +173,7 @@ def train(
         step = scalar_step(state)
         progress = Progress(stage, num_steps, start=step)
         while step < num_steps:
+            fault.kill_if_due(step)
             batch = to_device(next(iterator))
             state, metrics = step_fn(state, batch)
             step += 1

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warm_jax import loop, params_io, runtime, sharding
+from warm_jax import faults, loop, params_io, runtime, sharding
 from warm_jax.data import builtin_text
 from warm_jax.data import pipeline
 from warm_jax.data.local_rows import local_rows
@@ -41,7 +41,6 @@ class PretrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     keep_steps: tuple[int, ...] = ()  # extra checkpoints for Baklava featurizers
-    debug_nan_step: int = -1  # tests: poison the loss at this step
 
 
 def tokenize_documents(docs, tok: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
@@ -74,7 +73,7 @@ def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
-def _train_step(state: TrainState, batch, *, graphdef, tx, model_cfg, debug_nan_step):
+def _train_step(state: TrainState, batch, *, graphdef, tx, model_cfg, nan_at_step):
     key = state.step_key()
     loss, grads = jax.value_and_grad(lm_loss)(
         state.params,
@@ -84,7 +83,7 @@ def _train_step(state: TrainState, batch, *, graphdef, tx, model_cfg, debug_nan_
         dropout_rate=model_cfg.dropout_rate,
         key=key if model_cfg.dropout_rate > 0 else None,
     )
-    new, loss, finite = guarded_update(state, loss, grads, tx, debug_nan_step=debug_nan_step)
+    new, loss, finite = guarded_update(state, loss, grads, tx, nan_at_step=nan_at_step)
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "finite": finite}
 
 
@@ -113,8 +112,14 @@ def sharded_init(model_cfg: tr.ModelConfig, mesh, key):
 
 
 @register_stage("pretrain")
-def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_text.TextConfig | None = None):
+def run(
+    ctx: RunContext,
+    cfg: PretrainConfig | None = None,
+    text_cfg: builtin_text.TextConfig | None = None,
+    fault: faults.FaultInjection | None = None,
+):
     cfg = cfg or PretrainConfig()
+    fault = fault or faults.FaultInjection()
     text_cfg = text_cfg or builtin_text.TextConfig()
     tok = build_tokenizer(ctx, text_cfg)
     model_cfg = model_config(tok)
@@ -138,9 +143,7 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
         records, batch_size=cfg.batch_size, seed=ctx.seed, fields=("tokens", "mask"), local=local
     )
     step = jax.jit(
-        functools.partial(
-            _train_step, graphdef=graphdef, tx=tx, model_cfg=model_cfg, debug_nan_step=cfg.debug_nan_step
-        ),
+        functools.partial(_train_step, graphdef=graphdef, tx=tx, model_cfg=model_cfg, nan_at_step=fault.nan_at_step),
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -159,6 +162,7 @@ def run(ctx: RunContext, cfg: PretrainConfig | None = None, text_cfg: builtin_te
         num_steps=cfg.num_steps,
         ckpt_dir=ctx.artefacts.pretrain_ckpt,
         keep_steps=cfg.keep_steps,
+        fault=fault,
     )
     pipeline.log_reads("pretrain", iterator)
     if jax.process_index() == 0:

@@ -103,9 +103,6 @@ def initialize(
         jax.distributed.initialize(initialization_timeout=init_timeout_s)
         return spec
     rendezvous(spec, init_timeout_s)
-    if _cpu_only():
-        # CPU processes need a collectives backend to talk to each other (tests, local runs).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info(
         "jax.distributed: process %d/%d, coordinator %s (%s)",
         spec.process_id,
@@ -218,11 +215,6 @@ def _cpu_option_if_supported(name: str, value: str) -> dict[str, str]:
         log.warning("XLA option %s=%s not supported by this jaxlib (%s); using XLA's default", name, value, e)
         return {}
     return opts
-
-
-def _cpu_only() -> bool:
-    platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
-    return platforms.strip().lower() == "cpu"
 
 
 def is_main_process() -> bool:

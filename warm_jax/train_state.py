@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from warm_jax import faults
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -62,15 +64,15 @@ def select(pred, new, old):
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
-def guarded_update(state: TrainState, loss, grads, tx: optax.GradientTransformation, *, debug_nan_step: int = -1):
+def guarded_update(state: TrainState, loss, grads, tx: optax.GradientTransformation, *, nan_at_step=faults.NEVER):
     """One optimizer update that is skipped in-graph when the loss, a gradient or a new parameter is non-finite.
 
     The step counter still advances (so the data iterator and the step key move on), but params
-    and optimizer state keep their old values. ``debug_nan_step`` (tests) poisons the loss and
-    gradients at that step. Returns (new state, loss, finite flag).
+    and optimizer state keep their old values. ``nan_at_step`` (``faults.FaultInjection``, tests; may be
+    traced) poisons the loss and gradients of the update that makes that step. Returns (new state, loss,
+    finite flag).
     """
-    poison = jnp.where(state.step + 1 == debug_nan_step, jnp.nan, 1.0)
-    loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
+    loss, grads = faults.poison(state.step + 1, nan_at_step, loss, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The new params too: an optimizer can overflow finite gradients (a huge learning rate, a tiny second

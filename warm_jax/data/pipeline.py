@@ -369,10 +369,6 @@ class PreferenceIterator:
         self._step = 0
         self._perms: tuple[int, np.ndarray] | None = None  # (epoch, int64[M or 1, N]) cache
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._steps_per_epoch
-
     def _orders(self, epoch: int) -> np.ndarray:
         """int64[M or 1, N]: the example order of each member (or the shared order) in `epoch`."""
         if self._perms is None or self._perms[0] != epoch:

@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import logging
 import os
-import signal
 import zlib
 
 import gin
@@ -59,7 +58,6 @@ class PolicyEnsembleConfig:
     num_policies: int = 4
     reward: str = "warm"  # a name of rewards.REWARD_NAMES
     anchor: str = "ema"  # the KL anchor, reinforce.ANCHORS (WARP: 'ema', rate ReinforceConfig.ema_rate)
-    debug_nan_policy: int = -1  # tests: poison only this policy at ReinforceConfig.debug_nan_step (-1: all)
 
     def __post_init__(self):
         if self.num_policies < 1:
@@ -69,10 +67,6 @@ class PolicyEnsembleConfig:
                 f"PolicyEnsembleConfig.reward = {self.reward!r} is unknown; choose from {rewards_lib.REWARD_NAMES}"
             )
         reinforce.check_anchor(self.anchor, "PolicyEnsembleConfig.anchor")
-        if not -1 <= self.debug_nan_policy < self.num_policies:
-            raise ValueError(
-                f"PolicyEnsembleConfig.debug_nan_policy must be -1 or a policy index, got {self.debug_nan_policy}"
-            )
 
 
 # ----------------------------------------------------------------------------- keys and data order
@@ -142,7 +136,7 @@ def policy_step(
         cfg=cfg,
         pad_id=pad_id,
         anchor=anchor,
-        debug_nan_step=nan_step,
+        nan_at_step=nan_step,
     )
     return state, metrics, gen["tokens"]
 
@@ -324,9 +318,6 @@ class EnsembleRunner:
         self.params = None
 
     def __call__(self, state, batch):
-        cfg = self.setup.cfg
-        if cfg.debug_kill_step >= 0 and loop.scalar_step(state) == cfg.debug_kill_step:
-            os.kill(os.getpid(), signal.SIGKILL)
         prompts = {"tokens": batch["tokens"], "mask": batch["mask"]}
         state, metrics, tokens = self.progs.step(state, self.anchor_params, self.rm_state, prompts, self.nan_steps)
         self.last = (batch["texts_index"], tokens)
@@ -349,7 +340,6 @@ def train_policies(
     stage: str,
     num_steps: int | None = None,
     eval_reference=None,
-    debug_nan_policy: int = -1,
 ):
     """Trains ``num_policies`` policies from ``init_params`` against ``reward``; returns their
     stacked final params [M, ...] (sharded with the 'ensemble' axis leading). Resumes from
@@ -363,7 +353,7 @@ def train_policies(
     eval_reference: the policy the evaluations' KL is measured to, sharded like ``setup.ref_params``
       (default: ``setup.ref_params``, the pretrained/SFT policy, so that KLs of WARP iterations that
       start elsewhere stay on one axis; pass ``init_params`` for the KL to this run's start).
-    debug_nan_policy: tests — the policy poisoned at ``setup.cfg.debug_nan_step`` (−1: all of them).
+    ``setup.fault`` (tests) may poison some policies' updates at a step (``faults.FaultInjection``).
     """
     ctx, cfg = setup.ctx, setup.cfg
     run = PolicyRun(run_dir)
@@ -385,8 +375,7 @@ def train_policies(
     keys = sharding.put_global(policy_keys(ctx.seed, stage, m), progs.member_sh)
     state = progs.init(init_params, keys)
     abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), progs.state_sh)
-    nan_steps = np.asarray([cfg.debug_nan_step if debug_nan_policy in (-1, i) else -1 for i in range(m)], np.int32)
-    nan_steps = sharding.put_global(nan_steps, progs.member_sh)
+    nan_steps = sharding.put_global(setup.fault.member_nan_steps(m), progs.member_sh)
 
     k = cfg.samples_per_prompt
     iterator = StackedIterator([reinforce.prompt_iterator(setup, s) for s in policy_seeds(ctx.seed, stage, m)])
@@ -444,6 +433,7 @@ def train_policies(
         cfg=loop_cfg,
         show=("proxy", "kl", "oracle"),
         on_log=on_log,
+        fault=setup.fault,
     )
     wr = evaluate(final.params, prompts=setup.winrate_prompts, key=jax.random.fold_in(key, 1))
     if jax.process_index() == 0:
@@ -500,5 +490,4 @@ def run(
         run_dir=ctx.artefacts.policy_ensemble.dir,
         anchor=cfg.anchor,
         stage="policy_ensemble",
-        debug_nan_policy=cfg.debug_nan_policy,
     )

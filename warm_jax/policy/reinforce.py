@@ -39,7 +39,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import time
 
 import flax.struct
@@ -50,7 +49,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from warm_jax import batched, io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, runtime, sharding
+from warm_jax import batched, faults, io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, runtime, sharding
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
 from warm_jax.policy import advantages, sampler, winrate
@@ -90,8 +89,6 @@ class ReinforceConfig:
     # KL anchors to train a policy with, one run per reward and anchor (see ANCHORS); WARP's μ for 'ema'.
     anchors: tuple[str, ...] = ("init",)
     ema_rate: float = 0.01
-    debug_nan_step: int = -1  # tests: poison the loss at this step
-    debug_kill_step: int = -1  # tests: SIGKILL this process when this step starts
 
     def __post_init__(self):
         advantages.get_estimator(self.baseline)
@@ -208,13 +205,13 @@ def reinforce_update(
     cfg: ReinforceConfig,
     pad_id: int,
     anchor: str = "init",
-    debug_nan_step=None,
+    nan_at_step=faults.NEVER,
 ):
     """One REINFORCE update (pure). batch: prompt_tokens/prompt_mask [B, P] (k consecutive rows
     per prompt), response_tokens/response_mask [B, N]. The KL is to ``ref_params`` for anchor
     'init' and to ``state.anchor`` (an AnchoredState's EMA, then updated) for 'ema'.
-    ``debug_nan_step`` (tests; may be traced) overrides ``cfg.debug_nan_step``. Returns (state,
-    scalar metrics)."""
+    ``nan_at_step`` (``faults``, tests; may be traced) poisons the update that makes that step. Returns
+    (state, scalar metrics)."""
     p = batch["prompt_tokens"].shape[1]
     tokens, mask = _sequences(batch)
     rmask = batch["response_mask"].astype(jnp.float32)
@@ -246,8 +243,7 @@ def reinforce_update(
         return pg + cfg.value_coef * v_loss, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    nan_step = cfg.debug_nan_step if debug_nan_step is None else debug_nan_step
-    new, loss, finite = guarded_update(state, loss, grads, tx, debug_nan_step=nan_step)
+    new, loss, finite = guarded_update(state, loss, grads, tx, nan_at_step=nan_at_step)
     if anchor == "ema":
         # After the update, towards the new params (WARP's order); a skipped update moves nothing.
         new = new.replace(anchor=select(finite, ema_update(state.anchor, new.params, cfg.ema_rate), state.anchor))
@@ -296,14 +292,14 @@ class Setup:
     tx: optax.GradientTransformation
     state_sh: TrainState
     batch_sh: object
-    train_sampler: object
-    eval_sampler: object
+    sampler: object  # one compiled program for training rollouts and evals (same config and shardings)
     eval_chunk: int
     train_prompts: task_prompts.PromptSet
     eval_prompts: task_prompts.PromptSet
     winrate_prompts: task_prompts.PromptSet
     oracle: oracle_lib.Oracle
-    compiled: dict  # (reward kind, anchor) → (update, eval_scores); other programs by their own keys
+    compiled: dict  # (reward kind, anchor, nan step) → (update, eval_scores); other programs by their own keys
+    fault: faults.FaultInjection = faults.FaultInjection()  # tests only (see ``faults``)
 
 
 def state_shardings(setup: Setup, anchor: str):
@@ -314,7 +310,8 @@ def state_shardings(setup: Setup, anchor: str):
     return sharding.named(setup.ctx.mesh, policy_state_specs(setup.tx, abstract, setup.param_specs, anchor))
 
 
-def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
+def build(ctx: RunContext, cfg: ReinforceConfig, fault: faults.FaultInjection | None = None) -> Setup:
+    """Everything the runs share; ``fault``: tests only (default: gin's, which injects nothing)."""
     mesh = ctx.mesh
     trunk = ctx.artefacts.load_trunk(mesh)
     model_cfg, graphdef, ref_params, param_specs = trunk.model_cfg, trunk.graphdef, trunk.params, trunk.specs
@@ -336,16 +333,13 @@ def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
     batch_sh = sharding.batch_sharding(mesh, 2)
     param_sh = sharding.named(mesh, param_specs)
     repl = sharding.replicated(mesh)
-    samp = functools.partial(
-        sampler.SamplingConfig,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
+    samp_cfg = sampler.SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id
     )
     # Explicit shardings: new params (same shapes, same shardings) never trigger a recompile.
-    train_sampler = sampler.make_sampler(graphdef, model_cfg, samp(), in_shardings=(param_sh, batch_sh, batch_sh, repl))
-    eval_sampler = sampler.make_sampler(graphdef, model_cfg, samp(), in_shardings=(param_sh, batch_sh, batch_sh, repl))
+    policy_sampler = sampler.make_sampler(
+        graphdef, model_cfg, samp_cfg, in_shardings=(param_sh, batch_sh, batch_sh, repl)
+    )
     eval_chunk = sharding.shard_batch_size(min(256, cfg.num_eval_prompts), batch_sh)
     return Setup(
         ctx,
@@ -358,20 +352,20 @@ def build(ctx: RunContext, cfg: ReinforceConfig) -> Setup:
         tx,
         state_sh,
         batch_sh,
-        train_sampler,
-        eval_sampler,
+        policy_sampler,
         eval_chunk,
         tr_,
         ev,
         wr,
         oracle_lib.make_oracle(cfg.oracle),
         {},
+        fault or faults.FaultInjection(),
     )
 
 
 def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn, anchor: str = "init"):
     """(update, eval) jitted for this reward's kind and the KL anchor; rewards of one kind share them."""
-    name = (reward_fn.kind, anchor)
+    name = (reward_fn.kind, anchor, setup.fault.nan_at_step)
     if name not in setup.compiled:
         mesh, cfg = setup.ctx.mesh, setup.cfg
         repl = sharding.replicated(mesh)
@@ -387,6 +381,7 @@ def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn, anchor: str = "i
                 cfg=cfg,
                 pad_id=setup.tok.pad_id,
                 anchor=anchor,
+                nan_at_step=setup.fault.nan_at_step,
             ),
             in_shardings=(state_sh, param_sh, rm_sh, setup.batch_sh),
             out_shardings=(state_sh, repl),
@@ -415,7 +410,7 @@ def evaluate_policy(setup: Setup, params, reward_fn, prompts: task_prompts.Promp
     """Samples ``prompts`` with a fixed key; per-prompt oracle, proxy, KL and length (host arrays)."""
     mesh = setup.ctx.mesh
     samples = sampler.sample_in_batches(
-        setup.eval_sampler, params, prompts.tokens, prompts.mask, key, batch=setup.eval_chunk, mesh=mesh
+        setup.sampler, params, prompts.tokens, prompts.mask, key, batch=setup.eval_chunk, mesh=mesh
     )
     _, evaluate = compiled_for(setup, reward_fn)
     rm_state = rm_state_on_mesh(reward_fn, mesh)
@@ -472,12 +467,9 @@ class StepRunner:
         self.params = None  # the latest params (valid until the next step donates them)
 
     def __call__(self, state: TrainState, batch):
-        cfg = self.setup.cfg
-        if cfg.debug_kill_step >= 0 and loop.scalar_step(state) == cfg.debug_kill_step:
-            os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.perf_counter()
         key = jax.random.fold_in(state.step_key(), 0)
-        gen = self.setup.train_sampler(state.params, batch["tokens"], batch["mask"], key)
+        gen = self.setup.sampler(state.params, batch["tokens"], batch["mask"], key)
         jax.block_until_ready(gen)
         t1 = time.perf_counter()
         full = {
@@ -577,6 +569,7 @@ def train_one(setup: Setup, name: str, anchor: str = "init") -> TrainState:
         cfg=loop_cfg,
         show=("proxy", "kl", "oracle"),
         on_log=on_log,
+        fault=setup.fault,
     )
     wr = evaluate_policy(setup, final.params, reward_fn, setup.winrate_prompts, jax.random.fold_in(eval_key(setup), 1))
     if jax.process_index() == 0:

@@ -2,7 +2,7 @@
 
 A policy sequence is a left-padded prompt ``[B, P]`` followed by a response ``[B, N]`` (real
 tokens first, then padding). Reward models read right-padded sequences with lengths (see
-``warm_jax.reward``), so ``repack`` moves each row's real tokens to the front, on device.
+``warm_jax.rm_scoring``), so ``repack`` moves each row's real tokens to the front, on device.
 
 Reward names (``load_reward``):
 
@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from warm_jax import reward
+from warm_jax import rm_scoring
 from warm_jax.stages import RunContext
 
 REWARD_NAMES = ("warm", "member_best", "ens", "ens_conservative")
@@ -56,7 +56,7 @@ def repack(prompt_tokens, prompt_mask, response_tokens, response_mask, *, pad_id
 
 def ensemble_scores(stacked_params, graphdef, tokens, lengths):
     """Every member's reward in one vmapped pass. stacked_params: [M, ...] leaves → [M, B]."""
-    return jax.vmap(lambda p: reward.score(p, graphdef, tokens, lengths))(stacked_params)
+    return jax.vmap(lambda p: rm_scoring.score(p, graphdef, tokens, lengths))(stacked_params)
 
 
 def apply_reward(rm_state, tokens, lengths, *, graphdef, ensemble_size: int | None):
@@ -70,7 +70,7 @@ def apply_reward(rm_state, tokens, lengths, *, graphdef, ensemble_size: int | No
     """
     params = rm_state["params"]
     if ensemble_size is None:
-        r = reward.score(params, graphdef, tokens, lengths)
+        r = rm_scoring.score(params, graphdef, tokens, lengths)
         std = jnp.zeros_like(r)
     else:
         rs = ensemble_scores(params, graphdef, tokens, lengths)  # [M, B]
