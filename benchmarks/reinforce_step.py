@@ -50,9 +50,7 @@ def run_case(name: str, reps: int) -> dict:
     from warm_jax.policy import reinforce, rewards, sampler
 
     kw, prompts, k, p_len, new = CASES[name]
-    cfg = reinforce.ReinforceConfig(
-        prompts_per_step=prompts, samples_per_prompt=k, max_prompt_len=p_len, max_new_tokens=new
-    )
+    cfg = reinforce.ReinforceConfig(prompts_per_step=prompts, samples_per_prompt=k)
     model_cfg = tr.ModelConfig(max_len=p_len + new, **kw)
     graphdef, _, _ = tr.abstract_model(model_cfg)
     init = jax.jit(lambda key: tr.init_params(model_cfg, key))

@@ -28,8 +28,9 @@ TINY = [
     "PairsConfig.num_train = 96",
     "PairsConfig.num_validation = 48",
     "PairsConfig.num_ood = 48",
-    "PairsConfig.max_prompt_len = 8",
-    "PairsConfig.max_response_len = 12",
+    # One text shape for the data and the policy stages of a pipeline (pairs of 12 response tokens with the EOS).
+    "GenerationConfig.max_prompt_len = 8",
+    "GenerationConfig.max_new_tokens = 11",
     "PairsConfig.sample_batch_size = 64",
     "EnsembleConfig.num_members = 4",
     "EnsembleConfig.batch_size = 8",
@@ -48,8 +49,6 @@ TINY_RL = dict(
     num_steps=4,
     prompts_per_step=4,
     samples_per_prompt=2,
-    max_prompt_len=8,
-    max_new_tokens=6,
     num_train_prompts=32,
     eval_every=2,
     num_eval_prompts=8,
@@ -57,17 +56,29 @@ TINY_RL = dict(
     learning_rate=1e-2,
 )
 
+# GenerationConfig keyword arguments for in-process policy tests: shorter responses than the pipeline's (the
+# reward models score any length; a stage run in-process compares no configuration record).
+TINY_GEN = dict(max_prompt_len=8, max_new_tokens=6)
+
+
+def tiny_gen():
+    from warm_jax.task.generation import GenerationConfig
+
+    return GenerationConfig(**TINY_GEN)
+
+
+def gen_bindings(**changes) -> list[str]:
+    """TINY_GEN as gin bindings (for a stage run in a child process or under ``gin_config``)."""
+    return [f"GenerationConfig.{k} = {v!r}" for k, v in {**TINY_GEN, **changes}.items()]
+
+
 TINY_POLICY = [
     "BonConfig.n_values = (1, 2, 4)",
     "BonConfig.num_prompts = 8",
-    "BonConfig.max_prompt_len = 8",
-    "BonConfig.max_new_tokens = 6",
     "ReinforceConfig.rewards = ('warm', 'member_best')",
     "ReinforceConfig.num_steps = 2",
     "ReinforceConfig.prompts_per_step = 4",
     "ReinforceConfig.samples_per_prompt = 2",
-    "ReinforceConfig.max_prompt_len = 8",
-    "ReinforceConfig.max_new_tokens = 6",
     "ReinforceConfig.num_train_prompts = 32",
     "ReinforceConfig.eval_every = 2",
     "ReinforceConfig.num_eval_prompts = 8",

@@ -278,12 +278,10 @@ def test_bon_stage_writes_results_and_n1_is_the_plain_sample_mean(workdir):
     cfg = bon.BonConfig(
         n_values=(1, 2, 4, 8),
         num_prompts=8,
-        max_prompt_len=8,
-        max_new_tokens=6,
         sample_batch_size=32,
         score_batch_size=32,
     )
-    bon.run(workdir, cfg)
+    bon.run(workdir, cfg, helpers.tiny_gen())
     res = json.load(open(workdir.path("bon", "results.json")))
     assert res["n"] == [1, 2, 4, 8]
     np.testing.assert_allclose(res["kl"], [bon.bon_kl(n) for n in (1, 2, 4, 8)])

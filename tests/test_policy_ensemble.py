@@ -31,7 +31,7 @@ def ensemble_mesh():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     ctx = make_tiny_workdir(str(tmp_path_factory.mktemp("pe") / "wd"), ensemble_mesh())
-    return reinforce.build(ctx, reinforce.ReinforceConfig(**TINY_RL))
+    return reinforce.build(ctx, reinforce.ReinforceConfig(**TINY_RL), helpers.tiny_gen())
 
 
 def _on(setup, workdir: str, fault: faults.FaultInjection | None = None, **cfg_changes):
@@ -263,7 +263,7 @@ def test_the_stage_reads_its_gin_config_and_writes_rl_policy_ensemble(setup, tmp
     wd = str(tmp_path / "wd")
     shutil.copytree(setup.ctx.workdir, wd)
     ctx = RunContext(workdir=wd, mesh=setup.ctx.mesh, seed=setup.ctx.seed)
-    rl = [f"ReinforceConfig.{k} = {v!r}" for k, v in {**TINY_RL, "num_steps": 2}.items()]
+    rl = [f"ReinforceConfig.{k} = {v!r}" for k, v in {**TINY_RL, "num_steps": 2}.items()] + helpers.gen_bindings()
     with helpers.gin_config([*rl, *LOOP, "PolicyEnsembleConfig.num_policies = 3"]):
         with pytest.raises(ValueError, match=r"num_policies = 3 must be a multiple of the mesh's ensemble axis \(2\)"):
             policy_ensemble.run(ctx)

@@ -58,7 +58,7 @@ def ctx(tmp_path_factory):
 
 def test_kl_is_zero_at_the_reference_and_the_sampler_never_recompiles(ctx):
     cfg = reinforce.ReinforceConfig(**TINY_RL)
-    setup = reinforce.build(ctx, cfg)
+    setup = reinforce.build(ctx, cfg, helpers.tiny_gen())
     from warm_jax.policy import rewards
 
     reward_fn = rewards.load_reward(ctx, "warm")
@@ -89,12 +89,16 @@ def test_kl_is_zero_at_the_reference_and_the_sampler_never_recompiles(ctx):
 
 def _bindings():
     b = [f"ReinforceConfig.{k} = {v!r}" for k, v in TINY_RL.items()]
-    return b + [
-        "make_mesh.shape = {'data': -1, 'fsdp': 2}",
-        "LoopConfig.save_interval_steps = 2",
-        "LoopConfig.async_save = False",
-        "LoopConfig.log_every = 2",
-    ]
+    return (
+        b
+        + helpers.gen_bindings()
+        + [
+            "make_mesh.shape = {'data': -1, 'fsdp': 2}",
+            "LoopConfig.save_interval_steps = 2",
+            "LoopConfig.async_save = False",
+            "LoopConfig.log_every = 2",
+        ]
+    )
 
 
 # The stage function in a child process (only the modules it needs, not every stage's).
@@ -166,7 +170,7 @@ def test_the_stage_trains_each_reward_with_each_anchor(ctx, tmp_path):
     run_ctx = RunContext(workdir=wd, mesh=ctx.mesh, seed=ctx.seed)
     cfg = reinforce.ReinforceConfig(**{**TINY_RL, "rewards": ("warm",), "num_steps": 2, "anchors": ("init", "ema")})
     with helpers.gin_config(["LoopConfig.async_save = False", "LoopConfig.log_every = 2"]):
-        reinforce.run(run_ctx, cfg)
+        reinforce.run(run_ctx, cfg, helpers.tiny_gen())
     result = json.load(open(os.path.join(wd, "rl", "results.json")))
     # 'init' keeps the run name and layout it always had; 'ema' is the same reward's second run.
     assert sorted(result["runs"]) == ["warm", "warm_ema"] and list(result["win_rate"]) == ["warm_vs_warm_ema"]

@@ -145,6 +145,13 @@ def test_changed_config_of_a_skipped_stage_stops_before_touching_anything(copy_w
     ):
         helpers.run_in_process(wd, BASE + ["PairsConfig.num_train = 50"])
     assert _snapshot(wd) == before
+    # The shared text shape: a later stage that asks for other prompts than the pairs were built with stops too.
+    with pytest.raises(
+        config.ConfigMismatchError,
+        match=r"stage 'data' \(finished\).*GenerationConfig.max_prompt_len = 8, now 10",
+    ):
+        helpers.run_in_process(wd, BASE + ["GenerationConfig.max_prompt_len = 10"])
+    assert _snapshot(wd) == before
     helpers.run_in_process(wd, BASE + ["LoopConfig.log_every = 7"])
 
 

@@ -213,7 +213,7 @@ LOOP = ["LoopConfig.save_interval_steps = 2", "LoopConfig.async_save = False", "
 
 def _run_warp(ctx):
     with helpers.gin_config(LOOP):
-        warp.run(ctx, warp.WarpConfig(**WARP), reinforce.ReinforceConfig(**RL))
+        warp.run(ctx, warp.WarpConfig(**WARP), reinforce.ReinforceConfig(**RL), helpers.tiny_gen())
     return io_utils.read_json(ctx.path("warp", "results.json"))
 
 
@@ -236,7 +236,7 @@ def test_warp_stage_front_merge_and_next_init(warp_run):
         np.testing.assert_array_equal(ex[f"iter1/{k}"][0], ex[f"iter0/{k}"][1])
     assert res["iterations"][0]["kl"][2] > 1e-4  # the merged policies moved
     # The checkpoints: the merge is SLERP of the policies relative to the SFT policy, the next init LITI at 0.5.
-    setup = reinforce.build(ctx, reinforce.ReinforceConfig(**RL))
+    setup = reinforce.build(ctx, reinforce.ReinforceConfig(**RL), helpers.tiny_gen())
     stacked = policy_ensemble.load_policies(ctx.path("warp", "iter_0", "policies"), setup)
     want = merge_methods.merge_stacked(stacked, method="slerp", base=setup.ref_params)
     merged = warp.load_policy(setup, ctx.path("warp", "iter_0", "merged"))
@@ -284,7 +284,7 @@ def test_policy_merge_stage_is_one_warp_iteration(warp_run):
     ctx, res = warp_run
     shutil.copytree(ctx.path("warp", "iter_0", "policies"), ctx.artefacts.policy_ensemble.dir)
     with helpers.gin_config(LOOP):
-        warp.run_merge(ctx, warp.WarpConfig(**WARP), reinforce.ReinforceConfig(**RL))
+        warp.run_merge(ctx, warp.WarpConfig(**WARP), reinforce.ReinforceConfig(**RL), helpers.tiny_gen())
     got = io_utils.read_json(ctx.path("policy_merge", "results.json"))
     assert got["reward"] == "warm" and got["config"]["num_policies"] == 2
     for k in ("eta", "kl", "oracle", "proxy", "length"):
@@ -296,7 +296,7 @@ def test_report_from_the_stages_pairs_warp_with_the_single_runs(warp_run):
     # The single policies (reinforce, both anchors) on the same workdir, then the report from the stages' files.
     ctx, res = warp_run
     with helpers.gin_config(LOOP):
-        reinforce.run(ctx, reinforce.ReinforceConfig(**RL, anchors=("init", "ema")))
+        reinforce.run(ctx, reinforce.ReinforceConfig(**RL, anchors=("init", "ema")), helpers.tiny_gen())
     summary = report.build_summary(ctx.workdir)
     w = summary["warp"]
     assert set(w["single"]) == {"warm", "warm_ema"} and w["front"] == [

@@ -30,6 +30,7 @@ from warm_jax.policy import sampler
 from warm_jax.stages import RunContext, register_stage
 from warm_jax.task import prompts as task_prompts
 from warm_jax.workdir import Workdir
+from warm_jax.task.generation import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,9 @@ class BonConfig:
     conservative_lambda: float = 1.0
     num_prompts: int = 64
     temperature: float = 1.0
-    max_prompt_len: int = 12
-    max_new_tokens: int = 23
     sample_batch_size: int = 512
     score_batch_size: int = 1024
     normalise_reward: bool = True
-    oracle: str = "vader"
 
     def __post_init__(self):
         if not self.n_values or min(self.n_values) < 1:
@@ -98,16 +96,16 @@ def best_of_n(proxy, gold, n: int) -> tuple[float, float]:
     return float(go.mean()), float(pr.mean())
 
 
-def run_bon(ctx: RunContext, cfg: BonConfig) -> tuple[dict, dict[str, np.ndarray]]:
+def run_bon(ctx: RunContext, cfg: BonConfig, gen: GenerationConfig) -> tuple[dict, dict[str, np.ndarray]]:
     trunk = ctx.artefacts.load_trunk(ctx.mesh)
     model_cfg, graphdef, params, tok = trunk.model_cfg, trunk.graphdef, trunk.params, trunk.tokenizer
     nmax = max(cfg.n_values)
-    prompts = task_prompts.prompt_set(tok, "bon", cfg.num_prompts, ctx.seed, cfg.max_prompt_len)
+    prompts = task_prompts.prompt_set(tok, "bon", cfg.num_prompts, ctx.seed, gen.max_prompt_len)
     texts, ptoks, pmask = prompts.texts, prompts.tokens, prompts.mask
     rep_t, rep_m = np.repeat(ptoks, nmax, axis=0), np.repeat(pmask, nmax, axis=0)  # prompt-major rows
     rep_texts = [t for t in texts for _ in range(nmax)]
     samp_cfg = sampler.SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id
+        max_new_tokens=gen.max_new_tokens, temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id
     )
     samples = sampler.sample_in_batches(
         sampler.make_sampler(graphdef, model_cfg, samp_cfg),
@@ -118,7 +116,7 @@ def run_bon(ctx: RunContext, cfg: BonConfig) -> tuple[dict, dict[str, np.ndarray
         batch=min(cfg.sample_batch_size, len(rep_t)),
         mesh=ctx.mesh,
     )
-    gold = oracle_lib.make_oracle(cfg.oracle).score(task_prompts.oracle_texts(tok, rep_texts, samples["tokens"]))
+    gold = oracle_lib.make_oracle(gen.oracle).score(task_prompts.oracle_texts(tok, rep_texts, samples["tokens"]))
     gold = gold.reshape(cfg.num_prompts, nmax)
     log.info(
         "[bon] %d prompts x %d samples; mean oracle %.4f, mean length %.1f",
@@ -182,8 +180,7 @@ def read_per_prompt(directory: str, result: dict) -> dict[str, np.ndarray]:
 
 
 @register_stage("bon")
-def run(ctx: RunContext, cfg: BonConfig | None = None) -> None:
-    cfg = cfg or BonConfig()
-    result, per_prompt = run_bon(ctx, cfg)
+def run(ctx: RunContext, cfg: BonConfig | None = None, gen: GenerationConfig | None = None) -> None:
+    result, per_prompt = run_bon(ctx, cfg or BonConfig(), gen or GenerationConfig())
     if jax.process_index() == 0:
         write_results(ctx.artefacts, result, per_prompt)

@@ -46,6 +46,7 @@ from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
 from warm_jax.task import prompts as task_prompts
 from warm_jax.workdir import PolicyRun
+from warm_jax.task.generation import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +172,11 @@ def eval_one(
 
 
 def _sampling_config(setup: reinforce.Setup) -> sampler.SamplingConfig:
-    cfg = setup.cfg
     return sampler.SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=setup.tok.eos_id, pad_id=setup.tok.pad_id
+        max_new_tokens=setup.gen.max_new_tokens,
+        temperature=setup.cfg.temperature,
+        eos_id=setup.tok.eos_id,
+        pad_id=setup.tok.pad_id,
     )
 
 
@@ -477,11 +480,14 @@ def load_policies(run_dir: str, setup: reinforce.Setup):
 
 @register_stage("policy_ensemble")
 def run(
-    ctx: RunContext, cfg: PolicyEnsembleConfig | None = None, rl_cfg: reinforce.ReinforceConfig | None = None
+    ctx: RunContext,
+    cfg: PolicyEnsembleConfig | None = None,
+    rl_cfg: reinforce.ReinforceConfig | None = None,
+    gen: GenerationConfig | None = None,
 ) -> None:
     """M policies from the pretrained/SFT policy against ``cfg.reward``; writes WORKDIR/policy_ensemble/."""
     cfg = cfg or PolicyEnsembleConfig()
-    setup = reinforce.build(ctx, rl_cfg or reinforce.ReinforceConfig())
+    setup = reinforce.build(ctx, rl_cfg or reinforce.ReinforceConfig(), gen)
     train_policies(
         setup,
         reward=cfg.reward,

@@ -57,6 +57,7 @@ from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
 from warm_jax.task import prompts as task_prompts
 from warm_jax.workdir import PolicyRun, Workdir
+from warm_jax.task.generation import GenerationConfig
 from warm_jax.train_state import TrainState, guarded_update, new_state, select, state_specs
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,12 @@ class ReinforceConfig:
     learning_rate: float = 1e-4
     max_grad_norm: float = 1.0
     temperature: float = 0.9
-    max_prompt_len: int = 12
-    max_new_tokens: int = 23
     num_train_prompts: int = 2_000
     eval_every: int = 20
     num_eval_prompts: int = 128
     num_winrate_prompts: int = 256
     normalise_reward: bool = True
     conservative_lambda: float = 1.0  # for 'ens_conservative'
-    oracle: str = "vader"
     # KL anchors to train a policy with, one run per reward and anchor (see ANCHORS); WARP's μ for 'ema'.
     anchors: tuple[str, ...] = ("init",)
     ema_rate: float = 0.01
@@ -284,6 +282,7 @@ class Setup:
 
     ctx: RunContext
     cfg: ReinforceConfig
+    gen: GenerationConfig
     model_cfg: tr.ModelConfig
     graphdef: object
     ref_params: object
@@ -310,8 +309,15 @@ def state_shardings(setup: Setup, anchor: str):
     return sharding.named(setup.ctx.mesh, policy_state_specs(setup.tx, abstract, setup.param_specs, anchor))
 
 
-def build(ctx: RunContext, cfg: ReinforceConfig, fault: faults.FaultInjection | None = None) -> Setup:
-    """Everything the runs share; ``fault``: tests only (default: gin's, which injects nothing)."""
+def build(
+    ctx: RunContext,
+    cfg: ReinforceConfig,
+    gen: GenerationConfig | None = None,
+    fault: faults.FaultInjection | None = None,
+) -> Setup:
+    """Everything the runs share. ``gen``: default gin's GenerationConfig; ``fault``: tests only (default:
+    gin's, which injects nothing)."""
+    gen = gen or GenerationConfig()
     mesh = ctx.mesh
     trunk = ctx.artefacts.load_trunk(mesh)
     model_cfg, graphdef, ref_params, param_specs = trunk.model_cfg, trunk.graphdef, trunk.params, trunk.specs
@@ -324,17 +330,17 @@ def build(ctx: RunContext, cfg: ReinforceConfig, fault: faults.FaultInjection | 
             f"{shards} batch shards"
         )
     seed = ctx.seed
-    ev = task_prompts.prompt_set(tok, "rl_eval", cfg.num_eval_prompts, seed, cfg.max_prompt_len)
-    wr = task_prompts.prompt_set(tok, "rl_winrate", cfg.num_winrate_prompts, seed, cfg.max_prompt_len)
+    ev = task_prompts.prompt_set(tok, "rl_eval", cfg.num_eval_prompts, seed, gen.max_prompt_len)
+    wr = task_prompts.prompt_set(tok, "rl_winrate", cfg.num_winrate_prompts, seed, gen.max_prompt_len)
     held_out = set(ev.texts) | set(wr.texts)
-    tr_ = task_prompts.prompt_set(tok, "rl_train", cfg.num_train_prompts, seed, cfg.max_prompt_len, exclude=held_out)
+    tr_ = task_prompts.prompt_set(tok, "rl_train", cfg.num_train_prompts, seed, gen.max_prompt_len, exclude=held_out)
     tx = make_optimizer(cfg)
     state_sh = sharding.named(mesh, state_specs(tx, jax.eval_shape(lambda: ref_params), param_specs))
     batch_sh = sharding.batch_sharding(mesh, 2)
     param_sh = sharding.named(mesh, param_specs)
     repl = sharding.replicated(mesh)
     samp_cfg = sampler.SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id
+        max_new_tokens=gen.max_new_tokens, temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id
     )
     # Explicit shardings: new params (same shapes, same shardings) never trigger a recompile.
     policy_sampler = sampler.make_sampler(
@@ -344,6 +350,7 @@ def build(ctx: RunContext, cfg: ReinforceConfig, fault: faults.FaultInjection | 
     return Setup(
         ctx,
         cfg,
+        gen,
         model_cfg,
         graphdef,
         ref_params,
@@ -357,7 +364,7 @@ def build(ctx: RunContext, cfg: ReinforceConfig, fault: faults.FaultInjection | 
         tr_,
         ev,
         wr,
-        oracle_lib.make_oracle(cfg.oracle),
+        oracle_lib.make_oracle(gen.oracle),
         {},
         fault or faults.FaultInjection(),
     )
@@ -603,9 +610,9 @@ def win_rates(workdir: str, names) -> dict:
 
 
 @register_stage("reinforce")
-def run(ctx: RunContext, cfg: ReinforceConfig | None = None) -> None:
+def run(ctx: RunContext, cfg: ReinforceConfig | None = None, gen: GenerationConfig | None = None) -> None:
     cfg = cfg or ReinforceConfig()
-    setup = build(ctx, cfg)
+    setup = build(ctx, cfg, gen)
     runs = []
     for name in cfg.rewards:
         for anchor in cfg.anchors:

@@ -44,6 +44,7 @@ from warm_jax.policy import policy_ensemble, reinforce
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
 from warm_jax.workdir import MergeRun
+from warm_jax.task.generation import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,9 @@ def read_front_examples(result: dict) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- the stages
 
 
-def _setup(ctx: RunContext, reward: str, rl_cfg: reinforce.ReinforceConfig | None):
+def _setup(ctx: RunContext, reward: str, rl_cfg: reinforce.ReinforceConfig | None, gen: GenerationConfig | None):
     rl_cfg = rl_cfg or reinforce.ReinforceConfig()
-    setup = reinforce.build(ctx, rl_cfg)
+    setup = reinforce.build(ctx, rl_cfg, gen)
     reward_fn = rewards_lib.load_reward(
         ctx, reward, conservative_lambda=rl_cfg.conservative_lambda, normalise=rl_cfg.normalise_reward
     )
@@ -250,10 +251,15 @@ def run_iteration(setup, reward_fn, cfg: WarpConfig, k: int, init, it: MergeRun)
 
 
 @register_stage("warp")
-def run(ctx: RunContext, cfg: WarpConfig | None = None, rl_cfg: reinforce.ReinforceConfig | None = None) -> None:
+def run(
+    ctx: RunContext,
+    cfg: WarpConfig | None = None,
+    rl_cfg: reinforce.ReinforceConfig | None = None,
+    gen: GenerationConfig | None = None,
+) -> None:
     """``cfg.iterations`` WARP iterations from the SFT policy; writes WORKDIR/warp/."""
     cfg = cfg or WarpConfig()
-    setup, reward_fn = _setup(ctx, cfg.reward, rl_cfg)
+    setup, reward_fn = _setup(ctx, cfg.reward, rl_cfg, gen)
     init = setup.ref_params
     records, fronts = [], []
     for k in range(cfg.iterations):
@@ -280,7 +286,12 @@ def run(ctx: RunContext, cfg: WarpConfig | None = None, rl_cfg: reinforce.Reinfo
 
 
 @register_stage("policy_merge")
-def run_merge(ctx: RunContext, cfg: WarpConfig | None = None, rl_cfg: reinforce.ReinforceConfig | None = None) -> None:
+def run_merge(
+    ctx: RunContext,
+    cfg: WarpConfig | None = None,
+    rl_cfg: reinforce.ReinforceConfig | None = None,
+    gen: GenerationConfig | None = None,
+) -> None:
     """One WARP merge of the `policy_ensemble` stage's policies (trained from the SFT policy): the merge
     relative to the SFT policy and its LITI front; writes WORKDIR/policy_merge/ (``WarpConfig.etas``,
     ``.merge_method``; the reward and M are the ensemble's own)."""
@@ -288,7 +299,7 @@ def run_merge(ctx: RunContext, cfg: WarpConfig | None = None, rl_cfg: reinforce.
     wd = ctx.artefacts
     policies = wd.policy_ensemble
     info = io_utils.read_json(policies.meta)
-    setup, reward_fn = _setup(ctx, info["reward"], rl_cfg)
+    setup, reward_fn = _setup(ctx, info["reward"], rl_cfg, gen)
     init = setup.ref_params
     out = wd.policy_merge
     meta = {

@@ -29,6 +29,7 @@ from warm_jax.policy import sampler
 from warm_jax.stages import RunContext, register_stage
 from warm_jax.task import prompts as task_prompts
 from warm_jax.workdir import Workdir
+from warm_jax.task.generation import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ class PairsConfig:
     num_train: int = 3_000
     num_validation: int = 2_000
     num_ood: int = 2_000
-    max_prompt_len: int = 12
-    max_response_len: int = 24
     temperature: float = 1.0
     ood_temperature: float = 1.3
     ood_policy_step: int | None = None  # an earlier pretrain checkpoint as the ood policy
@@ -51,7 +50,6 @@ class PairsConfig:
     min_score_gap: float = 1e-6  # drop pairs the oracle cannot tell apart
     flip_fraction: float = 0.25
     length_cue: float = 0.0  # 0 = none; c ∈ (0, 1): P(chosen is longer | lengths differ) = (1 + c) / 2 in-distribution
-    oracle: str = "vader"
     sample_batch_size: int = 256
 
     def __post_init__(self):
@@ -63,8 +61,6 @@ class PairsConfig:
             "num_train",
             "num_validation",
             "num_ood",
-            "max_prompt_len",
-            "max_response_len",
             "sample_batch_size",
         ):
             value = getattr(self, name)
@@ -126,8 +122,24 @@ def apply_length_cue(records, cue: float, reverse: bool, rng: np.random.Generato
     return out
 
 
+def configs(**overrides) -> tuple[PairsConfig, GenerationConfig]:
+    """The gin-bound PairsConfig and GenerationConfig with ``overrides`` (fields of either) applied."""
+    pairs_fields = {f.name for f in dataclasses.fields(PairsConfig)}
+    gen_fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+    unknown = sorted(set(overrides) - pairs_fields - gen_fields)
+    if unknown:
+        raise ValueError(
+            f"unknown PairsConfig/GenerationConfig option(s) {unknown} (--builtin_option); "
+            f"known: {sorted(pairs_fields | gen_fields)}"
+        )
+    cfg = dataclasses.replace(PairsConfig(), **{k: v for k, v in overrides.items() if k in pairs_fields})
+    gen = dataclasses.replace(GenerationConfig(), **{k: v for k, v in overrides.items() if k in gen_fields})
+    return cfg, gen
+
+
 def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, **overrides) -> dict[str, list[dict]]:
-    """Pairs for train/validation/ood from the pretrained model in workdir ``input_path``.
+    """Pairs for train/validation/ood from the pretrained model in workdir ``input_path``; ``overrides``:
+    fields of PairsConfig or GenerationConfig over their gin values.
 
     Also used by ``python -m warm_jax.data prepare --format=builtin --input=WORKDIR``.
     """
@@ -135,16 +147,12 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
 
     if input_path is None:
         raise ValueError("--format=builtin needs --input=WORKDIR of a finished `pretrain` stage")
-    known = {f.name for f in dataclasses.fields(PairsConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown PairsConfig option(s) {unknown} (--builtin_option); known: {sorted(known)}")
-    cfg = dataclasses.replace(PairsConfig(), **overrides)
+    cfg, gen = configs(**overrides)
     mesh = mesh or runtime.make_mesh()
     wd = Workdir(input_path)
     trunk = wd.load_trunk(mesh)
     model_cfg, graphdef, params, tok = trunk.model_cfg, trunk.graphdef, trunk.params, trunk.tokenizer
-    scorer = oracle_lib.make_oracle(cfg.oracle)
+    scorer = oracle_lib.make_oracle(gen.oracle)
     text_cfg = builtin_text.TextConfig()
     wanted = {"train": cfg.num_train, "validation": cfg.num_validation, "ood": cfg.num_ood}
     splits: dict[str, list[dict]] = {}
@@ -154,7 +162,7 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
         if is_ood and cfg.ood_policy_step is not None:
             policy = wd.load_trunk(mesh, step=cfg.ood_policy_step).params
         samp_cfg = sampler.SamplingConfig(
-            max_new_tokens=cfg.max_response_len - 1,  # room for EOS inside max_response_len
+            max_new_tokens=gen.max_new_tokens,
             temperature=cfg.ood_temperature if is_ood else cfg.temperature,
             eos_id=tok.eos_id,
             pad_id=tok.pad_id,
@@ -169,7 +177,7 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
             prompts = builtin_text.generate_prompts(
                 m, seed=seed * 100_003 + SPLIT_SEED[split] * 1_009 + round_, cfg=text_cfg
             )
-            ptoks, pmask = encode_prompts(prompts, tok, cfg.max_prompt_len)
+            ptoks, pmask = encode_prompts(prompts, tok, gen.max_prompt_len)
             key = jax.random.key(seed * 7919 + SPLIT_SEED[split] * 31 + round_)
             doubled_t, doubled_m = np.concatenate([ptoks, ptoks]), np.concatenate([pmask, pmask])
             texts = sample_texts(sample_fn, policy, doubled_t, doubled_m, key, tok, cfg.sample_batch_size, mesh)
@@ -186,20 +194,20 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
 
 
 @register_stage("data")
-def run(ctx: RunContext, cfg: PairsConfig | None = None) -> None:
-    cfg = cfg or PairsConfig()
-    splits = generate_splits(ctx.workdir, ctx.seed, mesh=ctx.mesh, **dataclasses.asdict(cfg))
+def run(ctx: RunContext, cfg: PairsConfig | None = None, gen: GenerationConfig | None = None) -> None:
+    cfg, gen = cfg or PairsConfig(), gen or GenerationConfig()
+    splits = generate_splits(ctx.workdir, ctx.seed, mesh=ctx.mesh, **dataclasses.asdict(cfg), **dataclasses.asdict(gen))
     if jax.process_index() == 0:
         meta = builders.write_preference_dataset(
             ctx.artefacts.data,
             splits,
             tokenizer=ctx.artefacts.load_tokenizer(),
-            max_prompt_len=cfg.max_prompt_len,
-            max_response_len=cfg.max_response_len,
+            max_prompt_len=gen.max_prompt_len,
+            max_response_len=gen.max_response_len,
             flip_fraction=cfg.flip_fraction,
             seed=ctx.seed,
             source="builtin",
-            extra_metadata={"pairs_config": dataclasses.asdict(cfg)},
+            extra_metadata={"pairs_config": dataclasses.asdict(cfg), "generation_config": dataclasses.asdict(gen)},
             overwrite=True,
             # Sampled pairs whose tokens coincide once cut to max_response_len teach nothing: drop and count them.
             skip_invalid=True,
