@@ -68,9 +68,12 @@ def per_member(values, m: int, binding: str) -> list:
 
 
 def member_seeds(cfg: EnsembleConfig, run_seed: int) -> list[int]:
+    """Each member's seed (its step keys and data order): ``EnsembleConfig.seeds`` when given, else the named
+    stream ("ensemble", "member", i) of the run's seed. The `rm_control` stage's two members take the first two
+    (the same data order as members 0 and 1)."""
     if cfg.seeds is not None:
         return per_member(cfg.seeds, cfg.num_members, "seeds")
-    return [run_seed * 1000 + 17 * i + 1 for i in range(cfg.num_members)]
+    return [seeds.seed(run_seed, "ensemble", "member", i) for i in range(cfg.num_members)]
 
 
 def make_member_tx(cfg: EnsembleConfig, learning_rate) -> optax.GradientTransformation:
@@ -285,10 +288,10 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
         raise ValueError(f"EnsembleConfig.num_members={m} must be a multiple of the mesh's ensemble axis ({ens_size})")
     trunk = ctx.artefacts.load_trunk(mesh)
     model_cfg, graphdef, base, param_specs = trunk.model_cfg, trunk.graphdef, trunk.params, trunk.specs
-    seeds = member_seeds(cfg, ctx.seed)
+    member_seed_values = member_seeds(cfg, ctx.seed)
     if cfg.random_init:
         head, lp_acc, probe = base["reward_head"], float("nan"), None
-        inits = [pretrain.sharded_init(model_cfg, mesh, jax.random.key(10_007 + s))[1] for s in seeds]
+        inits = [pretrain.sharded_init(model_cfg, mesh, seeds.key(s, "random_init"))[1] for s in member_seed_values]
     else:
         head, lp_acc, train_diff = linear_probe(base, graphdef, train_source, cfg)
         log.info("[rm_ensemble] linear probe: train accuracy %.3f", lp_acc)
@@ -316,7 +319,9 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
     def with_head(p):
         return p if cfg.random_init else {**p, "reward_head": head}
 
-    tx, state_sh, state, abstract_state = stack_state(mesh, cfg, [with_head(p) for p in inits], param_specs, seeds)
+    tx, state_sh, state, abstract_state = stack_state(
+        mesh, cfg, [with_head(p) for p in inits], param_specs, member_seed_values
+    )
     return Ensemble(
         model_cfg, graphdef, tx, param_specs, state_sh, state, abstract_state, lp_acc, probe, with_head(base)
     )

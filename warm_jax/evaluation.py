@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import logging
 import os
-import zlib
 from collections.abc import Sequence
 
 import gin
@@ -49,6 +48,7 @@ from warm_jax import (
     io_utils,
     loop,
     rm_scoring,
+    seeds,
     sharding,
     stats,
 )
@@ -509,7 +509,7 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
             if i not in slices:
                 slices[i] = ensemble.member_slice(stacked, i, ctx.mesh, specs)
         if permuted and ("permuted", b) not in slices:
-            key = jax.random.fold_in(jax.random.key(ctx.seed), zlib.crc32(b"permutation_control"))
+            key = seeds.key(ctx.seed, "rm_eval", "permutation_control")
             slices["permuted", b] = jax.jit(tr.permute_hidden_units)(slices[b], key)
         p = averaging.interpolate(slices[a], slices["permuted", b] if permuted else slices[b], lam)
         return score_splits(lambda d: scorer.pairs(p, d), splits)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warm_jax import faults, loop, params_io, runtime, sharding
+from warm_jax import faults, loop, params_io, runtime, seeds, sharding
 from warm_jax.data import builtin_text
 from warm_jax.data import pipeline
 from warm_jax.data.local_rows import local_rows
@@ -124,23 +124,29 @@ def run(
     tok = build_tokenizer(ctx, text_cfg)
     model_cfg = model_config(tok)
     mesh = ctx.mesh
-    docs = builtin_text.generate_documents(cfg.num_documents, seed=ctx.seed, cfg=text_cfg)
+    docs = builtin_text.generate_documents(
+        cfg.num_documents, seed=seeds.seed(ctx.seed, "pretrain", "documents"), cfg=text_cfg
+    )
     data = tokenize_documents(docs, tok, cfg.seq_len)
     records = [{"tokens": t, "mask": m} for t, m in zip(data["tokens"], data["mask"])]
 
-    key = jax.random.key(ctx.seed)
-    graphdef, params, param_specs = sharded_init(model_cfg, mesh, key)
+    graphdef, params, param_specs = sharded_init(model_cfg, mesh, seeds.key(ctx.seed, "pretrain", "init"))
     tx = make_optimizer(cfg)
     specs = state_specs(tx, jax.eval_shape(lambda: params), param_specs)
     shardings = sharding.named(mesh, specs)
-    state = jax.jit(lambda p: new_state(p, tx, jax.random.fold_in(key, 1)), out_shardings=shardings)(params)
+    step_key = seeds.key(ctx.seed, "pretrain", "steps")  # dropout
+    state = jax.jit(lambda p: new_state(p, tx, step_key), out_shardings=shardings)(params)
     abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), shardings)
 
     batch_sh = sharding.batch_sharding(mesh, 2)
     # Each process reads only the rows its devices hold.
     local = local_rows(batch_sh, (cfg.batch_size,))
     iterator = pipeline.PreferenceIterator(
-        records, batch_size=cfg.batch_size, seed=ctx.seed, fields=("tokens", "mask"), local=local
+        records,
+        batch_size=cfg.batch_size,
+        seed=seeds.seed(ctx.seed, "pretrain", "data_order"),
+        fields=("tokens", "mask"),
+        local=local,
     )
     step = jax.jit(
         functools.partial(_train_step, graphdef=graphdef, tx=tx, model_cfg=model_cfg, nan_at_step=fault.nan_at_step),

@@ -7,8 +7,8 @@ EMA anchor), split over the mesh's 'ensemble' axis exactly as the reward-model e
 one ``jax.jit(jax.vmap(policy_step, spmd_axis_name='ensemble'))`` does, per policy: sample k
 responses per prompt, score them with the reward (shared, not vmapped), advantages, the update,
 and the EMA anchor update (``reinforce.reinforce_update``). Policies differ by their key and their
-prompt order, both derived by name: ``fold_in(fold_in(key(seed), crc32(stage)), i)`` and
-``policy_seeds``. A policy's non-finite update is skipped in-graph for that policy alone, counted
+prompt order, both derived by name from the run's seed (``warm_jax.seeds``): the streams
+(stage, "policy", i) and (stage, "prompt_order", i). A policy's non-finite update is skipped in-graph for that policy alone, counted
 per policy (``loop.UpdateCounts.member_skipped``) and logged naming the policy.
 
 Evaluation follows the single runs (``reinforce.train_one``): at step 0 and every ``eval_every``
@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import logging
 import os
-import zlib
 
 import gin
 import jax
@@ -38,7 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import batched, io_utils, loop, metrics as metrics_lib, runtime, sharding
+from warm_jax import batched, io_utils, loop, metrics as metrics_lib, runtime, seeds, sharding
 from warm_jax.data import pipeline
 from warm_jax.ensemble import StackedIterator
 from warm_jax.policy import reinforce, sampler
@@ -73,21 +72,14 @@ class PolicyEnsembleConfig:
 # ----------------------------------------------------------------------------- keys and data order
 
 
-def stream_key(seed: int, stage: str):
-    """The named stream of a policy ensemble's keys: fold_in(key(seed), crc32(stage))."""
-    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(stage.encode()))
-
-
 def policy_keys(seed: int, stage: str, m: int) -> np.ndarray:
-    """Raw key data [M, 2] (uint32): policy i's key is fold_in(stream_key, i)."""
-    base = stream_key(seed, stage)
-    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(base, i))) for i in range(m)])
+    """Raw key data [M, 2] (uint32): policy i's key is the stream (stage, "policy", i) of the run's seed."""
+    return np.stack([np.asarray(jax.random.key_data(seeds.key(seed, stage, "policy", i))) for i in range(m)])
 
 
 def policy_seeds(seed: int, stage: str, m: int) -> list[int]:
-    """Prompt-order seeds, one per policy, from the same named stream (distinct for distinct i)."""
-    base = int(zlib.crc32(f"{stage}/prompt_order".encode()))
-    return [(seed * 1_000_003 + base + 7_919 * (i + 1)) % (2**31 - 1) for i in range(m)]
+    """Prompt-order seeds, one per policy: the streams (stage, "prompt_order", i) of the run's seed."""
+    return [seeds.seed(seed, stage, "prompt_order", i) for i in range(m)]
 
 
 # ----------------------------------------------------------------------------- the vmapped programs

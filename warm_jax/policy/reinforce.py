@@ -49,7 +49,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from warm_jax import batched, faults, io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, runtime, sharding
+from warm_jax import batched, faults, io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, runtime, seeds
+from warm_jax import sharding
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
 from warm_jax.policy import advantages, sampler, winrate
@@ -523,14 +524,14 @@ def train_one(setup: Setup, name: str, anchor: str = "init") -> TrainState:
     reward_fn = rewards_lib.load_reward(
         ctx, name, conservative_lambda=cfg.conservative_lambda, normalise=cfg.normalise_reward
     )
-    key = jax.random.fold_in(jax.random.key(ctx.seed), 1 + rewards_lib.REWARD_NAMES.index(name))
+    key = seeds.key(ctx.seed, "reinforce", name)
     state_sh = state_shardings(setup, anchor)
     # The policy starts as a copy of the reference (the state is donated; the reference is not).
     state = jax.jit(lambda p: initial_state(p, setup.tx, key, anchor), out_shardings=state_sh)(setup.ref_params)
     abstract_state = sharding.abstract_with_sharding(jax.eval_shape(lambda: state), state_sh)
 
     k = cfg.samples_per_prompt
-    iterator = prompt_iterator(setup, ctx.seed)
+    iterator = prompt_iterator(setup, seeds.seed(ctx.seed, "reinforce", "prompt_order"))
 
     def to_device(b):
         # k consecutive rows per prompt (the layout RLOO's baseline expects).

@@ -39,7 +39,7 @@ import gin
 import jax
 import numpy as np
 
-from warm_jax import io_utils, merge_methods, params_io, sharding
+from warm_jax import io_utils, merge_methods, params_io, seeds, sharding
 from warm_jax.policy import policy_ensemble, reinforce
 from warm_jax.policy import rewards as rewards_lib
 from warm_jax.stages import RunContext, register_stage
@@ -92,8 +92,8 @@ def single_runs(reward: str) -> dict[str, str]:
 def merge(setup: reinforce.Setup, stacked, base, method: str, *, name: str, params=()):
     """θ_merged: the stacked policies [M, ...] merged by ``method`` relative to ``base``, placed like one policy.
 
-    Methods that draw (DARE) use the key of the named stream ``name`` (the merge's place in the workdir)."""
-    key = policy_ensemble.stream_key(setup.ctx.seed, f"merge:{name}")
+    Methods that draw (DARE) use the key of the stream ("merge", ``name``) (the merge's place in the workdir)."""
+    key = seeds.key(setup.ctx.seed, "merge", name)
     merged = merge_methods.merge_stacked(stacked, method=method, base=base, key=key, **dict(params))
     return jax.device_put(merged, sharding.named(setup.ctx.mesh, setup.param_specs))
 

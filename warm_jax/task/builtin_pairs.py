@@ -21,7 +21,7 @@ import gin
 import jax
 import numpy as np
 
-from warm_jax import oracle as oracle_lib
+from warm_jax import oracle as oracle_lib, seeds
 from warm_jax.data import builders, builtin_text
 from warm_jax.data import preference as pref
 from warm_jax.data.tokenizers import Tokenizer, encode_prompts
@@ -32,8 +32,6 @@ from warm_jax.workdir import Workdir
 from warm_jax.task.generation import GenerationConfig
 
 log = logging.getLogger(__name__)
-
-SPLIT_SEED = {"train": 1, "validation": 2, "ood": 3}
 
 
 @gin.configurable
@@ -168,17 +166,17 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
             pad_id=tok.pad_id,
         )
         sample_fn = sampler.make_sampler(graphdef, model_cfg, samp_cfg)
-        rng = np.random.default_rng([seed, SPLIT_SEED[split]])
+        rng = seeds.rng(seed, "data", split, "labels")  # Bradley–Terry labels and the length cue
         records: list[dict] = []
         round_ = 0
         while len(records) < n:
             # Oversample: ties and the length cue drop some pairs.
             m = int((n - len(records)) * (1.6 + cfg.length_cue * 2)) + 64
             prompts = builtin_text.generate_prompts(
-                m, seed=seed * 100_003 + SPLIT_SEED[split] * 1_009 + round_, cfg=text_cfg
+                m, seed=seeds.seed(seed, "data", split, "prompts", round_), cfg=text_cfg
             )
             ptoks, pmask = encode_prompts(prompts, tok, gen.max_prompt_len)
-            key = jax.random.key(seed * 7919 + SPLIT_SEED[split] * 31 + round_)
+            key = seeds.key(seed, "data", split, "samples", round_)
             doubled_t, doubled_m = np.concatenate([ptoks, ptoks]), np.concatenate([pmask, pmask])
             texts = sample_texts(sample_fn, policy, doubled_t, doubled_m, key, tok, cfg.sample_batch_size, mesh)
             new = label_pairs(prompts, texts[:m], texts[m:], scorer, cfg, rng)
