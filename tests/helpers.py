@@ -41,6 +41,7 @@ TINY = [
     "LoopConfig.log_every = 2",
     "LoopConfig.save_interval_steps = 4",
     "LoopConfig.async_save = False",
+    "cpu_tuning.enabled = True",  # the training steps compile as the CPU presets (gin/quickstart.gin) do
 ]
 
 # Best-of-N and REINFORCE at test size (used by the whole-pipeline tests).

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests import helpers
-from warm_jax import pretrain, runtime, sharding
+from warm_jax import cpu_tuning, pretrain, runtime, sharding
 from warm_jax.models import transformer as tr
 
 CFG = tr.ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=32)
@@ -93,15 +93,21 @@ def _left_pad(rows, width, pad=0):
     return jnp.asarray(toks), jnp.asarray(mask)
 
 
-def test_training_compiler_options_apply_on_cpu_and_fall_back_when_refused(caplog):
+def test_cpu_tuning_is_an_opt_in_per_program_kind_and_falls_back_when_refused(caplog):
     x = jnp.ones((64, 64))
-    opts = runtime.training_compiler_options()
-    assert opts == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"}
+    eltwise = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"}
+    with helpers.gin_config([]):
+        assert cpu_tuning.compiler_options(cpu_tuning.TRAIN_STEP) == {}  # off unless asked for
+    with helpers.gin_config(["cpu_tuning.enabled = True"]):
+        assert cpu_tuning.compiler_options(cpu_tuning.TRAIN_STEP) == eltwise
+        assert cpu_tuning.compiler_options(cpu_tuning.DECODE) == {}  # decoding keeps XLA's default
+        with pytest.raises(ValueError, match="unknown program kind 'prefill'"):
+            cpu_tuning.compiler_options("prefill")
     # The option reaches the compiled program: YNNPACK no longer takes the dot.
-    assert "ynn" not in jax.jit(lambda a: a @ a, compiler_options=opts).lower(x).compile().as_text()
-    assert runtime.training_compiler_options(cpu_ynn_fusion_type="") == {}
+    assert "ynn" not in jax.jit(lambda a: a @ a, compiler_options=eltwise).lower(x).compile().as_text()
+    assert cpu_tuning.cpu_options("") == {}
     # A value this jaxlib refuses gives XLA's default and a warning, not a crash.
-    assert runtime.training_compiler_options(cpu_ynn_fusion_type="NOT_A_FUSION_TYPE") == {}
+    assert cpu_tuning.cpu_options("NOT_A_FUSION_TYPE") == {}
     assert "not supported" in caplog.text
 
 

@@ -52,6 +52,8 @@ RUN_ONLY = frozenset(
         "LoopConfig.save_interval_steps",  # which steps are saved: a resume is bitwise exact from any of them
         "LoopConfig.max_to_keep",  # retention of old steps (PretrainConfig.keep_steps is compared)
         "LoopConfig.async_save",  # whether a save blocks the loop
+        "cpu_tuning.enabled",  # XLA:CPU fusion choices: the same math up to rounding, as with the mesh
+        "cpu_tuning.train_step_ynn_fusion",
         "FaultInjection.kill_at_step",  # tests: a crash; the resumed run computes what an uninterrupted one does
         "metrics.writers",  # where metrics go besides the JSONL
         "metrics.wandb_project",
@@ -65,6 +67,7 @@ RUN_ONLY = frozenset(
 # name, here and nowhere else, so that `import warm_jax` stays light and no stage module is imported by the
 # modules it imports (stages, config).
 STAGE_MODULES = (
+    "warm_jax.cpu_tuning",
     "warm_jax.pretrain",
     "warm_jax.task.builtin_pairs",
     "warm_jax.ensemble",

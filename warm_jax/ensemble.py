@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import averaging, faults, feature_probe, io_utils, loop, params_io, pretrain, rm_scoring, runtime
+from warm_jax import averaging, cpu_tuning, faults, feature_probe, io_utils, loop, params_io, pretrain, rm_scoring
 from warm_jax import seeds, sharding
 from warm_jax.data import pipeline
 from warm_jax.data.local_rows import LocalRows, local_rows
@@ -192,7 +192,7 @@ def ensemble_step_fn(graphdef, tx, cfg: EnsembleConfig, state_sh, batch_sh, memb
         in_shardings=(state_sh, batch_sh, member_sh),
         out_shardings=(state_sh, replicated),
         donate_argnums=0,
-        compiler_options=runtime.training_compiler_options(),
+        compiler_options=cpu_tuning.compiler_options(cpu_tuning.TRAIN_STEP),
     )
 
 

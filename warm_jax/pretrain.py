@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from warm_jax import faults, loop, params_io, runtime, seeds, sharding
+from warm_jax import cpu_tuning, faults, loop, params_io, seeds, sharding
 from warm_jax.data import builtin_text
 from warm_jax.data import pipeline
 from warm_jax.data.local_rows import local_rows
@@ -153,7 +153,7 @@ def run(
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-        compiler_options=runtime.training_compiler_options(),
+        compiler_options=cpu_tuning.compiler_options(cpu_tuning.TRAIN_STEP),
     )
     to_device = lambda b: pipeline.to_global({k: b[k] for k in ("tokens", "mask")}, batch_sh, local)
     log.info("[pretrain] %d params, %d documents, vocab %d", tr.param_count(params), len(docs), tok.vocab_size)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import socket
@@ -185,36 +184,6 @@ def rendezvous(spec: ClusterSpec, timeout_s: float) -> None:
         raise RuntimeError(
             f"start-up failed: the coordinator reports {reply or 'no answer'}; expected {spec.num_processes} processes"
         )
-
-
-@gin.configurable
-def training_compiler_options(cpu_ynn_fusion_type: str = "LIBRARY_FUSION_TYPE_ELTWISE") -> dict[str, str]:
-    """XLA options for the training-step programs (``jax.jit(..., compiler_options=...)``).
-
-    On CPU, XLA's default (``LIBRARY_FUSION_TYPE_DOT``) hands each dot alone to YNNPACK and leaves
-    the element-wise work around it to XLA's own loops. With ``LIBRARY_FUSION_TYPE_ELTWISE``,
-    YNNPACK takes a dot together with its element-wise producers and consumers as one fusion (the
-    backward's ``dgate @ W_gate.T + dup @ W_up.T``, the SiLU recomputation feeding a dot); a dot
-    with no such neighbour (e.g. one whose only consumers are remat's ``reduce_precision`` and a
-    scan's stacking) stays in XLA's Eigen kernels. For the training steps ELTWISE is the faster
-    setting (BENCHMARKS.md has the figures); for decoding (small-M matmuls) the default is, so this
-    is per program, not a process-wide flag. Empty ``cpu_ynn_fusion_type`` keeps XLA's default. Off
-    the CPU, or on a jaxlib that lacks the option, returns {}.
-    """
-    if not cpu_ynn_fusion_type or jax.default_backend() != "cpu":
-        return {}
-    return _cpu_option_if_supported("xla_cpu_experimental_ynn_fusion_type", cpu_ynn_fusion_type)
-
-
-@functools.cache
-def _cpu_option_if_supported(name: str, value: str) -> dict[str, str]:
-    opts = {name: value}
-    try:  # an experimental option: a jaxlib without it refuses to compile
-        jax.jit(lambda x: x + 1, compiler_options=opts).lower(np.float32(0)).compile()
-    except Exception as e:  # noqa: BLE001 -- any refusal means "not supported here"
-        log.warning("XLA option %s=%s not supported by this jaxlib (%s); using XLA's default", name, value, e)
-        return {}
-    return opts
 
 
 def is_main_process() -> bool:

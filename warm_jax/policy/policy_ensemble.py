@@ -37,7 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import batched, io_utils, loop, metrics as metrics_lib, runtime, seeds, sharding
+from warm_jax import batched, cpu_tuning, io_utils, loop, metrics as metrics_lib, seeds, sharding
 from warm_jax.data import pipeline
 from warm_jax.ensemble import StackedIterator
 from warm_jax.policy import reinforce, sampler
@@ -240,7 +240,7 @@ def programs(setup: reinforce.Setup, reward_fn: rewards_lib.RewardFn, anchor: st
         in_shardings=(state_sh, param_sh, rm_sh, {"tokens": prompts_sh, "mask": prompts_sh}, member_sh),
         out_shardings=(state_sh, repl, prompts_sh),
         donate_argnums=0,
-        compiler_options=runtime.training_compiler_options(),
+        compiler_options=cpu_tuning.compiler_options(cpu_tuning.TRAIN_STEP),
     )
     evaluate = jax.jit(
         jax.vmap(

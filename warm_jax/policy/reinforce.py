@@ -49,7 +49,8 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from warm_jax import batched, faults, io_utils, loop, metrics as metrics_lib, oracle as oracle_lib, runtime, seeds
+from warm_jax import batched, cpu_tuning, faults, io_utils, loop, metrics as metrics_lib, oracle as oracle_lib
+from warm_jax import seeds
 from warm_jax import sharding
 from warm_jax.data import pipeline
 from warm_jax.models import transformer as tr
@@ -394,7 +395,7 @@ def compiled_for(setup: Setup, reward_fn: rewards_lib.RewardFn, anchor: str = "i
             in_shardings=(state_sh, param_sh, rm_sh, setup.batch_sh),
             out_shardings=(state_sh, repl),
             donate_argnums=0,
-            compiler_options=runtime.training_compiler_options(),
+            compiler_options=cpu_tuning.compiler_options(cpu_tuning.TRAIN_STEP),
         )
         evaluate = jax.jit(
             functools.partial(eval_scores, graphdef=setup.graphdef, rm_apply=reward_fn.apply, pad_id=setup.tok.pad_id),
