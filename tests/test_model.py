@@ -135,15 +135,22 @@ def test_kv_cache_decoding_matches_full_forward_with_left_padding(model):
         helpers.assert_close_to_scale(alone[0, -1], full[i, -1])
 
 
+def test_the_kernel_layout_is_not_part_of_a_saved_model():
+    # A model.json from before the decode layout moved to the sampler still describes the same model.
+    assert "out_first_kernels" not in {f.name for f in dataclasses.fields(tr.ModelConfig)}
+    assert tr.config_from_dict({**dataclasses.asdict(CFG), "out_first_kernels": False}) == CFG
+    with pytest.raises(TypeError, match="n_layer"):
+        tr.config_from_dict({**dataclasses.asdict(CFG), "n_layer": 2})  # a real typo still fails
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_out_first_kernels_compute_the_same_model(tied):
     """The sampler's decode view: kernels [*out, *in] (tr.kernels_out_first) give the same logits, and
-    their shapes and logical axes are those the out-first config declares, in both layer layouts."""
+    their shapes and logical axes are those the out-first view declares, in both layer layouts."""
     cfg = dataclasses.replace(CFG, tie_embeddings=tied)
-    out_cfg = dataclasses.replace(cfg, out_first_kernels=True)
     params = jax.jit(lambda k: tr.init_params(cfg, k))(jax.random.key(1))
     converted = tr.kernels_out_first(params)
-    graph, abstract, axes = tr.abstract_model(out_cfg)
+    graph, abstract, axes = tr.abstract_model(cfg, out_first=True)
     assert jax.tree.map(lambda x: x.shape, converted) == jax.tree.map(lambda x: x.shape, abstract)
     _, _, in_axes = tr.abstract_model(cfg)
     assert axes["layer_0"]["attn"]["wo"] == ("embed", "heads", "head_dim") != in_axes["layer_0"]["attn"]["wo"]

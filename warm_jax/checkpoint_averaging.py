@@ -432,7 +432,7 @@ class _Inputs:
         """Reads and checks every model.json and saved tree: MergeError naming the first mismatching
         leaf (or config field) before any array is read."""
         metas = {d: read_model_json(d) for d in dirs}
-        model_cfg = tr.ModelConfig(**metas[dirs[0]]["model"])
+        model_cfg = tr.config_from_dict(metas[dirs[0]]["model"])
         graphdef, abstract, axes = tr.abstract_model(model_cfg)
         with concurrent.futures.ThreadPoolExecutor(min(len(dirs), 8), thread_name_prefix="warm-meta") as pool:
             abstracts = list(pool.map(checkpoint_abstract, dirs))

@@ -57,10 +57,11 @@ def model_config_from_json(meta, source: str) -> tr.ModelConfig:
         got = "nothing" if "model" not in meta else type(meta["model"]).__name__
         raise ValueError(f"{source}: field 'model' must be an object of model config fields, got {got}")
     fields = {f.name: f for f in dataclasses.fields(tr.ModelConfig)}
-    unknown = sorted(set(meta["model"]) - set(fields))
+    model = {k: v for k, v in meta["model"].items() if k not in tr.RETIRED_FIELDS}
+    unknown = sorted(set(model) - set(fields))
     if unknown:
         raise ValueError(f"{source}: unknown model config field(s) {unknown} (written by another version?)")
-    for name, value in meta["model"].items():
+    for name, value in model.items():
         default = fields[name].default
         if isinstance(default, bool):
             ok, kind = isinstance(value, bool), "boolean"
@@ -83,7 +84,7 @@ def model_config_from_json(meta, source: str) -> tr.ModelConfig:
         if not ok:
             raise ValueError(f"{source}: field 'model.{name}' = {value!r} is not a valid {kind}")
     try:
-        return tr.ModelConfig(**meta["model"])
+        return tr.config_from_dict(model)
     except ValueError as e:
         raise ValueError(f"{source}: field 'model': {str(e).splitlines()[0]}") from None
 

@@ -93,10 +93,6 @@ class ModelConfig:
     # 'minimal' keeps the projections and attention outputs and recomputes only element-wise work.
     remat: bool = False
     remat_policy: str = "full"
-    # Projection kernels stored [out..., in...] instead of [in..., out...]: the sampler's decode view only
-    # (``kernels_out_first``; checkpoints, training and everything else use in-first kernels). XLA:CPU runs
-    # a few-row product ~30% faster with the weights on the left (see ``project``).
-    out_first_kernels: bool = False
 
     @property
     def dim_head(self) -> int:
@@ -111,6 +107,16 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
 
 
+# Fields a model.json written by an earlier warm_jax may hold that ModelConfig no longer has: the decode-only
+# kernel layout is the sampler's choice now (Decoder's ``out_first``), never a property of a saved model.
+RETIRED_FIELDS = ("out_first_kernels",)
+
+
+def config_from_dict(fields: dict) -> ModelConfig:
+    """The ModelConfig a model.json's "model" entry describes (retired fields dropped)."""
+    return ModelConfig(**{k: v for k, v in fields.items() if k not in RETIRED_FIELDS})
+
+
 def _param(key, shape, axes, std, dtype):
     return nnx.Param(std * jax.random.normal(key, shape, dtype), axes=axes)
 
@@ -119,11 +125,11 @@ def _param(key, shape, axes, std, dtype):
 _KERNEL_INPUTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1, "lm_head": 1}
 
 
-def _kernel(cfg: ModelConfig, key, name: str, shape, axes, std):
+def _kernel(cfg: ModelConfig, key, name: str, shape, axes, std, out_first: bool = False):
     """The projection kernel ``name``: [*in, *out] (shape and axes given in that order), or [*out, *in] when
-    ``cfg.out_first_kernels``."""
+    ``out_first`` (the sampler's decode view, see ``Decoder``)."""
     n_in = _KERNEL_INPUTS[name]
-    if cfg.out_first_kernels:
+    if out_first:
         shape, axes = shape[n_in:] + shape[:n_in], axes[n_in:] + axes[:n_in]
     return _param(key, shape, axes, std, jnp.dtype(cfg.param_dtype))
 
@@ -288,23 +294,25 @@ def attend(q, k, v, mask: AttentionMask, implementation: str = "xla"):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_first: bool = False):
         d, h, k, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head
         std = cfg.init_std
-        self.wq = _kernel(cfg, rngs.params(), "wq", (d, h, hd), ("embed", "heads", "head_dim"), std)
-        self.wk = _kernel(cfg, rngs.params(), "wk", (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
-        self.wv = _kernel(cfg, rngs.params(), "wv", (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+        kernel = functools.partial(_kernel, cfg, out_first=out_first)
+        self.wq = kernel(rngs.params(), "wq", (d, h, hd), ("embed", "heads", "head_dim"), std)
+        self.wk = kernel(rngs.params(), "wk", (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
+        self.wv = kernel(rngs.params(), "wv", (d, k, hd), ("embed", "kv_heads", "head_dim"), std)
         # Output projection scaled down by depth (GPT-2 style) so deep stacks start stable.
         wo_std = std / (2 * cfg.n_layers) ** 0.5
-        self.wo = _kernel(cfg, rngs.params(), "wo", (h, hd, d), ("heads", "head_dim", "embed"), wo_std)
+        self.wo = kernel(rngs.params(), "wo", (h, hd, d), ("heads", "head_dim", "embed"), wo_std)
         self.cfg = cfg
+        self.out_first = out_first
 
     def __call__(self, x, positions, mask, layer_cache):
         """x: [B, T, d]; positions: [B, T]; mask: AttentionMask; layer_cache: None or
         {'k','v': [B, S, K, D], 'index': int32 scalar (first slot to write)}."""
         cfg = self.cfg
         dt = x.dtype
-        q, k, v = (project(x, w[...].astype(dt), cfg.out_first_kernels) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (project(x, w[...].astype(dt), self.out_first) for w in (self.wq, self.wk, self.wv))
         q = checkpoint_name(rope(q, positions, cfg.rope_theta), "attn_q")
         k = checkpoint_name(rope(k, positions, cfg.rope_theta), "attn_k")
         v = checkpoint_name(v, "attn_v")
@@ -316,17 +324,18 @@ class Attention(nnx.Module):
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(dt), v_all.astype(dt)
         out = attend(q, k, v, mask, cfg.attention)
-        return project(out, self.wo[...].astype(dt), cfg.out_first_kernels), new_cache
+        return project(out, self.wo[...].astype(dt), self.out_first), new_cache
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_first: bool = False):
         d, f = cfg.d_model, cfg.d_ff
         std = cfg.init_std
-        self.w_gate = _kernel(cfg, rngs.params(), "w_gate", (d, f), ("embed", "mlp"), std)
-        self.w_up = _kernel(cfg, rngs.params(), "w_up", (d, f), ("embed", "mlp"), std)
-        self.w_down = _kernel(cfg, rngs.params(), "w_down", (f, d), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5)
-        self.out_first = cfg.out_first_kernels
+        kernel = functools.partial(_kernel, cfg, out_first=out_first)
+        self.w_gate = kernel(rngs.params(), "w_gate", (d, f), ("embed", "mlp"), std)
+        self.w_up = kernel(rngs.params(), "w_up", (d, f), ("embed", "mlp"), std)
+        self.w_down = kernel(rngs.params(), "w_down", (f, d), ("mlp", "embed"), std / (2 * cfg.n_layers) ** 0.5)
+        self.out_first = out_first
 
     def __call__(self, x):
         dt = x.dtype
@@ -336,12 +345,12 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_first: bool = False):
         pd = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, out_first)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MLP(cfg, rngs, out_first)
 
     def __call__(self, x, positions, mask, layer_cache, dropout_rate, key):
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
@@ -363,7 +372,7 @@ def _run_block(graph, state, x, i, layer_cache, positions, mask, dropout_rate, k
     return nnx.merge(graph, state)(x, positions, mask, layer_cache, dropout_rate, layer_key)
 
 
-def _init_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block | list[Block]:
+def _init_blocks(cfg: ModelConfig, rngs: nnx.Rngs, out_first: bool = False) -> Block | list[Block]:
     """The L blocks, initialised in a ``lax.scan`` over layers: one stacked Block ([L, ...] params, axes
     ('layers', ...)) when ``cfg.scan_layers``, else a list of L Blocks.
 
@@ -378,10 +387,10 @@ def _init_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block | list[Block]:
     def layer(count, _):
         r = nnx.Rngs(params=base)
         r.params.count[...] = count
-        block = Block(cfg, r)
+        block = Block(cfg, r, out_first)
         return r.params.count[...], nnx.state(block)
 
-    graph = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(params=0))))
+    graph = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(params=0), out_first)))
     count, stacked = jax.lax.scan(layer, stream.count[...], None, length=cfg.n_layers)
     stream.count[...] = count
     is_var = lambda x: isinstance(x, nnx.Variable)
@@ -395,14 +404,20 @@ def _init_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block | list[Block]:
 
 
 class Decoder(nnx.Module):
-    """The decoder trunk plus LM, reward and value heads."""
+    """The decoder trunk plus LM, reward and value heads.
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    ``out_first``: projection kernels stored [*out, *in] instead of [*in, *out] — the sampler's decode view only
+    (``kernels_out_first``; checkpoints, training and everything else use in-first kernels). XLA:CPU runs a
+    few-row product ~30% faster with the weights on the left (see ``project``).
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_first: bool = False):
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
+        self.out_first = out_first
         self.embed = _param(rngs.params(), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
         # One seed gives the same weights in either layout (see _init_blocks).
-        blocks = _init_blocks(cfg, rngs)
+        blocks = _init_blocks(cfg, rngs, out_first)
         if cfg.scan_layers:
             self.layers = blocks
         else:
@@ -412,7 +427,13 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
         if not cfg.tie_embeddings:
             self.lm_head = _kernel(
-                cfg, rngs.params(), "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std
+                cfg,
+                rngs.params(),
+                "lm_head",
+                (cfg.d_model, cfg.vocab_size),
+                ("embed", "vocab"),
+                cfg.init_std,
+                out_first=out_first,
             )
         self.reward_head = RewardHead(cfg, rngs)
         self.value_head = RewardHead(cfg, rngs)
@@ -520,7 +541,7 @@ class Decoder(nnx.Module):
     def logits(self, hidden):
         """[B, T, d] → float32 [B, T, V], accumulated in float32 whatever the activations' dtype (a bfloat16
         logit keeps ~3 significant digits: too few for log-probabilities, their ratios and the KL)."""
-        out_first = self.cfg.out_first_kernels
+        out_first = self.out_first
         if self.cfg.tie_embeddings:  # the table [V, d] is an out-first kernel already
             w = self.embed[...] if out_first else self.embed[...].T
         else:
@@ -585,20 +606,20 @@ def _axes_of(state):
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_model_cached(cfg: ModelConfig):
-    module = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0)))
+def _abstract_model_cached(cfg: ModelConfig, out_first: bool):
+    module = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(params=0), out_first))
     graphdef, state = nnx.split(module)
     return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(_axes_of(state))
 
 
-def abstract_model(cfg: ModelConfig):
-    """Shapes without allocation.
+def abstract_model(cfg: ModelConfig, *, out_first: bool = False):
+    """Shapes without allocation (``out_first``: the sampler's decode view, see ``Decoder``).
 
     Returns (graphdef, abstract params: pure dict of ShapeDtypeStruct, axes: same tree of
     logical-axis tuples). Cached per (hashable, frozen) config; the dicts returned are fresh
     copies, so a caller may change them without touching the cache (the leaves are immutable).
     """
-    graphdef, abstract, axes = _abstract_model_cached(cfg)
+    graphdef, abstract, axes = _abstract_model_cached(cfg, bool(out_first))
     copy = lambda t: jax.tree.map(lambda x: x, t, is_leaf=lambda x: isinstance(x, tuple))
     return graphdef, copy(abstract), copy(axes)
 
@@ -701,7 +722,7 @@ def unstack_layers(params: dict) -> dict:
 
 
 def kernels_out_first(params: dict) -> dict:
-    """In-first params → the same model's params for ``ModelConfig(out_first_kernels=True)``.
+    """In-first params → the same model's params for ``abstract_model(cfg, out_first=True)``.
 
     Each projection kernel [*in, *out] becomes [*out, *in] (under 'layers', the ``scan_layers`` stack, its
     leading layer axis stays first); everything else is returned as it is.

@@ -76,13 +76,13 @@ def _decode_view(graphdef, params, model_cfg: tr.ModelConfig, out_first: bool):
     """
     if not (model_cfg.scan_layers or out_first):
         return tr.bind(graphdef, params), model_cfg
-    view_cfg = dataclasses.replace(model_cfg, scan_layers=False, remat=False, out_first_kernels=out_first)
+    view_cfg = dataclasses.replace(model_cfg, scan_layers=False, remat=False)
     if out_first:  # before unstacking: XLA fuses the transpose into the per-layer slices
         params = tr.kernels_out_first(params)
     if model_cfg.scan_layers:
         params = tr.unstack_layers(params)
     # The barrier keeps XLA from sinking the copies back into the loop body.
-    return tr.bind(tr.abstract_model(view_cfg)[0], jax.lax.optimization_barrier(params)), view_cfg
+    return tr.bind(tr.abstract_model(view_cfg, out_first=out_first)[0], jax.lax.optimization_barrier(params)), view_cfg
 
 
 def sample(params, prompt_tokens, prompt_mask, key, *, graphdef, model_cfg: tr.ModelConfig, cfg: SamplingConfig):
