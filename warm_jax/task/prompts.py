@@ -13,12 +13,12 @@ import dataclasses
 import jax
 import numpy as np
 
+from warm_jax import seeds
 from warm_jax.data import builtin_text
 from warm_jax.data.tokenizers import Tokenizer, encode_prompts
 
-# Prompt set → its stream offset from the run's seed. 'rl_winrate' has the offset of 'bon', so the win-rate prompts
-# are Best-of-N's prompts (for the same count and length).
-PROMPT_SETS = {"bon": 7_003, "rl_train": 7_001, "rl_eval": 7_002, "rl_winrate": 7_003}
+# The named prompt sets; each draws from its own stream of the run's seed (``seeds``).
+PROMPT_SETS = ("bon", "rl_train", "rl_eval", "rl_winrate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,20 +33,20 @@ class PromptSet:
         return len(self.texts)
 
 
-def _stream(name: str) -> int:
+def _check(name: str) -> str:
     if name not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {name!r}; choose from {sorted(PROMPT_SETS)}")
-    return PROMPT_SETS[name]
+    return name
 
 
 def prompt_set(tok: Tokenizer, name: str, n: int, seed: int, max_len: int, *, exclude=()) -> PromptSet:
     """``n`` built-in prompts of the set ``name`` for the run's ``seed``, none of them in ``exclude``."""
-    stream = seed + _stream(name)
+    _check(name)
     excluded = set(exclude)
     texts: list[str] = []
     draw = 0
     while len(texts) < n:
-        batch = builtin_text.generate_prompts(2 * (n - len(texts)) + 16, seed=stream * 1_000_003 + draw)
+        batch = builtin_text.generate_prompts(2 * (n - len(texts)) + 16, seed=seeds.seed(seed, "prompts", name, draw))
         texts.extend(t for t in batch if t not in excluded)
         draw += 1
         if draw > 50:
@@ -58,7 +58,7 @@ def prompt_set(tok: Tokenizer, name: str, n: int, seed: int, max_len: int, *, ex
 
 def sampling_key(seed: int, name: str) -> jax.Array:
     """The key policies sample the prompt set ``name`` with (the same for every policy of a run)."""
-    return jax.random.key(seed * 7919 + _stream(name))
+    return seeds.key(seed, "sampling", _check(name))
 
 
 def oracle_text(prompt: str, continuation: str) -> str:
