@@ -96,9 +96,12 @@ def test_vmapped_policy_updates_equal_separate_single_policy_updates(setup):
     for i, (single, metrics, sampled) in enumerate(separate):
         for s in range(steps):
             np.testing.assert_array_equal(vsampled[s][i], sampled[s], err_msg=f"policy {i} step {s} samples")
-            for name in ("kl", "proxy", "loss"):
-                helpers.assert_close_to_scale(vmetrics[s][name][i], metrics[s][name], err_msg=f"{name} {i} {s}")
             assert vmetrics[s]["member_finite"][i] and metrics[s]["finite"]
+        # Each metric's trajectory, judged at the size it reaches: the first step's KL is zero up to round-off,
+        # which one program may round to exactly 0 and the other to 4e-8.
+        for name in ("kl", "proxy", "loss"):
+            got = [vmetrics[s][name][i] for s in range(steps)]
+            helpers.assert_close_to_scale(got, [metrics[s][name] for s in range(steps)], err_msg=f"{name} {i}")
         mine = jax.tree.map(lambda x: x[i], stacked)
         assert int(mine.step) == steps and np.array_equal(mine.key, single.key)
         flat, _ = jax.tree_util.tree_flatten_with_path(single)

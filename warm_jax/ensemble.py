@@ -443,7 +443,8 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
         )
     geometry = {}
     if not cfg.random_init:
-        dist, cos = jax.device_get(averaging.task_vector_geometry(state.params, ens.shared_init))
+        geometry_fn = jax.jit(averaging.task_vector_geometry, out_shardings=sharding.replicated(ctx.mesh))
+        dist, cos = jax.device_get(geometry_fn(state.params, ens.shared_init))
         geometry = {"distance_from_init": dist.tolist(), "task_vector_cosine": cos.tolist()}
         off = cos[~np.eye(len(cos), dtype=bool)]
         log.info(
