@@ -111,28 +111,26 @@ def probe_gate(ctx: RunContext, model_cfg, graphdef, base, train_diff, head, cfg
     key = seeds.key(ctx.seed, "rm_ensemble", "probe_gate", "random_init")
     rand = pretrain.sharded_init(model_cfg, ctx.mesh, key)[1]
     data = dataset_dir(ctx, cfg)
-    lr = dict(steps=cfg.lp_steps, learning_rate=cfg.lp_learning_rate)
     rand_train = feature_probe.feature_diffs(rand, graphdef, pipeline.load_split(data, "train"))
     kernels = {"pretrained": np.asarray(head["kernel"], np.float32)}
     try:
-        kernels["random"] = feature_probe.fit_head(rand_train, head["kernel"], **lr)
+        kernels["random"] = feature_probe.fit_head(
+            rand_train, head["kernel"], steps=cfg.lp_steps, learning_rate=cfg.lp_learning_rate
+        )
     except FloatingPointError as e:
         raise loop.NonFiniteUpdateError(f"[rm_ensemble] probe on random-init features: {e}") from None
-    margins = {
-        "pretrained/train": feature_probe.margins(train_diff, kernels["pretrained"]),
-        "random/train": feature_probe.margins(rand_train, kernels["random"]),
-    }
+    trunks = {"pretrained": base, "random": rand}
+    margins = {name: {} for name in trunks}  # {features: {split: [N]}}
+    margins["pretrained"]["train"] = feature_probe.margins(train_diff, kernels["pretrained"])
+    margins["random"]["train"] = feature_probe.margins(rand_train, kernels["random"])
     for split in GATE_SPLITS:
         source = pipeline.load_split(data, split)
-        for name, params in (("pretrained", base), ("random", rand)):
-            diff = feature_probe.feature_diffs(params, graphdef, source)
-            margins[f"{name}/{split}"] = feature_probe.margins(diff, kernels[name])
-    split_margins = {
-        name: {k.split("/")[1]: v for k, v in margins.items() if k.startswith(name + "/")}
-        for name in ("pretrained", "random")
-    }
-    record = feature_probe.gate(split_margins["pretrained"], split_margins["random"])
-    return record, margins
+        for name, params in trunks.items():
+            margins[name][split] = feature_probe.margins(
+                feature_probe.feature_diffs(params, graphdef, source), kernels[name]
+            )
+    record = feature_probe.gate(margins["pretrained"], margins["random"])
+    return record, {f"{name}/{split}": m for name, by_split in margins.items() for split, m in by_split.items()}
 
 
 # ----------------------------------------------------------------------------- the step
