@@ -93,3 +93,12 @@ def test_policy_rewards_say_which_stage_is_missing(tmp_path):
     ctx = stages.RunContext(workdir=str(tmp_path), mesh=None, seed=0)  # fails before any array is made
     with pytest.raises(FileNotFoundError, match="run the `average` stage before the policy stages"):
         rewards.load_reward(ctx, "warm")
+
+
+def test_top_m_larger_than_the_ensemble_is_refused():
+    from warm_jax import rm_average
+
+    cfg = rm_average.AverageConfig(warm_selection="top_m", top_m=5)
+    with pytest.raises(ValueError, match="AverageConfig.top_m = 5 but the ensemble has only 4 members"):
+        rm_average.select_members([2, 0, 1, 3], cfg, lambda idx: 0.0)
+    assert rm_average.select_members([2, 0, 1, 3], rm_average.AverageConfig(warm_selection="top_m", top_m=4), lambda idx: 0.0) == [2, 0, 1, 3]

@@ -65,6 +65,8 @@ def select_members(order: Sequence[int], cfg: AverageConfig, warm_accuracy: Call
     if cfg.warm_selection == "all":
         return sorted(order)
     if cfg.warm_selection == "top_m":
+        if cfg.top_m is not None and cfg.top_m > len(order):
+            raise ValueError(f"AverageConfig.top_m = {cfg.top_m} but the ensemble has only {len(order)} members")
         return order[: cfg.top_m or len(order)]
     return averaging.greedy_soup(order, warm_accuracy)
 
