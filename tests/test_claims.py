@@ -14,7 +14,8 @@ from warm_jax import claims
 LAM = [0.0, 0.25, 0.5, 0.75, 1.0]
 N = 1000  # pairs per split
 P = 128  # prompts
-SPLITS = ("train_clean", "train_corrupted", "validation", "ood")
+SPLITS = ("train_clean", "train_corrupted", "validation", "ood")  # a dataset with one ood split (external data)
+BUILTIN_SPLITS = ("train_clean", "train_corrupted", "validation", "ood_cue", "ood_temp")  # the built-in task's
 
 
 def base_margins(acc: float, n: int = N, seed: int = 0) -> np.ndarray:
@@ -34,10 +35,10 @@ def flip(d: np.ndarray, to_wrong: int = 0, to_right: int = 0, seed: int = 1) -> 
     return d
 
 
-def run(m: int = 6, lambdas=LAM):
-    """(summary, evidence) of a run where every claim holds."""
+def run(m: int = 6, lambdas=LAM, splits=SPLITS):
+    """(summary, evidence) of a run on ``splits`` where every claim holds."""
     ev_rm = {"lambdas": np.asarray(lambdas)}
-    for i, sp in enumerate(SPLITS):
+    for i, sp in enumerate(splits):
         base = base_margins(0.6 if sp == "train_corrupted" else 0.7, seed=i)
         members = np.stack([flip(base, to_wrong=60, seed=10 + j) for j in range(m)])  # each member 6 pt below
         # WARM by M rises 1 pt per member (nested: each adds right pairs to the previous one).
@@ -51,7 +52,7 @@ def run(m: int = 6, lambdas=LAM):
         ev_rm[f"{sp}/warm"] = flip(base, to_wrong=200) if sp == "train_corrupted" else base
         ev_rm[f"{sp}/lmc_weight"] = np.stack([base] * len(lambdas))
     control = {"lambdas": np.asarray(LAM)}
-    for i, sp in enumerate(SPLITS):
+    for i, sp in enumerate(splits):
         base = base_margins(0.7, seed=i)
         control[f"{sp}/lmc_weight"] = np.stack(
             [base, flip(base, to_wrong=100), flip(base, to_wrong=200), flip(base, to_wrong=100, seed=2), base]
@@ -72,13 +73,14 @@ def run(m: int = 6, lambdas=LAM):
         "member_best": policy([0.0, 0.2, 0.1, 0.0], [0, 1, 2, 3]),
         "warm": policy([0.0, 0.2, 0.3, 0.35], [0, 1, 2, 2]),
     }
-    # Pretrained features: 80% on validation, 75% on ood; random-init features 10 pt lower on both.
+    # Pretrained features: 80% on validation, 75% on each ood split; random-init features 10 pt lower on each.
     probe = {
         "pretrained/validation": base_margins(0.8, seed=20),
         "random/validation": flip(base_margins(0.8, seed=20), to_wrong=100, seed=21),
-        "pretrained/ood": base_margins(0.75, seed=22),
-        "random/ood": flip(base_margins(0.75, seed=22), to_wrong=100, seed=23),
     }
+    for i, sp in enumerate(s for s in splits if s.startswith("ood")):
+        probe[f"pretrained/{sp}"] = base_margins(0.75, seed=22 + 2 * i)
+        probe[f"random/{sp}"] = flip(base_margins(0.75, seed=22 + 2 * i), to_wrong=100, seed=23 + 2 * i)
     summary = {
         "probe": {"holds": True},
         "lmc": {"lambdas": list(lambdas), "members": [0, 1]},
@@ -105,6 +107,7 @@ ALL = ("pretraining", "lmc", "wa_close_to_ens", "memorisation", "m_scaling", "bo
 
 
 def test_every_claim_holds_on_a_run_that_shows_it():
+    """On a result set with one ``ood`` split (external data, a workdir from before the split was divided)."""
     got = by_id(*run())
     assert {k: c["status"] for k, c in got.items()} == {k: "holds" for k in ALL}
     assert all(c["holds"] is True and c["reason"] == "" for c in got.values())
@@ -119,6 +122,90 @@ def test_every_claim_holds_on_a_run_that_shows_it():
     assert got["pretraining"]["ci"]["pretrained_validation"]["value"] == pytest.approx(0.8)
     assert got["pretraining"]["ci"]["pretrained_minus_random_validation"]["value"] == pytest.approx(0.1)
     assert got["pretraining"]["ci"]["pretrained_minus_random_ood"]["value"] == pytest.approx(0.1)
+
+
+def test_every_claim_is_judged_on_each_ood_split_of_the_builtin_task():
+    got = by_id(*run(splits=BUILTIN_SPLITS))
+    assert {k: c["status"] for k, c in got.items()} == {k: "holds" for k in ALL}
+    for sp in ("ood_cue", "ood_temp"):
+        assert got["lmc"]["ci"][f"barrier_{sp}"]["ci95"] == [0.0, 0.0]
+        assert got["lmc"]["ci"][f"random_init_barrier_{sp}"]["ci95"][0] > claims.TOLERANCE
+        assert got["wa_close_to_ens"]["ci"][f"wa_minus_ens_{sp}"]["ci95"] == [0.0, 0.0]
+        assert got["m_scaling"]["ci"][f"worst_drop_{sp}"]["value"] == pytest.approx(-0.01)
+        assert got["m_scaling"]["ci"][f"warm_m6_minus_mean_member_{sp}"]["ci95"][0] > 0
+        assert got["pretraining"]["ci"][f"pretrained_minus_random_{sp}"]["value"] == pytest.approx(0.1)
+    assert not any(k.endswith("_ood") for c in got.values() for k in c["ci"])
+
+
+def _dip(e, sp):
+    """A 2-point dip below the chord at λ = 0.5 on ``sp``."""
+    ens = e["rm"][f"{sp}/ens"]
+    return set_rows(e, f"rm:{sp}/lmc_weight", np.stack([ens] * 2 + [flip(ens, to_wrong=20)] + [ens] * 2))
+
+
+def _worse(e, sp):
+    """WARM 3 pt below ENS on ``sp``."""
+    return set_rows(e, f"rm:{sp}/warm", flip(e["rm"][f"{sp}/ens"], to_wrong=30))
+
+
+def _falls(e, sp):
+    """WARM falls 3 pt from M = 1 to M = 2 on ``sp``."""
+    by_m = e["rm"][f"{sp}/warm_by_m"]
+    return set_rows(e, f"rm:{sp}/warm_by_m", np.concatenate([by_m[:1], [flip(by_m[0], to_wrong=30)], by_m[2:]]))
+
+
+@pytest.mark.parametrize(
+    "claim, change, ci_name",
+    [
+        ("lmc", _dip, "barrier_{}"),
+        ("wa_close_to_ens", _worse, "wa_minus_ens_{}"),
+        ("m_scaling", _falls, "worst_drop_{}"),
+    ],
+)
+def test_a_claim_that_holds_on_ood_cue_but_not_on_ood_temp_fails_naming_it(claim, change, ci_name):
+    s, e = run(splits=BUILTIN_SPLITS)
+    got = by_id(s, change(e, "ood_temp"))
+    c = got[claim]
+    assert c["status"] == "fails" and c["holds"] is False, c
+    assert "ood_temp" in c["reason"] and "ood_cue" not in c["reason"]
+    # ood_cue's interval alone would let it hold; ood_temp's says it does not.
+    bound = -claims.TOLERANCE if claim == "wa_close_to_ens" else claims.TOLERANCE
+    cue, temp = c["ci"][ci_name.format("ood_cue")]["ci95"], c["ci"][ci_name.format("ood_temp")]["ci95"]
+    if claim == "wa_close_to_ens":
+        assert cue[0] > bound >= temp[0]
+    else:
+        assert cue[1] < bound <= temp[1]
+    assert all(x["status"] == "holds" for cid, x in got.items() if cid != claim)
+    # and the same change on ood_cue fails it naming ood_cue
+    assert "ood_cue" in by_id(s, change(e, "ood_cue"))[claim]["reason"]
+
+
+def test_a_claim_judged_on_ood_is_not_tested_without_an_ood_split():
+    s, e = run()
+    for key in [k for k in e["rm"] if k.startswith("ood/")]:
+        e["rm"].pop(key)
+    got = by_id(s, e)
+    for cid in ("lmc", "wa_close_to_ens", "m_scaling"):
+        assert got[cid]["status"] == "not tested" and "no ood split" in got[cid]["reason"], got[cid]
+    assert got["memorisation"]["status"] == "holds"
+
+
+def test_across_runs_table_shows_each_ood_split_ci(capsys, tmp_path):
+    """An old single-ood run and a built-in-task run side by side: each claim's row shows every split's CI."""
+    dirs = []
+    for name, splits in (("old", SPLITS), ("new", BUILTIN_SPLITS)):
+        d = tmp_path / name
+        os.makedirs(d)
+        (d / "summary.json").write_text(json.dumps({"claims": claims.check_all(*run(splits=splits))}))
+        dirs.append(str(d))
+    assert claims.main(dirs) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| `wa_close_to_ens` |"))
+    old, new = row.split(" | ")[2:4]
+    assert old.startswith("holds: wa_minus_ens_validation +0.00 [+0.00, +0.00] pt; wa_minus_ens_ood +0.00 [")
+    assert new.startswith(
+        "holds: wa_minus_ens_validation +0.00 [+0.00, +0.00] pt; wa_minus_ens_ood_cue +0.00 [+0.00, +0.00] pt; "
+        "wa_minus_ens_ood_temp +0.00 [+0.00, +0.00] pt"
+    )
 
 
 def flat_control(ev):

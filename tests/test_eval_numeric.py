@@ -115,13 +115,23 @@ def test_score_splits_keeps_the_flipped_labels_apart_and_scores_each_split_once(
         return r, np.zeros_like(r)
 
     s = evaluation.score_splits(score, splits)
-    assert list(s) == list(evaluation.SPLITS) and sorted(scored) == [3, 4, 6]
+    assert list(s) == ["train_clean", "train_corrupted", "validation", "ood"] and sorted(scored) == [3, 4, 6]
     np.testing.assert_array_equal(s["train_corrupted"][0], [[10, 40]] * 2)
     np.testing.assert_array_equal(s["train_clean"][0], [[0, 20, 30, 50]] * 2)
     np.testing.assert_array_equal(s["ood"][0][0], [0, 10, 20, 30])
     assert list(evaluation.score_splits(score, splits, ("train_clean",))) == ["train_clean"]
     with pytest.raises(ValueError, match="unknown evaluation split"):
         evaluation.score_splits(score, splits, ("test",))
+    # The built-in task's two ood splits flow through by name, in table order, each scored once.
+    splits = {k: splits[k] for k in ("train", "validation")} | {
+        "ood_temp": evaluation.SplitRows.whole({"chosen_length": np.arange(5)}),
+        "ood_cue": evaluation.SplitRows.whole({"chosen_length": np.arange(4)}),
+    }
+    scored.clear()
+    s = evaluation.score_splits(score, splits)
+    assert list(s) == ["train_clean", "train_corrupted", "validation", "ood_cue", "ood_temp"]
+    assert sorted(scored) == [3, 4, 5, 6]
+    np.testing.assert_array_equal(s["ood_temp"][0][0], [0, 10, 20, 30, 40])
 
 
 # A synthetic reward model: parameters θ are one number per pair (θ_chosen; θ_rejected = 0) and its reward is
@@ -255,7 +265,8 @@ def test_best_of_n_per_prompt_and_its_standard_error():
 # ----------------------------------------------------------------------------- report and claims from stage files
 
 N, P = 1000, 64
-SPLITS = evaluation.SPLITS
+# The built-in task's splits as rm_eval measures them.
+SPLITS = ("train_clean", "train_corrupted", "validation", "ood_cue", "ood_temp")
 
 
 def pm1(acc, seed, n=N):
@@ -377,17 +388,18 @@ def test_report_summary_and_markdown_from_stage_files(tmp_path):
     rm = summary["rm"]
     for s in SPLITS:
         assert rm["warm"]["acc"][s] == acc(ex[f"{s}/warm"]) and rm["ens"]["acc"][s] == acc(ex[f"{s}/ens"])
-    wa = got["wa_close_to_ens"]["ci"]["wa_minus_ens_ood"]
-    assert wa["value"] == pytest.approx(rm["warm"]["acc"]["ood"] - rm["ens"]["acc"]["ood"], abs=1e-15)
-    assert wa["ci95"][0] > -0.01 and wa["unit"] == "pt" and wa["n"] == N
+    for sp in ("ood_cue", "ood_temp"):
+        wa = got["wa_close_to_ens"]["ci"][f"wa_minus_ens_{sp}"]
+        assert wa["value"] == pytest.approx(rm["warm"]["acc"][sp] - rm["ens"]["acc"][sp], abs=1e-15)
+        assert wa["ci95"][0] > -0.01 and wa["unit"] == "pt" and wa["n"] == N
+        assert got["m_scaling"]["ci"][f"worst_drop_{sp}"]["value"] == pytest.approx(-0.01)  # rises 1 pt per member
     mem = got["memorisation"]["ci"]["wa_minus_ens_train_corrupted"]
     assert mem["value"] == pytest.approx(rm["warm"]["acc"]["train_corrupted"] - rm["ens"]["acc"]["train_corrupted"])
     assert mem["ci95"][1] < 0
-    assert got["m_scaling"]["ci"]["worst_drop_ood"]["value"] == pytest.approx(-0.01)  # rises 1 pt per member
     # LMC: θ(½) (WARM of two) lies 7-8 pt above the chord of two members 6 pt below the base; the control
     # 20 pt below its chord.
-    assert got["lmc"]["ci"]["random_init_barrier_ood"]["value"] == pytest.approx(0.2)
-    assert got["lmc"]["ci"]["barrier_ood"]["ci95"][1] < 0
+    assert got["lmc"]["ci"]["random_init_barrier_ood_temp"]["value"] == pytest.approx(0.2)
+    assert got["lmc"]["ci"]["barrier_ood_cue"]["ci95"][1] < 0
     # Best-of-N: exact gaps, the N = 8 one without spread; the N = 64 one straddles 0.
     assert got["bon"]["ci"]["gap_n8"]["ci95"] == pytest.approx([0.1, 0.1])
     lo, hi = got["bon"]["ci"]["gap_n64"]["ci95"]
@@ -406,7 +418,10 @@ def test_report_summary_and_markdown_from_stage_files(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| `rl`"))
     assert "| *not tested* | single_peak_minus_final " in row and "premise unmet" in row
     row = next(line for line in md.splitlines() if line.startswith("| `lmc`"))
-    assert "| holds | barrier_validation " in row and "random_init_barrier_ood +20.00 [" in row
+    assert "| holds | barrier_validation " in row and "random_init_barrier_ood_temp +20.00 [" in row
+    # The accuracy table: a column per ood split, each described.
+    assert "| model | train_clean | train_corrupted | validation | ood_cue | ood_temp |" in md
+    assert "ood_temp: sampled at the ood temperature, with the length cue as in training." in md
     assert "bon.png" in md and os.path.exists(os.path.join(wd, "report", "bon.png"))
 
     # With hacking in the REINFORCE curves, rl is tested (and holds: WARM peaks higher and wins).

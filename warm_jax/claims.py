@@ -14,7 +14,12 @@ numpy seed 0, percentile intervals), never by a point estimate against a fixed t
 
 A statistic that takes a max or min over λ, M, N or steps is recomputed inside every resample, so its
 interval carries the selection. Each CI is a marginal 95% interval; a claim that needs several
-(validation and ood) needs each. Accuracy tolerances are ``TOLERANCE`` = 1 point.
+(validation and each ood split) needs each. Accuracy tolerances are ``TOLERANCE`` = 1 point.
+
+The held-out splits are the run's own (``eval_splits``): ``validation`` and every ood split whose per-example
+margins rm_eval wrote — ``ood_cue`` and ``ood_temp`` for the built-in task, ``ood`` for external data and for
+workdirs written before the ood split was divided. A CI's name ends with its split (``barrier_ood_temp``), and a
+claim that fails names the split where it does.
 
 Each check returns ``{"id", "status", "holds", "reason", "statement", "numbers", "ci"}`` or None when the
 run lacks the stage it needs. ``status`` is "holds", "fails" or "not tested" (the evidence is missing or
@@ -39,7 +44,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from warm_jax import stats
+from warm_jax import eval_splits, stats
 from warm_jax.policy import winrate
 
 POINT = 0.01
@@ -52,7 +57,6 @@ PROBE_ACCURACY = 0.70  # the probe gate (feature_probe.GATE_ACCURACY / GATE_MARG
 PROBE_MARGIN = 0.05
 HOLDS, FAILS, NOT_TESTED = "holds", "fails", "not tested"
 STATUSES = (HOLDS, FAILS, NOT_TESTED)
-EVAL_SPLITS = ("validation", "ood")
 
 CHECKS: dict[str, Callable[[dict, Mapping], dict | None]] = {}
 STATEMENTS: dict[str, str] = {
@@ -63,23 +67,23 @@ STATEMENTS: dict[str, str] = {
     ),
     "lmc": (
         "no accuracy barrier between the two interpolated members: 95% CI upper bound of the barrier "
-        "(max over interior λ of chord − acc(θ(λ))) < 1 pt on validation and on ood; and the negative control "
+        "(max over interior λ of chord − acc(θ(λ))) < 1 pt on validation and on each ood split; and the negative control "
         "shows one — a copy of the second member with its MLP units and residual coordinates permuted (the "
         "same function in another basin), else the random-init pair: CI lower bound of its accuracy barrier "
-        "> 1 pt or of its loss barrier > 0.01 nats on validation or ood"
+        "> 1 pt or of its loss barrier > 0.01 nats on validation or an ood split"
     ),
     "wa_close_to_ens": (
         "WARM is not worse than ENS of the same members (M ≥ 2): 95% CI lower bound of acc(WARM) − acc(ENS) "
-        "> −1 pt on validation and on ood"
+        "> −1 pt on validation and on each ood split"
     ),
     "memorisation": (
         "at matched fit to the clean labels (CI lower bound of WARM − ENS on train_clean > −1 pt, else not "
         "tested), WARM fits fewer flipped labels than ENS: CI upper bound of WARM − ENS on train_corrupted < 0"
     ),
     "m_scaling": (
-        f"WARM's ood accuracy never falls as M grows best-first to min(M, {SCALING_MAX_M}): CI upper bound of "
-        "the largest drop below an earlier M < 1 pt; and WARM at that M beats the mean member: CI lower bound "
-        "of the difference > 0"
+        f"on each ood split, WARM's accuracy never falls as M grows best-first to min(M, {SCALING_MAX_M}): CI upper "
+        "bound of the largest drop below an earlier M < 1 pt; and WARM at that M beats the mean member: CI lower "
+        "bound of the difference > 0"
     ),
     "bon": (
         f"Best-of-N picks better samples with WARM than with the best member at every N ≥ {BON_MIN_N}: CI lower "
@@ -152,6 +156,16 @@ def _arr(src: Mapping, key: str) -> np.ndarray:
     return np.asarray(src[key])
 
 
+def _held_out(src: Mapping, model: str) -> tuple[str, ...]:
+    """``validation`` and every ood split whose margins ``<split>/<model>`` the per-example source holds.
+
+    NotTested when it holds no ood split: a claim judged "on validation and ood" is not judged on validation alone."""
+    oods = eval_splits.ood_splits(k.rpartition("/")[0] for k in src if k.endswith("/" + model))
+    if not oods:
+        raise NotTested(f"per-example data holds no ood split ('{model}' margins of 'ood' or 'ood_<shift>')")
+    return (eval_splits.VALIDATION, *oods)
+
+
 def _pt(x: float) -> str:
     return f"{100 * x:+.2f} pt"
 
@@ -203,9 +217,11 @@ def pretraining(s, ev):
     pre, rand = _arr(src, "pretrained/validation"), _arr(src, "random/validation")
     acc = _entry(stats.bootstrap_ci([stats.correctness(pre)]), "pt")
     ci = {"pretrained_validation": acc, "pretrained_minus_random_validation": _entry(_acc_diff_ci(pre, rand), "pt")}
-    if "random/ood" in src and "pretrained/ood" in src:
-        ood = _acc_diff_ci(_arr(src, "pretrained/ood"), _arr(src, "random/ood"))
-        ci["pretrained_minus_random_ood"] = _entry(ood, "pt")
+    # The gate is judged on validation; each ood split's margin is shown beside it.
+    for sp in eval_splits.ood_splits(k.partition("/")[2] for k in src if k.startswith("pretrained/")):
+        if f"random/{sp}" in src:
+            ood = _acc_diff_ci(_arr(src, f"pretrained/{sp}"), _arr(src, f"random/{sp}"))
+            ci[f"pretrained_minus_random_{sp}"] = _entry(ood, "pt")
     low_acc = acc["value"] < PROBE_ACCURACY
     low_margin = ci["pretrained_minus_random_validation"]["ci95"][0] < PROBE_MARGIN
     reasons = [
@@ -241,7 +257,8 @@ def lmc(s, ev):
     sources = {"rm": "margins from rm_eval", "control": "margins from rm_control"}
     ci = {}
     rm = _source(ev, "rm", sources["rm"])
-    for sp in EVAL_SPLITS:
+    held = _held_out(rm, "lmc_weight")
+    for sp in held:
         ci[f"barrier_{sp}"] = _entry(_barrier_ci(_arr(rm, f"{sp}/lmc_weight"), lambdas), "pt")
         ci[f"loss_barrier_{sp}"] = _entry(_loss_barrier_ci(_arr(rm, f"{sp}/lmc_weight"), lambdas), "nats")
     for name, c_lambdas, src, key in controls:
@@ -249,22 +266,22 @@ def lmc(s, ev):
         if len(c_lambdas) < 3:
             raise NotTested(f"the {name} control has {len(c_lambdas)} λ: no interior point")
         margins_src = _source(ev, src, sources[src])
-        for sp in EVAL_SPLITS:
+        for sp in held:
             m = _arr(margins_src, f"{sp}/{key}")
             ci[f"{name}_barrier_{sp}"] = _entry(_barrier_ci(m, c_lambdas), "pt")
             ci[f"{name}_loss_barrier_{sp}"] = _entry(_loss_barrier_ci(m, c_lambdas), "nats")
     primary = controls[0][0]
-    flat = all(ci[f"barrier_{sp}"]["ci95"][1] < TOLERANCE for sp in EVAL_SPLITS)
+    flat = all(ci[f"barrier_{sp}"]["ci95"][1] < TOLERANCE for sp in held)
     control = any(
         ci[f"{primary}_barrier_{sp}"]["ci95"][0] > TOLERANCE
         or ci[f"{primary}_loss_barrier_{sp}"]["ci95"][0] > LOSS_TOLERANCE
-        for sp in EVAL_SPLITS
+        for sp in held
     )
     why = []
     if not flat:
         why.append(
             "the members' barrier CI reaches 1 pt on "
-            + ", ".join(sp for sp in EVAL_SPLITS if ci[f"barrier_{sp}"]["ci95"][1] >= TOLERANCE)
+            + ", ".join(sp for sp in held if ci[f"barrier_{sp}"]["ci95"][1] >= TOLERANCE)
         )
     if not control:
         why.append(
@@ -288,11 +305,11 @@ def wa_close_to_ens(s, ev):
         return None
     m = _chosen_m(s)
     rm = _source(ev, "rm", "margins from rm_eval")
+    held = _held_out(rm, "warm")
     ci = {
-        f"wa_minus_ens_{sp}": _entry(_acc_diff_ci(_arr(rm, f"{sp}/warm"), _arr(rm, f"{sp}/ens")), "pt")
-        for sp in EVAL_SPLITS
+        f"wa_minus_ens_{sp}": _entry(_acc_diff_ci(_arr(rm, f"{sp}/warm"), _arr(rm, f"{sp}/ens")), "pt") for sp in held
     }
-    worse = [sp for sp in EVAL_SPLITS if ci[f"wa_minus_ens_{sp}"]["ci95"][0] <= -TOLERANCE]
+    worse = [sp for sp in held if ci[f"wa_minus_ens_{sp}"]["ci95"][0] <= -TOLERANCE]
     reason = f"WARM may be worse than ENS by 1 pt or more on {', '.join(worse)}" if worse else ""
     return _claim("wa_close_to_ens", FAILS if worse else HOLDS, reason=reason, ci=ci, numbers={"M": m})
 
@@ -333,16 +350,18 @@ def m_scaling(s, ev):
         raise NotTested("one member: there is no M to grow")
     k = min(m, SCALING_MAX_M)
     rm = _source(ev, "rm", "margins from rm_eval")
-    by_m = stats.correctness(_arr(rm, "ood/warm_by_m")[:k]).T  # [N, k]
-    mean_member = stats.correctness(_arr(rm, "ood/members")).mean(0)  # [N]: per pair, the members' mean
-    drop = _entry(stats.bootstrap_ci([by_m], worst_drop), "pt")
-    beats = _entry(stats.paired_bootstrap_ci(by_m[:, -1], mean_member), "pt")
-    ci = {"worst_drop_ood": drop, f"warm_m{k}_minus_mean_member_ood": beats}
-    why = []
-    if drop["ci95"][1] >= TOLERANCE:
-        why.append("WARM's ood accuracy may fall by 1 pt or more as M grows")
-    if beats["ci95"][0] <= 0:
-        why.append(f"WARM at M = {k} does not beat the mean member beyond its CI")
+    ci, why = {}, []
+    for sp in _held_out(rm, "warm_by_m")[1:]:
+        by_m = stats.correctness(_arr(rm, f"{sp}/warm_by_m")[:k]).T  # [N, k]
+        mean_member = stats.correctness(_arr(rm, f"{sp}/members")).mean(0)  # [N]: per pair, the members' mean
+        drop = ci[f"worst_drop_{sp}"] = _entry(stats.bootstrap_ci([by_m], worst_drop), "pt")
+        beats = ci[f"warm_m{k}_minus_mean_member_{sp}"] = _entry(
+            stats.paired_bootstrap_ci(by_m[:, -1], mean_member), "pt"
+        )
+        if drop["ci95"][1] >= TOLERANCE:
+            why.append(f"WARM's {sp} accuracy may fall by 1 pt or more as M grows")
+        if beats["ci95"][0] <= 0:
+            why.append(f"WARM at M = {k} does not beat the mean member on {sp} beyond its CI")
     return _claim("m_scaling", FAILS if why else HOLDS, reason="; ".join(why), ci=ci, numbers={"M_max": k})
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from warm_jax import averaging, cpu_tuning, faults, feature_probe, io_utils, loop, params_io, pretrain, rm_scoring
-from warm_jax import seeds, sharding
+from warm_jax import averaging, cpu_tuning, eval_splits, faults, feature_probe, io_utils, loop, params_io, pretrain
+from warm_jax import rm_scoring, seeds, sharding
 from warm_jax.data import pipeline
 from warm_jax.data.local_rows import LocalRows, local_rows
 from warm_jax.models import transformer as tr
@@ -32,7 +32,6 @@ from warm_jax.train_state import TrainState, guarded_update, new_state, state_sp
 log = logging.getLogger(__name__)
 
 RM_FIELDS = ("chosen_tokens", "rejected_tokens", "chosen_length", "rejected_length")
-GATE_SPLITS = ("validation", "ood")
 
 
 @gin.configurable
@@ -55,7 +54,7 @@ class EnsembleConfig:
     dataset_dir: str | None = None  # default WORKDIR/data
     # Negative control (not WARM): each member from its own random init, no pretraining, no probe.
     random_init: bool = False
-    probe_gate: bool = True  # also probe random-init features and score both probes on validation and ood
+    probe_gate: bool = True  # also probe random-init features; score both probes on validation and each ood split
 
 
 def per_member(values, m: int, binding: str) -> list:
@@ -106,7 +105,8 @@ def linear_probe(params, graphdef, source, cfg: EnsembleConfig):
 
 def probe_gate(ctx: RunContext, model_cfg, graphdef, base, train_diff, head, cfg: EnsembleConfig):
     """The probe on pretrained features against the same probe on random-init features of the same shape,
-    both fitted on the training pairs and scored on validation and ood. Returns (the gate record of
+    both fitted on the training pairs and scored on validation and every ood split the dataset has
+    (``eval_splits.dataset_held_out``). Returns (the gate record of
     ``feature_probe.gate``, per-pair margins {"pretrained/<split>", "random/<split>": [N]})."""
     key = seeds.key(ctx.seed, "rm_ensemble", "probe_gate", "random_init")
     rand = pretrain.sharded_init(model_cfg, ctx.mesh, key)[1]
@@ -123,7 +123,7 @@ def probe_gate(ctx: RunContext, model_cfg, graphdef, base, train_diff, head, cfg
     margins = {name: {} for name in trunks}  # {features: {split: [N]}}
     margins["pretrained"]["train"] = feature_probe.margins(train_diff, kernels["pretrained"])
     margins["random"]["train"] = feature_probe.margins(rand_train, kernels["random"])
-    for split in GATE_SPLITS:
+    for split in eval_splits.dataset_held_out(data):
         source = pipeline.load_split(data, split)
         for name, params in trunks.items():
             margins[name][split] = feature_probe.margins(
@@ -299,14 +299,16 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
             log.log(
                 logging.INFO if gate["holds"] else logging.WARNING,
                 "[rm_ensemble] probe gate %s: validation accuracy %.3f on pretrained features, %.3f on random-init "
-                "features (needs >= %.2f and a %.0f pt margin); ood %.3f vs %.3f",
+                "features (needs >= %.2f and a %.0f pt margin); %s",
                 "holds" if gate["holds"] else "FAILS (pretraining gives the members little to share)",
                 gate["pretrained"]["validation"],
                 gate["random"]["validation"],
                 gate["accuracy_bound"],
                 100 * gate["margin_bound"],
-                gate["pretrained"]["ood"],
-                gate["random"]["ood"],
+                ", ".join(
+                    f"{s} {gate['pretrained'][s]:.3f} vs {gate['random'][s]:.3f}"
+                    for s in eval_splits.ood_splits(gate["pretrained"])
+                ),
             )
         else:
             probe = None

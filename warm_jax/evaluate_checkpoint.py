@@ -1,6 +1,6 @@
 """Score a reward checkpoint on a prepared preference dataset: ``warm-eval`` (python -m warm_jax.evaluate_checkpoint).
 
-    warm-eval --checkpoint=WORKDIR/rm/warm --data=WORKDIR/data [--split=validation,ood] [--output=scores.json]
+    warm-eval --checkpoint=WORKDIR/rm/warm --data=WORKDIR/data [--split=validation,ood_cue] [--output=scores.json]
     warm-eval --checkpoint=WORKDIR/rm/members --data=WORKDIR/data             # every member, their ENS and WARM
     warm-eval --checkpoint=WORKDIR/rm/members --member=2 --data=WORKDIR/data  # one of them
     warm-eval --checkpoint=WORKDIR/rm/ckpt --data=WORKDIR/data                # the stacked training checkpoint

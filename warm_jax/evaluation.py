@@ -2,7 +2,8 @@
 
 Accuracy of each member, of WARM (uniform weight average of the best-first top M, M = 1 … M_max)
 and of ENS (mean of the members' rewards), on ``train_clean``, ``train_corrupted``,
-``validation`` and ``ood``. On ``train_corrupted`` accuracy is measured against the flipped
+``validation`` and every ood split the dataset has (``eval_splits``: ``ood_cue`` and ``ood_temp`` for the
+built-in task, ``ood`` for external data). On ``train_corrupted`` accuracy is measured against the flipped
 (training) labels, so HIGHER means MORE memorisation of label noise. Also: ensemble
 disagreement, calibration (ECE of σ(r⁺ − r⁻)), linear mode connectivity between two members,
 and the rewards' statistics on validation. WARM is the model the `average` stage wrote to WORKDIR/rm/warm: its
@@ -45,6 +46,7 @@ from warm_jax import (
     batched,
     checkpoint_averaging,
     ensemble,
+    eval_splits,
     io_utils,
     loop,
     rm_scoring,
@@ -57,8 +59,6 @@ from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train_clean", "train_corrupted", "validation", "ood")
 
 RewardPairs = tuple[np.ndarray, np.ndarray]  # (r_chosen [N], r_rejected [N])
 
@@ -138,13 +138,16 @@ def read_eval_splits(
     max_examples: int | None = None,
     *,
     stage: str,
-    names: Sequence[str] = SPLITS,
+    names: Sequence[str] | None = None,
 ) -> dict[str, SplitRows]:
-    """The dataset's splits (train, validation, ood) that rm_eval's splits ``names`` come from, read per process.
+    """The dataset's splits (train, validation, the ood splits) that rm_eval's splits ``names`` come from (default:
+    ``eval_splits.dataset_rm_splits``), read per process.
 
     ``max_examples`` cuts each base split (train before it is cut by its flip mask). Logs the rows read by this
     process as ``[stage] input: process p of P read R batch rows (K records)``: R the batch positions its devices
     fill, K the distinct pairs it read."""
+    if names is None:
+        names = eval_splits.dataset_rm_splits(dataset_dir)
     out = {b: read_split_rows(dataset_dir, b, mesh, batch_size, max_examples) for b in _bases(names)}
     b, mine = batched.batch_rows(batch_size, mesh), batched.rows_per_batch(batch_size, mesh)
     log.info(
@@ -159,20 +162,24 @@ def read_eval_splits(
 
 
 def _base(split: str) -> str:
-    return "train" if split in ("train_clean", "train_corrupted") else split
+    return eval_splits.TRAIN if split in eval_splits.TRAIN_VIEWS else split
 
 
 def _bases(names: Sequence[str]) -> list[str]:
-    bad = [s for s in names if s not in SPLITS]
+    bad = [s for s in names if not eval_splits.is_eval_split(s)]
     if bad:
-        raise ValueError(f"unknown evaluation split(s) {bad}; choose from {SPLITS}")
+        raise ValueError(f"unknown evaluation split(s) {bad}; choose from {eval_splits.KNOWN}")
     return list(dict.fromkeys(_base(s) for s in names))
 
 
-def score_splits(score, splits: dict[str, SplitRows], names: Sequence[str] = SPLITS) -> dict[str, RewardPairs]:
-    """rm_eval's splits ``names`` from ``score(SplitRows) -> (r_chosen [..., N], r_rejected [..., N])``, each base
+def score_splits(score, splits: dict[str, SplitRows], names: Sequence[str] | None = None) -> dict[str, RewardPairs]:
+    """rm_eval's splits ``names`` (default: those ``splits`` — dataset splits as read by ``read_eval_splits`` —
+    hold, ``eval_splits.ordered``) from ``score(SplitRows) -> (r_chosen [..., N], r_rejected [..., N])``, each base
     split scored once; train's pairs go to ``train_clean`` / ``train_corrupted`` by its flip mask, the flipped
     ones measured against their flipped (training) labels."""
+    if names is None:
+        held = [s for s in splits if s != eval_splits.TRAIN]
+        names = (eval_splits.TRAIN_VIEWS if eval_splits.TRAIN in splits else ()) + eval_splits.held_out(held)
     scored = {b: score(splits[b]) for b in _bases(names)}
     out = {}
     for s in names:

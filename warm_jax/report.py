@@ -24,15 +24,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from warm_jax import claims as claims_lib  # noqa: E402
-from warm_jax import evaluation, io_utils, stats  # noqa: E402
+from warm_jax import eval_splits, evaluation, io_utils, stats  # noqa: E402
 from warm_jax.policy import bon as bon_lib  # noqa: E402
 from warm_jax.policy import warp as warp_lib, winrate  # noqa: E402
 from warm_jax.stages import RunContext, register_stage  # noqa: E402
 from warm_jax.workdir import Workdir  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train_clean", "train_corrupted", "validation", "ood")
 
 
 def build_summary(workdir: str) -> dict:
@@ -182,8 +180,10 @@ def figures(summary: dict, out: str) -> list[str]:
     made = []
     if "lmc" in summary:
         lmc = summary["lmc"]
-        fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), sharex=True)
-        for ax, s in zip(axes, SPLITS):
+        splits = eval_splits.ordered(lmc["weight_interp"])
+        fig, axes = plt.subplots(1, len(splits), figsize=(3.5 * len(splits), 3.2), sharex=True, squeeze=False)
+        axes = axes[0]
+        for ax, s in zip(axes, splits):
             ax.plot(lmc["lambdas"], lmc["weight_interp"][s], "o-", label="weights (WA)")
             ax.plot(lmc["lambdas"], lmc["pred_interp"][s], "s--", label="predictions (ENS)")
             ax.set_title(s + (" (vs flipped labels)" if s == "train_corrupted" else ""), fontsize=9)
@@ -194,8 +194,10 @@ def figures(summary: dict, out: str) -> list[str]:
     if "rm" in summary:
         rm = summary["rm"]
         ms = [r["M"] for r in rm["warm_by_m"]]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-        for ax, s in zip(axes, ("validation", "ood")):
+        held = eval_splits.held_out(rm["warm"]["acc"])
+        fig, axes = plt.subplots(1, len(held), figsize=(5 * len(held), 3.4), squeeze=False)
+        axes = axes[0]
+        for ax, s in zip(axes, held):
             ax.plot(ms, [r["acc"][s] for r in rm["warm_by_m"]], "o-", label="WARM (weight average)")
             ax.plot(ms, [r["acc"][s] for r in rm["ens_by_m"]], "s--", label="ENS (prediction average)")
             best = max(mb["acc"][s] for mb in rm["members"])
@@ -292,7 +294,7 @@ def markdown(summary: dict, figs: list[str]) -> str:
     lines = ["# warm_jax report", ""]
     if "probe" in summary:
         g = summary["probe"]
-        splits = [s for s in ("train", "validation", "ood") if s in g["pretrained"]]
+        splits = [s for s in ("train", *eval_splits.held_out(g["pretrained"])) if s in g["pretrained"]]
         lines += [
             "## Does pretraining give the reward models anything?",
             "",
@@ -318,19 +320,25 @@ def markdown(summary: dict, figs: list[str]) -> str:
         ]
     if "rm" in summary:
         rm = summary["rm"]
+        splits = eval_splits.ordered(rm["warm"]["acc"])
         lines += [
             "## Reward models",
             "",
             "Accuracy per split. **train_corrupted is measured against the flipped (training) labels: higher means the",
             "model memorised more label noise.**",
+            *(
+                f"{s}: {eval_splits.BUILTIN_SHIFTS[s]}."
+                for s in eval_splits.ood_splits(splits)
+                if s in eval_splits.BUILTIN_SHIFTS
+            ),
             "",
-            _row(["model", *SPLITS]),
-            _row(["---"] * (len(SPLITS) + 1)),
+            _row(["model", *splits]),
+            _row(["---"] * (len(splits) + 1)),
         ]
         for m in rm["members"]:
-            lines.append(_row([f"member {m['id']}", *(f"{m['acc'][s]:.3f}" for s in SPLITS)]))
-        lines.append(_row([f"**WARM** (M={rm['warm']['M']})", *(f"**{rm['warm']['acc'][s]:.3f}**" for s in SPLITS)]))
-        lines.append(_row([f"ENS (M={rm['ens']['M']})", *(f"{rm['ens']['acc'][s]:.3f}" for s in SPLITS)]))
+            lines.append(_row([f"member {m['id']}", *(f"{m['acc'][s]:.3f}" for s in splits)]))
+        lines.append(_row([f"**WARM** (M={rm['warm']['M']})", *(f"**{rm['warm']['acc'][s]:.3f}**" for s in splits)]))
+        lines.append(_row([f"ENS (M={rm['ens']['M']})", *(f"{rm['ens']['acc'][s]:.3f}" for s in splits)]))
         lines += [
             "",
             f"Calibration (ECE, validation): WARM {rm['warm']['ece']['validation']:.3f}, "

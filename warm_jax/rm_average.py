@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from warm_jax import averaging, checkpoint_averaging, checkpoints, ensemble, evaluation, io_utils, sharding
+from warm_jax import averaging, checkpoint_averaging, checkpoints, ensemble, eval_splits, evaluation, io_utils, sharding
 from warm_jax.stages import RunContext, register_stage
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,8 @@ class AverageConfig:
     def __post_init__(self):
         if self.warm_selection not in SELECTIONS:
             raise ValueError(f"AverageConfig.warm_selection must be one of {SELECTIONS}, got {self.warm_selection!r}")
-        if self.select_split not in evaluation.SPLITS:
-            raise ValueError(
-                f"AverageConfig.select_split must be one of {evaluation.SPLITS}, got {self.select_split!r}"
-            )
+        if not eval_splits.is_eval_split(self.select_split):
+            raise ValueError(f"AverageConfig.select_split must be {eval_splits.KNOWN}, got {self.select_split!r}")
         if self.top_m is not None and self.top_m < 1:
             raise ValueError(f"AverageConfig.top_m must be at least 1, got {self.top_m}")
 

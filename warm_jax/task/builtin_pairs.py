@@ -6,10 +6,17 @@ labels the pair (argmax, or Bradley–Terry sampling at a temperature). Splits:
 
 * ``train``: a fraction of labels flipped by the writer (default 0.25), mask stored;
 * ``validation``: same distribution, clean labels;
-* ``ood``: a shifted distribution — a different sampling temperature (and optionally an earlier
-  pretraining checkpoint as the policy), and, when ``length_cue > 0``, the spurious length cue
-  reversed: in train/validation the preferred continuation is more often the longer one, in ood
-  more often the shorter one, so a reward model that learnt "longer is better" pays for it.
+* ``ood_cue``: a shifted distribution — a different sampling temperature (``ood_temperature``, and
+  optionally an earlier pretraining checkpoint as the policy) — and, when ``length_cue > 0``, the
+  spurious length cue reversed: in train/validation the preferred continuation is more often the
+  longer one, in ood_cue more often the shorter one, so a reward model that learnt "longer is better"
+  pays for it;
+* ``ood_temp``: the same shift of temperature (and policy) with the length cue as in train/validation,
+  so the two ood splits tell the cost of the shift from the cost of the cue.
+
+Each split draws its prompts, samples and labels from its own named random stream (``seeds``), so adding
+or resizing a split changes no other split's pairs; ood_cue keeps the stream of the split it replaces
+(``ood``). ``PairsConfig.num_ood`` pairs go to each ood split.
 """
 
 from __future__ import annotations
@@ -39,15 +46,17 @@ log = logging.getLogger(__name__)
 class PairsConfig:
     num_train: int = 3_000
     num_validation: int = 2_000
-    num_ood: int = 2_000
+    num_ood: int = 2_000  # pairs in each ood split (ood_cue and ood_temp)
     temperature: float = 1.0
     ood_temperature: float = 1.3
-    ood_policy_step: int | None = None  # an earlier pretrain checkpoint as the ood policy
+    ood_policy_step: int | None = None  # an earlier pretrain checkpoint as the policy of both ood splits
     label: str = "argmax"  # 'argmax' or 'bt' (sample from σ((s₁ − s₂)/label_temperature))
     label_temperature: float = 0.1
     min_score_gap: float = 1e-6  # drop pairs the oracle cannot tell apart
     flip_fraction: float = 0.25
-    length_cue: float = 0.0  # 0 = none; c ∈ (0, 1): P(chosen is longer | lengths differ) = (1 + c) / 2 in-distribution
+    # 0 = none; c ∈ (0, 1): P(chosen is longer | lengths differ) = (1 + c) / 2 in train, validation and ood_temp,
+    # (1 − c) / 2 in ood_cue
+    length_cue: float = 0.0
     sample_batch_size: int = 256
 
     def __post_init__(self):
@@ -135,9 +144,33 @@ def configs(**overrides) -> tuple[PairsConfig, GenerationConfig]:
     return cfg, gen
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitSpec:
+    """How one split of the built-in task is drawn: its size, whether it is shifted (the ood temperature and
+    policy), whether its length cue is reversed, and the named random stream of its prompts, samples and labels
+    (``("data", stream, ...)``; None: the split's name)."""
+
+    num: int
+    shifted: bool = False
+    reverse_cue: bool = False
+    stream: str | None = None
+
+
+def split_specs(cfg: PairsConfig) -> dict[str, SplitSpec]:
+    """The built-in task's splits by name, in the order they are drawn (module docstring)."""
+    return {
+        "train": SplitSpec(cfg.num_train),
+        "validation": SplitSpec(cfg.num_validation),
+        # ood_cue is the split once called 'ood': drawn from that stream, its pairs (and every number measured on
+        # them) stay those of a workdir written before ood_temp existed.
+        "ood_cue": SplitSpec(cfg.num_ood, shifted=True, reverse_cue=True, stream="ood"),
+        "ood_temp": SplitSpec(cfg.num_ood, shifted=True),
+    }
+
+
 def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, **overrides) -> dict[str, list[dict]]:
-    """Pairs for train/validation/ood from the pretrained model in workdir ``input_path``; ``overrides``:
-    fields of PairsConfig or GenerationConfig over their gin values.
+    """Pairs for train, validation, ood_cue and ood_temp from the pretrained model in workdir ``input_path``;
+    ``overrides``: fields of PairsConfig or GenerationConfig over their gin values.
 
     Also used by ``python -m warm_jax.data prepare --format=builtin --input=WORKDIR``.
     """
@@ -152,35 +185,38 @@ def generate_splits(input_path: str | None = None, seed: int = 0, *, mesh=None, 
     model_cfg, graphdef, params, tok = trunk.model_cfg, trunk.graphdef, trunk.params, trunk.tokenizer
     scorer = oracle_lib.make_oracle(gen.oracle)
     text_cfg = builtin_text.TextConfig()
-    wanted = {"train": cfg.num_train, "validation": cfg.num_validation, "ood": cfg.num_ood}
     splits: dict[str, list[dict]] = {}
-    for split, n in wanted.items():
-        is_ood = split == "ood"
-        policy = params
-        if is_ood and cfg.ood_policy_step is not None:
-            policy = wd.load_trunk(mesh, step=cfg.ood_policy_step).params
-        samp_cfg = sampler.SamplingConfig(
-            max_new_tokens=gen.max_new_tokens,
-            temperature=cfg.ood_temperature if is_ood else cfg.temperature,
-            eos_id=tok.eos_id,
-            pad_id=tok.pad_id,
-        )
-        sample_fn = sampler.make_sampler(graphdef, model_cfg, samp_cfg)
-        rng = seeds.rng(seed, "data", split, "labels")  # Bradley–Terry labels and the length cue
+    shifted_policy = None
+    if cfg.ood_policy_step is not None:
+        shifted_policy = wd.load_trunk(mesh, step=cfg.ood_policy_step).params
+    samplers = {}  # shifted → the compiled sampler at that split's temperature (train and validation share one)
+    for split, spec in split_specs(cfg).items():
+        n, stream = spec.num, spec.stream or split
+        policy = shifted_policy if spec.shifted and shifted_policy is not None else params
+        if spec.shifted not in samplers:
+            samp_cfg = sampler.SamplingConfig(
+                max_new_tokens=gen.max_new_tokens,
+                temperature=cfg.ood_temperature if spec.shifted else cfg.temperature,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+            )
+            samplers[spec.shifted] = sampler.make_sampler(graphdef, model_cfg, samp_cfg)
+        sample_fn = samplers[spec.shifted]
+        rng = seeds.rng(seed, "data", stream, "labels")  # Bradley–Terry labels and the length cue
         records: list[dict] = []
         round_ = 0
         while len(records) < n:
             # Oversample: ties and the length cue drop some pairs.
             m = int((n - len(records)) * (1.6 + cfg.length_cue * 2)) + 64
             prompts = builtin_text.generate_prompts(
-                m, seed=seeds.seed(seed, "data", split, "prompts", round_), cfg=text_cfg
+                m, seed=seeds.seed(seed, "data", stream, "prompts", round_), cfg=text_cfg
             )
             ptoks, pmask = encode_prompts(prompts, tok, gen.max_prompt_len)
-            key = seeds.key(seed, "data", split, "samples", round_)
+            key = seeds.key(seed, "data", stream, "samples", round_)
             doubled_t, doubled_m = np.concatenate([ptoks, ptoks]), np.concatenate([pmask, pmask])
             texts = sample_texts(sample_fn, policy, doubled_t, doubled_m, key, tok, cfg.sample_batch_size, mesh)
             new = label_pairs(prompts, texts[:m], texts[m:], scorer, cfg, rng)
-            records.extend(apply_length_cue(new, cfg.length_cue, reverse=is_ood, rng=rng))
+            records.extend(apply_length_cue(new, cfg.length_cue, reverse=spec.reverse_cue, rng=rng))
             round_ += 1
             if round_ > 20:
                 raise RuntimeError(
