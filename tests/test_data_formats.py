@@ -340,7 +340,8 @@ def test_builtin_cli_writes_generated_splits_with_real_tokenizer(tmp_path, monke
         return {
             "train": [rec(i) for i in range(40)],
             "validation": [rec(i) for i in range(8)],
-            "ood": [rec(i) for i in range(6)],
+            "ood_cue": [rec(i) for i in range(6)],
+            "ood_temp": [rec(i) for i in range(5)],
         }
 
     monkeypatch.setitem(
@@ -368,7 +369,8 @@ def test_builtin_cli_writes_generated_splits_with_real_tokenizer(tmp_path, monke
     assert {s: (v["num_examples"], v["num_flipped"]) for s, v in meta["splits"].items()} == {
         "train": (40, 10),
         "validation": (8, 0),
-        "ood": (6, 0),
+        "ood_cue": (6, 0),
+        "ood_temp": (5, 0),
     }  # default flip 0.25, train only
     capsys.readouterr()
     assert cli.main(["show", str(out), "--num_examples=1"]) == 0

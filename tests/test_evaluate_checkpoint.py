@@ -14,7 +14,7 @@ import pytest
 from tests import helpers
 from warm_jax import evaluate_checkpoint, evaluation
 
-SPLITS = ("train_clean", "train_corrupted", "validation", "ood")
+SPLITS = ("train_clean", "train_corrupted", "validation", "ood_cue", "ood_temp")  # the built-in task's
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,8 @@ def test_warm_checkpoint_scores_equal_eval_json(finished, tmp_path, capsys):
         "train_clean": got["splits"]["train_clean"],
         "train_corrupted": 96 - got["splits"]["train_clean"],
         "validation": 48,
-        "ood": 48,
+        "ood_cue": 48,
+        "ood_temp": 48,
     }
     m = got["metrics"]["model"]
     _approx(_view(m), want["rm"]["warm"])
@@ -116,10 +117,10 @@ def test_one_member_alone_and_the_stacked_training_checkpoint(finished, tmp_path
     assert list(got["metrics"]) == ["member_0"]
     assert {s: got["metrics"]["member_0"][s]["acc"] for s in SPLITS} == pytest.approx(member0, abs=1e-9)
     # The training checkpoint holds the same members, stacked.
-    got, _ = _eval(tmp_path, capsys, f"--checkpoint={wd}/rm/ckpt", f"--data={wd}", "--split=validation,ood")
-    assert got["kind"] == "stacked" and set(got["splits"]) == {"validation", "ood"}
+    got, _ = _eval(tmp_path, capsys, f"--checkpoint={wd}/rm/ckpt", f"--data={wd}", "--split=validation,ood_temp")
+    assert got["kind"] == "stacked" and set(got["splits"]) == {"validation", "ood_temp"}
     for entry in want["rm"]["members"]:
-        for s in ("validation", "ood"):
+        for s in ("validation", "ood_temp"):
             assert got["metrics"][f"member_{entry['id']}"][s]["acc"] == pytest.approx(entry["acc"][s], abs=1e-9)
 
 

@@ -62,9 +62,11 @@ def test_bfloat16_pipeline_applies_every_update_and_moves_every_model(bf16_run):
     ev = io_utils.read_json(os.path.join(wd, "rm", "eval.json"))
     assert ev["updates"]["applied"] == 12
     # The LMC negative control made from a permuted member rides along: its curves and per-pair margins.
-    assert set(ev["permutation_control"]["loss_barrier"]) == {"train_clean", "train_corrupted", "validation", "ood"}
+    splits = {"train_clean", "train_corrupted", "validation", "ood_cue", "ood_temp"}
+    assert set(ev["permutation_control"]["loss_barrier"]) == splits
     examples = io_utils.read_arrays(os.path.join(wd, "rm", ev["examples"]["file"]), ev["examples"]["sha256"])
-    assert examples["ood/perm_weight"].shape == examples["ood/lmc_weight"].shape
+    for sp in ("ood_cue", "ood_temp"):
+        assert examples[f"{sp}/perm_weight"].shape == examples[f"{sp}/lmc_weight"].shape
 
 
 @pytest.mark.parametrize(
