@@ -383,3 +383,43 @@ def test_builtin_without_generator_says_so(tmp_path, capsys, cli_tokenizer, monk
     assert cli.main(["prepare", "--format=builtin", f"--output={tmp_path / 'o'}", "--tokenizer=x"]) == 1
     assert "warm_jax.task.builtin_pairs.generate_splits" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluation_splits_are_validation_and_the_datasets_own_ood_splits(tmp_path):
+    from warm_jax import eval_splits
+
+    records = [{"prompt": f"the movie {i}", "chosen": "good", "rejected": "bad"} for i in range(8)]
+    names = ("train", "validation", "test", "ood_temp", "ood_cue", "oodles")
+    builders.write_preference_dataset(
+        tmp_path / "ds",
+        {s: records for s in names},
+        tokenizer=TinyTokenizer(),
+        max_prompt_len=PROMPT_LEN,
+        max_response_len=RESPONSE_LEN,
+        flip_fraction=0.25,
+        source="jsonl",
+    )
+    # 'test' and 'oodles' are not evaluation splits; the ood ones come sorted, whatever the dataset's order.
+    assert eval_splits.dataset_held_out(tmp_path / "ds") == ("validation", "ood_cue", "ood_temp")
+    assert eval_splits.dataset_rm_splits(tmp_path / "ds") == (
+        "train_clean",
+        "train_corrupted",
+        "validation",
+        "ood_cue",
+        "ood_temp",
+    )
+    # An external dataset (or an old workdir) with one 'ood' split.
+    assert eval_splits.held_out(["ood", "train", "validation"]) == ("validation", "ood")
+    assert eval_splits.ordered(["ood", "validation", "train_corrupted", "train_clean"]) == (
+        "train_clean",
+        "train_corrupted",
+        "validation",
+        "ood",
+    )
+    assert [eval_splits.is_eval_split(s) for s in ("ood", "ood_x", "oodles", "test", "train")] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]

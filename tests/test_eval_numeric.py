@@ -287,8 +287,9 @@ class LookupScorer:
     """Rewards (margins, r⁻ = 0) by table: members 6 pt below a base; WARM of k members 1 pt per member above
     it, except that WARM of all fits 20 pt fewer flipped labels; θ(½) between two members is WARM of two."""
 
-    def __init__(self, m=3):
-        self.base = {s: pm1(0.6 if s == "train_corrupted" else 0.7, seed=i) for i, s in enumerate(SPLITS)}
+    def __init__(self, m=3, splits=SPLITS):
+        self.splits = splits
+        self.base = {s: pm1(0.6 if s == "train_corrupted" else 0.7, seed=i) for i, s in enumerate(splits)}
         self.member = {s: np.stack([flip(b, to_wrong=60, seed=10 + j) for j in range(m)]) for s, b in self.base.items()}
         self.by_m = {}
         for s, b in self.base.items():
@@ -309,12 +310,12 @@ class LookupScorer:
 
     def interp(self, a, b, lam):
         pick = {0.0: lambda s: self.member[s][a], 1.0: lambda s: self.member[s][b]}.get(lam, lambda s: self.by_m[s][1])
-        return {s: (pick(s), np.zeros(N, np.float32)) for s in SPLITS}
+        return {s: (pick(s), np.zeros(N, np.float32)) for s in self.splits}
 
 
-def write_run(wd: str, *, hacking: bool = False):
+def write_run(wd: str, *, hacking: bool = False, splits=SPLITS):
     """A workdir as rm_eval, rm_control, bon and reinforce leave it, written by their own writers."""
-    sc = LookupScorer()
+    sc = LookupScorer(splits=splits)
     result, examples = evaluation.measure(
         sc.members(), [0, 1, 2], evaluation.EvalConfig(lmc_lambdas=3), sc.warm, sc.interp, chosen=[0, 1, 2]
     )
@@ -322,11 +323,11 @@ def write_run(wd: str, *, hacking: bool = False):
     evaluation.write_results(w.rm_eval, result, examples, w.rm_eval_examples)
     # The random-init control: 20 pt below the chord at λ = ½.
     ctrl = {"lambdas": np.asarray([0.0, 0.5, 1.0])}
-    for i, s in enumerate(SPLITS):
+    for i, s in enumerate(splits):
         b = pm1(0.7, seed=i)
         ctrl[f"{s}/lmc_weight"] = np.stack([b, flip(b, to_wrong=200), b])
         ctrl[f"{s}/lmc_pred"] = np.stack([b, b, b])
-    curves = {"lambdas": [0.0, 0.5, 1.0], "members": [0, 1], "barrier": {s: 0.2 for s in SPLITS}}
+    curves = {"lambdas": [0.0, 0.5, 1.0], "members": [0, 1], "barrier": {s: 0.2 for s in splits}}
     evaluation.write_results(w.control_lmc, curves, ctrl, w.control_examples)
     # Best-of-N: per prompt 0 or 1 for the best member; WARM 0.1 above at N = 8, 0.005 above at N = 64 (so that
     # gap's CI straddles 0 and the claim fails).
@@ -430,6 +431,20 @@ def test_report_summary_and_markdown_from_stage_files(tmp_path):
     rl = next(c for c in report.build_summary(wd)["claims"] if c["id"] == "rl")
     assert rl["status"] == "holds", rl
     assert rl["ci"]["single_peak_minus_final"]["value"] == pytest.approx(0.15, abs=0.01)
+
+
+def test_report_of_a_run_with_one_ood_split_is_judged_on_it(tmp_path):
+    """A workdir from before the built-in task's ood split was divided (or from external data) has one ``ood``:
+    its table, figures and claims use that split."""
+    wd = str(tmp_path / "wd")
+    write_run(wd, splits=("train_clean", "train_corrupted", "validation", "ood"))
+    summary = report.build_summary(wd)
+    md = report.markdown(summary, report.figures(summary, str(tmp_path)))
+    assert "| model | train_clean | train_corrupted | validation | ood |" in md
+    got = {c["id"]: c for c in summary["claims"]}
+    assert got["wa_close_to_ens"]["status"] == got["m_scaling"]["status"] == got["lmc"]["status"] == "holds"
+    assert {"wa_minus_ens_validation", "wa_minus_ens_ood"} == set(got["wa_close_to_ens"]["ci"])
+    assert "worst_drop_ood" in got["m_scaling"]["ci"] and "random_init_barrier_ood" in got["lmc"]["ci"]
 
 
 def test_report_claims_without_evidence_are_not_tested(tmp_path):

@@ -285,8 +285,9 @@ def _row(cells):
 
 def _barriers(who: str, curve: dict) -> str:
     """One line: a curve's accuracy barrier (points below the chord) and loss barrier (nats above it) per split."""
-    acc = ", ".join(f"{s} {100 * v:.2f}" for s, v in curve["barrier"].items())
-    loss = ", ".join(f"{s} {v:.4f}" for s, v in curve.get("loss_barrier", {}).items())
+    acc = ", ".join(f"{s} {100 * curve['barrier'][s]:.2f}" for s in eval_splits.ordered(curve["barrier"]))
+    loss_barrier = curve.get("loss_barrier", {})
+    loss = ", ".join(f"{s} {loss_barrier[s]:.4f}" for s in eval_splits.ordered(loss_barrier))
     return f"{who}: accuracy barrier (points below the straight line) {acc}; loss barrier (nats above it) {loss}.  "
 
 
@@ -347,7 +348,7 @@ def markdown(summary: dict, figs: list[str]) -> str:
         ]
     if "negative_control" in summary:
         b = summary["negative_control"]["barrier"]
-        lines_ctrl = ", ".join(f"{s} {100 * v:.2f}" for s, v in b.items())
+        lines_ctrl = ", ".join(f"{s} {100 * b[s]:.2f}" for s in eval_splits.ordered(b))
     if "lmc" in summary:
         lines += ["## Linear mode connectivity", "", _barriers(f"Members {summary['lmc']['members']}", summary["lmc"])]
         if "permutation_control" in summary:
