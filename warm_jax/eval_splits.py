@@ -54,6 +54,13 @@ def ordered(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(s for s in TRAIN_VIEWS if s in names) + held_out(names)
 
 
+def measured(dataset_names: Iterable[str]) -> tuple[str, ...]:
+    """rm_eval's splits measured from the dataset splits ``dataset_names``: train_clean and train_corrupted when
+    ``train`` is among them, then ``validation`` (when present) and the ood splits."""
+    dataset_names = list(dataset_names)
+    return (TRAIN_VIEWS if TRAIN in dataset_names else ()) + held_out(dataset_names)
+
+
 def dataset_splits(dataset_dir: str) -> tuple[str, ...]:
     """The split names of the dataset at ``dataset_dir`` (its preference_metadata.json)."""
     # Imported here: the dataset reader brings in jax, which `warm-claims` (the name rules above only) does not need.

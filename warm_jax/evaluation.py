@@ -178,8 +178,7 @@ def score_splits(score, splits: dict[str, SplitRows], names: Sequence[str] | Non
     split scored once; train's pairs go to ``train_clean`` / ``train_corrupted`` by its flip mask, the flipped
     ones measured against their flipped (training) labels."""
     if names is None:
-        held = [s for s in splits if s != eval_splits.TRAIN]
-        names = (eval_splits.TRAIN_VIEWS if eval_splits.TRAIN in splits else ()) + eval_splits.held_out(held)
+        names = eval_splits.measured(splits)
     scored = {b: score(splits[b]) for b in _bases(names)}
     out = {}
     for s in names:
