@@ -242,8 +242,12 @@ def test_average_selections_and_what_rm_eval_reports_of_them():
     assert result["rm"]["warm"]["acc"]["validation"] == 0.75 and result["rm"]["ens"]["M"] == 2
     # greedy: 12 (0.75), +10 → 0.75 kept (not worse), +11 → 0.875 kept
     assert measure(warm_selection="greedy")[2] == [2, 0, 1]
-    # ranked on ood instead: 10 and 12 tie at 0.75, 10 (listed first) leads
-    assert measure(warm_selection="top_m", top_m=1, select_split="ood")[2] == [0]
+    # never ranked on an ood split: it judges the result
+    for split in ("ood", "ood_cue", "ood_temp"):
+        with pytest.raises(ValueError, match=f"AverageConfig.select_split = '{split}': .* never on an ood split"):
+            rm_average.AverageConfig(select_split=split)
+        with pytest.raises(ValueError, match=f"EvalConfig.select_split = '{split}'"):
+            evaluation.EvalConfig(select_split=split)
     with pytest.raises(ValueError, match="lmc_lambdas"):
         evaluation.EvalConfig(lmc_lambdas=1)
     with pytest.raises(ValueError, match="AverageConfig.warm_selection"):
@@ -431,6 +435,18 @@ def test_report_summary_and_markdown_from_stage_files(tmp_path):
     rl = next(c for c in report.build_summary(wd)["claims"] if c["id"] == "rl")
     assert rl["status"] == "holds", rl
     assert rl["ci"]["single_peak_minus_final"]["value"] == pytest.approx(0.15, abs=0.01)
+
+
+def test_report_shows_the_selected_warm_beside_the_uniform_average_of_all_members():
+    result, _, chosen, _ = measure(warm_selection="top_m", top_m=2)
+    rm = result["rm"]
+    md = report.markdown({"rm": rm}, [])
+    splits = [s for s in SPLITS if s in rm["warm"]["acc"]]
+    cells = lambda r: " | ".join(f"{r['acc'][s]:.3f}" for s in splits)  # noqa: E731
+    assert "| **WARM** (M=2) | " in md and f"| WARM, all members (M=3) | {cells(rm['warm_by_m'][-1])} |" in md
+    assert f"| ENS, all members (M=3) | {cells(rm['ens_by_m'][-1])} |" in md
+    assert rm["warm_by_m"][-1]["members"] == sorted(IDS, key=rm["order"].index)  # every member, best-first
+    assert "all members" not in report.markdown({"rm": measure()[0]["rm"]}, [])  # WARM of all: no second row
 
 
 def test_report_of_a_run_with_one_ood_split_is_judged_on_it(tmp_path):

@@ -34,6 +34,19 @@ def is_eval_split(name: str) -> bool:
     return name in TRAIN_VIEWS or name == VALIDATION or is_ood(name)
 
 
+def check_selection_split(name: str, binding: str) -> str:
+    """``name`` if members may be ranked on it; a ValueError naming ``binding`` otherwise. Ranking (or choosing which
+    members WARM averages) on an ood split would let the test distribution pick the model it is then judged on."""
+    if not is_eval_split(name):
+        raise ValueError(f"{binding} must be {KNOWN}, got {name!r}")
+    if is_ood(name):
+        raise ValueError(
+            f"{binding} = {name!r}: members are ranked on held-in data only (validation or a train view), never on an "
+            "ood split, which judges the result"
+        )
+    return name
+
+
 KNOWN = f"{', '.join(TRAIN_VIEWS)}, {VALIDATION} or an ood split ({OOD}, {OOD}_<shift>)"
 
 

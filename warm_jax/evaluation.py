@@ -77,6 +77,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.lmc_lambdas < 2:
             raise ValueError(f"EvalConfig.lmc_lambdas must be at least 2 (the two endpoints), got {self.lmc_lambdas}")
+        eval_splits.check_selection_split(self.select_split, "EvalConfig.select_split")
 
 
 # ----------------------------------------------------------------------------- data

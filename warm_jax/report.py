@@ -338,8 +338,13 @@ def markdown(summary: dict, figs: list[str]) -> str:
         ]
         for m in rm["members"]:
             lines.append(_row([f"member {m['id']}", *(f"{m['acc'][s]:.3f}" for s in splits)]))
-        lines.append(_row([f"**WARM** (M={rm['warm']['M']})", *(f"**{rm['warm']['acc'][s]:.3f}**" for s in splits)]))
+        warm_m = rm["warm"]["M"]
+        lines.append(_row([f"**WARM** (M={warm_m})", *(f"**{rm['warm']['acc'][s]:.3f}**" for s in splits)]))
         lines.append(_row([f"ENS (M={rm['ens']['M']})", *(f"{rm['ens']['acc'][s]:.3f}" for s in splits)]))
+        if warm_m < len(rm["members"]):
+            # WARM as selected (the best M on validation) beside the uniform average of every member.
+            for name, row in (("WARM", rm["warm_by_m"][-1]), ("ENS", rm["ens_by_m"][-1])):
+                lines.append(_row([f"{name}, all members (M={row['M']})", *(f"{row['acc'][s]:.3f}" for s in splits)]))
         lines += [
             "",
             f"Calibration (ECE, validation): WARM {rm['warm']['ece']['validation']:.3f}, "

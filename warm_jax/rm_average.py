@@ -43,8 +43,7 @@ class AverageConfig:
     def __post_init__(self):
         if self.warm_selection not in SELECTIONS:
             raise ValueError(f"AverageConfig.warm_selection must be one of {SELECTIONS}, got {self.warm_selection!r}")
-        if not eval_splits.is_eval_split(self.select_split):
-            raise ValueError(f"AverageConfig.select_split must be {eval_splits.KNOWN}, got {self.select_split!r}")
+        eval_splits.check_selection_split(self.select_split, "AverageConfig.select_split")
         if self.top_m is not None and self.top_m < 1:
             raise ValueError(f"AverageConfig.top_m must be at least 1, got {self.top_m}")
 
