@@ -27,6 +27,35 @@ def test_every_gin_file_parses(path):
         gin.clear_config()
 
 
+PRESETS = [
+    ["gin/quickstart.gin"],
+    ["gin/repro.gin"],
+    ["gin/warp.gin"],
+    ["gin/smollm2_sentiment.gin"],
+    ["gin/smollm2_sentiment.gin", "gin/smollm2_cpu_smoke.gin"],
+    ["gin/smollm2_one_gpu.gin"],
+    ["gin/smollm2_warp_one_gpu.gin"],
+]
+
+
+@pytest.mark.parametrize("files", PRESETS, ids=lambda f: "+".join(os.path.basename(x) for x in f))
+def test_every_preset_builds_its_stage_configs(files):
+    """Each preset's configs pass their own checks, and WARM's top-M fits the ensemble it selects from."""
+    from warm_jax import ensemble, evaluation, rm_average
+    from warm_jax.policy import bon, reinforce
+    from warm_jax.task import builtin_pairs, generation
+
+    gin.clear_config()
+    try:
+        config.parse(files)
+        ens, avg = ensemble.EnsembleConfig(), rm_average.AverageConfig()
+        evaluation.EvalConfig(), reinforce.ReinforceConfig(), bon.BonConfig()
+        builtin_pairs.PairsConfig(), generation.GenerationConfig()
+    finally:
+        gin.clear_config()
+    assert avg.top_m is None or avg.top_m <= ens.num_members, (files, avg.top_m, ens.num_members)
+
+
 def test_unknown_binding_fails_naming_it(tmp_path):
     proc = helpers.run_train(str(tmp_path / "wd"), ["PretrainConfig.num_stepz = 3"], check=False, timeout=120)
     assert proc.returncode != 0
