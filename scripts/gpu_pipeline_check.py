@@ -48,10 +48,12 @@ def find_gguf(flag: str | None) -> str:
         raise CheckFailed(f"{e}; or give --gguf=PATH or {GGUF_ENV}=PATH") from e
 
 
-def workdir_of(train_flags: list[str], default: str) -> tuple[str, list[str]]:
+def workdir_of(train_flags: list[str]) -> tuple[str, list[str]]:
+    """The run's --workdir and the flags; a fresh temporary folder only when the flags name none."""
     for f in train_flags:
         if f.startswith("--workdir="):
             return f.split("=", 1)[1], train_flags
+    default = tempfile.mkdtemp(prefix="warm_gpu_check_")
     return default, [*train_flags, f"--workdir={default}"]
 
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.preset != "none":
             gguf = find_gguf(args.gguf)
             preset = [f"--gin_file={args.preset}", f"--gin_bindings=base_model.name = '{gguf}'"]
-        workdir, train_flags = workdir_of(train_flags, tempfile.mkdtemp(prefix="warm_gpu_check_"))
+        workdir, train_flags = workdir_of(train_flags)
         cmd = [sys.executable, "-m", "warm_jax.train", *preset, *train_flags]
         env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
         print("running:", " ".join(cmd), file=sys.stderr)

@@ -8,12 +8,14 @@ pipeline runs once end to end in bfloat16 with every update finite and the param
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -174,8 +176,11 @@ def test_the_accelerator_check_script_collects_a_finished_run_and_fails_loudly(b
         bf16_run, helpers.TINY + helpers.TINY_POLICY + [helpers.stages(*helpers.ALL_STAGES), BF16] + RL
     )[3:]
     out = str(tmp_path / "out")
+    made = set(glob.glob(os.path.join(tempfile.gettempdir(), "warm_gpu_check_*")))
     proc = _check(out, "--preset=none", "--", *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The flags name the workdir, so the script makes no temporary one of its own.
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "warm_gpu_check_*"))) == made
     assert sorted(os.listdir(out)) == sorted(
         ["check.json", "report.md", "rl_results.json", "stage_times.json", "summary.json", "train.log"]
     )
