@@ -493,12 +493,15 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
 
     warm_scores: dict = {}  # set of member indices → {split: RewardPairs}: each average scored once on every split
 
-    def score_warm(idx, split):
+    def warm_all(idx) -> dict[str, RewardPairs]:
         key = frozenset(int(i) for i in idx)
         if key not in warm_scores:
             params = warm_params(key)
             warm_scores[key] = score_splits(lambda d: scorer.pairs(params, d), splits)
-        return warm_scores[key][split]
+        return warm_scores[key]
+
+    def score_warm(idx, split):
+        return warm_all(idx)[split]
 
     # WARM is scored as the average computed here (shared with the best-first curves); it must be rm/warm itself.
     sha = checkpoint_averaging.merged_sha256(warm_params(chosen))
@@ -512,6 +515,9 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
     slices: dict = {}
 
     def score_interp(a, b, lam, permuted=False):
+        if lam == 0.0:
+            # θ(0) is θ_a bit for bit, as is the average of {a} (the best member's WARM-by-M point): score it once.
+            return warm_all({a})
         for i in (a, b):
             if i not in slices:
                 slices[i] = ensemble.member_slice(stacked, i, ctx.mesh, specs)
