@@ -321,6 +321,24 @@ def test_each_claim_fails_when_its_numbers_say_so(claim, change):
     assert all(c["status"] == "holds" for cid, c in got.items() if cid != claim)
 
 
+def test_rl_reports_the_peaks_at_matched_kl_beside_its_verdict():
+    """The single policy peaks at a KL (50) the WARM policy never reaches (≤ 20): over all steps WARM's peak is
+    lower, within the shared budget of KL 20 it is higher; the verdict stays the unmatched one."""
+    s, e = run()
+    s["rl"]["runs"] = {"member_best": {"kl": [0.0, 5.0, 50.0, 60.0]}, "warm": {"kl": [0.0, 5.0, 10.0, 20.0]}}
+    flat = np.zeros((4, P))
+    e["rl"]["member_best"]["oracle"] = flat + np.asarray([0.0, 0.2, 0.5, 0.3])[:, None]
+    e["rl"]["warm"]["oracle"] = flat + np.asarray([0.0, 0.25, 0.3, 0.35])[:, None]
+    got = by_id(s, e)["rl"]
+    assert got["status"] == "fails" and got["ci"]["warm_peak_minus_single_peak"]["value"] == pytest.approx(-0.15)
+    matched = got["ci"]["warm_minus_single_at_matched_kl"]
+    assert matched["value"] == pytest.approx(0.15) and matched["ci95"] == pytest.approx([0.15, 0.15])
+    assert got["numbers"]["matched_kl_budget"] == 20.0
+    # Without a KL per evaluation step (the summaries' curves), it says why there is no matched comparison.
+    got = by_id(*run())["rl"]
+    assert "warm_minus_single_at_matched_kl" not in got["ci"] and "no mean KL" in got["numbers"]["matched_kl"]
+
+
 def _without(ev, src, key=None):
     ev = copy.deepcopy(ev)
     if key is None:

@@ -26,7 +26,9 @@ run lacks the stage it needs. ``status`` is "holds", "fails" or "not tested" (th
 cannot decide: no negative control, one member, no interior λ, no N ≥ 8, no hacking to protect against,
 per-example files absent); ``holds`` is True only for "holds". ``ci`` maps each quantity judged to
 {"value", "ci95": [lo, hi], "se", "n", "unit"} ("pt": accuracy as a fraction, shown ×100; "reward";
-"rate"); ``numbers`` holds the same values and a few counts as plain scalars.
+"rate"), and a few informational quantities the verdict does not read (``rl``'s peaks at matched KL); ``numbers``
+holds the same values and a few counts as plain scalars, or a short reason where an informational comparison
+could not be made.
 
 Across replicates (runs of the same gin file with different ``SEED``):
 
@@ -52,7 +54,7 @@ TOLERANCE = 1 * POINT  # accuracy: "no barrier", "not worse", "matched" mean wit
 LOSS_TOLERANCE = 0.01  # nats: a control "shows a loss barrier" when its CI lies above this
 SCALING_MAX_M = 6  # the paper's WARM-by-M curve goes to M = 6
 BON_MIN_N = 8
-WARP_KL_SLACK = 1e-6  # a point "within the KL budget" may exceed it by float rounding only
+KL_SLACK = 1e-6  # a policy point "within the KL budget" may exceed it by float rounding only
 PROBE_ACCURACY = 0.70  # the probe gate (feature_probe.GATE_ACCURACY / GATE_MARGIN), its margin judged by the CI
 PROBE_MARGIN = 0.05
 HOLDS, FAILS, NOT_TESTED = "holds", "fails", "not tested"
@@ -92,7 +94,8 @@ STATEMENTS: dict[str, str] = {
     "rl": (
         "given that the best-member policy hacks (CI lower bound of its eval oracle peak − final > 0, its proxy "
         "no lower at the end; else not tested), the WARM policy peaks higher (CI lower bound of peak − peak > 0) "
-        "and wins (win-rate CI lower bound > 0.5)"
+        "and wins (win-rate CI lower bound > 0.5). Reported beside it, not judged: the two policies' best oracle "
+        "within a shared KL budget (the smaller of their largest mean KL), as `warp` compares"
     ),
     "warp": (
         "WARP's KL–reward front lies above the single policies' (REINFORCE against the same reward, init- and "
@@ -419,6 +422,7 @@ def rl(s, ev):
         "single_proxy_peak_to_last": proxy_rise if np.isfinite(proxy_rise) else None,
     }
     ci = {"single_peak_minus_final": hacked}
+    numbers.update(_matched_kl_peaks(runs, single, warm, ci))
     wr = r.get("win_rate", {}).get("warm_vs_member_best")
     if wr is not None:
         ci["win_rate"] = {"value": wr["value"], "ci95": wr["ci95"], "se": None, "n": wr["n_prompts"], "unit": "rate"}
@@ -448,6 +452,47 @@ def rl(s, ev):
     if wr["ci95"][0] <= 0.5:
         why.append("the win rate's CI reaches 0.5")
     return _claim("rl", FAILS if why else HOLDS, reason="; ".join(why), ci=ci, numbers=numbers)
+
+
+def _matched_kl_peaks(runs: Mapping, single: np.ndarray, warm: np.ndarray, ci: dict) -> dict:
+    """Informational, not part of the verdict: the two policies' best oracle within a shared KL budget (the
+    paper reads RL as reward against KL), as ci['warm_minus_single_at_matched_kl']. single, warm: [S, P].
+    Returns the numbers to report (the budget, or why there is none)."""
+    kls = {name: runs[name].get("kl") for name in ("member_best", "warm")}
+    if any(kl is None or len(kl) != len(o) for kl, o in zip(kls.values(), (single, warm))):
+        return {"matched_kl": "no mean KL per evaluation step of both policies"}
+    try:
+        budget, within = kl_budget(kls)
+    except NotTested as e:
+        return {"matched_kl": str(e)}
+    ci["warm_minus_single_at_matched_kl"] = _entry(
+        stats.paired_bootstrap_ci(warm[within["warm"]].T, single[within["member_best"]].T, _best_max_difference),
+        "reward",
+    )
+    return {"matched_kl_budget": budget}
+
+
+def kl_budget(kls: Mapping[str, Sequence[float]]) -> tuple[float, dict[str, np.ndarray]]:
+    """The KL budget at which families of policy points are compared, and which points lie within it.
+
+    kls: {family: mean KL of each of its points [K]}. The budget is the smallest of the families' largest KL
+    (so every family reaches it); returns (budget, {family: bool [K]}). Raises NotTested when a KL is not finite,
+    a family never moved from the SFT policy, or one has no point within the budget.
+    """
+    arrs = {name: np.asarray(kl, np.float64) for name, kl in kls.items()}
+    if not all(a.size and np.all(np.isfinite(a)) for a in arrs.values()):
+        raise NotTested("a non-finite mean KL among the points")
+    budget = float(min(a.max() for a in arrs.values()))
+    if budget <= 0:
+        raise NotTested(
+            f"no KL to match at: the largest mean KL of one family is {budget:.4g} (a policy that never "
+            "moved from the SFT policy)"
+        )
+    within = {name: a <= budget + KL_SLACK for name, a in arrs.items()}
+    for name, keep in within.items():
+        if not keep.any():
+            raise NotTested(f"no point of {name} lies within the KL budget {budget:.4g}")
+    return budget, within
 
 
 def warp_matched(s: Mapping, ev: Mapping) -> dict:
@@ -496,25 +541,13 @@ def warp_matched(s: Mapping, ev: Mapping) -> dict:
         )
     w_mat = np.concatenate(w_oracle, axis=0).T  # [P, Kw]
     s_mat = np.concatenate(s_oracle, axis=0).T  # [P, Ks]
-    w_kl_a, s_kl_a = np.asarray(w_kl, np.float64), np.asarray(s_kl, np.float64)
-    if not (np.all(np.isfinite(w_kl_a)) and np.all(np.isfinite(s_kl_a))):
-        raise NotTested("a non-finite mean KL among the points")
     if not (np.all(np.isfinite(w_mat)) and np.all(np.isfinite(s_mat))):
         raise NotTested("a non-finite per-prompt oracle reward among the points")
-    budget = float(min(w_kl_a.max(), s_kl_a.max()))
-    if budget <= 0:
-        raise NotTested(
-            f"no KL to match at: the largest mean KL of one family is {budget:.4g} (a policy that never "
-            "moved from the SFT policy)"
-        )
-    w_in, s_in = w_kl_a <= budget + WARP_KL_SLACK, s_kl_a <= budget + WARP_KL_SLACK
-    if not w_in.any() or not s_in.any():
-        who = "WARP" if not w_in.any() else "the single policies"
-        raise NotTested(f"no point of {who} lies within the KL budget {budget:.4g}")
+    budget, within = kl_budget({"WARP": w_kl, "the single policies": s_kl})
     out = {"kl_budget": budget}
     for name, labels, kl, mat, keep in (
-        ("warp", w_labels, w_kl_a, w_mat, w_in),
-        ("single", s_labels, s_kl_a, s_mat, s_in),
+        ("warp", w_labels, np.asarray(w_kl, np.float64), w_mat, within["WARP"]),
+        ("single", s_labels, np.asarray(s_kl, np.float64), s_mat, within["the single policies"]),
     ):
         mat = mat[:, keep]
         out[name] = {"labels": [lb for lb, k in zip(labels, keep) if k], "kl": kl[keep], "oracle": mat}
