@@ -5,10 +5,13 @@ holding, when its evidence is missing or degenerate."""
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from tests import helpers
 from warm_jax import claims
 
 LAM = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -485,3 +488,20 @@ def test_lmc_judges_the_permutation_control_first_and_sees_its_loss_barrier():
     assert ci["loss_barrier_ood"]["value"] == pytest.approx(0.0) and "random_init_barrier_ood" in ci
     flat = by_id(*_with_permutation_control(s, e, shrink=1.0))["lmc"]
     assert flat["status"] == "fails" and "permuted control shows no barrier" in flat["reason"]
+
+
+def test_claim_power_script_passes_a_rising_curve_and_fails_a_falling_one():
+    """scripts/claim_power.py runs m_scaling's own no-drop check on curves of known shape: one that rises 2 pt
+    per member passes every trial, one that falls 1 pt per member none."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(helpers.REPO, "scripts", "claim_power.py"), "--pairs=800", "--members=4"]
+        + ["--trials=2", "--rise", "2", "-1"],
+        env=helpers.subprocess_env(),
+        cwd=helpers.REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| +") or line.startswith("| -")]
+    assert [r.split("|")[2].strip() for r in rows] == ["2/2", "0/2"], proc.stdout
