@@ -356,7 +356,10 @@ def write_run(wd: str, *, hacking: bool = False, splits=SPLITS):
     for name, curve in curves.items():
         oracle = np.asarray(curve)[:, None] + rng.normal(0, 0.02, (3, P))
         for i, st in enumerate(steps):
-            reinforce.write_eval_scores(w.rl_run(name), st, {"oracle": oracle[i], "proxy": np.full(P, float(i))})
+            texts = [f"{name} at step {st}, prompt {j}" for j in range(P)]
+            reinforce.write_eval_scores(
+                w.rl_run(name), st, {"oracle": oracle[i], "proxy": np.full(P, float(i)), "texts": np.asarray(texts)}
+            )
         runs[name] = {"step": steps, "kl": [0.0, 1.0, 2.0], "oracle": oracle.mean(1).tolist(), "proxy": [0, 1, 2]}
         final[name] = oracle[-1]
         with open(os.path.join(wd, "rl", name, "winrate_scores.json"), "w") as f:
@@ -432,9 +435,18 @@ def test_report_summary_and_markdown_from_stage_files(tmp_path):
     # With hacking in the REINFORCE curves, rl is tested (and holds: WARM peaks higher and wins).
     shutil.rmtree(wd)
     write_run(wd, hacking=True)
-    rl = next(c for c in report.build_summary(wd)["claims"] if c["id"] == "rl")
+    summary = report.build_summary(wd)
+    rl = next(c for c in summary["claims"] if c["id"] == "rl")
     assert rl["status"] == "holds", rl
     assert rl["ci"]["single_peak_minus_final"]["value"] == pytest.approx(0.15, abs=0.01)
+    # The texts kept at each policy's best eval and at its last: two evals for the hacked policy, one for WARM's.
+    kept = summary["rl"]["samples"]
+    assert [r["step"] for r in kept["member_best"]] == [10, 20] and [r["step"] for r in kept["warm"]] == [20]
+    assert kept["member_best"][0]["texts"] == [f"member_best at step 10, prompt {j}" for j in range(4)]
+    peak = summary["rl"]["runs"]["member_best"]["oracle"][1]
+    md = report.markdown(summary, [])
+    assert f"- `member_best`, step 10 (mean oracle {peak:.3f}, KL 1.0):\n  - member_best at step 10, prompt 0\n" in md
+    assert "  - member_best at step 20, prompt 3\n" in md and "warm at step 10" not in md
 
 
 def test_report_shows_the_selected_warm_beside_the_uniform_average_of_all_members():

@@ -16,6 +16,7 @@ import pytest
 from tests import helpers
 from tests.test_policy import make_tiny_workdir, tiny_mesh
 from warm_jax.checkpoints import Checkpointer
+from warm_jax import oracle as oracle_lib
 from warm_jax.policy import advantages, reinforce
 
 
@@ -176,6 +177,12 @@ def test_the_stage_trains_each_reward_with_each_anchor(ctx, tmp_path):
     assert sorted(result["runs"]) == ["warm", "warm_ema"] and list(result["win_rate"]) == ["warm_vs_warm_ema"]
     assert result["config"]["anchors"] == ["init", "ema"]
     assert result["runs"]["warm"]["kl"][0] == result["runs"]["warm_ema"]["kl"][0] == 0.0
+    # Each eval keeps its first texts, the very texts the oracle scored.
+    record = json.load(open(run_ctx.artefacts.rl_run("warm").eval_scores(2)))
+    kept = record["samples"]
+    assert len(kept) == min(reinforce.SAMPLES_KEPT, cfg.num_eval_prompts) and all(kept)
+    gold = oracle_lib.make_oracle(helpers.tiny_gen().oracle).score(kept)
+    np.testing.assert_allclose(gold, record["oracle"][: len(kept)], rtol=1e-6)
     (_, init_state, _), (_, ema_state, _) = _final(wd, "warm"), _final(wd, "warm_ema")
     assert "anchor" not in init_state and "anchor" in ema_state
     # The checkpointed anchor is float32, off the reference and short of the policy.

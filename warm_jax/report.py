@@ -58,6 +58,9 @@ def build_summary(workdir: str) -> dict:
     rl = wd.read_rl()
     if rl:
         summary["rl"] = rl
+        samples = rl_samples(wd, rl)
+        if samples:
+            summary["rl"]["samples"] = samples
     warp = wd.read_warp()
     if warp:
         summary["warp"] = warp_section(warp, rl)
@@ -76,6 +79,25 @@ def build_summary(workdir: str) -> dict:
         "accuracy_tolerance": claims_lib.TOLERANCE,
     }
     return summary
+
+
+def rl_samples(wd: Workdir, rl: dict) -> dict[str, list[dict]]:
+    """Per REINFORCE run, the texts its evals kept (``reinforce.SAMPLES_KEPT``) at the step of its highest mean
+    oracle and at its last step: what the policy wrote where the oracle liked it best and where its reward took it.
+    Runs whose evals kept no texts are left out."""
+    out = {}
+    for name, r in rl.get("runs", {}).items():
+        steps, oracle = r["step"], r["oracle"]
+        rows = []
+        for step in dict.fromkeys([steps[int(np.nanargmax(np.asarray(oracle, np.float64)))], steps[-1]]):
+            path = wd.rl_run(name).eval_scores(step)
+            record = io_utils.read_json(path) if os.path.exists(path) else {}
+            if record.get("samples"):
+                i = steps.index(step)
+                rows.append({"step": step, "oracle": oracle[i], "kl": r["kl"][i], "texts": record["samples"]})
+        if rows:
+            out[name] = rows
+    return out
 
 
 def load_evidence(
@@ -396,6 +418,19 @@ def markdown(summary: dict, figs: list[str]) -> str:
                 f"{w['n_prompts']} prompts)"
             )
         lines.append("")
+        samples = summary["rl"].get("samples", {})
+        if samples:
+            lines += [
+                "What each policy wrote (the first eval prompts) at its best mean oracle and at its last step:",
+                "",
+            ]
+            for name, rows in samples.items():
+                for row in rows:
+                    lines.append(
+                        f"- `{name}`, step {row['step']} (mean oracle {row['oracle']:.3f}, KL {row['kl']:.1f}):"
+                    )
+                    lines += [f"  - {text}" for text in row["texts"]]
+            lines.append("")
     if "warp" in summary:
         lines += warp_markdown(summary["warp"])
     if "updates" in summary:

@@ -263,7 +263,7 @@ def evaluate_policies(
 ) -> dict[str, np.ndarray]:
     """Every policy samples ``prompts`` with the same key (chunk at row r: fold_in(key, r), as
     ``sampler.sample_in_batches``); per policy and prompt: oracle, proxy, KL to ``reference``
-    (default ``setup.ref_params``), length [M, R] (host)."""
+    (default ``setup.ref_params``), length and the scored texts [M, R] (host)."""
     reference = setup.ref_params if reference is None else reference
     rm_state = reinforce.rm_state_on_mesh(reward_fn, setup.ctx.mesh)
 
@@ -279,10 +279,14 @@ def evaluate_policies(
         members="shared",
         out_axis=1,
     )
-    gold = np.stack(
-        [setup.oracle.score(task_prompts.oracle_texts(setup.tok, prompts.texts, toks)) for toks in host["tokens"]]
-    )
-    return {"oracle": gold, "proxy": host["proxy"], "kl": host["kl"], "length": host["length"].astype(np.float32)}
+    texts = [task_prompts.oracle_texts(setup.tok, prompts.texts, toks) for toks in host["tokens"]]
+    return {
+        "oracle": np.stack([setup.oracle.score(t) for t in texts]),
+        "proxy": host["proxy"],
+        "kl": host["kl"],
+        "length": host["length"].astype(np.float32),
+        "texts": np.asarray(texts),
+    }
 
 
 def _per_policy(ev: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
@@ -291,7 +295,7 @@ def _per_policy(ev: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
 
 def _summary(ev: dict[str, np.ndarray]) -> dict[str, list[float]]:
     """Per-policy means: eval_<k> → [M]."""
-    return {f"eval_{k}": [float(x) for x in np.mean(v, axis=1)] for k, v in ev.items()}
+    return {f"eval_{k}": [float(x) for x in np.mean(ev[k], axis=1)] for k in reinforce.SCORES}
 
 
 def _write_eval(run: PolicyRun, step: int, ev: dict[str, np.ndarray]) -> None:

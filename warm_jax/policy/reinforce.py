@@ -65,6 +65,9 @@ from warm_jax.train_state import TrainState, guarded_update, new_state, select, 
 log = logging.getLogger(__name__)
 
 ANCHORS = ("init", "ema")
+SCORES = ("oracle", "proxy", "kl", "length")  # per prompt, from every policy evaluation
+# Texts kept per eval (eval_scores/<step>.json): enough to read what a policy writes once it games its reward.
+SAMPLES_KEPT = 4
 
 
 @gin.configurable
@@ -416,7 +419,7 @@ def rm_state_on_mesh(reward_fn: rewards_lib.RewardFn, mesh) -> dict:
 
 
 def evaluate_policy(setup: Setup, params, reward_fn, prompts: task_prompts.PromptSet, key) -> dict[str, np.ndarray]:
-    """Samples ``prompts`` with a fixed key; per-prompt oracle, proxy, KL and length (host arrays)."""
+    """Samples ``prompts`` with a fixed key; per prompt (host arrays [R]) the ``SCORES`` and the scored ``texts``."""
     mesh = setup.ctx.mesh
     samples = sampler.sample_in_batches(
         setup.sampler, params, prompts.tokens, prompts.mask, key, batch=setup.eval_chunk, mesh=mesh
@@ -432,29 +435,36 @@ def evaluate_policy(setup: Setup, params, reward_fn, prompts: task_prompts.Promp
     scores = batched.map_batches(
         lambda b, _: evaluate(params, setup.ref_params, rm_state, b), parts, batch_size=setup.eval_chunk, mesh=mesh
     )
-    gold = setup.oracle.score(task_prompts.oracle_texts(setup.tok, prompts.texts, samples["tokens"]))
+    texts = task_prompts.oracle_texts(setup.tok, prompts.texts, samples["tokens"])
     return {
-        "oracle": gold,
+        "oracle": setup.oracle.score(texts),
         "proxy": scores["proxy"],
         "kl": scores["kl"],
         "length": samples["length"].astype(np.float32),
+        "texts": np.asarray(texts),
     }
 
 
 def write_eval_scores(run: PolicyRun, step: int, ev: dict[str, np.ndarray]) -> None:
-    """Per-prompt oracle and proxy reward of one eval (process 0); a non-finite value is stored as null."""
+    """Per-prompt oracle and proxy reward of one eval (process 0), a non-finite value stored as null, and the
+    first ``SAMPLES_KEPT`` scored texts."""
 
     def plain(x):
         return [float(v) if np.isfinite(v) else None for v in np.asarray(x, np.float64)]
 
     io_utils.atomic_write_json(
         run.eval_scores(step),
-        {"step": int(step), "oracle": plain(ev["oracle"]), "proxy": plain(ev["proxy"])},
+        {
+            "step": int(step),
+            "oracle": plain(ev["oracle"]),
+            "proxy": plain(ev["proxy"]),
+            "samples": [str(t) for t in ev.get("texts", ())[:SAMPLES_KEPT]],
+        },
     )
 
 
 def _summary(ev: dict[str, np.ndarray], prefix: str = "eval_") -> dict[str, float]:
-    return {f"{prefix}{k}": float(np.mean(v)) for k, v in ev.items()}
+    return {f"{prefix}{k}": float(np.mean(ev[k])) for k in SCORES}
 
 
 def eval_key(setup: Setup):

@@ -139,7 +139,7 @@ def evaluate_front(setup, reward_fn, base, merged, etas, run: MergeRun) -> dict[
         else:
             params = liti(setup, base, merged, eta)
             ev = reinforce.evaluate_policy(setup, params, reward_fn, setup.eval_prompts, reinforce.eval_key(setup))
-            row = {"eta": float(eta), **{k: np.asarray(v, np.float64).tolist() for k, v in ev.items()}}
+            row = {"eta": float(eta), **{k: np.asarray(ev[k], np.float64).tolist() for k in reinforce.SCORES}}
             if jax.process_index() == 0:
                 io_utils.atomic_write_json(path, row)
             log.info(
