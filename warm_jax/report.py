@@ -89,12 +89,11 @@ def rl_samples(wd: Workdir, rl: dict) -> dict[str, list[dict]]:
     for name, r in rl.get("runs", {}).items():
         steps, oracle = r["step"], r["oracle"]
         rows = []
-        for step in dict.fromkeys([steps[int(np.nanargmax(np.asarray(oracle, np.float64)))], steps[-1]]):
-            path = wd.rl_run(name).eval_scores(step)
+        for i in dict.fromkeys([int(np.nanargmax(np.asarray(oracle, np.float64))), len(steps) - 1]):
+            path = wd.rl_run(name).eval_scores(steps[i])
             record = io_utils.read_json(path) if os.path.exists(path) else {}
             if record.get("samples"):
-                i = steps.index(step)
-                rows.append({"step": step, "oracle": oracle[i], "kl": r["kl"][i], "texts": record["samples"]})
+                rows.append({"step": steps[i], "oracle": oracle[i], "kl": r["kl"][i], "texts": record["samples"]})
         if rows:
             out[name] = rows
     return out
