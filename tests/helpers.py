@@ -240,6 +240,25 @@ def wait_all(procs, timeout: float = 900) -> dict:
     return out
 
 
+def copy_without(src: str, dst: str, stages: tuple[str, ...]) -> str:
+    """Copies workdir ``src`` to ``dst`` leaving out what ``stages`` wrote (their ``stage_outputs``), as if those
+    stages had never run there; the other stages' outputs and records are kept, so a rerun skips them."""
+    import fnmatch
+    import shutil
+
+    from warm_jax import workdir
+
+    patterns = [p for stage in stages for p in workdir.stage_outputs(stage)]
+
+    def ignore(folder, names):
+        rel = os.path.relpath(folder, src)
+        paths = {n: os.path.normpath(os.path.join(rel, n)).replace(os.sep, "/") for n in names}
+        return [n for n, p in paths.items() if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)]
+
+    shutil.copytree(src, dst, ignore=ignore)
+    return dst
+
+
 def restore_tree(ckpt_dir: str, step: int | None = None):
     """(step, numpy tree) of a step (default: the latest) of a Checkpointer directory, read without a target."""
     from warm_jax.checkpoints import Checkpointer

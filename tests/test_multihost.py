@@ -6,7 +6,6 @@ at the same step; a missing process fails fast and clearly."""
 import json
 import os
 import re
-import shutil
 import signal
 import time
 
@@ -23,8 +22,10 @@ MESH_2x4 = "make_mesh.shape = {'ensemble': 2, 'data': -1, 'fsdp': 1, 'tensor': 1
 
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory):
+    """The one-process reference for the merged RM: the stages up to `average` (the later ones do not change it)."""
     wd = str(tmp_path_factory.mktemp("single") / "wd")
-    helpers.run_train(wd, PIPELINE + [MESH_2x4], timeout=1200)
+    to_average = helpers.stages("pretrain", "data", "rm_ensemble", "average")
+    helpers.run_in_process(wd, helpers.TINY + helpers.TINY_POLICY + [MESH_2x4, to_average])
     return wd
 
 
@@ -58,14 +59,28 @@ def _losses(workdir: str, stage: str) -> dict[int, list[float]]:
     return {r["step"]: np.atleast_1d(r["loss"]).tolist() for r in rows if "loss" in r}
 
 
-def test_data_over_both_processes_each_reads_half_and_losses_match_one_process(tmp_path):
-    bindings = helpers.TINY + [helpers.MESH_8, helpers.stages("pretrain", "data", "rm_ensemble")]
-    single = helpers.run_train(str(tmp_path / "single"), bindings)
+EVAL_STAGES = ("pretrain", "data", "rm_ensemble", "average", "rm_eval")
+# Batches of 16 pairs: the splits (train 96, validation, ood_cue and ood_temp 48 pairs each) span several, so each
+# process has rows in each.
+DATA_AXIS_OVER_BOTH = helpers.TINY + ["EvalConfig.batch_size = 16", "AverageConfig.batch_size = 16", helpers.MESH_8]
+
+
+@pytest.fixture(scope="module")
+def one_process_to_rm_eval(tmp_path_factory):
+    """(workdir, stderr) of one process on 1 x 8 devices running the stages up to `rm_eval`: the reference of the
+    two data-parallel tests below."""
+    wd = str(tmp_path_factory.mktemp("one_to_eval") / "wd")
+    return wd, helpers.run_train(wd, DATA_AXIS_OVER_BOTH + [helpers.stages(*EVAL_STAGES)]).stderr
+
+
+def test_data_over_both_processes_each_reads_half_and_losses_match_one_process(one_process_to_rm_eval, tmp_path):
+    one_wd, one_stderr = one_process_to_rm_eval
+    bindings = DATA_AXIS_OVER_BOTH + [helpers.stages("pretrain", "data", "rm_ensemble")]
     multi = helpers.wait_all(helpers.start_processes(str(tmp_path / "multi"), bindings))
     for i, r in multi.items():
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
     for stage in ("pretrain", "rm_ensemble"):
-        (one,) = _rows_read(single.stderr, stage).values()
+        (one,) = _rows_read(one_stderr, stage).values()
         assert one[0] == 1 and one[1] > 0
         for p in (0, 1):
             reads = _rows_read(multi[p].stderr, stage)
@@ -73,33 +88,25 @@ def test_data_over_both_processes_each_reads_half_and_losses_match_one_process(t
             count, rows, records = reads[p]
             assert 2 * rows == one[1], (stage, p, rows, one[1])  # half the rows of every global batch
             assert records <= rows
-        a, b = _losses(str(tmp_path / "single"), stage), _losses(str(tmp_path / "multi"), stage)
+        a, b = _losses(one_wd, stage), _losses(str(tmp_path / "multi"), stage)
         assert a.keys() == b.keys() and a
         for step in a:
             np.testing.assert_allclose(b[step], a[step], rtol=1e-5, atol=1e-6, err_msg=f"{stage} step {step}")
 
 
-EVAL_STAGES = ("pretrain", "data", "rm_ensemble", "average", "rm_eval")
-
-
-def test_evaluation_over_both_processes_reads_half_the_pairs_each_and_matches_one_process(tmp_path):
+def test_evaluation_over_both_processes_reads_half_the_pairs_each_and_matches_one_process(
+    one_process_to_rm_eval, tmp_path
+):
     """`average` and `rm_eval` of the same members on 1 x 8 and 2 x 4 devices (data axis over both processes): each
     process reads only its rows of every evaluation batch, and the selection, accuracies and per-pair margins are
     the single process's, to the bit."""
-    # Batches of 16 pairs: the splits (train 96, validation, ood_cue and ood_temp 48 pairs each) span several, so
-    # each process has rows in each.
-    batches = ["EvalConfig.batch_size = 16", "AverageConfig.batch_size = 16"]
-    bindings = helpers.TINY + batches + [helpers.MESH_8, helpers.stages(*EVAL_STAGES)]
-    one_wd, two_wd = str(tmp_path / "single"), str(tmp_path / "multi")
-    single = helpers.run_train(one_wd, bindings)
-    examples = os.path.basename(Workdir(one_wd).rm_eval_examples)
-    redo = {one_wd: {"average", "rm_eval"}, os.path.join(one_wd, "rm"): {"warm", "eval.json", examples}}
-    shutil.copytree(one_wd, two_wd, ignore=lambda d, names: [n for n in names if n in redo.get(d, ())])
-    multi = helpers.wait_all(helpers.start_processes(two_wd, bindings))
+    one_wd, one_stderr = one_process_to_rm_eval
+    two_wd = helpers.copy_without(one_wd, str(tmp_path / "multi"), ("average", "rm_eval"))
+    multi = helpers.wait_all(helpers.start_processes(two_wd, DATA_AXIS_OVER_BOTH + [helpers.stages(*EVAL_STAGES)]))
     for i, r in multi.items():
         assert r.returncode == 0, f"process {i}:\n{r.stderr[-4000:]}"
     for stage in ("average", "rm_eval"):
-        (one,) = _rows_read(single.stderr, stage).values()
+        (one,) = _rows_read(one_stderr, stage).values()
         assert one[0] == 1 and one[1] > 0 and one[2] > 0
         reads = [_rows_read(multi[p].stderr, stage)[p] for p in (0, 1)]
         assert all(count == 2 and 2 * rows == one[1] for count, rows, _ in reads), (stage, reads, one)
@@ -132,7 +139,8 @@ def test_sigterm_to_one_process_saves_both_at_the_same_step_and_resumes(tmp_path
         assert r.returncode == 0, r.stderr[-3000:]
     _, ref_state = helpers.restore_tree(os.path.join(ref, "rm", "ckpt"))
 
-    wd = str(tmp_path / "term")
+    # pretrain and data as the reference ran them: only rm_ensemble is interrupted and resumed.
+    wd = helpers.copy_without(ref, str(tmp_path / "term"), ("rm_ensemble",))
     procs = helpers.start_processes(wd, STAGE)
     metrics = os.path.join(wd, "metrics", "rm_ensemble.jsonl")
     t0 = time.time()
