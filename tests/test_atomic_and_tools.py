@@ -293,7 +293,10 @@ CASES = {
         lambda d, out: (export.main, ["--checkpoint", d["m0"], "--output", d["file"], "--overwrite"]),
         ["afile is a file"],
     ),
-    "inspect missing": (lambda d, out: (inspect_checkpoint.main, [f"{d['root']}/nope"]), ["/nope", "no such checkpoint"]),
+    "inspect missing": (
+        lambda d, out: (inspect_checkpoint.main, [f"{d['root']}/nope"]),
+        ["/nope", "no such checkpoint"],
+    ),
     "inspect file": (lambda d, out: (inspect_checkpoint.main, [d["file"]]), ["afile", "a file"]),
     "inspect truncated": (lambda d, out: (inspect_checkpoint.main, [d["trunc"]]), ["trunc/ckpt", "no step verifies"]),
     "logits empty gguf": (

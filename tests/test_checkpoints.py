@@ -311,7 +311,11 @@ def test_sigterm_triggers_a_finished_preemption_save(tmp_path, state, sigterm_ha
 def _run_inspect(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, unlike the writer
     return subprocess.run(
-        [sys.executable, "-m", "warm_jax.inspect_checkpoint", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "warm_jax.inspect_checkpoint", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 

@@ -79,4 +79,3 @@ def test_importing_warm_jax_never_reexecutes():
         [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.split() == ["None", "None"], out.stdout
-

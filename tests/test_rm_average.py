@@ -101,4 +101,6 @@ def test_top_m_larger_than_the_ensemble_is_refused():
     cfg = rm_average.AverageConfig(warm_selection="top_m", top_m=5)
     with pytest.raises(ValueError, match="AverageConfig.top_m = 5 but the ensemble has only 4 members"):
         rm_average.select_members([2, 0, 1, 3], cfg, lambda idx: 0.0)
-    assert rm_average.select_members([2, 0, 1, 3], rm_average.AverageConfig(warm_selection="top_m", top_m=4), lambda idx: 0.0) == [2, 0, 1, 3]
+    assert rm_average.select_members(
+        [2, 0, 1, 3], rm_average.AverageConfig(warm_selection="top_m", top_m=4), lambda idx: 0.0
+    ) == [2, 0, 1, 3]

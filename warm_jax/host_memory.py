@@ -108,6 +108,4 @@ def describe() -> str:
     why = "re-executed with it" if os.environ.get(_DONE) else "as started"
     if on:
         return f"host malloc: transparent huge pages (GLIBC_TUNABLES={value}; {why})"
-    return (
-        f"host malloc: glibc default pages (transparent huge pages: {thp_mode()}; opt in with --host_hugepages)"
-    )
+    return f"host malloc: glibc default pages (transparent huge pages: {thp_mode()}; opt in with --host_hugepages)"
