@@ -433,3 +433,21 @@ def test_task_vector_geometry_matches_numpy():
     unit = taus / np.linalg.norm(taus, axis=1, keepdims=True)
     np.testing.assert_allclose(cos, unit @ unit.T, rtol=1e-5, atol=1e-6)
     assert dist.shape == (3,) and cos.shape == (3, 3)
+
+
+def test_task_vector_geometry_measures_each_member_from_its_own_init():
+    """Baklava members start from different checkpoints: measured from one shared init, a member that never
+    moved would look far away."""
+    rng = np.random.default_rng(1)
+    inits = {"w": rng.normal(size=(3, 4, 2)).astype(np.float32)}
+    moves = rng.normal(scale=0.01, size=(3, 4, 2)).astype(np.float32)
+    moves[1] = 0.0  # member 1 did not move from its own init
+    stacked = {"w": inits["w"] + moves}
+    dist, cos = averaging.task_vector_geometry(jax.tree.map(jnp.asarray, stacked), jax.tree.map(jnp.asarray, inits))
+    own = np.linalg.norm(moves.reshape(3, -1), axis=1) / np.linalg.norm(inits["w"].reshape(3, -1), axis=1)
+    np.testing.assert_allclose(dist, own, rtol=1e-5)
+    assert dist[1] == 0.0
+    shared, _ = averaging.task_vector_geometry(jax.tree.map(jnp.asarray, stacked), {"w": jnp.asarray(inits["w"][0])})
+    assert shared[1] > 20 * dist[0]  # from member 0's init, the unmoved member 1 looks far off
+    unit = moves[[0, 2]].reshape(2, -1) / np.linalg.norm(moves[[0, 2]].reshape(2, -1), axis=1, keepdims=True)
+    np.testing.assert_allclose(cos[0, 2], unit[0] @ unit[1], rtol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 
 from tests import helpers
 from warm_jax import ensemble, evaluation
+from warm_jax.data import pipeline
 from warm_jax.metrics import read_metrics
 
 ENS = helpers.TINY + [helpers.MESH_ENS]
@@ -54,13 +55,40 @@ def test_members_differ_and_each_members_loss_fell(trained):
     # Train loss over the whole train split: initial (shared LP-FT init) vs final, per member.
     train = evaluation.read_split_rows(os.path.join(wd, "data"), "train", ctx.mesh, 64)
     scorer = evaluation.Scorer(ens.graphdef, ctx.mesh, 64)
-    init_rc, init_rr = scorer.pairs(ens.shared_init, train)
+    init_rc, init_rr = scorer.pairs(ens.member_inits[0], train)
     rc, rr = scorer.stacked_pairs(params, train)
     init_loss = evaluation.bt_loss(init_rc, init_rr)
     for i in range(cfg.num_members):
         assert evaluation.bt_loss(rc[i], rr[i]) < init_loss - 0.01, i
     rows = read_metrics(wd, "rm_ensemble")
     assert len(rows[-1]["loss"]) == cfg.num_members and len(rows[-1]["learning_rate"]) == cfg.num_members
+
+
+def test_baklava_members_start_from_their_own_pretraining_checkpoint(base_workdir, tmp_path):
+    """EnsembleConfig.featurizer_steps: member 1 starts from the trunk kept at step 10, member 0 from the last,
+    both under the one head probed on the last trunk's features."""
+    import shutil
+
+    wd = str(tmp_path / "wd")
+    shutil.copytree(base_workdir, wd)
+    with helpers.gin_config(ENS):
+        ctx = helpers.context(wd)
+        cfg = ensemble.EnsembleConfig(num_members=2, featurizer_steps=(None, 10), dropout_rates=(0.0,))
+        ens = ensemble.build(ctx, cfg, pipeline.load_split(ensemble.dataset_dir(ctx, cfg), "train"))
+        trunks = {s: ctx.artefacts.load_trunk(ctx.mesh, step=s).params for s in (None, 10)}
+    for i, s in enumerate((None, 10)):
+        for name in trunks[s]:
+            if name == "reward_head":
+                continue
+            for a, b, c in zip(*(jax.tree.leaves(t[name]) for t in (ens.state.params, ens.member_inits[i], trunks[s]))):
+                np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(c))
+                np.testing.assert_array_equal(np.asarray(b), np.asarray(c))
+    for a, b in zip(*(jax.tree.leaves(p["reward_head"]) for p in ens.member_inits)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(trunks[None]), jax.tree.leaves(trunks[10]))
+    )
 
 
 def test_member_alone_equals_member_inside_the_ensemble(trained):
@@ -82,7 +110,7 @@ def test_member_alone_equals_member_inside_the_ensemble(trained):
     # Two programs on two meshes sum in another order, and Adam amplifies round-off where a gradient is near
     # zero, so compare each member's *update* from the shared init, relative to its size: member i alone is
     # member i of the ensemble to round-off, and much closer to it than to any other member.
-    init = jax.tree.leaves(jax.tree.map(np.asarray, ens.shared_init))
+    init = jax.tree.leaves(jax.tree.map(np.asarray, ens.member_inits[0]))
     alone_update = np.concatenate([(np.asarray(x[0]) - z).ravel() for x, z in zip(jax.tree.leaves(alone.params), init)])
     updates = [
         np.concatenate([(np.asarray(x[j]) - z).ravel() for x, z in zip(jax.tree.leaves(state.params), init)])

@@ -266,21 +266,25 @@ def interpolation_curve(
 
 
 @jax.jit
-def task_vector_geometry(stacked_params: PyTree, init: PyTree) -> tuple[jax.Array, jax.Array]:
-    """How far the members moved from their shared init, and how alike their moves are.
+def task_vector_geometry(stacked_params: PyTree, inits: PyTree) -> tuple[jax.Array, jax.Array]:
+    """How far the members moved from their inits, and how alike their moves are.
 
-    stacked_params: leaves [M, ...]; init: the same tree without the member axis. With task vectors
-    τ_i = θ_i − θ_0 (float32), returns (‖τ_i‖ / ‖θ_0‖ [M], cos(τ_i, τ_j) [M, M]). Members that stay close
-    (small distances, cosines well above 0) are in one basin, where their weight average behaves like their
-    ensemble; unrelated solutions (cosines near 0 at large distances) average into a shrunken model.
+    stacked_params: leaves [M, ...]; inits: one init shared by every member (the same tree without the member
+    axis) or each member's own (leaves [M, ...], as Baklava members start from different pretraining
+    checkpoints). With task vectors τ_i = θ_i − θ_0,i (float32), returns (‖τ_i‖ / ‖θ_0,i‖ [M],
+    cos(τ_i, τ_j) [M, M]). Members that stay close (small distances, cosines well above 0) are in one basin, where
+    their weight average behaves like their ensemble; unrelated solutions (cosines near 0 at large distances)
+    average into a shrunken model.
     """
-    taus = jax.tree.map(
-        lambda s, x: (s.astype(jnp.float32) - x.astype(jnp.float32)[None]).reshape(s.shape[0], -1),
-        stacked_params,
-        init,
-    )
+
+    def per_member(s, x):
+        return x.astype(jnp.float32) if x.ndim == s.ndim else x.astype(jnp.float32)[None]
+
+    inits = jax.tree.map(per_member, stacked_params, inits)
+    m = jax.tree.leaves(stacked_params)[0].shape[0]
+    taus = jax.tree.map(lambda s, x: (s.astype(jnp.float32) - x).reshape(m, -1), stacked_params, inits)
     gram = sum(t @ t.T for t in jax.tree.leaves(taus))
-    init_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(init)))
+    init_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x).reshape(x.shape[0], -1), 1) for x in jax.tree.leaves(inits)))
     norms = jnp.sqrt(jnp.diagonal(gram))
     cos = gram / jnp.maximum(norms[:, None] * norms[None, :], jnp.finfo(jnp.float32).tiny)
     return norms / init_norm, cos

@@ -250,7 +250,7 @@ class Ensemble:
     abstract_state: TrainState
     lp_accuracy: float
     probe: dict | None  # the probe gate (``probe_gate``) and its per-pair margins; None for random-init members
-    shared_init: object  # the LP-FT init (pretrained trunk + probed head), unstacked
+    member_inits: tuple  # each member's LP-FT init (its pretrained trunk + the probed head), unstacked
 
 
 def stack_state(mesh, cfg: EnsembleConfig, inits: Sequence, param_specs, seeds: Sequence[int]):
@@ -319,11 +319,10 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
     def with_head(p):
         return p if cfg.random_init else {**p, "reward_head": head}
 
-    tx, state_sh, state, abstract_state = stack_state(
-        mesh, cfg, [with_head(p) for p in inits], param_specs, member_seed_values
-    )
+    member_inits = [with_head(p) for p in inits]
+    tx, state_sh, state, abstract_state = stack_state(mesh, cfg, member_inits, param_specs, member_seed_values)
     return Ensemble(
-        model_cfg, graphdef, tx, param_specs, state_sh, state, abstract_state, lp_acc, probe, with_head(base)
+        model_cfg, graphdef, tx, param_specs, state_sh, state, abstract_state, lp_acc, probe, tuple(member_inits)
     )
 
 
@@ -443,12 +442,15 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
         )
     geometry = {}
     if not cfg.random_init:
+        # Members on one featurizer share its init; Baklava members are each measured from their own checkpoint.
+        one = len(set(feats)) == 1
+        inits = ens.member_inits[0] if one else sharding.stack_members(ens.member_inits, ctx.mesh, ens.param_specs)
         geometry_fn = jax.jit(averaging.task_vector_geometry, out_shardings=sharding.replicated(ctx.mesh))
-        dist, cos = jax.device_get(geometry_fn(state.params, ens.shared_init))
+        dist, cos = jax.device_get(geometry_fn(state.params, inits))
         geometry = {"distance_from_init": dist.tolist(), "task_vector_cosine": cos.tolist()}
         off = cos[~np.eye(len(cos), dtype=bool)]
         log.info(
-            "[rm_ensemble] members moved %s of ||θ₀|| from the shared init; task-vector cosines %.2f…%.2f",
+            "[rm_ensemble] members moved %s of ||θ₀|| from their inits; task-vector cosines %.2f…%.2f",
             ", ".join(f"{d:.3f}" for d in dist),
             off.min() if off.size else 1.0,
             off.max() if off.size else 1.0,

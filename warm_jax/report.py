@@ -335,7 +335,7 @@ def markdown(summary: dict, figs: list[str]) -> str:
         cos = np.asarray(geo["task_vector_cosine"])
         off = cos[~np.eye(len(cos), dtype=bool)]
         lines += [
-            "Members' distance from the shared init (‖θᵢ − θ₀‖ / ‖θ₀‖): "
+            "Members' distance from their inits (‖θᵢ − θ₀,ᵢ‖ / ‖θ₀,ᵢ‖): "
             + ", ".join(f"{d:.3f}" for d in geo["distance_from_init"])
             + (f"; pairwise task-vector cosines {off.min():.2f} … {off.max():.2f}." if off.size else "."),
             "",
