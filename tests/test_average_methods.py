@@ -233,3 +233,26 @@ def test_cli_stacked_checkpoint_with_method(ckpts, tmp_path, mesh8, capsys):
     for path, x in _host(params).items():
         want = np_merge("slerp", flat_base[path], pair[path], None)
         np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-7, err_msg=path)
+    # Baklava: member 2 fine-tuned from another pretraining checkpoint has no common base with member 0.
+    member2 = {**io_utils.read_json(f"{dirs[0]}/model.json"), "featurizer_step": 900}
+    io_utils.atomic_write_json(str(rm / "members" / "2" / "model.json"), member2)
+    capsys.readouterr()
+    assert average.main([*argv[:-1], f"--output={tmp_path / 'mixed'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(r"ckpt\[0\]: last, .*ckpt\[2\]: 900", err), err
+    assert not (tmp_path / "mixed").exists()
+
+
+def test_task_vector_methods_refuse_members_from_different_featurizers(ckpts, tmp_path, mesh8, capsys):
+    base_dir, dirs, _, stacked = ckpts
+    late = jax.tree.map(lambda x: x[1], stacked)
+    baklava = str(tmp_path / "m1_900")
+    params_io.save_params(baklava, late, model_cfg=CFG, meta={"featurizer_step": 900}, tokenizer_dir=None)
+    with pytest.raises(ValueError, match=rf"'ties' subtracts one base .*{dirs[0]}: last, {baklava}: 900"):
+        checkpoint_averaging.merge_checkpoints([dirs[0], baklava], mesh=mesh8, method="ties", base=base_dir)
+    argv = [f"--checkpoint={dirs[0]}", f"--checkpoint={baklava}", MESH8]
+    assert average.main(["--method=task_arithmetic", f"--base={base_dir}", *argv, f"--output={tmp_path / 'ta'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "use --method=linear" in err, err
+    # The plain average needs no base, so it merges them.
+    assert average.main([*argv, f"--output={tmp_path / 'linear'}"]) == 0

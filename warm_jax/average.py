@@ -117,6 +117,14 @@ def is_stacked(directory: str) -> bool:
     return any(d.isdigit() for d in os.listdir(directory))
 
 
+def stacked_member_metas(ckpt_dir: str, names: list[str]) -> dict[str, dict]:
+    """The model.json of each named member exported beside a stacked WORKDIR/rm/ckpt (rm/members/<n>),
+    for those that have one."""
+    members = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), "members")
+    paths = {n: os.path.join(members, n, "model.json") for n in names}
+    return {f"{ckpt_dir}[{n}]": io_utils.read_json(p) for n, p in paths.items() if os.path.isfile(p)}
+
+
 def find_model_json(ckpt_dir: str) -> str:
     """model.json for a stacked WORKDIR/rm/ckpt: a member export beside it, else the pretrained model's."""
     rm_dir = os.path.dirname(os.path.abspath(ckpt_dir))
@@ -305,6 +313,7 @@ def average(args) -> dict:
             single = sharding.named(mesh, sharding.tree_specs(axes, abstract, mesh))
             params = averaging.mean_stacked(params_m, jnp.asarray(full), out_shardings=single)
         else:
+            checkpoint_averaging.check_one_featurizer(stacked_member_metas(ckpt_dir, names), method.name)
             checkpoint_averaging.check_configs(
                 {
                     model_json: meta["model"],

@@ -603,6 +603,24 @@ def _merge_leaf_program(method: str, params: tuple, sharding):
     return jax.jit(fn, out_shardings=sharding)
 
 
+def check_one_featurizer(metas: Mapping[str, dict], method: str) -> None:
+    """MergeError unless every member was fine-tuned from the same pretraining checkpoint.
+
+    A task-vector method subtracts one base from every member; Baklava members (``rm_ensemble`` with
+    ``EnsembleConfig.featurizer_steps``, recorded as ``featurizer_step`` in each member's model.json)
+    start from different checkpoints, so their deltas from any one base would carry the gap between
+    featurizers. Members without the field (merged or exported elsewhere) count as one featurizer.
+    """
+    steps = {d: m.get("featurizer_step") for d, m in metas.items()}
+    if len(set(steps.values())) > 1:
+        listed = ", ".join(f"{d}: {'last' if s is None else s}" for d, s in steps.items())
+        raise MergeError(
+            f"merge method '{method}' subtracts one base from every member, but the members start from different "
+            f"pretraining checkpoints (featurizer_step {listed}); use --method=linear, or merge each featurizer's "
+            "members against their own base"
+        )
+
+
 def merge_checkpoints(
     dirs: Sequence[str],
     *,
@@ -661,6 +679,7 @@ def merge_checkpoints(
     w = merge_methods.check_weights(weights, len(dirs), m_def)
     sources = [base, *dirs]
     inp = _Inputs.open(sources, mesh, rules)
+    check_one_featurizer({d: inp.metas[d] for d in dirs}, method)
     flat_abstract, flat_sh, paths = inp.flat_abstract, inp.flat_sh, inp.paths
     groups = _leaf_groups(flat_abstract, chunk_bytes)
     buffer_bytes = max(g.nbytes for g in groups)
