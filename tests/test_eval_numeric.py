@@ -236,6 +236,48 @@ def test_rm_eval_examples_are_the_margins_its_accuracies_come_from():
         assert [mean_acc(d) for d in ex[f"{s}/lmc_pred"]] == result["lmc"]["pred_interp"][s]
 
 
+def test_length_bias_known_cases():
+    gap = np.array([3, -1, 2, 0, -4])
+    lb = evaluation.length_bias(2.0 * gap + 1.0, gap)  # a reward that reads length and nothing else
+    assert lb["corr"] == pytest.approx(1.0) and lb["acc_longer_chosen"] == 1.0 and lb["acc_shorter_chosen"] == 0.0
+    lb = evaluation.length_bias(-gap.astype(float), gap)  # one that prefers the shorter: tie at gap 0 counts in neither
+    assert lb == {"corr": pytest.approx(-1.0), "acc_longer_chosen": 0.0, "acc_shorter_chosen": 1.0}
+    # A constant margin: no correlation to measure.
+    assert evaluation.length_bias([1.0, 1.0, 1.0, 1.0, 1.0], gap)["corr"] is None
+    assert evaluation.length_bias([1.0, 2.0], [0, 0]) == {
+        "corr": None,
+        "acc_longer_chosen": None,
+        "acc_shorter_chosen": None,
+    }
+
+
+def test_rm_eval_length_bias_of_every_model_on_a_synthetic_scorer():
+    sc = CubeScorer()
+    gaps = {s: np.array([3, -1, 2, 0]) for s in THETA}
+    result, ex = evaluation.measure(
+        sc.members(), IDS, evaluation.EvalConfig(lmc_lambdas=3), sc.warm, sc.interp, chosen=[0, 1, 2], length_gap=gaps
+    )
+    bias = result["rm"]["length_bias"]
+    assert list(bias) == list(THETA)
+    v = bias["validation"]
+    assert v["share_longer_chosen"] == 0.5
+    # Member 12 (θ = 4, 4, −4, 4): right on the shorter-chosen pair and on one of the two longer-chosen ones.
+    assert v["members"][2]["acc_longer_chosen"] == 0.5 and v["members"][2]["acc_shorter_chosen"] == 1.0
+    assert v["warm_by_m"][0] == v["members"][2]  # WARM of the best (id 12) alone
+    # WARM of all three: mean θ = (4/3, 0, 4/3, 4/3), margins (64/27, 0, 64/27, 64/27); the shorter-chosen pair ties.
+    assert v["warm"] == v["warm_by_m"][2] and v["warm"]["acc_shorter_chosen"] == 0.5
+    assert v["warm"]["corr"] == pytest.approx(np.corrcoef([64 / 27, 0, 64 / 27, 64 / 27], [3, -1, 2, 0])[0, 1])
+    np.testing.assert_array_equal(ex["validation/length_gap"], [3, -1, 2, 0])
+    assert ex["validation/length_gap"].dtype == np.int32
+    md = report.markdown({"rm": result["rm"]}, [])
+    corr = {s: f"{bias[s]['warm']['corr']:+.3f}" for s in ("validation", "ood")}
+    assert "### Length bias" in md and f"| **WARM** (M=3) | {corr['validation']} | {corr['ood']} |" in md
+    # Member 12's margins (64, 64, −64, 64) against gaps (3, −1, 2, 0): covariance −128 / √(12288 · 10).
+    assert "| member 12 | -0.365 |" in md
+    no_gaps = measure()[0]["rm"]
+    assert "length_bias" not in no_gaps and "Length bias" not in report.markdown({"rm": no_gaps}, [])
+
+
 def test_average_selections_and_what_rm_eval_reports_of_them():
     result, _, chosen, _ = measure(warm_selection="top_m", top_m=2)
     assert chosen == [2, 0] and result["rm"]["warm"]["members"] == [12, 10]

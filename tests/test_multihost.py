@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
+from warm_jax.data import pipeline
 from warm_jax.workdir import Workdir
 
 PIPELINE = helpers.TINY + helpers.TINY_POLICY + [helpers.stages(*helpers.ALL_STAGES)]
@@ -123,6 +124,15 @@ def test_evaluation_over_both_processes_reads_half_the_pairs_each_and_matches_on
     assert sorted(a.files) == sorted(b.files) and "train_corrupted/warm" in a.files
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # The length gaps, gathered from both processes' halves of every batch, are the dataset's pair for pair.
+    splits = [k.split("/")[0] for k in b.files if k.endswith("/length_gap") and not k.startswith("train")]
+    assert "validation" in splits
+    for split in splits:
+        src = pipeline.load_split(Workdir(two_wd).data, split)  # rm_eval scores its first pairs (max_examples)
+        want = [
+            int(src[i]["chosen_length"]) - int(src[i]["rejected_length"]) for i in range(len(b[f"{split}/length_gap"]))
+        ]
+        np.testing.assert_array_equal(b[f"{split}/length_gap"], want, err_msg=split)
 
 
 STAGE = helpers.TINY + [

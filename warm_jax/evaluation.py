@@ -20,6 +20,8 @@ that every claim's bootstrap interval is computed from to WORKDIR/rm/eval_exampl
   lmc_pred   [L, N]  the prediction mix (1−λ)r_a + λr_b
   perm_weight [L, N] θ(λ) with θ_b's hidden units permuted (tr.permute_hidden_units): the same function in
                      another basin, the negative control of linear mode connectivity
+  length_gap [N]     tokens of chosen − rejected (int32), from which eval.json's ``length_bias`` reads how much
+                     each reward leans on length: the built-in task's spurious cue, and RMs' best-known bias
 
 eval.json's accuracies are the means of ``stats.correctness`` of exactly these margins.
 
@@ -34,7 +36,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import gin
 import jax
@@ -82,7 +84,8 @@ class EvalConfig:
 
 # ----------------------------------------------------------------------------- data
 
-GATHERED = ("flipped", "index")  # per-pair fields every process holds for all rows (cheap, needed to cut splits)
+# Per-pair fields every process holds for all rows: cheap, and needed to cut splits and to measure length bias.
+GATHERED = ("flipped", "index", "chosen_length", "rejected_length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +114,12 @@ class SplitRows:
         """bool [n]: the pairs whose labels the dataset writer flipped."""
         return np.asarray(self.gathered["flipped"]).astype(bool)
 
+    @property
+    def length_gap(self) -> np.ndarray:
+        """int32 [n]: tokens in the chosen sequence minus in the rejected one (the prompt cancels)."""
+        g = self.gathered
+        return (np.asarray(g["chosen_length"], np.int64) - np.asarray(g["rejected_length"], np.int64)).astype(np.int32)
+
 
 def read_split_rows(
     dataset_dir: str,
@@ -118,7 +127,7 @@ def read_split_rows(
     mesh,
     batch_size: int,
     max_examples: int | None = None,
-    fields: Sequence[str] = ensemble.RM_FIELDS + GATHERED,
+    fields: Sequence[str] = tuple(dict.fromkeys(ensemble.RM_FIELDS + GATHERED)),
 ) -> SplitRows:
     """The first ``max_examples`` pairs of ``split`` (all by default): this process reads only the rows its
     devices hold in batches of ``batch_size`` (the Scorer's), and the ``GATHERED`` fields of every row are
@@ -285,6 +294,7 @@ def measure(
     score_interp_permuted=None,
     *,
     chosen: Sequence[int],
+    length_gap: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """eval.json's numbers and eval_examples.npz's margins from rewards (host arrays; no model here).
 
@@ -294,6 +304,7 @@ def measure(
     score_interp_permuted(a, b, lam): the same with θ_b's hidden units permuted (the same function in another
     basin: the negative control of LMC, 'permutation_control'); None skips it.
     chosen: the indices WARM averages (the `average` stage's choice).
+    length_gap: {split: int [N]} tokens of chosen minus rejected; None skips the length-bias section.
     Returns (result, examples): eval.json's content (without 'updates' and 'examples') and the margins keyed
     ``<split>/<model>`` (module docstring).
     """
@@ -359,6 +370,20 @@ def measure(
         if control is not None:
             examples[f"{s}/perm_weight"] = control_margins[s]["weight"]
 
+    bias = None
+    if length_gap is not None:
+        bias = {}
+        for s in splits:
+            gap = examples[f"{s}/length_gap"] = np.asarray(length_gap[s], np.int32)
+            of = functools.partial(length_bias, gap=gap)
+            bias[s] = {
+                "share_longer_chosen": float(np.mean(gap > 0)),
+                "members": [of(x) for x in examples[f"{s}/members"]],
+                "warm": of(examples[f"{s}/warm"]),
+                "ens": of(examples[f"{s}/ens"]),
+                "warm_by_m": [of(x) for x in examples[f"{s}/warm_by_m"]],
+            }
+
     result = {
         "rm": {
             "members": members,
@@ -368,6 +393,7 @@ def measure(
             "warm_by_m": warm_by_m,
             "ens_by_m": ens_by_m,
             "disagreement": disagreement,
+            **({"length_bias": bias} if bias is not None else {}),
             "note": "train_corrupted accuracy is measured against the flipped (training) labels: higher = more memorisation",
         },
         "lmc": lmc,
@@ -377,6 +403,25 @@ def measure(
         "reward_stats": reward_stats,
     }
     return result, examples
+
+
+def length_bias(margin, gap) -> dict:
+    """How much a reward reads response length, from its margins r⁺ − r⁻ [N] and the length gaps [N] (tokens of
+    chosen − rejected).
+
+    corr: Pearson correlation of margin and gap (None when either is constant). acc_longer_chosen /
+    acc_shorter_chosen: accuracy on the pairs whose chosen sequence is the longer / the shorter (None when there
+    are none; ties in length count in neither). A reward that leans on length scores high on the first and low on
+    the second, whatever its overall accuracy.
+    """
+    margin, gap = np.asarray(margin, np.float64), np.asarray(gap)
+    correct = stats.correctness(margin)
+
+    def acc(sel):
+        return float(correct[sel].mean()) if sel.any() else None
+
+    corr = None if margin.std() == 0 or gap.std() == 0 else float(np.corrcoef(margin, gap)[0, 1])
+    return {"corr": corr, "acc_longer_chosen": acc(gap > 0), "acc_shorter_chosen": acc(gap < 0)}
 
 
 def reward_statistics(member_validation: RewardPairs, best: int, chosen: Sequence[int], warm_validation) -> dict:
@@ -529,6 +574,7 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
 
     # Members and ENS: one vmapped pass per split.
     member_r = score_splits(lambda d: scorer.stacked_pairs(stacked, d), splits)  # ([M,N], [M,N])
+    gaps = {s: g for s, (g,) in score_splits(lambda d: (d.length_gap,), splits).items()}
     return measure(
         member_r,
         ids,
@@ -537,6 +583,7 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
         score_interp,
         functools.partial(score_interp, permuted=True),
         chosen=chosen,
+        length_gap=gaps,
     )
 
 

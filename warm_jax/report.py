@@ -312,6 +312,34 @@ def _barriers(who: str, curve: dict) -> str:
     return f"{who}: accuracy barrier (points below the straight line) {acc}; loss barrier (nats above it) {loss}.  "
 
 
+def length_bias_markdown(rm: dict) -> list[str]:
+    """The correlation of each model's reward margin with the length gap, per held-out split."""
+    bias = rm["length_bias"]
+    splits = eval_splits.held_out(bias)
+
+    def cells(pick):
+        return [("—" if (c := pick(bias[s])["corr"]) is None else f"{c:+.3f}") for s in splits]
+
+    lines = [
+        "### Length bias",
+        "",
+        "Correlation of the reward margin r⁺ − r⁻ with the length gap (tokens of chosen − rejected); 0 is length-blind.",
+        "Share of pairs whose chosen response is the longer: "
+        + ", ".join(f"{s} {bias[s]['share_longer_chosen']:.2f}" for s in splits)
+        + ". Accuracy on the longer- and shorter-chosen pairs: `summary.json` → `rm.length_bias`.",
+        "",
+        _row(["model", *splits]),
+        _row(["---"] * (len(splits) + 1)),
+    ]
+    for i, m in enumerate(rm["members"]):
+        lines.append(_row([f"member {m['id']}", *cells(lambda b, i=i: b["members"][i])]))
+    lines.append(_row([f"**WARM** (M={rm['warm']['M']})", *cells(lambda b: b["warm"])]))
+    lines.append(_row([f"ENS (M={rm['ens']['M']})", *cells(lambda b: b["ens"])]))
+    for k, row in enumerate(rm["warm_by_m"]):
+        lines.append(_row([f"WARM of the best {row['M']}", *cells(lambda b, k=k: b["warm_by_m"][k])]))
+    return [*lines, ""]
+
+
 def markdown(summary: dict, figs: list[str]) -> str:
     lines = ["# warm_jax report", ""]
     if "probe" in summary:
@@ -372,6 +400,8 @@ def markdown(summary: dict, figs: list[str]) -> str:
             f"ENS {rm['ens']['ece']['validation']:.3f}.",
             "",
         ]
+        if "length_bias" in rm:
+            lines += length_bias_markdown(rm)
     if "negative_control" in summary:
         b = summary["negative_control"]["barrier"]
         lines_ctrl = ", ".join(f"{s} {100 * b[s]:.2f}" for s in eval_splits.ordered(b))
