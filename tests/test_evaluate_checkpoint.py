@@ -94,6 +94,10 @@ def test_warm_checkpoint_scores_equal_eval_json(finished, tmp_path, capsys):
     assert m["validation"]["reward"]["std"] == pytest.approx(want["reward_stats"]["warm"]["std"], rel=1e-5)
     line = next(l for l in table.splitlines() if l.split()[:2] == ["model", "validation"])
     assert float(line.split()[3]) == pytest.approx(want["rm"]["warm"]["acc"]["validation"], abs=1e-4)
+    # Length bias as rm_eval measures it, from the same margins and length gaps.
+    for s in SPLITS:
+        assert m[s]["length_bias"] == pytest.approx(want["rm"]["length_bias"][s]["warm"], rel=1e-5, abs=1e-6), s
+    assert float(line.split()[-1]) == pytest.approx(m["validation"]["length_bias"]["corr"], abs=1e-4)
 
 
 def test_member_stack_reports_each_member_ens_and_warm(finished, tmp_path, capsys):

@@ -15,8 +15,8 @@ member ``--member`` alone. ``--data`` is a dataset written by ``warm_jax.data`` 
 ``data/``); its records must be tokenized with the model's vocabulary.
 
 For every split (default: all the dataset has) and model: accuracy (r⁺ > r⁻, ties half), Bradley–Terry loss,
-ECE of σ(r⁺ − r⁻) and reward statistics, computed by rm_eval's own functions (``warm_jax.evaluation``), so the
-numbers equal ``rm/eval.json``'s for the same model and split. A split with flipped labels (the built-in
+ECE of σ(r⁺ − r⁻), reward statistics and length bias, computed by rm_eval's own functions
+(``warm_jax.evaluation``), so the numbers equal ``rm/eval.json``'s for the same model and split. A split with flipped labels (the built-in
 task's ``train``) is also reported as ``<split>_clean`` and ``<split>_corrupted``, the latter against the
 flipped (training) labels, as rm_eval does. When the dataset names each pair's subset (RewardBench style,
 ``subsets.json`` from ``warm-data prepare --format=hf``), each split is broken down by subset too. A table
@@ -43,6 +43,7 @@ from warm_jax.models import transformer as tr
 from warm_jax.workdir import Workdir
 
 SUBSET_FIELD = "subset"
+LENGTH_GAP = "length_gap"
 HF_REWARD_ARCHITECTURE = "LlamaForSequenceClassification"
 
 
@@ -296,12 +297,17 @@ def pair_metrics(r_c, r_r, bins: int) -> dict:
 
 
 def measure(rewards: dict, splits: dict, bins: int) -> dict:
-    """{model: {split: metrics (+ 'subsets': {name: metrics}) }} from the rewards of ``score``."""
+    """{model: {split: metrics (+ 'subsets': {name: metrics}, 'length_bias') }} from the rewards of ``score``.
+
+    splits: {split: {SUBSET_FIELD: str [N], LENGTH_GAP: int [N]}}, either field optional: the subset of each pair,
+    and its tokens of chosen − rejected (for ``evaluation.length_bias``)."""
     out: dict = {}
     for model, by_split in rewards.items():
         out[model] = {}
         for s, (rc, rr) in by_split.items():
             entry = pair_metrics(rc, rr, bins)
+            if LENGTH_GAP in splits[s]:
+                entry["length_bias"] = evaluation.length_bias(evaluation.margins(rc, rr), splits[s][LENGTH_GAP])
             if SUBSET_FIELD in splits[s]:
                 names = splits[s][SUBSET_FIELD]
                 entry["subsets"] = {
@@ -313,15 +319,20 @@ def measure(rewards: dict, splits: dict, bins: int) -> dict:
 
 
 def table(metrics: dict) -> str:
-    """One row per model, split (and subset): n, acc, loss, ece, reward mean and std."""
-    head = f"{'model':<12} {'split':<28} {'n':>7} {'acc':>7} {'loss':>7} {'ece':>7} {'r_mean':>8} {'r_std':>7}"
+    """One row per model, split (and subset): n, acc, loss, ece, reward mean and std, and the margin's correlation
+    with the length gap (``len_corr``; blank when not measured or undefined)."""
+    head = (
+        f"{'model':<12} {'split':<28} {'n':>7} {'acc':>7} {'loss':>7} {'ece':>7} {'r_mean':>8} {'r_std':>7} "
+        f"{'len_corr':>8}"
+    )
     rows = [head, "-" * len(head)]
 
     def row(model, split, m):
         r = m["reward"]
+        corr = (m.get("length_bias") or {}).get("corr")
         return (
             f"{model:<12} {split:<28} {m['n']:>7d} {m['acc']:>7.4f} {m['loss']:>7.4f} {m['ece']:>7.4f} "
-            f"{r['mean']:>8.4f} {r['std']:>7.4f}"
+            f"{r['mean']:>8.4f} {r['std']:>7.4f} {'' if corr is None else f'{corr:+.4f}':>8}"
         )
 
     for model, by_split in metrics.items():
@@ -360,9 +371,13 @@ def evaluate(args) -> dict:
     loaded = load_checkpoint(args.checkpoint, mesh, args.member)
     _check_vocabulary({s: d.data for s, d in splits.items()}, loaded.model_cfg, args.data, args.checkpoint)
     name = "model" if args.member is None else f"member_{args.member}"
-    subsets = {v: {} if view.subsets is None else {SUBSET_FIELD: view.subsets} for v, view in views.items()}
+    per_pair = {
+        v: {LENGTH_GAP: view.cut(splits[view.split].length_gap)}
+        | ({} if view.subsets is None else {SUBSET_FIELD: view.subsets})
+        for v, view in views.items()
+    }
     rewards = score(loaded, splits, views, mesh, args.batch_size, name)
-    metrics = measure(rewards, subsets, args.ece_bins)
+    metrics = measure(rewards, per_pair, args.ece_bins)
     result = {
         "checkpoint": os.path.abspath(args.checkpoint),
         "kind": loaded.kind,
