@@ -14,14 +14,14 @@ stack reports each member, ENS (the mean of their rewards) and WARM (their unifo
 member ``--member`` alone. ``--data`` is a dataset written by ``warm_jax.data`` (or a workdir holding one in
 ``data/``); its records must be tokenized with the model's vocabulary.
 
-For every split (default: all the dataset has) and model: accuracy (r⁺ > r⁻, ties half), Bradley–Terry loss,
-ECE of σ(r⁺ − r⁻), reward statistics and length bias, computed by rm_eval's own functions
-(``warm_jax.evaluation``), so the numbers equal ``rm/eval.json``'s for the same model and split. A split with flipped labels (the built-in
-task's ``train``) is also reported as ``<split>_clean`` and ``<split>_corrupted``, the latter against the
-flipped (training) labels, as rm_eval does. When the dataset names each pair's subset (RewardBench style,
-``subsets.json`` from ``warm-data prepare --format=hf``), each split is broken down by subset too. A table
-goes to stdout, the JSON to ``--output`` (written atomically). A bad input gives one line on stderr naming the
-path or flag, and exit status 1 (the traceback too with ``--verbose``).
+For every split (default: all the dataset has) and model: accuracy (r⁺ > r⁻, ties half), Bradley–Terry loss, ECE of
+σ(r⁺ − r⁻), reward statistics and length bias, computed by rm_eval's own functions (``warm_jax.evaluation``), so the
+numbers equal ``rm/eval.json``'s for the same model and split. A split with flipped labels (the built-in task's
+``train``) is also reported as ``<split>_clean`` and ``<split>_corrupted``, the latter against the flipped
+(training) labels, as rm_eval does. When the dataset names each pair's subset (RewardBench style, ``subsets.json``
+from ``warm-data prepare --format=hf``), each split is broken down by subset too. A table goes to stdout, the JSON
+to ``--output`` (written atomically). A bad input gives one line on stderr naming the path or flag, and exit status
+1 (the traceback too with ``--verbose``).
 """
 
 from __future__ import annotations

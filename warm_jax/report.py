@@ -323,7 +323,8 @@ def length_bias_markdown(rm: dict) -> list[str]:
     lines = [
         "### Length bias",
         "",
-        "Correlation of the reward margin r⁺ − r⁻ with the length gap (tokens of chosen − rejected); 0 is length-blind.",
+        "Correlation of the reward margin r⁺ − r⁻ with the length gap (tokens of chosen − rejected); 0 is "
+        "length-blind.",
         "Share of pairs whose chosen response is the longer: "
         + ", ".join(f"{s} {bias[s]['share_longer_chosen']:.2f}" for s in splits)
         + ". Accuracy on the longer- and shorter-chosen pairs: `summary.json` → `rm.length_bias`.",
