@@ -185,14 +185,20 @@ def test_subset_breakdown_uses_rm_evals_metrics():
     rng = np.random.default_rng(0)
     rc, rr = rng.normal(size=40), rng.normal(size=40)
     names = np.asarray(["chat", "safety"] * 20)
-    got = evaluate_checkpoint.measure({"model": {"test": (rc, rr)}}, {"test": {"subset": names}}, bins=10)
+    gap = rng.integers(-5, 6, size=40)
+    per_pair = {"test": {"subset": names, "length_gap": gap}}
+    got = evaluate_checkpoint.measure({"model": {"test": (rc, rr)}}, per_pair, bins=10)
     entry = got["model"]["test"]
     assert set(entry["subsets"]) == {"chat", "safety"}
+    assert entry["length_bias"] == evaluation.length_bias(evaluation.margins(rc, rr), gap)
     for n in ("chat", "safety"):
         sel = names == n
         assert entry["subsets"][n]["n"] == 20
         assert entry["subsets"][n]["acc"] == evaluation.accuracy(rc[sel], rr[sel])
         assert entry["subsets"][n]["ece"] == evaluation.ece(rc[sel], rr[sel], 10)
+        assert entry["subsets"][n]["length_bias"] == evaluation.length_bias(
+            evaluation.margins(rc[sel], rr[sel]), gap[sel]
+        )
     assert entry["acc"] == evaluation.accuracy(rc, rr) and "subsets" not in got["model"]["test"]["subsets"]["chat"]
     assert "test/safety" in evaluate_checkpoint.table(got)
 

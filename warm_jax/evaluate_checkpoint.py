@@ -301,19 +301,23 @@ def measure(rewards: dict, splits: dict, bins: int) -> dict:
 
     splits: {split: {SUBSET_FIELD: str [N], LENGTH_GAP: int [N]}}, either field optional: the subset of each pair,
     and its tokens of chosen − rejected (for ``evaluation.length_bias``)."""
+
+    def metrics(rc, rr, gap, keep=slice(None)) -> dict:
+        rc, rr = np.asarray(rc)[keep], np.asarray(rr)[keep]
+        entry = pair_metrics(rc, rr, bins)
+        if gap is not None:
+            entry["length_bias"] = evaluation.length_bias(evaluation.margins(rc, rr), np.asarray(gap)[keep])
+        return entry
+
     out: dict = {}
     for model, by_split in rewards.items():
         out[model] = {}
         for s, (rc, rr) in by_split.items():
-            entry = pair_metrics(rc, rr, bins)
-            if LENGTH_GAP in splits[s]:
-                entry["length_bias"] = evaluation.length_bias(evaluation.margins(rc, rr), splits[s][LENGTH_GAP])
+            gap = splits[s].get(LENGTH_GAP)
+            entry = metrics(rc, rr, gap)
             if SUBSET_FIELD in splits[s]:
                 names = splits[s][SUBSET_FIELD]
-                entry["subsets"] = {
-                    str(n): pair_metrics(np.asarray(rc)[names == n], np.asarray(rr)[names == n], bins)
-                    for n in sorted(set(names.tolist()))
-                }
+                entry["subsets"] = {str(n): metrics(rc, rr, gap, names == n) for n in sorted(set(names.tolist()))}
             out[model][s] = entry
     return out
 
