@@ -183,6 +183,35 @@ def test_a_claim_that_holds_on_ood_cue_but_not_on_ood_temp_fails_naming_it(claim
     assert "ood_cue" in by_id(s, change(e, "ood_cue"))[claim]["reason"]
 
 
+def test_m_scaling_reports_ens_under_the_same_rule_without_judging_it():
+    """ENS of the same best-first members, checked by m_scaling's rule beside WARM: it tells a failure of weight
+    averaging (ENS holds, WARM fails) from members no ensemble improves on (both fail); the verdict is WARM's."""
+    s, e = run(splits=BUILTIN_SPLITS)
+    assert not any(k.startswith("ens_") for k in by_id(s, e)["m_scaling"]["ci"])  # no ENS curve saved: none reported
+    assert "ens_same_rule" not in by_id(s, e)["m_scaling"]["numbers"] and "note" not in by_id(s, e)["m_scaling"]
+    for sp in ("ood_cue", "ood_temp"):
+        e = set_rows(e, f"rm:{sp}/ens_by_m", e["rm"][f"{sp}/warm_by_m"])
+    got = by_id(s, e)["m_scaling"]
+    assert got["status"] == "holds" and got["numbers"]["ens_same_rule"] == "holds"
+    assert got["note"] == "ENS of the same members, by this rule: holds"
+    for sp in ("ood_cue", "ood_temp"):
+        assert got["ci"][f"ens_worst_drop_{sp}"]["value"] == pytest.approx(-0.01)
+        assert got["ci"][f"ens_m6_minus_mean_member_{sp}"] == got["ci"][f"warm_m6_minus_mean_member_{sp}"]
+    # ENS falls 3 pt at M = 2 on ood_temp: reported, WARM's verdict unchanged
+    got = by_id(s, set_rows(e, "rm:ood_temp/ens_by_m", _falls(e, "ood_temp")["rm"]["ood_temp/warm_by_m"]))["m_scaling"]
+    assert got["status"] == "holds" and got["reason"] == ""
+    assert got["numbers"]["ens_same_rule"] == "fails"
+    assert (
+        got["note"]
+        == "ENS of the same members, by this rule: fails — ENS's ood_temp accuracy may fall by 1 pt or more as M grows"
+    )
+    assert claims.cell(got).endswith(f"[{got['note']}]")
+    assert got["ci"]["ens_worst_drop_ood_temp"]["value"] == pytest.approx(0.03)
+    # WARM falls where ENS does not: WARM fails and ENS holds
+    got = by_id(s, _falls(e, "ood_cue"))["m_scaling"]
+    assert got["status"] == "fails" and "WARM's ood_cue" in got["reason"] and got["numbers"]["ens_same_rule"] == "holds"
+
+
 def test_a_claim_judged_on_ood_is_not_tested_without_an_ood_split():
     s, e = run()
     for key in [k for k in e["rm"] if k.startswith("ood/")]:

@@ -443,6 +443,11 @@ def test_report_summary_and_markdown_from_stage_files(tmp_path):
         assert wa["value"] == pytest.approx(rm["warm"]["acc"][sp] - rm["ens"]["acc"][sp], abs=1e-15)
         assert wa["ci95"][0] > -0.01 and wa["unit"] == "pt" and wa["n"] == N
         assert got["m_scaling"]["ci"][f"worst_drop_{sp}"]["value"] == pytest.approx(-0.01)  # rises 1 pt per member
+        ens_curve = np.asarray([r["acc"][sp] for r in rm["ens_by_m"]])  # beside it: ENS of the same members
+        ens_drop = got["m_scaling"]["ci"][f"ens_worst_drop_{sp}"]
+        assert ens_drop["value"] == pytest.approx(claims.worst_drop(ens_curve), abs=1e-12)
+        assert ens_drop["ci95"][1] >= claims.TOLERANCE  # so ENS fails the rule WARM holds
+    assert got["m_scaling"]["numbers"]["ens_same_rule"] == "fails"
     mem = got["memorisation"]["ci"]["wa_minus_ens_train_corrupted"]
     assert mem["value"] == pytest.approx(rm["warm"]["acc"]["train_corrupted"] - rm["ens"]["acc"]["train_corrupted"])
     assert mem["ci95"][1] < 0
@@ -467,6 +472,10 @@ def test_report_summary_and_markdown_from_stage_files(tmp_path):
     )
     row = next(line for line in md.splitlines() if line.startswith("| `rl`"))
     assert "| *not tested* | single_peak_minus_final " in row and "premise unmet" in row
+    row = next(line for line in md.splitlines() if line.startswith("| `m_scaling`"))
+    assert (
+        row.startswith("| `m_scaling`: ") and "| holds | " in row and row.endswith(f"| [{got['m_scaling']['note']}] |")
+    )
     row = next(line for line in md.splitlines() if line.startswith("| `lmc`"))
     assert "| holds | barrier_validation " in row and "random_init_barrier_ood_temp +20.00 [" in row
     # The accuracy table: a column per ood split, each described.

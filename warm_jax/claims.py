@@ -85,7 +85,9 @@ STATEMENTS: dict[str, str] = {
     "m_scaling": (
         f"on each ood split, WARM's accuracy never falls as M grows best-first to min(M, {SCALING_MAX_M}): CI upper "
         "bound of the largest drop below an earlier M < 1 pt; and WARM at that M beats the mean member: CI lower "
-        "bound of the difference > 0"
+        "bound of the difference > 0. Reported beside it, not judged: the same rule applied to ENS of the same "
+        "best-first members (`ens_*`), which tells a failure of weight averaging from members that no ensemble of "
+        "them improves on"
     ),
     "bon": (
         f"Best-of-N picks better samples with WARM than with the best member at every N ≥ {BON_MIN_N}: CI lower "
@@ -126,11 +128,14 @@ def check(name: str):
     return deco
 
 
-def _claim(cid: str, status: str, *, reason: str = "", ci: dict | None = None, numbers: dict | None = None) -> dict:
+def _claim(
+    cid: str, status: str, *, reason: str = "", ci: dict | None = None, numbers: dict | None = None, note: str = ""
+) -> dict:
+    """A claim's verdict; ``note``: what is reported beside it and not judged."""
     ci = ci or {}
     nums = {k: v["value"] for k, v in ci.items()}
     nums.update(numbers or {})
-    return {
+    out = {
         "id": cid,
         "status": status,
         "holds": status == HOLDS,
@@ -139,6 +144,9 @@ def _claim(cid: str, status: str, *, reason: str = "", ci: dict | None = None, n
         "numbers": nums,
         "ci": ci,
     }
+    if note:
+        out["note"] = note
+    return out
 
 
 def _entry(res: dict, unit: str) -> dict:
@@ -353,19 +361,33 @@ def m_scaling(s, ev):
         raise NotTested("one member: there is no M to grow")
     k = min(m, SCALING_MAX_M)
     rm = _source(ev, "rm", "margins from rm_eval")
-    ci, why = {}, []
+    ci, why, ens_why = {}, [], []
     for sp in _held_out(rm, "warm_by_m")[1:]:
-        by_m = stats.correctness(_arr(rm, f"{sp}/warm_by_m")[:k]).T  # [N, k]
         mean_member = stats.correctness(_arr(rm, f"{sp}/members")).mean(0)  # [N]: per pair, the members' mean
-        drop = ci[f"worst_drop_{sp}"] = _entry(stats.bootstrap_ci([by_m], worst_drop), "pt")
-        beats = ci[f"warm_m{k}_minus_mean_member_{sp}"] = _entry(
-            stats.paired_bootstrap_ci(by_m[:, -1], mean_member), "pt"
-        )
-        if drop["ci95"][1] >= TOLERANCE:
-            why.append(f"WARM's {sp} accuracy may fall by 1 pt or more as M grows")
-        if beats["ci95"][0] <= 0:
-            why.append(f"WARM at M = {k} does not beat the mean member on {sp} beyond its CI")
-    return _claim("m_scaling", FAILS if why else HOLDS, reason="; ".join(why), ci=ci, numbers={"M_max": k})
+        why += _scaling_rule(_arr(rm, f"{sp}/warm_by_m")[:k], mean_member, sp, k, "", "WARM", ci)
+        if f"{sp}/ens_by_m" in rm:
+            ens_why += _scaling_rule(_arr(rm, f"{sp}/ens_by_m")[:k], mean_member, sp, k, "ens_", "ENS", ci)
+    numbers, note = {"M_max": k}, ""
+    if any(key.startswith("ens_") for key in ci):
+        numbers["ens_same_rule"] = FAILS if ens_why else HOLDS
+        note = "ENS of the same members, by this rule: " + ("fails — " + "; ".join(ens_why) if ens_why else "holds")
+    return _claim("m_scaling", FAILS if why else HOLDS, reason="; ".join(why), ci=ci, numbers=numbers, note=note)
+
+
+def _scaling_rule(margins_by_m, mean_member, sp: str, k: int, prefix: str, model: str, ci: dict) -> list[str]:
+    """m_scaling's rule on one split for one best-first curve ``margins_by_m`` [k, N] of ``model``; fills ``ci``
+    (its worst drop under ``prefix``) and returns why it fails (empty when it holds)."""
+    by_m = stats.correctness(margins_by_m).T  # [N, k]
+    drop = ci[f"{prefix}worst_drop_{sp}"] = _entry(stats.bootstrap_ci([by_m], worst_drop), "pt")
+    beats = ci[f"{model.lower()}_m{k}_minus_mean_member_{sp}"] = _entry(
+        stats.paired_bootstrap_ci(by_m[:, -1], mean_member), "pt"
+    )
+    why = []
+    if drop["ci95"][1] >= TOLERANCE:
+        why.append(f"{model}'s {sp} accuracy may fall by 1 pt or more as M grows")
+    if beats["ci95"][0] <= 0:
+        why.append(f"{model} at M = {k} does not beat the mean member on {sp} beyond its CI")
+    return why
 
 
 @check("bon")
@@ -639,6 +661,8 @@ def cell(c: Mapping) -> str:
     parts = [label + (f": {body}" if body else "")]
     if c.get("reason"):
         parts.append(f"({c['reason']})")
+    if c.get("note"):
+        parts.append(f"[{c['note']}]")
     return " ".join(parts).replace("|", "\\|")
 
 

@@ -492,14 +492,10 @@ def markdown(summary: dict, figs: list[str]) -> str:
             st = claims_lib.status_of(c)
             status = {"holds": "holds", "fails": "**fails**", "not tested": "*not tested*"}[st]
             cis = "; ".join(claims_lib.format_ci(k, e) for k, e in c.get("ci", {}).items()) or "–"
+            why = (c.get("reason", "") + (f" [{c['note']}]" if c.get("note") else "")).strip()
             lines.append(
                 _row(
-                    [
-                        f"`{c['id']}`: {c['statement']}",
-                        status,
-                        cis.replace("|", "\\|"),
-                        (c.get("reason") or "–").replace("|", "\\|"),
-                    ]
+                    [f"`{c['id']}`: {c['statement']}", status, cis.replace("|", "\\|"), why.replace("|", "\\|") or "–"]
                 )
             )
         lines.append("")
