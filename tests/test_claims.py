@@ -534,3 +534,22 @@ def test_claim_power_script_passes_a_rising_curve_and_fails_a_falling_one():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| +") or line.startswith("| -")]
     assert [r.split("|")[2].strip() for r in rows] == ["2/2", "0/2"], proc.stdout
+
+
+def test_claim_power_curves_converge_with_decay():
+    """With ``decay`` the share of pairs that change from M to M + 1 is disagree · M^-decay, as on real WARM-by-M
+    curves; a flat curve keeps its accuracy exactly and a rising one gains ``rise`` pt per member."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "claim_power", os.path.join(helpers.REPO, "scripts", "claim_power.py")
+    )
+    power = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(power)
+    rng = np.random.default_rng(0)
+    c = power.warm_by_m_correctness(rng, 1000, 4, accuracy=0.8, disagree=0.08, rise_pt=0.0, decay=1.0)  # [N, M]
+    assert c.shape == (1000, 4) and list(c.mean(0)) == [0.8] * 4
+    assert [int(np.sum(c[:, i] != c[:, i + 1])) for i in range(3)] == [80, 40, 26]  # 2 · round(40 / M)
+    c = power.warm_by_m_correctness(rng, 1000, 4, accuracy=0.8, disagree=0.08, rise_pt=1.0, decay=0.0)
+    assert list(np.round(c.mean(0), 3)) == [0.8, 0.81, 0.82, 0.83]
+    assert [int(np.sum(c[:, i] != c[:, i + 1])) for i in range(3)] == [90] * 3
