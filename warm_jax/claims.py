@@ -364,9 +364,9 @@ def m_scaling(s, ev):
     ci, why, ens_why = {}, [], []
     for sp in _held_out(rm, "warm_by_m")[1:]:
         mean_member = stats.correctness(_arr(rm, f"{sp}/members")).mean(0)  # [N]: per pair, the members' mean
-        why += _scaling_rule(_arr(rm, f"{sp}/warm_by_m")[:k], mean_member, sp, k, "", "WARM", ci)
+        why += _scaling_rule(_arr(rm, f"{sp}/warm_by_m")[:k], mean_member, sp, k, "WARM", ci)
         if f"{sp}/ens_by_m" in rm:
-            ens_why += _scaling_rule(_arr(rm, f"{sp}/ens_by_m")[:k], mean_member, sp, k, "ens_", "ENS", ci)
+            ens_why += _scaling_rule(_arr(rm, f"{sp}/ens_by_m")[:k], mean_member, sp, k, "ENS", ci)
     numbers, note = {"M_max": k}, ""
     if any(key.startswith("ens_") for key in ci):
         numbers["ens_same_rule"] = FAILS if ens_why else HOLDS
@@ -374,10 +374,11 @@ def m_scaling(s, ev):
     return _claim("m_scaling", FAILS if why else HOLDS, reason="; ".join(why), ci=ci, numbers=numbers, note=note)
 
 
-def _scaling_rule(margins_by_m, mean_member, sp: str, k: int, prefix: str, model: str, ci: dict) -> list[str]:
-    """m_scaling's rule on one split for one best-first curve ``margins_by_m`` [k, N] of ``model``; fills ``ci``
-    (its worst drop under ``prefix``) and returns why it fails (empty when it holds)."""
+def _scaling_rule(margins_by_m, mean_member, sp: str, k: int, model: str, ci: dict) -> list[str]:
+    """m_scaling's rule on one split for the best-first curve ``margins_by_m`` [k, N] of ``model`` ('WARM' or
+    'ENS'); fills ``ci`` and returns why it fails (empty when it holds)."""
     by_m = stats.correctness(margins_by_m).T  # [N, k]
+    prefix = "" if model == "WARM" else f"{model.lower()}_"  # WARM's keys predate ENS's
     drop = ci[f"{prefix}worst_drop_{sp}"] = _entry(stats.bootstrap_ci([by_m], worst_drop), "pt")
     beats = ci[f"{model.lower()}_m{k}_minus_mean_member_{sp}"] = _entry(
         stats.paired_bootstrap_ci(by_m[:, -1], mean_member), "pt"
