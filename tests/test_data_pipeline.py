@@ -1,5 +1,6 @@
 """Input pipelines: shuffling per seed and member, per-process shards, epochs, exact resume, global arrays."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.test_data_formats import TinyTokenizer
-from warm_jax.data import builders, pipeline
+from warm_jax.data import builders, pipeline, preference
+from warm_jax.ensemble import EnsembleConfig, member_iterators
 
 N = 36
 
@@ -81,6 +83,53 @@ def test_member_orders_differ_and_each_covers_the_epoch(dataset):
     shared = pipeline.PreferenceIterator(src, batch_size=9, seed=0, process_count=1, process_index=0)
     shared_order = epoch_indices(shared, 4)
     assert not any(np.array_equal(shared_order, idx[m]) for m in range(3))
+
+
+def test_members_train_on_their_own_share_of_the_pairs(dataset):
+    # Subagging: a member visits exactly its seeded share once per epoch; the share depends on its seed alone, so
+    # rm_control's members (the seeds of members 0 and 1) see what those members saw.
+    tokens = np.zeros(2, np.int32)
+    records = [  # the record's position stands in its lengths
+        {"chosen_tokens": tokens, "rejected_tokens": tokens, "chosen_length": i, "rejected_length": i} for i in range(N)
+    ]
+    seeds = [4, 5, 6]
+    cfg = EnsembleConfig(num_members=3, batch_size=3, member_data_fraction=0.5)
+    it = member_iterators(cfg, records, seeds)
+    seen = np.concatenate([next(it)["chosen_length"] for _ in range(12)], axis=1)  # [M, 2 epochs of 18]
+    shares = [preference.member_subset(N, 0.5, s) for s in seeds]
+    for m in range(3):
+        assert len(shares[m]) == 18
+        assert sorted(seen[m, :18]) == sorted(seen[m, 18:]) == shares[m].tolist()
+        assert not np.array_equal(seen[m, :18], seen[m, 18:])  # a new order each epoch
+    assert len({tuple(s) for s in shares}) == 3
+    control = member_iterators(dataclasses.replace(cfg, num_members=2), records, seeds[:2])
+    np.testing.assert_array_equal(next(control)["chosen_length"], seen[:2, :3])
+    # A resumed iterator goes on with the same shares and order.
+    resumed = member_iterators(cfg, records, seeds)
+    resumed.set_state(it.get_state())
+    np.testing.assert_array_equal(next(resumed)["chosen_length"], next(it)["chosen_length"])
+    # Over a written split the share is read in batches, record for record.
+    src = pipeline.load_split(dataset, "train")
+    part = pipeline.Subset(src, shares[0])
+    assert len(part) == 18
+    for got, i in zip(part.__getitems__([0, 17]), shares[0][[0, -1]]):
+        np.testing.assert_array_equal(got["rejected_tokens"], src[int(i)]["rejected_tokens"])
+
+
+@pytest.mark.parametrize(
+    "bindings, error",
+    [
+        (dict(member_data_fraction=0.0), r"must be in \(0, 1\], got 0.0"),
+        (dict(member_data_fraction=1.5), r"must be in \(0, 1\], got 1.5"),
+        (dict(member_data_fraction=0.5, shared_data_order=True), "cannot be combined with member_data_fraction"),
+    ],
+)
+def test_member_data_fraction_is_checked(bindings, error):
+    with pytest.raises(ValueError, match=error):
+        EnsembleConfig(**bindings)
+    small = EnsembleConfig(num_members=2, batch_size=8, member_data_fraction=0.1)
+    with pytest.raises(ValueError, match="leaves each member 4 of 36 training pairs, fewer than one batch"):
+        member_iterators(small, list(range(N)), [1, 2])
 
 
 @pytest.mark.parametrize("drop_remainder", [True, False])

@@ -1,5 +1,6 @@
 """Stage `rm_ensemble`: one vmapped, sharded step for M members; equivalence; resume; NaN policy."""
 
+import json
 import os
 import signal
 
@@ -186,3 +187,18 @@ def test_member_slice_takes_one_member_in_the_single_member_layout(trained):
         assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
         for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(state.params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b[i]))
+
+
+def test_subagged_members_record_their_share_of_the_pairs(copy_workdir):
+    wd = copy_workdir()
+    helpers.run_in_process(
+        wd,
+        ENS
+        + [helpers.stages("rm_ensemble"), "EnsembleConfig.num_steps = 4", "EnsembleConfig.member_data_fraction = 0.5"],
+    )
+    n = len(pipeline.load_split(os.path.join(wd, "data"), "train"))
+    record = json.load(open(os.path.join(wd, "rm", "ensemble.json")))
+    assert record["member_data_fraction"] == 0.5 and record["train_pairs"] == [n // 2] * 4
+    for i in range(4):
+        meta = json.load(open(os.path.join(wd, "rm", "members", str(i), "model.json")))
+        assert meta["train_pairs"] == n // 2 and meta["seed"] == record["seeds"][i]

@@ -125,12 +125,13 @@ def test_layouts_split_as_described():
     assert board.needed.tolist() == [[True] * 4 + [False] * 4, [False] * 4 + [True] * 4]
 
 
-def test_ensemble_over_processes_reads_only_its_members(monkeypatch):
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_ensemble_over_processes_reads_only_its_members(monkeypatch, fraction):
     # As on a real 2-process run: nothing of a member iterator may depend on the process count.
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     _, mesh, spec, lead, _ = LAYOUTS[2]
     sh = NamedSharding(mesh, P(*spec, None))
-    cfg = EnsembleConfig(num_members=M, batch_size=B)
+    cfg = EnsembleConfig(num_members=M, batch_size=B, member_data_fraction=fraction)
     seeds = [11, 12]
     whole = member_iterators(cfg, RECORDS, seeds)
     parts = [member_iterators(cfg, RECORDS, seeds, local_rows(sh, lead, d)) for d in _processes(mesh)]

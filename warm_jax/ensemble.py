@@ -2,7 +2,8 @@
 
 Recipe (WARM §3 / LP-FT): every member starts from the same pretrained trunk (or, "Baklava",
 from a listed pretraining checkpoint) and the SAME linear-probed reward head; members differ
-only by seed (data order, dropout), learning rate and dropout rate. The stacked state has a
+only by seed (data order, dropout), learning rate and dropout rate, and, with
+``member_data_fraction`` < 1, by which share of the training pairs each one sees. The stacked state has a
 leading [M] axis on every leaf, split over the mesh's 'ensemble' axis; within a member the
 rules table shards parameters over data/fsdp/tensor.
 """
@@ -23,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from warm_jax import averaging, cpu_tuning, eval_splits, faults, feature_probe, io_utils, loop, params_io, pretrain
 from warm_jax import rm_scoring, seeds, sharding
-from warm_jax.data import pipeline
+from warm_jax.data import pipeline, preference
 from warm_jax.data.local_rows import LocalRows, local_rows
 from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
@@ -44,6 +45,8 @@ class EnsembleConfig:
     seeds: tuple[int, ...] | None = None  # default: derived from the run's SEED
     featurizer_steps: tuple[int | None, ...] | None = None  # Baklava: pretrain step per member
     shared_data_order: bool = False
+    # Subagging: each member trains on its own seeded share of the training pairs (1.0: every member on all).
+    member_data_fraction: float = 1.0
     batch_size: int = 32  # pairs per member per step (global)
     num_steps: int = 400
     weight_decay: float = 0.0
@@ -55,6 +58,15 @@ class EnsembleConfig:
     # Negative control (not WARM): each member from its own random init, no pretraining, no probe.
     random_init: bool = False
     probe_gate: bool = True  # also probe random-init features; score both probes on validation and each ood split
+
+    def __post_init__(self):
+        if not 0.0 < self.member_data_fraction <= 1.0:
+            raise ValueError(f"EnsembleConfig.member_data_fraction must be in (0, 1], got {self.member_data_fraction}")
+        if self.shared_data_order and self.member_data_fraction < 1.0:
+            raise ValueError(
+                "EnsembleConfig.shared_data_order = True gives every member one order over the same pairs; "
+                f"it cannot be combined with member_data_fraction = {self.member_data_fraction}"
+            )
 
 
 def per_member(values, m: int, binding: str) -> list:
@@ -326,11 +338,25 @@ def build(ctx: RunContext, cfg: EnsembleConfig, train_source) -> Ensemble:
     )
 
 
+def member_source(cfg: EnsembleConfig, source, seed: int):
+    """The training pairs of the member with ``seed``: all of ``source``, or its share (``member_data_fraction``),
+    which depends on the seed alone, so `rm_control`'s members see the pairs of members 0 and 1."""
+    if cfg.member_data_fraction == 1.0:
+        return source
+    subset = preference.member_subset(len(source), cfg.member_data_fraction, seed)
+    if len(subset) < cfg.batch_size:
+        raise ValueError(
+            f"EnsembleConfig.member_data_fraction = {cfg.member_data_fraction} leaves each member {len(subset)} of "
+            f"{len(source)} training pairs, fewer than one batch (EnsembleConfig.batch_size = {cfg.batch_size})"
+        )
+    return pipeline.Subset(source, subset)
+
+
 def member_iterators(cfg: EnsembleConfig, source, seeds: Sequence[int], local: LocalRows | None = None):
     """The training batches, [B, ...] shared or [M, B, ...] per member; with `local` (this process's rows of that
     global batch, from its sharding) only those rows, of this process's members."""
     make = lambda s, rows: pipeline.PreferenceIterator(
-        source, batch_size=cfg.batch_size, seed=s, fields=RM_FIELDS, local=rows
+        member_source(cfg, source, s), batch_size=cfg.batch_size, seed=s, fields=RM_FIELDS, local=rows
     )
     if cfg.shared_data_order:
         return make(seeds[0], local or LocalRows.everything((cfg.batch_size,)))
@@ -424,6 +450,8 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
     lrs = per_member(cfg.learning_rates, cfg.num_members, "learning_rates")
     drops = per_member(cfg.dropout_rates, cfg.num_members, "dropout_rates")
     feats = per_member(cfg.featurizer_steps or (None,), cfg.num_members, "featurizer_steps")
+    train = pipeline.load_split(dataset_dir(ctx, cfg), "train")
+    pairs = [len(member_source(cfg, train, s)) for s in seeds]
     for i in range(cfg.num_members):
         meta = {
             "member": i,
@@ -431,6 +459,7 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
             "learning_rate": lrs[i],
             "dropout_rate": drops[i],
             "featurizer_step": feats[i],
+            "train_pairs": pairs[i],
             "num_steps": cfg.num_steps,
         }
         params_io.save_params(
@@ -468,5 +497,7 @@ def run(ctx: RunContext, cfg: EnsembleConfig | None = None):
                 "learning_rates": lrs,
                 "dropout_rates": drops,
                 "featurizer_steps": feats,
+                "member_data_fraction": cfg.member_data_fraction,
+                "train_pairs": pairs,
             },
         )

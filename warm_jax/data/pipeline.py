@@ -155,6 +155,28 @@ def _shard_records(path: Path) -> int:
     raise UserError(f"{path}: not a readable ArrayRecord file")
 
 
+class Subset(Sequence):
+    """The records of ``source`` at ``indices`` (int [k]) as a source of their own: ``len`` k, item i is
+    ``source[indices[i]]``; ``__getitems__`` passes through, so a split's shards are still read in batches."""
+
+    def __init__(self, source: Sequence[Mapping[str, Any]], indices: np.ndarray):
+        self._source = source
+        self._indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i: Any) -> Mapping[str, Any]:  # type: ignore[override]
+        return self._source[int(self._indices[i])]
+
+    def __getitems__(self, keys: Sequence[int]) -> list[Mapping[str, Any]]:
+        return _read_records(self._source, [int(self._indices[k]) for k in keys])
+
+
+def _read_records(source: Sequence[Mapping[str, Any]], keys: list[int]) -> list[Mapping[str, Any]]:
+    return source.__getitems__(keys) if hasattr(source, "__getitems__") else [source[i] for i in keys]
+
+
 def load_split(dataset_dir: str | os.PathLike, split: str) -> SplitSource:
     """Random-access data source over one split (see `SplitSource`), checked against the dataset's metadata."""
     from warm_jax.data import builders
@@ -265,7 +287,7 @@ def _read(source: Sequence[Mapping[str, Any]], indices: np.ndarray, fields: Sequ
     """
     unique, inverse = np.unique(indices.reshape(-1), return_inverse=True)
     keys = [int(i) for i in unique]
-    records = source.__getitems__(keys) if hasattr(source, "__getitems__") else [source[i] for i in keys]
+    records = _read_records(source, keys)
     out = {}
     for name in fields:
         try:

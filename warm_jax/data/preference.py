@@ -42,7 +42,7 @@ SPLIT_FILES = {"train": "train", "validation": "validation", "valid": "validatio
 
 # Reasons a record is rejected; `SkipLog.counts` is keyed by these.
 # Tags that keep the seeded streams of different uses apart (first entropy word after the seed).
-STREAM_FLIP, STREAM_VALIDATION, STREAM_ORDER = 1, 2, 3
+STREAM_FLIP, STREAM_VALIDATION, STREAM_ORDER, STREAM_SUBSET = 1, 2, 3, 4
 
 REASONS = (
     "invalid_utf8",
@@ -413,6 +413,14 @@ def flip_mask(n: int, fraction: float, seed: int, split: str = "train") -> np.nd
     mask = np.zeros((n,), np.bool_)
     mask[stable_permutation(n, seed, STREAM_FLIP, zlib.crc32(split.encode()))[: round(fraction * n)]] = True
     return mask
+
+
+def member_subset(n: int, fraction: float, seed: int) -> np.ndarray:
+    """int64[round(fraction * n)], sorted: the positions of the training pairs one ensemble member sees when each
+    member trains on its own share of them (subagging), chosen by a permutation seeded by the member's seed."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"member data fraction must be in (0, 1], got {fraction}")
+    return np.sort(stable_permutation(n, seed, STREAM_SUBSET)[: round(fraction * n)])
 
 
 def carve_validation(
