@@ -3,9 +3,9 @@
 Recipe (WARM §3 / LP-FT): every member starts from the same pretrained trunk (or, "Baklava",
 from a listed pretraining checkpoint) and the SAME linear-probed reward head; members differ
 only by seed (data order, dropout), learning rate and dropout rate, and, with
-``member_data_fraction`` < 1, by which share of the training pairs each one sees. The stacked state has a
-leading [M] axis on every leaf, split over the mesh's 'ensemble' axis; within a member the
-rules table shards parameters over data/fsdp/tensor.
+``member_data_fraction`` < 1, by which share of the training pairs each one sees. The stacked
+state has a leading [M] axis on every leaf, split over the mesh's 'ensemble' axis; within a
+member the rules table shards parameters over data/fsdp/tensor.
 """
 
 from __future__ import annotations
