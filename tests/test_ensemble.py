@@ -189,12 +189,16 @@ def test_member_slice_takes_one_member_in_the_single_member_layout(trained):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b[i]))
 
 
-def test_subagged_members_record_their_share_of_the_pairs(copy_workdir):
+def test_subagged_members_record_their_share_of_the_pairs_and_rm_eval_splits_by_it(copy_workdir):
     wd = copy_workdir()
     helpers.run_in_process(
         wd,
         ENS
-        + [helpers.stages("rm_ensemble"), "EnsembleConfig.num_steps = 4", "EnsembleConfig.member_data_fraction = 0.5"],
+        + [
+            helpers.stages("rm_ensemble", "average", "rm_eval"),
+            "EnsembleConfig.num_steps = 4",
+            "EnsembleConfig.member_data_fraction = 0.5",
+        ],
     )
     n = len(pipeline.load_split(os.path.join(wd, "data"), "train"))
     record = json.load(open(os.path.join(wd, "rm", "ensemble.json")))
@@ -202,3 +206,10 @@ def test_subagged_members_record_their_share_of_the_pairs(copy_workdir):
     for i in range(4):
         meta = json.load(open(os.path.join(wd, "rm", "members", str(i), "model.json")))
         assert meta["train_pairs"] == n // 2 and meta["seed"] == record["seeds"][i]
+    ev = json.load(open(os.path.join(wd, "rm", "eval.json")))
+    examples = np.load(os.path.join(wd, "rm", "eval_examples.npz"))
+    views = ev["rm"]["by_share"]
+    seen = np.concatenate([examples["train_clean/seen"], examples["train_corrupted/seen"]], axis=1)
+    assert seen.shape == (4, n) and seen.sum(1).tolist() == [n // 2] * 4  # each member saw its half
+    for view in ("train_clean", "train_corrupted"):
+        assert sum(r["pairs"] for r in views[view]["seen_by"]) == examples[f"{view}/seen"].shape[1]

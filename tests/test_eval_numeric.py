@@ -14,6 +14,7 @@ import pytest
 
 from warm_jax.workdir import Workdir
 from warm_jax import claims, evaluation, io_utils, report, rm_average, stats
+from warm_jax.data import preference
 from warm_jax.policy import bon, reinforce, winrate
 from warm_jax.stages import RunContext
 
@@ -276,6 +277,46 @@ def test_rm_eval_length_bias_of_every_model_on_a_synthetic_scorer():
     assert "| member 12 | -0.365 |" in md
     no_gaps = measure()[0]["rm"]
     assert "length_bias" not in no_gaps and "Length bias" not in report.markdown({"rm": no_gaps}, [])
+
+
+def test_rm_eval_splits_the_train_accuracies_by_which_members_trained_on_each_pair():
+    sc = CubeScorer()
+    # train_corrupted margins: member 10 (64, 64, −64, −64), 11 (64, 64, 64, −64), 12 (64, −64, −64, −64).
+    seen = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]], bool)
+    train_seen = {"train_clean": np.ones((3, 4), bool), "train_corrupted": seen}
+    cfg = evaluation.EvalConfig(lmc_lambdas=3)
+    result, ex = evaluation.measure(sc.members(), IDS, cfg, sc.warm, sc.interp, chosen=[0, 1, 2], train_seen=train_seen)
+    corrupted = result["rm"]["by_share"]["train_corrupted"]
+    assert corrupted["members"] == [
+        {"id": 10, "seen": 1.0, "unseen": 0.0},
+        {"id": 11, "seen": 1.0, "unseen": 0.5},
+        {"id": 12, "seen": None, "unseen": 0.25},  # it trained on none of them
+    ]
+    # Seen by 2, 1, 1, 0 of the three; WARM's margins (mean θ)³ and ENS's mean θ³ have the signs +, +, −, −.
+    assert corrupted["seen_by"] == [
+        {"count": 0, "pairs": 1, "warm": 0.0, "ens": 0.0},
+        {"count": 1, "pairs": 2, "warm": 0.5, "ens": 0.5},
+        {"count": 2, "pairs": 1, "warm": 1.0, "ens": 1.0},
+    ]
+    assert [r["count"] for r in result["rm"]["by_share"]["train_clean"]["seen_by"]] == [3]
+    np.testing.assert_array_equal(ex["train_corrupted/seen"], seen)
+    md = report.markdown({"rm": result["rm"]}, [])
+    assert "| train_corrupted | 1 of 3 | 2 | 0.500 | 0.500 |" in md and "| train_clean | 3 of 3 | 4 |" in md
+    assert "by_share" not in measure()[0]["rm"]
+
+
+def test_member_shares_are_the_pairs_each_member_trained_on():
+    train = evaluation.SplitRows.whole({"index": np.arange(10), "flipped": np.arange(10) % 3 == 0})
+    record = {"member_data_fraction": 0.5, "seeds": [7, 8, 9], "train_pairs": [5, 5, 5]}
+    shares = evaluation.member_shares(record, [0, 2], train, 10)
+    for row, seed in ((0, 7), (1, 9)):
+        want = np.isin(np.arange(10), preference.member_subset(10, 0.5, seed))
+        np.testing.assert_array_equal(shares["train_corrupted"][row], want[train.flipped])
+        np.testing.assert_array_equal(shares["train_clean"][row], want[~train.flipped])
+    assert evaluation.member_shares({**record, "member_data_fraction": 1.0}, [0], train, 10) is None
+    assert evaluation.member_shares(None, [0], train, 10) is None
+    with pytest.raises(ValueError, match=r"shares of \[5, 5, 5\] pairs, not of this training split's 12"):
+        evaluation.member_shares(record, [0], train, 12)
 
 
 def test_average_selections_and_what_rm_eval_reports_of_them():

@@ -22,6 +22,10 @@ that every claim's bootstrap interval is computed from to WORKDIR/rm/eval_exampl
                      another basin, the negative control of linear mode connectivity
   length_gap [N]     tokens of chosen − rejected (int32), from which eval.json's ``length_bias`` reads how much
                      each reward leans on length: the built-in task's spurious cue, and RMs' best-known bias
+  seen       [M, N]  train views only, when members trained on shares of the pairs
+                     (``EnsembleConfig.member_data_fraction`` < 1): member ``member_ids[i]`` trained on pair j;
+                     eval.json's ``by_share`` splits the train accuracies by it (pairs no member saw are the
+                     within-run control for memorisation)
 
 eval.json's accuracies are the means of ``stats.correctness`` of exactly these margins.
 
@@ -56,7 +60,7 @@ from warm_jax import (
     sharding,
     stats,
 )
-from warm_jax.data import pipeline
+from warm_jax.data import pipeline, preference
 from warm_jax.models import transformer as tr
 from warm_jax.stages import RunContext, register_stage
 
@@ -295,6 +299,7 @@ def measure(
     *,
     chosen: Sequence[int],
     length_gap: Mapping[str, np.ndarray] | None = None,
+    train_seen: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """eval.json's numbers and eval_examples.npz's margins from rewards (host arrays; no model here).
 
@@ -305,6 +310,8 @@ def measure(
     basin: the negative control of LMC, 'permutation_control'); None skips it.
     chosen: the indices WARM averages (the `average` stage's choice).
     length_gap: {split: int [N]} tokens of chosen minus rejected; None skips the length-bias section.
+    train_seen: {train view: bool [M, N]}, member ``ids[i]`` trained on pair j (``member_shares``); None skips the
+      by-share section.
     Returns (result, examples): eval.json's content (without 'updates' and 'examples') and the margins keyed
     ``<split>/<model>`` (module docstring).
     """
@@ -384,6 +391,34 @@ def measure(
                 "warm_by_m": [of(x) for x in examples[f"{s}/warm_by_m"]],
             }
 
+    by_share = None
+    if train_seen is not None:
+        by_share = {}
+        for s, seen in train_seen.items():
+            seen = examples[f"{s}/seen"] = np.asarray(seen, bool)
+            count = seen[chosen].sum(0)  # how many of WARM's members trained on each pair
+            by_share[s] = {
+                "members": [
+                    {
+                        "id": ids[i],
+                        **{
+                            k: _acc_on(examples[f"{s}/members"][i], sel)
+                            for k, sel in (("seen", seen[i]), ("unseen", ~seen[i]))
+                        },
+                    }
+                    for i in range(m)
+                ],
+                "seen_by": [
+                    {
+                        "count": c,
+                        "pairs": int(np.sum(count == c)),
+                        **{k: _acc_on(examples[f"{s}/{k}"], count == c) for k in ("warm", "ens")},
+                    }
+                    for c in range(len(chosen) + 1)
+                    if np.any(count == c)
+                ],
+            }
+
     result = {
         "rm": {
             "members": members,
@@ -394,6 +429,7 @@ def measure(
             "ens_by_m": ens_by_m,
             "disagreement": disagreement,
             **({"length_bias": bias} if bias is not None else {}),
+            **({"by_share": by_share} if by_share is not None else {}),
             "note": "train_corrupted accuracy is measured against the flipped (training) labels: higher = more memorisation",
         },
         "lmc": lmc,
@@ -403,6 +439,31 @@ def measure(
         "reward_stats": reward_stats,
     }
     return result, examples
+
+
+def _acc_on(margin, sel) -> float | None:
+    """Accuracy (ties half) of the margins [N] at the pairs ``sel`` (bool [N]); None when it selects none."""
+    sel = np.asarray(sel, bool)
+    return float(np.mean(stats.correctness(np.asarray(margin)[sel]))) if sel.any() else None
+
+
+def member_shares(ensemble_record: dict | None, ids: Sequence[int], train: SplitRows, n_train: int) -> dict | None:
+    """{"train_clean", "train_corrupted": bool [M, N]}: which of those pairs member ``ids[i]`` trained on, when the
+    members trained on shares of the pairs (``member_data_fraction`` < 1 in rm/ensemble.json, ``ensemble_record``);
+    None when every member saw every pair. ``n_train``: the training split's size, which the shares are drawn from.
+    Raises ValueError when the members trained on a split of another size."""
+    frac = (ensemble_record or {}).get("member_data_fraction", 1.0)
+    if frac == 1.0:
+        return None
+    trained = ensemble_record["train_pairs"]
+    shares = [preference.member_subset(n_train, frac, ensemble_record["seeds"][i]) for i in ids]
+    if [len(s) for s in shares] != [trained[i] for i in ids]:
+        raise ValueError(
+            f"the members trained on shares of {trained} pairs, not of this training split's {n_train}: "
+            "rm_eval reads another dataset than rm_ensemble did (EvalConfig.dataset_dir)"
+        )
+    seen = np.stack([np.isin(np.asarray(train.gathered["index"], np.int64), s) for s in shares])
+    return {"train_clean": seen[:, ~train.flipped], "train_corrupted": seen[:, train.flipped]}
 
 
 def length_bias(margin, gap) -> dict:
@@ -575,6 +636,10 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
     # Members and ENS: one vmapped pass per split.
     member_r = score_splits(lambda d: scorer.stacked_pairs(stacked, d), splits)  # ([M,N], [M,N])
     gaps = {s: g for s, (g,) in score_splits(lambda d: (d.length_gap,), splits).items()}
+    train_seen = None
+    if eval_splits.TRAIN in splits:
+        n_train = len(pipeline.load_split(cfg.dataset_dir or wd.data, eval_splits.TRAIN))
+        train_seen = member_shares(wd.read_ensemble(), ids, splits[eval_splits.TRAIN], n_train)
     return measure(
         member_r,
         ids,
@@ -584,6 +649,7 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
         functools.partial(score_interp, permuted=True),
         chosen=chosen,
         length_gap=gaps,
+        train_seen=train_seen,
     )
 
 

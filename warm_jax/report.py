@@ -341,6 +341,26 @@ def length_bias_markdown(rm: dict) -> list[str]:
     return [*lines, ""]
 
 
+def by_share_markdown(rm: dict) -> list[str]:
+    """Train accuracies of WARM and ENS by how many of WARM's members trained on each pair (members on shares)."""
+    lines = [
+        "### Training pairs by how many of WARM's members trained on them",
+        "",
+        "The members trained on shares of the pairs (`EnsembleConfig.member_data_fraction`). Accuracy against the "
+        "training labels (on train_corrupted the flipped ones: higher = more memorised); the pairs no member saw "
+        "are the control.",
+        "",
+        _row(["split", "seen by", "pairs", "WARM", "ENS"]),
+        _row(["---"] * 5),
+    ]
+    for s, view in rm["by_share"].items():
+        for r in view["seen_by"]:
+            lines.append(
+                _row([s, f"{r['count']} of {rm['warm']['M']}", r["pairs"], f"{r['warm']:.3f}", f"{r['ens']:.3f}"])
+            )
+    return [*lines, ""]
+
+
 def markdown(summary: dict, figs: list[str]) -> str:
     lines = ["# warm_jax report", ""]
     if "probe" in summary:
@@ -403,6 +423,8 @@ def markdown(summary: dict, figs: list[str]) -> str:
         ]
         if "length_bias" in rm:
             lines += length_bias_markdown(rm)
+        if "by_share" in rm:
+            lines += by_share_markdown(rm)
     if "negative_control" in summary:
         b = summary["negative_control"]["barrier"]
         lines_ctrl = ", ".join(f"{s} {100 * b[s]:.2f}" for s in eval_splits.ordered(b))
