@@ -396,26 +396,17 @@ def measure(
         by_share = {}
         for s, seen in train_seen.items():
             seen = examples[f"{s}/seen"] = np.asarray(seen, bool)
+            own, warm, ens = examples[f"{s}/members"], examples[f"{s}/warm"], examples[f"{s}/ens"]
             count = seen[chosen].sum(0)  # how many of WARM's members trained on each pair
             by_share[s] = {
                 "members": [
-                    {
-                        "id": ids[i],
-                        **{
-                            k: _acc_on(examples[f"{s}/members"][i], sel)
-                            for k, sel in (("seen", seen[i]), ("unseen", ~seen[i]))
-                        },
-                    }
+                    {"id": ids[i], "seen": _acc_on(own[i], seen[i]), "unseen": _acc_on(own[i], ~seen[i])}
                     for i in range(m)
                 ],
                 "seen_by": [
-                    {
-                        "count": c,
-                        "pairs": int(np.sum(count == c)),
-                        **{k: _acc_on(examples[f"{s}/{k}"], count == c) for k in ("warm", "ens")},
-                    }
+                    {"count": c, "pairs": int(np.sum(at)), "warm": _acc_on(warm, at), "ens": _acc_on(ens, at)}
                     for c in range(len(chosen) + 1)
-                    if np.any(count == c)
+                    if np.any(at := count == c)
                 ],
             }
 
