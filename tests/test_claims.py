@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from warm_jax import claims
+from warm_jax import claims, stats
 
 LAM = [0.0, 0.25, 0.5, 0.75, 1.0]
 N = 1000  # pairs per split
@@ -210,6 +210,23 @@ def test_m_scaling_reports_ens_under_the_same_rule_without_judging_it():
     # WARM falls where ENS does not: WARM fails and ENS holds
     got = by_id(s, _falls(e, "ood_cue"))["m_scaling"]
     assert got["status"] == "fails" and "WARM's ood_cue" in got["reason"] and got["numbers"]["ens_same_rule"] == "holds"
+
+
+def test_m_scaling_reports_the_curve_over_random_member_subsets_without_judging_it():
+    """With rm_eval's random-subset curve saved, m_scaling reports its largest drop (from the mean member, not the
+    best) beside the verdict: a best-first curve that falls 3 pt still fails while the random curve rises."""
+    s, e = run(splits=BUILTIN_SPLITS)
+    e = _falls(e, "ood_cue")
+    for sp in ("validation", "ood_cue", "ood_temp"):
+        rising = stats.correctness(run(splits=BUILTIN_SPLITS)[1]["rm"][f"{sp}/warm_by_m"])  # 1 pt per member
+        e = set_rows(e, f"rm:{sp}/warm_by_m_random", rising.astype(np.float32))
+    got = by_id(s, e)["m_scaling"]
+    assert got["status"] == "fails" and "WARM's ood_cue" in got["reason"]
+    for sp in ("ood_cue", "ood_temp"):
+        assert got["ci"][f"random_worst_drop_{sp}"]["value"] == pytest.approx(-0.01)
+        assert got["ci"][f"random_worst_drop_{sp}"]["ci95"][1] < 0
+    assert "random_worst_drop_validation" not in got["ci"]  # judged on the ood splits, as the rule is
+    assert got["note"].startswith("WARM over random member subsets, largest drop as M grows: ood_cue -1.00 pt [")
 
 
 def test_a_claim_judged_on_ood_is_not_tested_without_an_ood_split():

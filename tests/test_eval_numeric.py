@@ -305,6 +305,51 @@ def test_rm_eval_splits_the_train_accuracies_by_which_members_trained_on_each_pa
     assert "by_share" not in measure()[0]["rm"]
 
 
+def test_rm_eval_curve_over_random_member_subsets_on_a_synthetic_scorer():
+    sc = CubeScorer()
+    subsets = evaluation.member_subsets(3, 3, np.random.default_rng(0))  # 3 draws: every subset of every size
+    assert subsets == [[(0,), (1,), (2,)], [(0, 1), (0, 2), (1, 2)], [(0, 1, 2)]]
+    cfg = evaluation.EvalConfig(lmc_lambdas=3, subset_draws=3)
+    result, ex = evaluation.measure(sc.members(), IDS, cfg, sc.warm, sc.interp, chosen=[0, 1, 2], subsets=subsets)
+    rm = result["rm"]
+    warm, ens = rm["warm_by_m_random"], rm["ens_by_m_random"]
+    assert [r["subsets"] for r in warm] == [[[10], [11], [12]], [[10, 11], [10, 12], [11, 12]], [[10, 11, 12]]]
+    # M = 1 is the mean member (0.5, 0.5, 0.75 on validation). M = 2: (mean θ)³ of {10, 11} = (0, −2, 4, 0)
+    # is right on 1 pair and tied on 2 → 0.5; {10, 12} and {11, 12} → 0.75 each; ENS has the same signs.
+    # M = 3 is the best-first curve's last point: WARM ties one pair (0.875), ENS gets all (1.0).
+    assert [r["acc"]["validation"] for r in warm] == pytest.approx([7 / 12, 2 / 3, 0.875])
+    assert [r["acc"]["validation"] for r in ens] == pytest.approx([7 / 12, 2 / 3, 1.0])
+    assert [r["acc"]["ood"] for r in warm] == pytest.approx([2 / 3, 5 / 6, 1.0])
+    assert warm[-1]["acc"] == rm["warm_by_m"][-1]["acc"] and ens[-1]["acc"] == rm["ens_by_m"][-1]["acc"]
+    for s in THETA:
+        for name, rows in (("warm", warm), ("ens", ens)):
+            right = ex[f"{s}/{name}_by_m_random"]
+            assert right.shape == (3, 4) and right.dtype == np.float32
+            assert [float(np.mean(r)) for r in right] == pytest.approx([r["acc"][s] for r in rows])
+    # On validation at M = 2 every pair is right in 2 of the 3 subsets, a tie counting half.
+    np.testing.assert_allclose(ex["validation/warm_by_m_random"][1], [2 / 3, 2 / 3, 2 / 3, 2 / 3])
+    # One member alone is read from its rewards: no average is scored for it beyond the best-first M = 1.
+    assert {idx for idx, _ in sc.warm_calls} == {(2,), (0, 2), (0, 1, 2), (0, 1), (1, 2)}
+    assert len(sc.warm_calls) == len(set(sc.warm_calls)) == 5 * 4
+    md = report.markdown({"rm": rm}, [])
+    assert "### Accuracy by M over random member subsets" in md
+    assert "| 2 | 3 | 0.667 | 0.667 | 0.750 | 0.833 |" in md  # validation WARM, ENS, best-first; ood WARM ...
+    assert "warm_by_m_random" not in measure()[0]["rm"]
+
+
+def test_random_member_subsets_are_distinct_seeded_and_every_one_where_there_are_few():
+    a = evaluation.member_subsets(6, 4, np.random.default_rng(1))
+    assert [len(x) for x in a] == [6, 4, 4, 4, 4, 1]  # C(6, k) = 6, 15, 20, 15, 6, 1: 4 drawn where more
+    assert a[0] == [(i,) for i in range(6)] and a[-1] == [tuple(range(6))]
+    for k, drawn in enumerate(a, start=1):
+        assert len(set(drawn)) == len(drawn) and all(len(c) == k and list(c) == sorted(c) for c in drawn)
+    assert a == evaluation.member_subsets(6, 4, np.random.default_rng(1))
+    assert a != evaluation.member_subsets(6, 4, np.random.default_rng(2))
+    assert [len(x) for x in evaluation.member_subsets(6, 20, np.random.default_rng(1))] == [6, 15, 20, 15, 6, 1]
+    with pytest.raises(ValueError, match="EvalConfig.subset_draws must be ≥ 0"):
+        evaluation.EvalConfig(subset_draws=-1)
+
+
 def test_member_shares_are_the_pairs_each_member_trained_on():
     train = evaluation.SplitRows.whole({"index": np.arange(10), "flipped": np.arange(10) % 3 == 0})
     record = {"member_data_fraction": 0.5, "seeds": [7, 8, 9], "train_pairs": [5, 5, 5]}

@@ -87,7 +87,8 @@ STATEMENTS: dict[str, str] = {
         "bound of the largest drop below an earlier M < 1 pt; and WARM at that M beats the mean member: CI lower "
         "bound of the difference > 0. Reported beside it, not judged: the same rule applied to ENS of the same "
         "best-first members (`ens_*`), which tells a failure of weight averaging from members that no ensemble of "
-        "them improves on"
+        "them improves on; and, with `EvalConfig.subset_draws`, the largest drop of WARM's curve over random member "
+        "subsets (`random_worst_drop_*`), which starts at the mean member rather than the one validation ranks first"
     ),
     "bon": (
         f"Best-of-N picks better samples with WARM than with the best member at every N ≥ {BON_MIN_N}: CI lower "
@@ -361,17 +362,30 @@ def m_scaling(s, ev):
         raise NotTested("one member: there is no M to grow")
     k = min(m, SCALING_MAX_M)
     rm = _source(ev, "rm", "margins from rm_eval")
-    ci, why, ens_why = {}, [], []
-    for sp in _held_out(rm, "warm_by_m")[1:]:
+    ci, why, ens_why, notes = {}, [], [], []
+    held = _held_out(rm, "warm_by_m")[1:]
+    for sp in held:
         mean_member = stats.correctness(_arr(rm, f"{sp}/members")).mean(0)  # [N]: per pair, the members' mean
         why += _scaling_rule(_arr(rm, f"{sp}/warm_by_m")[:k], mean_member, sp, k, "WARM", ci)
         if f"{sp}/ens_by_m" in rm:
             ens_why += _scaling_rule(_arr(rm, f"{sp}/ens_by_m")[:k], mean_member, sp, k, "ENS", ci)
-    numbers, note = {"M_max": k}, ""
+    numbers = {"M_max": k}
     if any(key.startswith("ens_") for key in ci):
         numbers["ens_same_rule"] = FAILS if ens_why else HOLDS
-        note = "ENS of the same members, by this rule: " + ("fails — " + "; ".join(ens_why) if ens_why else "holds")
-    return _claim("m_scaling", FAILS if why else HOLDS, reason="; ".join(why), ci=ci, numbers=numbers, note=note)
+        notes.append(
+            "ENS of the same members, by this rule: " + ("fails — " + "; ".join(ens_why) if ens_why else "holds")
+        )
+    if all(f"{sp}/warm_by_m_random" in rm for sp in held):
+        # The curve over random member subsets starts at the mean member, not at the member validation ranks first.
+        drops = []
+        for sp in held:
+            right = _arr(rm, f"{sp}/warm_by_m_random")[:k].T  # [N, k]: per pair, the share of subsets right
+            d = ci[f"random_worst_drop_{sp}"] = _entry(stats.bootstrap_ci([right], worst_drop), "pt")
+            drops.append(f"{sp} {_pt(d['value'])} [{_pt(d['ci95'][0])}, {_pt(d['ci95'][1])}]")
+        notes.append("WARM over random member subsets, largest drop as M grows: " + ", ".join(drops))
+    return _claim(
+        "m_scaling", FAILS if why else HOLDS, reason="; ".join(why), ci=ci, numbers=numbers, note="; ".join(notes)
+    )
 
 
 def _scaling_rule(margins_by_m, mean_member, sp: str, k: int, model: str, ci: dict) -> list[str]:

@@ -22,6 +22,10 @@ that every claim's bootstrap interval is computed from to WORKDIR/rm/eval_exampl
                      another basin, the negative control of linear mode connectivity
   length_gap [N]     tokens of chosen − rejected (int32), from which eval.json's ``length_bias`` reads how much
                      each reward leans on length: the built-in task's spurious cue, and RMs' best-known bias
+  warm_by_m_random [M, N]  when ``EvalConfig.subset_draws`` > 0: per pair, WARM's correctness (1, ½, 0; not a
+                     margin) averaged over the random subsets of k members, k = 1 … M (eval.json's
+                     ``warm_by_m_random`` names them; k = 1 is every member alone, k = M all of them)
+  ens_by_m_random [M, N]  ENS of the same subsets
   seen       [M, N]  train views only, when members trained on shares of the pairs
                      (``EnsembleConfig.member_data_fraction`` < 1): member ``member_ids[i]`` trained on pair j;
                      eval.json's ``by_share`` splits the train accuracies by it (pairs no member saw are the
@@ -38,7 +42,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -79,8 +85,15 @@ class EvalConfig:
     max_examples: int | None = None  # the first pairs of each dataset split (train before its flip-mask cut)
     ece_bins: int = 10
     dataset_dir: str | None = None
+    # WARM and ENS of random member subsets, this many per size k = 2 … M − 1 (every subset of a size with no more):
+    # the expected curve over which members join, whose M = 1 is the mean member rather than the best. 0 skips it.
+    subset_draws: int = 0
 
     def __post_init__(self):
+        if self.subset_draws < 0:
+            raise ValueError(
+                f"EvalConfig.subset_draws must be ≥ 0 (0 skips the random-subset curve), got {self.subset_draws}"
+            )
         if self.lmc_lambdas < 2:
             raise ValueError(f"EvalConfig.lmc_lambdas must be at least 2 (the two endpoints), got {self.lmc_lambdas}")
         eval_splits.check_selection_split(self.select_split, "EvalConfig.select_split")
@@ -300,6 +313,7 @@ def measure(
     chosen: Sequence[int],
     length_gap: Mapping[str, np.ndarray] | None = None,
     train_seen: Mapping[str, np.ndarray] | None = None,
+    subsets: Sequence[Sequence[tuple[int, ...]]] | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """eval.json's numbers and eval_examples.npz's margins from rewards (host arrays; no model here).
 
@@ -312,6 +326,8 @@ def measure(
     length_gap: {split: int [N]} tokens of chosen minus rejected; None skips the length-bias section.
     train_seen: {train view: bool [M, N]}, member ``ids[i]`` trained on pair j (``member_shares``); None skips the
       by-share section.
+    subsets: for k = 1 … M, the subsets of k member indices whose WARM and ENS make the random-subset curve
+      (``member_subsets``); None skips it.
     Returns (result, examples): eval.json's content (without 'updates' and 'examples') and the margins keyed
     ``<split>/<model>`` (module docstring).
     """
@@ -391,6 +407,28 @@ def measure(
                 "warm_by_m": [of(x) for x in examples[f"{s}/warm_by_m"]],
             }
 
+    by_m_random = {}
+    if subsets is not None:
+
+        def subset_r(idx, split) -> RewardPairs:
+            # WARM of one member is that member: its rewards are at hand, no average to score.
+            return (member_r[split][0][idx[0]], member_r[split][1][idx[0]]) if len(idx) == 1 else warm_r(idx, split)
+
+        for name, fn in (("warm", subset_r), ("ens", ens_r)):
+            right = {  # [M, N]: per pair, the share of the size-k subsets' models that rank it right
+                s: np.stack([np.mean([stats.correctness(margins(*fn(c, s))) for c in drawn], 0) for drawn in subsets])
+                for s in splits
+            }
+            by_m_random[f"{name}_by_m_random"] = [
+                {
+                    "M": k + 1,
+                    **({"subsets": [[ids[i] for i in c] for c in drawn]} if name == "warm" else {}),
+                    "acc": {s: float(np.mean(right[s][k])) for s in splits},
+                }
+                for k, drawn in enumerate(subsets)
+            ]
+            examples.update({f"{s}/{name}_by_m_random": r.astype(np.float32) for s, r in right.items()})
+
     by_share = None
     if train_seen is not None:
         by_share = {}
@@ -418,6 +456,7 @@ def measure(
             "ens": {"M": len(chosen), **_acc_view(metrics_of(ens_r, chosen))},
             "warm_by_m": warm_by_m,
             "ens_by_m": ens_by_m,
+            **by_m_random,
             "disagreement": disagreement,
             **({"length_bias": bias} if bias is not None else {}),
             **({"by_share": by_share} if by_share is not None else {}),
@@ -430,6 +469,21 @@ def measure(
         "reward_stats": reward_stats,
     }
     return result, examples
+
+
+def member_subsets(m: int, draws: int, rng: np.random.Generator) -> list[list[tuple[int, ...]]]:
+    """For k = 1 … m, the subsets of k member indices of the random-subset curve: every subset of a size that has at
+    most ``draws`` of them (always k = 1 and k = m), else ``draws`` distinct ones drawn uniformly by ``rng``."""
+    out = []
+    for k in range(1, m + 1):
+        if math.comb(m, k) <= draws or k in (1, m):
+            out.append(list(itertools.combinations(range(m), k)))
+            continue
+        drawn: dict[tuple[int, ...], None] = {}
+        while len(drawn) < draws:
+            drawn[tuple(sorted(int(i) for i in rng.choice(m, k, replace=False)))] = None
+        out.append(list(drawn))
+    return out
 
 
 def _acc_on(margin, sel) -> float | None:
@@ -627,6 +681,9 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
     # Members and ENS: one vmapped pass per split.
     member_r = score_splits(lambda d: scorer.stacked_pairs(stacked, d), splits)  # ([M,N], [M,N])
     gaps = {s: g for s, (g,) in score_splits(lambda d: (d.length_gap,), splits).items()}
+    subsets = None
+    if cfg.subset_draws:
+        subsets = member_subsets(m, cfg.subset_draws, seeds.rng(ctx.seed, "rm_eval", "member_subsets"))
     train_seen = None
     if eval_splits.TRAIN in splits:
         n_train = len(pipeline.load_split(cfg.dataset_dir or wd.data, eval_splits.TRAIN))
@@ -641,6 +698,7 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
         chosen=chosen,
         length_gap=gaps,
         train_seen=train_seen,
+        subsets=subsets,
     )
 
 

@@ -219,13 +219,24 @@ def figures(summary: dict, out: str) -> list[str]:
         fig, axes = plt.subplots(1, len(held), figsize=(5 * len(held), 3.4), squeeze=False)
         axes = axes[0]
         for ax, s in zip(axes, held):
-            ax.plot(ms, [r["acc"][s] for r in rm["warm_by_m"]], "o-", label="WARM (weight average)")
-            ax.plot(ms, [r["acc"][s] for r in rm["ens_by_m"]], "s--", label="ENS (prediction average)")
+            ax.plot(ms, [r["acc"][s] for r in rm["warm_by_m"]], "o-", color="C0", label="WARM (weight average)")
+            ax.plot(ms, [r["acc"][s] for r in rm["ens_by_m"]], "s--", color="C1", label="ENS (prediction average)")
+            if "warm_by_m_random" in rm:
+                for name, color in (("warm", "C0"), ("ens", "C1")):
+                    rows = rm[f"{name}_by_m_random"]
+                    ax.plot(
+                        [r["M"] for r in rows],
+                        [r["acc"][s] for r in rows],
+                        ":",
+                        color=color,
+                        alpha=0.7,
+                        label=f"{name.upper()}, mean over random subsets",
+                    )
             best = max(mb["acc"][s] for mb in rm["members"])
             mean = sum(mb["acc"][s] for mb in rm["members"]) / len(rm["members"])
             ax.axhline(best, color="gray", ls=":", label="best member")
             ax.axhline(mean, color="gray", ls="-.", label="mean member")
-            ax.set_title(f"{s} accuracy vs M (best-first)")
+            ax.set_title(f"{s} accuracy vs M")
             ax.set_xlabel("M")
         axes[0].legend(fontsize=8)
         made.append(_fig(os.path.join(out, "accuracy_vs_m.png")))
@@ -341,6 +352,24 @@ def length_bias_markdown(rm: dict) -> list[str]:
     return [*lines, ""]
 
 
+def by_m_random_markdown(rm: dict) -> list[str]:
+    """WARM's and ENS's accuracy by M averaged over random member subsets, beside WARM's best-first curve."""
+    splits = eval_splits.held_out(rm["warm"]["acc"])
+    lines = [
+        "### Accuracy by M over random member subsets",
+        "",
+        "The mean over subsets of M members (`EvalConfig.subset_draws` drawn per M, or every subset where there are "
+        "no more): M = 1 is the mean member. Best-first is WARM of the M members validation ranks first.",
+        "",
+        _row(["M", "subsets", *(f"{s} {model}" for s in splits for model in ("WARM", "ENS", "WARM best-first"))]),
+        _row(["---"] * (2 + 3 * len(splits))),
+    ]
+    for w, e, b in zip(rm["warm_by_m_random"], rm["ens_by_m_random"], rm["warm_by_m"], strict=True):
+        cells = [f"{row['acc'][s]:.3f}" for s in splits for row in (w, e, b)]
+        lines.append(_row([w["M"], len(w["subsets"]), *cells]))
+    return [*lines, ""]
+
+
 def by_share_markdown(rm: dict) -> list[str]:
     """Train accuracies of WARM and ENS by how many of WARM's members trained on each pair (members on shares)."""
     lines = [
@@ -423,6 +452,8 @@ def markdown(summary: dict, figs: list[str]) -> str:
         ]
         if "length_bias" in rm:
             lines += length_bias_markdown(rm)
+        if "warm_by_m_random" in rm:
+            lines += by_m_random_markdown(rm)
         if "by_share" in rm:
             lines += by_share_markdown(rm)
     if "negative_control" in summary:
