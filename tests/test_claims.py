@@ -212,8 +212,8 @@ def test_m_scaling_reports_ens_under_the_same_rule_without_judging_it():
     assert got["status"] == "fails" and "WARM's ood_cue" in got["reason"] and got["numbers"]["ens_same_rule"] == "holds"
 
 
-def test_m_scaling_reports_the_curve_over_random_member_subsets_without_judging_it():
-    """With rm_eval's random-subset curve saved, m_scaling reports its largest drop (from the mean member, not the
+def test_m_scaling_reports_the_curve_over_random_member_orders_without_judging_it():
+    """With rm_eval's random-order curve saved, m_scaling reports its largest drop (from the mean member, not the
     best) beside the verdict: a best-first curve that falls 3 pt still fails while the random curve rises."""
     s, e = run(splits=BUILTIN_SPLITS)
     e = _falls(e, "ood_cue")
@@ -226,7 +226,7 @@ def test_m_scaling_reports_the_curve_over_random_member_subsets_without_judging_
         assert got["ci"][f"random_worst_drop_{sp}"]["value"] == pytest.approx(-0.01)
         assert got["ci"][f"random_worst_drop_{sp}"]["ci95"][1] < 0
     assert "random_worst_drop_validation" not in got["ci"]  # judged on the ood splits, as the rule is
-    assert got["note"].startswith("WARM over random member subsets, largest drop as M grows: ood_cue -1.00 pt [")
+    assert got["note"].startswith("WARM over random member orders, largest drop as M grows: ood_cue -1.00 pt [")
 
 
 def test_a_claim_judged_on_ood_is_not_tested_without_an_ood_split():

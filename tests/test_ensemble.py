@@ -198,7 +198,7 @@ def test_subagged_members_record_their_share_of_the_pairs_and_rm_eval_splits_by_
             helpers.stages("rm_ensemble", "average", "rm_eval"),
             "EnsembleConfig.num_steps = 4",
             "EnsembleConfig.member_data_fraction = 0.5",
-            "EvalConfig.subset_draws = 2",
+            "EvalConfig.random_orders_per_member = 1",
         ],
     )
     n = len(pipeline.load_split(os.path.join(wd, "data"), "train"))
@@ -214,16 +214,13 @@ def test_subagged_members_record_their_share_of_the_pairs_and_rm_eval_splits_by_
     assert seen.shape == (4, n) and seen.sum(1).tolist() == [n // 2] * 4  # each member saw its half
     for view in ("train_clean", "train_corrupted"):
         assert sum(r["pairs"] for r in views[view]["seen_by"]) == examples[f"{view}/seen"].shape[1]
-    # The same run's curve over random member subsets: every member alone, 2 of the C(4, k) subsets of 2 and of 3
-    # members (distinct), all four; its ends are the mean member and the best-first curve's last point.
-    rows = ev["rm"]["warm_by_m_random"]
-    assert [len(r["subsets"]) for r in rows] == [4, 2, 2, 1] and rows[0]["subsets"] == [[0], [1], [2], [3]]
-    assert all(len({tuple(c) for c in r["subsets"]}) == len(r["subsets"]) for r in rows)
+    # The same run's curve over random member orders, one starting with each member; its ends are the mean member
+    # and the best-first curve's last point.
+    rows, orders = ev["rm"]["warm_by_m_random"], ev["rm"]["random_orders"]
+    assert [o[0] for o in orders] == [0, 1, 2, 3] and all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    assert [r["M"] for r in rows] == [1, 2, 3, 4]
     for s in ("validation", "ood_cue", "ood_temp"):
         assert rows[0]["acc"][s] == pytest.approx(np.mean([m["acc"][s] for m in ev["rm"]["members"]]))
         assert rows[-1]["acc"][s] == ev["rm"]["warm_by_m"][-1]["acc"][s]
-        assert (
-            examples[f"{s}/warm_by_m_random"].shape
-            == examples[f"{s}/ens_by_m_random"].shape
-            == (4, len(examples[f"{s}/warm"]))
-        )
+        shape = (4, len(examples[f"{s}/warm"]))
+        assert examples[f"{s}/warm_by_m_random"].shape == examples[f"{s}/ens_by_m_random"].shape == shape

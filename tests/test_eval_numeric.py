@@ -305,17 +305,16 @@ def test_rm_eval_splits_the_train_accuracies_by_which_members_trained_on_each_pa
     assert "by_share" not in measure()[0]["rm"]
 
 
-def test_rm_eval_curve_over_random_member_subsets_on_a_synthetic_scorer():
+def test_rm_eval_curve_over_random_member_orders_on_a_synthetic_scorer():
     sc = CubeScorer()
-    subsets = evaluation.member_subsets(3, 3, np.random.default_rng(0))  # 3 draws: every subset of every size
-    assert subsets == [[(0,), (1,), (2,)], [(0, 1), (0, 2), (1, 2)], [(0, 1, 2)]]
-    cfg = evaluation.EvalConfig(lmc_lambdas=3, subset_draws=3)
-    result, ex = evaluation.measure(sc.members(), IDS, cfg, sc.warm, sc.interp, chosen=[0, 1, 2], subsets=subsets)
+    orders = [(0, 1, 2), (1, 2, 0), (2, 0, 1)]  # their first two: every pair of members once
+    cfg = evaluation.EvalConfig(lmc_lambdas=3, random_orders_per_member=1)
+    result, ex = evaluation.measure(sc.members(), IDS, cfg, sc.warm, sc.interp, chosen=[0, 1, 2], orders=orders)
     rm = result["rm"]
     warm, ens = rm["warm_by_m_random"], rm["ens_by_m_random"]
-    assert [r["subsets"] for r in warm] == [[[10], [11], [12]], [[10, 11], [10, 12], [11, 12]], [[10, 11, 12]]]
+    assert rm["random_orders"] == [[10, 11, 12], [11, 12, 10], [12, 10, 11]] and [r["M"] for r in warm] == [1, 2, 3]
     # M = 1 is the mean member (0.5, 0.5, 0.75 on validation). M = 2: (mean θ)³ of {10, 11} = (0, −2, 4, 0)
-    # is right on 1 pair and tied on 2 → 0.5; {10, 12} and {11, 12} → 0.75 each; ENS has the same signs.
+    # is right on 1 pair and tied on 2 → 0.5; {11, 12} and {12, 10} → 0.75 each; ENS has the same signs.
     # M = 3 is the best-first curve's last point: WARM ties one pair (0.875), ENS gets all (1.0).
     assert [r["acc"]["validation"] for r in warm] == pytest.approx([7 / 12, 2 / 3, 0.875])
     assert [r["acc"]["validation"] for r in ens] == pytest.approx([7 / 12, 2 / 3, 1.0])
@@ -326,28 +325,25 @@ def test_rm_eval_curve_over_random_member_subsets_on_a_synthetic_scorer():
             right = ex[f"{s}/{name}_by_m_random"]
             assert right.shape == (3, 4) and right.dtype == np.float32
             assert [float(np.mean(r)) for r in right] == pytest.approx([r["acc"][s] for r in rows])
-    # On validation at M = 2 every pair is right in 2 of the 3 subsets, a tie counting half.
+    # On validation at M = 2 every pair is right in 2 of the 3 orders' first two, a tie counting half.
     np.testing.assert_allclose(ex["validation/warm_by_m_random"][1], [2 / 3, 2 / 3, 2 / 3, 2 / 3])
     # One member alone is read from its rewards: no average is scored for it beyond the best-first M = 1.
     assert {idx for idx, _ in sc.warm_calls} == {(2,), (0, 2), (0, 1, 2), (0, 1), (1, 2)}
     assert len(sc.warm_calls) == len(set(sc.warm_calls)) == 5 * 4
     md = report.markdown({"rm": rm}, [])
-    assert "### Accuracy by M over random member subsets" in md
-    assert "| 2 | 3 | 0.667 | 0.667 | 0.750 | 0.833 |" in md  # validation WARM, ENS, best-first; ood WARM ...
+    assert "### Accuracy by M over random member orders" in md and "The mean over 3 random orders" in md
+    assert "| 2 | 0.667 | 0.667 | 0.750 | 0.833 |" in md  # validation WARM, ENS, best-first; ood WARM ...
     assert "warm_by_m_random" not in measure()[0]["rm"]
 
 
-def test_random_member_subsets_are_distinct_seeded_and_every_one_where_there_are_few():
-    a = evaluation.member_subsets(6, 4, np.random.default_rng(1))
-    assert [len(x) for x in a] == [6, 4, 4, 4, 4, 1]  # C(6, k) = 6, 15, 20, 15, 6, 1: 4 drawn where more
-    assert a[0] == [(i,) for i in range(6)] and a[-1] == [tuple(range(6))]
-    for k, drawn in enumerate(a, start=1):
-        assert len(set(drawn)) == len(drawn) and all(len(c) == k and list(c) == sorted(c) for c in drawn)
-    assert a == evaluation.member_subsets(6, 4, np.random.default_rng(1))
-    assert a != evaluation.member_subsets(6, 4, np.random.default_rng(2))
-    assert [len(x) for x in evaluation.member_subsets(6, 20, np.random.default_rng(1))] == [6, 15, 20, 15, 6, 1]
-    with pytest.raises(ValueError, match="EvalConfig.subset_draws must be ≥ 0"):
-        evaluation.EvalConfig(subset_draws=-1)
+def test_random_member_orders_start_with_each_member_equally_and_are_seeded():
+    orders = evaluation.member_orders(6, 2, np.random.default_rng(1))
+    assert [o[0] for o in orders] == [*range(6), *range(6)]
+    assert all(sorted(o) == list(range(6)) for o in orders)
+    assert orders == evaluation.member_orders(6, 2, np.random.default_rng(1))
+    assert orders != evaluation.member_orders(6, 2, np.random.default_rng(2))
+    with pytest.raises(ValueError, match="EvalConfig.random_orders_per_member must be ≥ 0"):
+        evaluation.EvalConfig(random_orders_per_member=-1)
 
 
 def test_member_shares_are_the_pairs_each_member_trained_on():

@@ -87,8 +87,8 @@ STATEMENTS: dict[str, str] = {
         "bound of the largest drop below an earlier M < 1 pt; and WARM at that M beats the mean member: CI lower "
         "bound of the difference > 0. Reported beside it, not judged: the same rule applied to ENS of the same "
         "best-first members (`ens_*`), which tells a failure of weight averaging from members that no ensemble of "
-        "them improves on; and, with `EvalConfig.subset_draws`, the largest drop of WARM's curve over random member "
-        "subsets (`random_worst_drop_*`), which starts at the mean member rather than the one validation ranks first"
+        "them improves on; and, with `EvalConfig.random_orders_per_member`, the largest drop of WARM's curve over "
+        "random member orders (`random_worst_drop_*`), which starts at the mean member rather than the one validation ranks first"
     ),
     "bon": (
         f"Best-of-N picks better samples with WARM than with the best member at every N ≥ {BON_MIN_N}: CI lower "
@@ -376,13 +376,13 @@ def m_scaling(s, ev):
             "ENS of the same members, by this rule: " + ("fails — " + "; ".join(ens_why) if ens_why else "holds")
         )
     if all(f"{sp}/warm_by_m_random" in rm for sp in held):
-        # The curve over random member subsets starts at the mean member, not at the member validation ranks first.
+        # The curve over random member orders starts at the mean member, not at the member validation ranks first.
         drops = []
         for sp in held:
-            right = _arr(rm, f"{sp}/warm_by_m_random")[:k].T  # [N, k]: per pair, the share of subsets right
+            right = _arr(rm, f"{sp}/warm_by_m_random")[:k].T  # [N, k]: per pair, the share of orders right
             d = ci[f"random_worst_drop_{sp}"] = _entry(stats.bootstrap_ci([right], worst_drop), "pt")
             drops.append(f"{sp} {_pt(d['value'])} [{_pt(d['ci95'][0])}, {_pt(d['ci95'][1])}]")
-        notes.append("WARM over random member subsets, largest drop as M grows: " + ", ".join(drops))
+        notes.append("WARM over random member orders, largest drop as M grows: " + ", ".join(drops))
     return _claim(
         "m_scaling", FAILS if why else HOLDS, reason="; ".join(why), ci=ci, numbers=numbers, note="; ".join(notes)
     )

@@ -22,10 +22,9 @@ that every claim's bootstrap interval is computed from to WORKDIR/rm/eval_exampl
                      another basin, the negative control of linear mode connectivity
   length_gap [N]     tokens of chosen − rejected (int32), from which eval.json's ``length_bias`` reads how much
                      each reward leans on length: the built-in task's spurious cue, and RMs' best-known bias
-  warm_by_m_random [M, N]  when ``EvalConfig.subset_draws`` > 0: per pair, WARM's correctness (1, ½, 0; not a
-                     margin) averaged over the random subsets of k members, k = 1 … M (eval.json's
-                     ``warm_by_m_random`` names them; k = 1 is every member alone, k = M all of them)
-  ens_by_m_random [M, N]  ENS of the same subsets
+  warm_by_m_random [M, N]  when ``EvalConfig.random_orders_per_member`` > 0: per pair, WARM's correctness (1, ½,
+                     0; not a margin) averaged over the first k members of each of ``random_orders`` (ids), k = 1 … M
+  ens_by_m_random [M, N]  ENS of the same
   seen       [M, N]  train views only, when members trained on shares of the pairs
                      (``EnsembleConfig.member_data_fraction`` < 1): member ``member_ids[i]`` trained on pair j;
                      eval.json's ``by_share`` splits the train accuracies by it (pairs no member saw are the
@@ -42,9 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -85,14 +82,17 @@ class EvalConfig:
     max_examples: int | None = None  # the first pairs of each dataset split (train before its flip-mask cut)
     ece_bins: int = 10
     dataset_dir: str | None = None
-    # WARM and ENS of random member subsets, this many per size k = 2 … M − 1 (every subset of a size with no more):
-    # the expected curve over which members join, whose M = 1 is the mean member rather than the best. 0 skips it.
-    subset_draws: int = 0
+    # WARM and ENS of the first k members of random member orders, k = 1 … M: the expected curve over which members
+    # join, whose M = 1 is the mean member rather than the best. Each member starts this many orders (the rest of an
+    # order is shuffled), so M = 1 is every member equally; nested prefixes make the step from k to k + 1 a paired
+    # comparison. 0 skips it.
+    random_orders_per_member: int = 0
 
     def __post_init__(self):
-        if self.subset_draws < 0:
+        if self.random_orders_per_member < 0:
             raise ValueError(
-                f"EvalConfig.subset_draws must be ≥ 0 (0 skips the random-subset curve), got {self.subset_draws}"
+                "EvalConfig.random_orders_per_member must be ≥ 0 (0 skips the random-order curve), "
+                f"got {self.random_orders_per_member}"
             )
         if self.lmc_lambdas < 2:
             raise ValueError(f"EvalConfig.lmc_lambdas must be at least 2 (the two endpoints), got {self.lmc_lambdas}")
@@ -313,7 +313,7 @@ def measure(
     chosen: Sequence[int],
     length_gap: Mapping[str, np.ndarray] | None = None,
     train_seen: Mapping[str, np.ndarray] | None = None,
-    subsets: Sequence[Sequence[tuple[int, ...]]] | None = None,
+    orders: Sequence[Sequence[int]] | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """eval.json's numbers and eval_examples.npz's margins from rewards (host arrays; no model here).
 
@@ -326,8 +326,8 @@ def measure(
     length_gap: {split: int [N]} tokens of chosen minus rejected; None skips the length-bias section.
     train_seen: {train view: bool [M, N]}, member ``ids[i]`` trained on pair j (``member_shares``); None skips the
       by-share section.
-    subsets: for k = 1 … M, the subsets of k member indices whose WARM and ENS make the random-subset curve
-      (``member_subsets``); None skips it.
+    orders: member orders (indices; ``member_orders``) whose first k members' WARM and ENS, averaged over the
+      orders, make the random-order curve; None skips it.
     Returns (result, examples): eval.json's content (without 'updates' and 'examples') and the margins keyed
     ``<split>/<model>`` (module docstring).
     """
@@ -408,24 +408,22 @@ def measure(
             }
 
     by_m_random = {}
-    if subsets is not None:
+    if orders is not None:
+        by_m_random["random_orders"] = [[ids[i] for i in o] for o in orders]
 
-        def subset_r(idx, split) -> RewardPairs:
+        def prefix_r(idx, split) -> RewardPairs:
             # WARM of one member is that member: its rewards are at hand, no average to score.
             return (member_r[split][0][idx[0]], member_r[split][1][idx[0]]) if len(idx) == 1 else warm_r(idx, split)
 
-        for name, fn in (("warm", subset_r), ("ens", ens_r)):
-            right = {  # [M, N]: per pair, the share of the size-k subsets' models that rank it right
-                s: np.stack([np.mean([stats.correctness(margins(*fn(c, s))) for c in drawn], 0) for drawn in subsets])
+        for name, fn in (("warm", prefix_r), ("ens", ens_r)):
+            right = {  # [M, N]: per pair, the share of the orders whose first k members' model ranks it right
+                s: np.stack(
+                    [np.mean([stats.correctness(margins(*fn(o[:k], s))) for o in orders], 0) for k in range(1, m + 1)]
+                )
                 for s in splits
             }
             by_m_random[f"{name}_by_m_random"] = [
-                {
-                    "M": k + 1,
-                    **({"subsets": [[ids[i] for i in c] for c in drawn]} if name == "warm" else {}),
-                    "acc": {s: float(np.mean(right[s][k])) for s in splits},
-                }
-                for k, drawn in enumerate(subsets)
+                {"M": k + 1, "acc": {s: float(np.mean(right[s][k])) for s in splits}} for k in range(m)
             ]
             examples.update({f"{s}/{name}_by_m_random": r.astype(np.float32) for s, r in right.items()})
 
@@ -471,19 +469,13 @@ def measure(
     return result, examples
 
 
-def member_subsets(m: int, draws: int, rng: np.random.Generator) -> list[list[tuple[int, ...]]]:
-    """For k = 1 … m, the subsets of k member indices of the random-subset curve: every subset of a size that has at
-    most ``draws`` of them (always k = 1 and k = m), else ``draws`` distinct ones drawn uniformly by ``rng``."""
-    out = []
-    for k in range(1, m + 1):
-        if math.comb(m, k) <= draws or k in (1, m):
-            out.append(list(itertools.combinations(range(m), k)))
-            continue
-        drawn: dict[tuple[int, ...], None] = {}
-        while len(drawn) < draws:
-            drawn[tuple(sorted(int(i) for i in rng.choice(m, k, replace=False)))] = None
-        out.append(list(drawn))
-    return out
+def member_orders(m: int, per_member: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
+    """``per_member`` orders of the m member indices starting with each member, the rest shuffled by ``rng``."""
+    return [
+        (j, *(int(i) for i in rng.permutation([i for i in range(m) if i != j])))
+        for _ in range(per_member)
+        for j in range(m)
+    ]
 
 
 def _acc_on(margin, sel) -> float | None:
@@ -681,9 +673,9 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
     # Members and ENS: one vmapped pass per split.
     member_r = score_splits(lambda d: scorer.stacked_pairs(stacked, d), splits)  # ([M,N], [M,N])
     gaps = {s: g for s, (g,) in score_splits(lambda d: (d.length_gap,), splits).items()}
-    subsets = None
-    if cfg.subset_draws:
-        subsets = member_subsets(m, cfg.subset_draws, seeds.rng(ctx.seed, "rm_eval", "member_subsets"))
+    orders = None
+    if cfg.random_orders_per_member:
+        orders = member_orders(m, cfg.random_orders_per_member, seeds.rng(ctx.seed, "rm_eval", "member_orders"))
     train_seen = None
     if eval_splits.TRAIN in splits:
         n_train = len(pipeline.load_split(cfg.dataset_dir or wd.data, eval_splits.TRAIN))
@@ -698,7 +690,7 @@ def evaluate_rms(ctx: RunContext, cfg: EvalConfig) -> tuple[dict, dict[str, np.n
         chosen=chosen,
         length_gap=gaps,
         train_seen=train_seen,
-        subsets=subsets,
+        orders=orders,
     )
 
 

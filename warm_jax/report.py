@@ -230,7 +230,7 @@ def figures(summary: dict, out: str) -> list[str]:
                         ":",
                         color=color,
                         alpha=0.7,
-                        label=f"{name.upper()}, mean over random subsets",
+                        label=f"{name.upper()}, mean over random orders",
                     )
             best = max(mb["acc"][s] for mb in rm["members"])
             mean = sum(mb["acc"][s] for mb in rm["members"]) / len(rm["members"])
@@ -353,20 +353,20 @@ def length_bias_markdown(rm: dict) -> list[str]:
 
 
 def by_m_random_markdown(rm: dict) -> list[str]:
-    """WARM's and ENS's accuracy by M averaged over random member subsets, beside WARM's best-first curve."""
+    """WARM's and ENS's accuracy by M averaged over random member orders, beside WARM's best-first curve."""
     splits = eval_splits.held_out(rm["warm"]["acc"])
     lines = [
-        "### Accuracy by M over random member subsets",
+        "### Accuracy by M over random member orders",
         "",
-        "The mean over subsets of M members (`EvalConfig.subset_draws` drawn per M, or every subset where there are "
-        "no more): M = 1 is the mean member. Best-first is WARM of the M members validation ranks first.",
+        f"The mean over {len(rm['random_orders'])} random orders of the members "
+        "(`EvalConfig.random_orders_per_member` starting with each) of the model of each order's first M: M = 1 is "
+        "the mean member. Best-first is WARM of the M members validation ranks first.",
         "",
-        _row(["M", "subsets", *(f"{s} {model}" for s in splits for model in ("WARM", "ENS", "WARM best-first"))]),
-        _row(["---"] * (2 + 3 * len(splits))),
+        _row(["M", *(f"{s} {model}" for s in splits for model in ("WARM", "ENS", "WARM best-first"))]),
+        _row(["---"] * (1 + 3 * len(splits))),
     ]
     for w, e, b in zip(rm["warm_by_m_random"], rm["ens_by_m_random"], rm["warm_by_m"], strict=True):
-        cells = [f"{row['acc'][s]:.3f}" for s in splits for row in (w, e, b)]
-        lines.append(_row([w["M"], len(w["subsets"]), *cells]))
+        lines.append(_row([w["M"], *(f"{row['acc'][s]:.3f}" for s in splits for row in (w, e, b))]))
     return [*lines, ""]
 
 
