@@ -88,7 +88,8 @@ STATEMENTS: dict[str, str] = {
         "bound of the difference > 0. Reported beside it, not judged: the same rule applied to ENS of the same "
         "best-first members (`ens_*`), which tells a failure of weight averaging from members that no ensemble of "
         "them improves on; and, with `EvalConfig.random_orders_per_member`, the largest drop of WARM's curve over "
-        "random member orders (`random_worst_drop_*`), which starts at the mean member rather than the one validation ranks first"
+        "random member orders (`random_worst_drop_*`), which starts at the mean member rather than the one "
+        "validation ranks first"
     ),
     "bon": (
         f"Best-of-N picks better samples with WARM than with the best member at every N ≥ {BON_MIN_N}: CI lower "
